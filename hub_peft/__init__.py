@@ -1,0 +1,43 @@
+"""hub_peft: one Hub format for every adapter type, generated cards, native ReFT, multi-adapter serving."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import HubPeftError, IncompatibleAdapterError, InvalidInputError, NotFoundError, UnsafeFileError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_base_model": "base_model",
+    "DEFAULT_BASE": "base_model",
+    "generate_reply": "chat",
+    "start_local_hub": "hub",
+}
+
+if TYPE_CHECKING:
+    from .base_model import DEFAULT_BASE, load_base_model
+    from .chat import generate_reply
+    from .hub import start_local_hub
+
+
+def __getattr__(name: str):
+    # Heavy modules (torch, transformers) load on first use so `hub-peft hub serve` starts fast.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hub_peft' has no attribute {name!r}")
+
+
+__all__ = [
+    "DEFAULT_BASE",
+    "HubPeftError",
+    "IncompatibleAdapterError",
+    "InvalidInputError",
+    "NotFoundError",
+    "UnsafeFileError",
+    "generate_reply",
+    "load_base_model",
+    "start_local_hub",
+]

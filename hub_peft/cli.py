@@ -1,0 +1,118 @@
+"""The ``hub-peft`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import HubPeftError
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .adapters import load_adapters
+    from .base_model import load_base_model
+    from .chat import generate_reply
+
+    model, tokenizer = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
+    if args.adapter:
+        model = load_adapters(model, args.adapter)
+    print(generate_reply(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample, raw=args.raw))
+    return 0
+
+
+def _cmd_hub_serve(args: argparse.Namespace) -> int:
+    from .hub.server import parse_tokens, read_tokens_file, serve
+
+    specs = list(args.token or [])
+    if args.tokens_file:
+        specs += read_tokens_file(args.tokens_file)
+    if args.tokens_file is None and not specs and os.environ.get("HUB_PEFT_HUB_TOKENS"):
+        specs = os.environ["HUB_PEFT_HUB_TOKENS"].split(",")
+    serve(args.root, host=args.host, port=args.port, tokens=parse_tokens(specs), log_level=args.log_level)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Start the local Hub and show the default base model, in 4-bit, answering a chat prompt."""
+    import secrets
+
+    from .base_model import DEFAULT_BASE, load_base_model
+    from .chat import generate_reply
+    from .hub import start_local_hub
+
+    root = Path(args.hub_root or Path(tempfile.gettempdir()) / "hub_peft_local_hub")
+    token = secrets.token_urlsafe(24)
+    hub = start_local_hub(root, tokens={args.user: token}, port=args.port)
+    try:
+        print(f"Local Hub started: {hub.endpoint}  (storage: {root}, log: {hub.log_path})")
+        print(f"  use it with: HF_ENDPOINT={hub.endpoint}  user '{args.user}' (token kept in {root}/.tokens)")
+        started = time.perf_counter()
+        print(f"Loading base model {DEFAULT_BASE} in 4-bit (NF4, bitsandbytes, CPU)...", flush=True)
+        model, tokenizer = load_base_model(None, load_in_4bit=True)
+        source = model.hub_peft_source
+        print(f"  loaded in {time.perf_counter() - started:.1f}s from {source.local_path}")
+        print(f"  weights: {source.hub_id}, converted from {source.converted_from}")
+        print(f"\nuser> {args.prompt}")
+        print(f"assistant> {generate_reply(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)}\n")
+        if args.exit:
+            return 0
+        print(f"Local Hub still serving on {hub.endpoint}; press Ctrl+C to stop.", flush=True)
+        while hub.process.poll() is None:
+            time.sleep(1)
+        return hub.process.returncode or 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        hub.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hub-peft", description="Share and serve adapters on the Hugging Face Hub.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="Answer a prompt with a base model (and adapters).")
+    chat.add_argument("prompt")
+    chat.add_argument("--base", default=None, help="Hub id or local path (default: embedded SmolLM2-135M-Instruct).")
+    chat.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="Load the base in NF4 4-bit.")
+    chat.add_argument("--adapter", action="append", help="Adapter repo id or folder (repeatable).")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding.")
+    chat.add_argument("--raw", action="store_true", help="Feed PROMPT as is, without the chat template.")
+    chat.set_defaults(func=_cmd_chat)
+
+    hub = sub.add_parser("hub", help="The local Hub server.").add_subparsers(dest="hub_command", required=True)
+    serve = hub.add_parser("serve", help="Serve a local Hub (huggingface_hub-compatible HTTP API).")
+    serve.add_argument("--root", required=True, help="Folder holding the repos.")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7861)
+    serve.add_argument("--token", action="append", metavar="USER=TOKEN", help="A user's write token (repeatable).")
+    serve.add_argument("--tokens-file", help="File with one USER=TOKEN per line.")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_cmd_hub_serve)
+
+    demo = sub.add_parser("demo", help="Start the local Hub and chat with the 4-bit default base model.")
+    demo.add_argument("--prompt", default="What is the capital of France?")
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--hub-root", default=None)
+    demo.add_argument("--port", type=int, default=None)
+    demo.add_argument("--user", default="me")
+    demo.add_argument("--exit", action="store_true", help="Stop after the demo instead of keeping the Hub up.")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HubPeftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

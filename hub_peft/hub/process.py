@@ -1,0 +1,92 @@
+"""Start a local Hub server as a child process on loopback and wait until it answers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import HubPeftError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalHubProcess:
+    """A running ``hub-peft hub serve``; use as a context manager or call :meth:`stop`."""
+
+    root: Path
+    host: str
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+    tokens: dict[str, str] = field(default_factory=dict)  # user -> token
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> LocalHubProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_local_hub(
+    root: str | os.PathLike,
+    *,
+    tokens: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    timeout: float = 30.0,
+) -> LocalHubProcess:
+    """Start ``hub-peft hub serve`` in a child process; ``tokens`` maps user → token.
+
+    Tokens travel in a private file (mode 600), never on the command line where ``ps`` shows them.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or free_port(host)
+    tokens = dict(tokens or {})
+    tokens_file = root / ".tokens"
+    fd = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"{user}={token}\n" for user, token in tokens.items())
+    log_path = root / "server.log"
+    cmd = [sys.executable, "-m", "hub_peft.cli", "hub", "serve", "--root", str(root), "--host", host,
+           "--port", str(port), "--tokens-file", str(tokens_file)]  # fmt: skip
+    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child
+    process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    log_file.close()
+    hub = LocalHubProcess(root=root, host=host, port=port, process=process, log_path=log_path, tokens=tokens)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise HubPeftError(f"The local hub exited at start (code {process.returncode}); see {log_path}.")
+        try:
+            with urllib.request.urlopen(f"{hub.endpoint}/api/health", timeout=1) as r:
+                if r.status == 200:
+                    return hub
+        except OSError:
+            time.sleep(0.1)
+    hub.stop()
+    raise HubPeftError(f"The local hub did not answer within {timeout:.0f}s; see {log_path}.")

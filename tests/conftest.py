@@ -1,0 +1,65 @@
+"""Shared fixtures. The local Hub runs as a real server process; tests talk to it only through
+the unmodified ``huggingface_hub`` client, which reads ``HF_ENDPOINT`` when it is first imported,
+so the endpoint (on a free port) and an empty HF cache are set here, before any test imports it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="hub_peft_tests_"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+HUB_PORT = _free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+os.environ["HF_HOME"] = str(_SESSION_DIR / "hf_home")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ.pop("HF_TOKEN", None)
+os.environ.pop("HF_HUB_OFFLINE", None)
+
+import pytest  # noqa: E402
+
+USERS = {name: f"hf_{name}_{secrets.token_hex(12)}" for name in ("alice", "bob")}
+
+
+@pytest.fixture(scope="session")
+def local_hub():
+    from hub_peft.hub import start_local_hub
+
+    hub = start_local_hub(_SESSION_DIR / "hub", tokens=USERS, port=HUB_PORT)
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def api(local_hub):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=local_hub.endpoint)
+
+
+@pytest.fixture
+def alice():
+    return USERS["alice"]
+
+
+@pytest.fixture
+def bob():
+    return USERS["bob"]
+
+
+@pytest.fixture
+def repo_name(request):
+    """A unique repo name per test."""
+    return f"{request.node.name[:40].replace('[', '-').replace(']', '')}-{secrets.token_hex(3)}".strip("-_.")
