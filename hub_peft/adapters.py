@@ -22,7 +22,14 @@ def fetch_adapter(repo_id_or_dir: str, *, revision: str | None = None, token: st
         from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
         try:
-            folder = Path(snapshot_download(repo_id_or_dir, revision=revision, token=token, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md"]))
+            folder = Path(
+                snapshot_download(
+                    repo_id_or_dir,
+                    revision=revision,
+                    token=token,
+                    allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md"],
+                )
+            )
         except HFValidationError as e:
             raise InvalidInputError(f"{repo_id_or_dir!r} is neither a folder nor a valid repo id: {e}") from e
         except RevisionNotFoundError as e:

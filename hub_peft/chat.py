@@ -31,7 +31,11 @@ def generate_reply(
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     text = format_prompt(tokenizer, prompt, raw=raw)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=raw)
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample, "pad_token_id": tokenizer.pad_token_id}
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": sample,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     if sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:

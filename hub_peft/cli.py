@@ -20,7 +20,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     model, tokenizer = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
     if args.adapter:
         model = load_adapters(model, args.adapter)
-    print(generate_reply(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample, raw=args.raw))
+    print(
+        generate_reply(
+            model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample, raw=args.raw
+        )
+    )
     return 0
 
 

@@ -32,10 +32,10 @@ class HubAuthError(HubPeftError, PermissionError):
 
 
 __all__ = [
+    "HubAuthError",
     "HubPeftError",
+    "IncompatibleAdapterError",
     "InvalidInputError",
     "NotFoundError",
     "UnsafeFileError",
-    "IncompatibleAdapterError",
-    "HubAuthError",
 ]

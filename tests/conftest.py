@@ -62,4 +62,7 @@ def bob():
 @pytest.fixture
 def repo_name(request):
     """A unique repo name per test."""
-    return f"{request.node.name[:40].replace('[', '-').replace(']', '')}-{secrets.token_hex(3)}".strip("-_.")
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:40].strip("-")
+    return f"{stem}-{secrets.token_hex(3)}"

@@ -37,6 +37,7 @@ from .storage import (
     AddFile,
     BadRequest,
     Commit,
+    Conflict,
     DeletePath,
     EntryNotFound,
     Repo,
@@ -91,7 +92,9 @@ def read_tokens_file(path: str | os.PathLike) -> list[str]:
 class LocalHub:
     """The ASGI application. ``tokens`` maps token → user name."""
 
-    def __init__(self, root: str | os.PathLike, tokens: dict[str, str], *, max_commit_bytes: int = DEFAULT_MAX_COMMIT_BYTES):
+    def __init__(
+        self, root: str | os.PathLike, tokens: dict[str, str], *, max_commit_bytes: int = DEFAULT_MAX_COMMIT_BYTES
+    ):
         self.storage = Storage(root)
         self.tokens = tokens
         self.max_commit_bytes = max_commit_bytes
@@ -130,7 +133,9 @@ class LocalHub:
         except Exception:  # pragma: no cover - a bug; keep serving the other requests
             log.exception("internal error on %s %s", request.method, raw_path)
             response = _error_response(500, "Internal server error.")
-        log.info("%s %s %d %.1fms", request.method, raw_path, response.status_code, 1000 * (time.perf_counter() - started))
+        log.info(
+            "%s %s %d %.1fms", request.method, raw_path, response.status_code, 1000 * (time.perf_counter() - started)
+        )
         return response
 
     def _route(self, request: Request, seg: list[str], user: str | None, body: bytes) -> Response:
@@ -142,6 +147,12 @@ class LocalHub:
             return self._whoami(user)
         if seg == ["api", "repos", "create"] and method == "POST":
             return self._create_repo(base, user, _json(body))
+        if seg == ["api", "validate-yaml"] and method == "POST":
+            payload = _json(body)
+            errors = card_metadata_errors(str(payload.get("content") or ""))
+            return JSONResponse(
+                {"errors": [{"message": m} for m in errors], "warnings": []}, status_code=400 if errors else 200
+            )
         if seg == ["api", "repos", "delete"] and method == "DELETE":
             return self._delete_repo(user, _json(body))
         if len(seg) == 2 and seg[0] == "api" and seg[1].endswith("s") and seg[1][:-1] in REPO_TYPES and method == "GET":
@@ -198,7 +209,15 @@ class LocalHub:
             raise HTTPError(403, f"You don't have the rights to create a repo under the namespace {namespace!r}.")
         visibility = payload.get("visibility")
         private = bool(payload.get("private")) or visibility == "private"
-        repo = self.storage.create_repo(repo_type, f"{namespace}/{name}", owner=user, private=private)
+        try:
+            repo = self.storage.create_repo(repo_type, f"{namespace}/{name}", owner=user, private=private)
+        except Conflict as e:  # the client reads "url" from the 409 when exist_ok=True
+            existing = self.storage.get_repo(repo_type, f"{namespace}/{name}")
+            return JSONResponse(
+                {"error": str(e), "url": _repo_url(base, existing)},
+                status_code=409,
+                headers={"X-Error-Message": str(e)},
+            )
         return JSONResponse({"url": _repo_url(base, repo), "name": repo.repo_id, "id": repo.uid})
 
     def _delete_repo(self, user: str | None, payload: dict) -> Response:
@@ -290,7 +309,9 @@ class LocalHub:
             "usedStorage": sum(e.size for e in commit.tree.values()),
         }
         if siblings:
-            info["siblings"] = [{"rfilename": p, "size": e.size, "blobId": e.oid} for p, e in sorted(commit.tree.items())]
+            info["siblings"] = [
+                {"rfilename": p, "size": e.size, "blobId": e.oid} for p, e in sorted(commit.tree.items())
+            ]
         return info
 
     def _card_data(self, commit: Commit) -> dict:
@@ -321,12 +342,22 @@ class LocalHub:
             existing = head.tree.get(path)
             # Every file goes inline ("regular"): no LFS/Xet storage backend is needed on loopback.
             out.append(
-                {"path": path, "uploadMode": "regular", "shouldIgnore": False, "oid": existing.oid if existing else None}
+                {
+                    "path": path,
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
+                    "oid": existing.oid if existing else None,
+                }
             )
         return JSONResponse({"files": out, "commitOid": head.id})
 
     def _commit(self, base: str, repo: Repo, revision: str, user: str, body: bytes) -> Response:
         header, ops = _parse_commit_payload(body)
+        for op in ops:
+            if isinstance(op, AddFile) and op.path == "README.md":
+                errors = card_metadata_errors(op.data.decode("utf-8", errors="replace"))
+                if errors:
+                    raise BadRequest("Invalid metadata in README.md: " + "; ".join(errors))
         commit = self.storage.commit(
             repo,
             revision,
@@ -360,7 +391,9 @@ class LocalHub:
             if recursive:
                 for i in range(1, len(rel)):
                     folder = prefix + "/".join(rel[:i])
-                    entries.setdefault(folder, {"type": "directory", "oid": _folder_oid(folder), "size": 0, "path": folder})
+                    entries.setdefault(
+                        folder, {"type": "directory", "oid": _folder_oid(folder), "size": 0, "path": folder}
+                    )
                 entries[p] = {"type": "file", "oid": e.oid, "size": e.size, "path": p}
             elif len(rel) == 1:
                 entries[p] = {"type": "file", "oid": e.oid, "size": e.size, "path": p}
@@ -438,6 +471,39 @@ class LocalHub:
                     return
                 length -= len(chunk)
                 yield chunk
+
+
+_STRING_LIST_FIELDS = ("tags", "datasets", "language", "metrics", "base_model")
+
+
+def card_metadata_errors(text: str) -> list[str]:
+    """What the Hub would refuse in a model card's YAML front matter (empty list when valid)."""
+    match = _FRONT_MATTER.match(text)
+    if not match:
+        return []
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as e:
+        return [f"YAML front matter does not parse: {e}"]
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        return ["YAML front matter must be a mapping of keys to values."]
+    errors = []
+    for key in _STRING_LIST_FIELDS:
+        value = data.get(key)
+        if (
+            value is not None
+            and not isinstance(value, str)
+            and not (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            errors.append(f"'{key}' must be a string or a list of strings.")
+    for key in ("license", "library_name", "pipeline_tag", "base_model_relation"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            errors.append(f"'{key}' must be a string.")
+    if data.get("model-index") is not None and not isinstance(data["model-index"], list):
+        errors.append("'model-index' must be a list.")
+    return errors
 
 
 def _json(body: bytes) -> dict:
@@ -537,7 +603,9 @@ def serve(
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise SystemExit(f"Another local hub already serves {root}; stop it or choose another --root.") from None
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(message)s"
+    )
     hub = LocalHub(root, tokens or {})
     log.info("local hub serving %s on http://%s:%d (%d token(s))", root, host, port, len(hub.tokens))
     uvicorn.run(hub.app, host=host, port=port, log_level="warning", access_log=False)

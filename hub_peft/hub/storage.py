@@ -175,7 +175,9 @@ class Storage:
     def _repo_dir(self, repo_type: str, repo_id: str) -> Path:
         namespace, _, name = repo_id.partition("/")
         check_repo_type(repo_type)
-        return self.root / "repos" / f"{repo_type}s" / check_name(namespace, "namespace") / check_name(name, "repo name")
+        return (
+            self.root / "repos" / f"{repo_type}s" / check_name(namespace, "namespace") / check_name(name, "repo name")
+        )
 
     def _lock(self, repo_type: str, repo_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -201,8 +203,13 @@ class Storage:
                 raise Conflict(f"You already created this {repo_type} repo: {repo_id}")
             repo = Repo(repo_type, namespace, name, owner, private, secrets.token_hex(8), _now())
             initial = self._write_commit(
-                repo.uid, parents=(), tree={}, ops=[AddFile(".gitattributes", INITIAL_GITATTRIBUTES)],
-                title="initial commit", message="", author=owner,
+                repo.uid,
+                parents=(),
+                tree={},
+                ops=[AddFile(".gitattributes", INITIAL_GITATTRIBUTES)],
+                title="initial commit",
+                message="",
+                author=owner,
             )
             (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
             write_text(repo_dir / "refs" / DEFAULT_BRANCH, initial.id)
@@ -335,9 +342,7 @@ class Storage:
                 raise RevisionNotFound(f"Invalid rev id: {branch}")
             head = self.read_commit(ref.read_text().strip())
             if parent_commit is not None and parent_commit != head.id:
-                raise PreconditionFailed(
-                    f"A commit has happened since {parent_commit}. Please refresh and try again."
-                )
+                raise PreconditionFailed(f"A commit has happened since {parent_commit}. Please refresh and try again.")
             new = self._write_commit(
                 repo.uid, parents=(head.id,), tree=head.tree, ops=ops, title=title, message=message, author=author
             )

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# README command 2: set up, then run the whole test suite (pytest's "no tests" exit code 5 fails too).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+.venv/bin/ruff check hub_peft tests benchmarks
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
+exit "$rc"

@@ -1,0 +1,80 @@
+"""The embedded default base model: converted once from the wheel's GGUF, loaded in 4-bit, answering."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base_4bit():
+    from hub_peft.base_model import load_base_model
+
+    return load_base_model(None, load_in_4bit=True)
+
+
+def test_default_base_loads_in_4bit_and_records_its_source(base_4bit):
+    import bitsandbytes as bnb
+
+    model, tokenizer = base_4bit
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert model.model.layers[0].self_attn.q_proj.weight.quant_type == "nf4"
+    source = model.hub_peft_source
+    assert source.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "GGUF Q4_1" in source.converted_from and source.quantization == "nf4"
+    saved = json.loads((Path(source.local_path) / "hub_peft_source.json").read_text())
+    assert saved["hub_id"] == source.hub_id
+    assert tokenizer.chat_template
+
+
+def test_4bit_base_answers_a_chat_prompt_sensibly(base_4bit):
+    from hub_peft.chat import generate_reply
+
+    model, tokenizer = base_4bit
+    answer = generate_reply(model, tokenizer, "What is the capital of France?", max_new_tokens=24)
+    assert "Paris" in answer
+
+
+def test_cli_chat_raw_and_templated():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    prompt = "What is the capital of France?"
+    out = subprocess.run(
+        [sys.executable, "-m", "hub_peft.cli", "chat", prompt, "--4bit", "--max-new-tokens", "20"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    raw = subprocess.run(
+        [sys.executable, "-m", "hub_peft.cli", "chat", "The capital of France is", "--raw", "--max-new-tokens", "5"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert raw.returncode == 0, raw.stderr
+    assert "Paris" in raw.stdout
+
+
+def test_bf16_base_loads_and_answers():
+    import torch
+
+    from hub_peft.base_model import load_base_model
+    from hub_peft.chat import generate_reply
+
+    model, tokenizer = load_base_model(None, dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and model.hub_peft_source.quantization is None
+    assert "Paris" in generate_reply(model, tokenizer, "What is the capital of France?", max_new_tokens=24)
+
+
+def test_demo_starts_the_hub_and_answers(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "hub_peft.cli", "demo", "--exit", "--hub-root", str(tmp_path / "hub")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "Local Hub started: http://127.0.0.1:" in out.stdout
+    assert "Paris" in out.stdout.split("assistant>")[1]
