@@ -13,12 +13,18 @@ _LAZY = {
     "DEFAULT_BASE": "base_model",
     "generate_reply": "chat",
     "start_local_hub": "hub",
+    "save_adapter": "adapters",
+    "push_adapter": "adapters",
+    "load_adapter": "adapters",
+    "validate_adapter": "validate",
 }
 
 if TYPE_CHECKING:
+    from .adapters import load_adapter, push_adapter, save_adapter
     from .base_model import DEFAULT_BASE, load_base_model
     from .chat import generate_reply
     from .hub import start_local_hub
+    from .validate import validate_adapter
 
 
 def __getattr__(name: str):
@@ -38,6 +44,10 @@ __all__ = [
     "NotFoundError",
     "UnsafeFileError",
     "generate_reply",
+    "load_adapter",
     "load_base_model",
+    "push_adapter",
+    "save_adapter",
     "start_local_hub",
+    "validate_adapter",
 ]

@@ -1,19 +1,181 @@
-"""Find adapter folders locally or on the Hub and load them onto a base model (safetensors only)."""
+"""Save, push, fetch and load adapters in hub_peft's one repo format.
+
+A folder is exactly what PEFT writes (``adapter_config.json`` + ``adapter_model.safetensors``) plus
+a generated ``README.md`` card, ``hub_peft_card.json`` (the card's inputs) and an optional
+``loss_curve.png``, so plain ``PeftModel.from_pretrained(base, repo_id)`` loads it unchanged.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError, NotFoundError, UnsafeFileError
+from ._atomic import atomic_dir
+from .cards import CardInfo, write_card
+from .errors import (
+    HubAuthError,
+    IncompatibleAdapterError,
+    InvalidInputError,
+    NotFoundError,
+    UnsafeFileError,
+)
+from .validate import PICKLE_SUFFIXES, validate_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
-def fetch_adapter(repo_id_or_dir: str, *, revision: str | None = None, token: str | None = None) -> Path:
-    """Return a local folder holding the adapter: the folder itself, or a Hub snapshot of the repo."""
+def check_repo_id(repo_id: str) -> str:
+    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id:
+        raise InvalidInputError(
+            f"Invalid repo id {repo_id!r}: use 'namespace/name' with letters, digits, '-', '_' or '.', "
+            "at most 96 characters each, no '--' or '..'."
+        )
+    return repo_id
+
+
+def _count_params(model: Any) -> tuple[int, int]:
+    trainable, total = model.get_nb_trainable_parameters()
+    return int(trainable), int(total - trainable)
+
+
+def data_summary(rows: list[dict[str, str]], name: str | None = None, n_samples: int = 3) -> dict[str, Any]:
+    """Count, a few sample rows and a fingerprint (sha256 of the canonical JSON) of a dataset."""
+    canonical = json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()
+    return {
+        "count": len(rows),
+        "fingerprint": "sha256:" + hashlib.sha256(canonical).hexdigest()[:16],
+        "samples": rows[:n_samples],
+        "name": name,
+    }
+
+
+def save_adapter(
+    model: Any,
+    out_dir: str | Path,
+    *,
+    adapter_name: str = "default",
+    overwrite: bool = False,
+    description: str | None = None,
+    training_rows: list[dict[str, str]] | None = None,
+    dataset_name: str | None = None,
+    history: list[dict[str, float]] | None = None,
+    training_args: dict[str, Any] | None = None,
+    training_seconds: float | None = None,
+    evaluation: dict[str, float] | None = None,
+    license: str | None = None,
+    example_prompt: str | None = None,
+) -> Path:
+    """Write ``model``'s adapter to ``out_dir`` with its card, atomically (all or nothing)."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise InvalidInputError(f"save_adapter needs a peft.PeftModel, got {type(model).__name__}.")
+    if adapter_name not in model.peft_config:
+        raise NotFoundError(f"No adapter named {adapter_name!r}; this model has {sorted(model.peft_config)}.")
+    source = getattr(model.get_base_model(), "hub_peft_source", None)
+    trainable, total = _count_params(model)
+    info = CardInfo(
+        description=description,
+        base={
+            "hub_id": getattr(source, "hub_id", None) or model.peft_config[adapter_name].base_model_name_or_path,
+            "origin": f"converted from {source.converted_from}" if getattr(source, "converted_from", None) else None,
+            "quantization": getattr(source, "quantization", None) or _quantization_of(model),
+        },
+        params={"trainable": trainable, "total": total},
+        data=data_summary(training_rows, dataset_name) if training_rows else None,
+        history=list(history or []),
+        training_args=dict(training_args or {}),
+        training_seconds=training_seconds,
+        evaluation=dict(evaluation or {}),
+        license=license,
+        datasets=[dataset_name] if dataset_name else [],
+    )
+    if example_prompt:
+        info.example_prompt = example_prompt
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
+        if adapter_name != "default":  # PEFT nests non-default adapters in a sub-folder
+            for p in (tmp / adapter_name).iterdir():
+                p.replace(tmp / p.name)
+            (tmp / adapter_name).rmdir()
+        if source is not None and getattr(source, "hub_id", None):
+            config = json.loads((tmp / CONFIG_NAME).read_text())
+            config["base_model_name_or_path"] = source.hub_id  # not the local cache path
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        info.save(tmp)
+        write_card(tmp)
+    return out_dir
+
+
+def _quantization_of(model: Any) -> str | None:
+    config = getattr(model.get_base_model(), "config", None)
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    q = q.to_dict() if hasattr(q, "to_dict") else dict(q)
+    return q.get("bnb_4bit_quant_type") if q.get("load_in_4bit") else q.get("quant_method")
+
+
+def push_adapter(
+    model_or_dir: Any,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Push an adapter (a PeftModel or a saved folder) as one atomic commit; returns the commit URL.
+
+    The card is regenerated with the repo id so its usage snippet names the right repo.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    check_repo_id(repo_id)
+    with tempfile.TemporaryDirectory(prefix="hub_peft_push_") as staging:
+        stage = Path(staging) / "adapter"
+        if isinstance(model_or_dir, (str, Path)):
+            src = Path(model_or_dir)
+            if not src.is_dir():
+                raise NotFoundError(f"{src} is not a folder; save the adapter first or pass a model.")
+            shutil.copytree(src, stage, ignore=shutil.ignore_patterns(*[f"*{s}" for s in PICKLE_SUFFIXES], ".*"))
+        else:
+            save_adapter(model_or_dir, stage)
+        report = validate_adapter(stage)
+        if not report.ok:
+            raise InvalidInputError(f"Refusing to push an invalid adapter: {report.problems[0]}")
+        write_card(stage, repo_id=repo_id)
+        api = HfApi(token=token)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=stage,
+                revision=revision,
+                commit_message=commit_message or "Upload adapter with hub_peft",
+            )
+        except HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if status in (401, 403):
+                raise HubAuthError(
+                    f"Cannot push to {repo_id}: the Hub refused the token (HTTP {status}). Pass a write token "
+                    "(token=... or HF_TOKEN) of a user who owns that namespace."
+                ) from None
+            raise
+    return info.commit_url
+
+
+def fetch_adapter(repo_id_or_dir: str | Path, *, revision: str | None = None, token: str | None = None) -> Path:
+    """A local folder holding the adapter: the folder itself, or a Hub snapshot of the repo."""
     path = Path(repo_id_or_dir)
     if path.is_dir():
         folder = path
@@ -21,53 +183,134 @@ def fetch_adapter(repo_id_or_dir: str, *, revision: str | None = None, token: st
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
+        if str(repo_id_or_dir).startswith((".", "/")) or str(repo_id_or_dir).count("/") != 1:
+            raise NotFoundError(f"{repo_id_or_dir!r} is neither an existing folder nor a 'namespace/name' repo id.")
         try:
-            folder = Path(
-                snapshot_download(
-                    repo_id_or_dir,
-                    revision=revision,
-                    token=token,
-                    allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md"],
-                )
-            )
+            folder = Path(snapshot_download(str(repo_id_or_dir), revision=revision, token=token))
         except HFValidationError as e:
-            raise InvalidInputError(f"{repo_id_or_dir!r} is neither a folder nor a valid repo id: {e}") from e
-        except RevisionNotFoundError as e:
-            raise NotFoundError(f"Revision {revision!r} of {repo_id_or_dir!r} not found; check `hub-peft info`.") from e
-        except RepositoryNotFoundError as e:
-            raise NotFoundError(f"Adapter repo {repo_id_or_dir!r} not found (or private: pass a token).") from e
+            raise InvalidInputError(f"{repo_id_or_dir!r} is not a valid repo id: {e}") from None
+        except RevisionNotFoundError:
+            raise NotFoundError(f"Revision {revision!r} of {repo_id_or_dir} does not exist.") from None
+        except RepositoryNotFoundError:
+            raise NotFoundError(
+                f"Repo {repo_id_or_dir} not found (or private: pass a token). Hub: the one HF_ENDPOINT names."
+            ) from None
     check_adapter_folder(folder)
     return folder
 
 
 def check_adapter_folder(folder: Path) -> dict:
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise NotFoundError(f"{folder} has no {CONFIG_NAME}: it is not an adapter folder.")
-    if not (folder / WEIGHTS_NAME).is_file():
-        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-            raise UnsafeFileError(
-                f"{folder} only has pickled weights (.bin/.pt), which hub_peft never loads. If these are your own "
-                "trusted files, convert them locally with `hub-peft convert-bin DIR`."
+    """Raise a clear error unless ``folder`` holds a loadable, safetensors-only adapter."""
+    if not (folder / WEIGHTS_NAME).is_file() and any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+        raise UnsafeFileError(
+            f"{folder} only has pickled weights (.bin), which hub_peft never unpickles. If they are your own "
+            "trusted files, convert them locally with `hub-peft convert-bin DIR`."
+        )
+    report = validate_adapter(folder)
+    if not report.ok:
+        first = report.problems[0]
+        if "missing" in first.point and "adapter_config" in first.point:
+            raise NotFoundError(f"{folder} is not an adapter folder: {first}")
+        if str(report.config.get("peft_type")) not in _known_types() and "peft_type" in report.config:
+            raise IncompatibleAdapterError(
+                f"Unknown adapter type {report.config.get('peft_type')!r} in {folder}: hub_peft loads every "
+                f"peft.PeftType ({len(_known_types())} types). Upgrade peft/hub_peft if it is newer."
             )
-        raise NotFoundError(f"{folder} has no {WEIGHTS_NAME}.")
+        raise InvalidInputError(f"Invalid adapter in {folder}: {first}")
+    return report.config
+
+
+def _known_types() -> set[str]:
+    import peft
+
+    return {t.value for t in peft.PeftType}
+
+
+def load_adapter(
+    base_model: Any,
+    repo_id_or_dir: str | Path,
+    *,
+    adapter_name: str = "default",
+    revision: str | None = None,
+    token: str | None = None,
+    is_trainable: bool = False,
+) -> Any:
+    """Load an adapter onto ``base_model`` and make it active; call again to add more adapters."""
+    from peft import PeftModel
+
+    folder = fetch_adapter(repo_id_or_dir, revision=revision, token=token)
+    inner = base_model.get_base_model() if isinstance(base_model, PeftModel) else base_model
+    report = validate_adapter(folder, base_config=inner.config, base_name=_name_of(inner))
+    if not report.ok:
+        raise IncompatibleAdapterError(str(report.problems[0]))
     try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise InvalidInputError(f"{config_path} is not valid JSON: {e}") from e
+        if isinstance(base_model, PeftModel):
+            if adapter_name in base_model.peft_config:
+                raise InvalidInputError(f"An adapter named {adapter_name!r} is already loaded; pick another name.")
+            base_model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+            base_model.set_adapter(adapter_name)
+            return base_model
+        return PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        raise IncompatibleAdapterError(
+            f"{repo_id_or_dir} was made for {report.config.get('base_model_name_or_path')}, which does not fit "
+            f"{_name_of(inner)}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}"
+        ) from None
+
+
+def _name_of(model: Any) -> str:
+    source = getattr(model, "hub_peft_source", None)
+    return getattr(source, "hub_id", None) or getattr(model.config, "_name_or_path", None) or "the given base model"
 
 
 def load_adapters(model: Any, sources: list[str]) -> Any:
-    """Load PEFT adapters (repo ids or folders) onto ``model``; the last one is active."""
-    from peft import PeftModel
-
+    """Load several adapters (repo ids or folders) onto ``model``; the last one is active."""
     for i, source in enumerate(sources):
-        folder = fetch_adapter(source)
-        name = f"adapter_{i}"
-        if i == 0:
-            model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, use_safetensors=True)
-        else:
-            model.load_adapter(str(folder), adapter_name=name, use_safetensors=True)
-    if sources:
-        model.set_adapter(f"adapter_{len(sources) - 1}")
+        model = load_adapter(model, source, adapter_name=f"adapter_{i}")
     return model
+
+
+def adapter_info(folder: Path) -> dict[str, Any]:
+    """Type, base model, trainable parameters, size and files of an adapter folder."""
+    report = validate_adapter(folder)
+    info = CardInfo.load(folder)
+    n_params = 0
+    for _, shape in report.tensors.values():
+        count = 1
+        for d in shape:
+            count *= d
+        n_params += count
+    return {
+        "type": report.config.get("peft_type"),
+        "base_model": info.base.get("hub_id") or report.config.get("base_model_name_or_path"),
+        "trainable_parameters": info.params.get("trainable") or n_params,
+        "stored_parameters": n_params,
+        "size_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+        "files": sorted(p.name for p in folder.iterdir() if p.is_file()),
+        "valid": report.ok,
+        "problems": [str(p) for p in report.problems],
+    }
+
+
+def convert_bin(folder: str | Path) -> Path:
+    """Convert one's own *trusted* ``adapter_model.bin`` to safetensors (weights_only unpickling)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    src = folder / "adapter_model.bin"
+    if not src.is_file():
+        raise NotFoundError(f"{src} does not exist.")
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UnsafeFileError(f"{src} holds more than plain tensors; refusing to unpickle it ({e}).") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UnsafeFileError(f"{src} is not a flat dict of tensors.")
+    out = folder / WEIGHTS_NAME
+    tmp = out.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(out)
+    return out

@@ -74,6 +74,78 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         hub.stop()
 
 
+def _local_or_pulled(target: str, revision: str | None = None) -> Path:
+    from .adapters import check_repo_id
+
+    path = Path(target)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    check_repo_id(target)
+    return Path(snapshot_download(target, revision=revision))
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .adapters import push_adapter
+
+    print(push_adapter(args.dir, args.repo_id, private=args.private))
+    return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from .adapters import check_adapter_folder, check_repo_id
+
+    check_repo_id(args.repo_id)
+    folder = _local_or_pulled(args.repo_id, args.revision)
+    check_adapter_folder(folder)
+    from ._atomic import atomic_dir
+
+    with atomic_dir(args.to, overwrite=args.overwrite) as tmp:
+        for p in folder.iterdir():
+            if p.is_file():
+                (tmp / p.name).write_bytes(p.read_bytes())
+    print(args.to)
+    return 0
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    from .cards import write_card
+
+    print(write_card(args.dir, repo_id=args.repo_id))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import validate_adapter
+
+    report = validate_adapter(_local_or_pulled(args.target), for_engine=args.engine)
+    if report.ok:
+        print(f"OK: {args.target} is a valid {report.config.get('peft_type')} adapter"
+              + (f" and {args.engine}-compatible" if args.engine else ""))  # fmt: skip
+        return 0
+    for problem in report.problems:
+        print(f"FAIL: {problem.point}\n      fix: {problem.fix}")
+    return 1
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .adapters import adapter_info
+
+    info = adapter_info(_local_or_pulled(args.target))
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {', '.join(value) if isinstance(value, list) else value}")
+    return 0 if info["valid"] else 1
+
+
+def _cmd_convert_bin(args: argparse.Namespace) -> int:
+    from .adapters import convert_bin
+
+    print(convert_bin(args.dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hub-peft", description="Share and serve adapters on the Hugging Face Hub.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +169,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokens-file", help="File with one USER=TOKEN per line.")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_cmd_hub_serve)
+
+    push = sub.add_parser("push", help="Push an adapter folder to the Hub (one atomic commit, card refreshed).")
+    push.add_argument("dir")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.set_defaults(func=_cmd_push)
+    pull = sub.add_parser("pull", help="Download an adapter repo into a folder.")
+    pull.add_argument("repo_id")
+    pull.add_argument("--revision", default=None)
+    pull.add_argument("--to", required=True)
+    pull.add_argument("--overwrite", action="store_true")
+    pull.set_defaults(func=_cmd_pull)
+    card = sub.add_parser("card", help="Write or refresh an adapter folder's README.md model card.")
+    card.add_argument("dir")
+    card.add_argument("--repo-id", default=None, help="Repo id the usage snippet should name.")
+    card.set_defaults(func=_cmd_card)
+    validate = sub.add_parser("validate", help="Check an adapter folder or repo (exit code 0 when valid).")
+    validate.add_argument("target", metavar="DIR_OR_REPO")
+    validate.add_argument("--for", dest="engine", choices=["vllm"], default=None)
+    validate.set_defaults(func=_cmd_validate)
+    info = sub.add_parser("info", help="Type, base model, parameters, size and files of an adapter.")
+    info.add_argument("target", metavar="DIR_OR_REPO")
+    info.set_defaults(func=_cmd_info)
+    convert = sub.add_parser("convert-bin", help="Convert your own trusted adapter_model.bin to safetensors.")
+    convert.add_argument("dir")
+    convert.set_defaults(func=_cmd_convert_bin)
 
     demo = sub.add_parser("demo", help="Start the local Hub and chat with the 4-bit default base model.")
     demo.add_argument("--prompt", default="What is the capital of France?")

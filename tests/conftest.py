@@ -49,12 +49,12 @@ def api(local_hub):
     return HfApi(endpoint=local_hub.endpoint)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def alice():
     return USERS["alice"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def bob():
     return USERS["bob"]
 

@@ -1,0 +1,239 @@
+"""Generate model cards (``README.md``) for adapter folders from the Jinja templates in ``cards/``.
+
+Everything a card says comes from the folder itself (config, weights) and ``hub_peft_card.json``
+(what was known at save time: base model source, training data summary, loss history, evaluation).
+A token is never an input here, so it can never reach a card.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from ._atomic import write_text
+
+CARD_INFO_NAME = "hub_peft_card.json"
+LOSS_CURVE_NAME = "loss_curve.png"
+EMBEDDED_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
+
+_SUMMARIES = {
+    "LORA": "Low-rank update ΔW = (α/r)·B·A added to the targeted linear layers.",
+    "ADALORA": "LoRA with an SVD-style parametrisation whose rank budget is re-allocated during training.",
+    "IA3": "Learned vectors that rescale keys, values and feed-forward activations.",
+    "PREFIX_TUNING": "Trainable key/value prefixes prepended at every attention layer.",
+    "PROMPT_TUNING": "Trainable virtual tokens prepended to the input embeddings.",
+    "P_TUNING": "Virtual tokens produced by a small prompt encoder.",
+    "ADAPTION_PROMPT": "LLaMA-Adapter: zero-initialised gated prompts in the top attention layers.",
+}
+
+
+@dataclass
+class CardInfo:
+    """What a card needs beyond the adapter files. Stored as ``hub_peft_card.json``."""
+
+    description: str | None = None
+    base: dict[str, Any] = field(default_factory=dict)  # hub_id, revision, origin, quantization
+    params: dict[str, Any] = field(default_factory=dict)  # trainable, total
+    data: dict[str, Any] | None = None  # count, fingerprint, samples, name
+    history: list[dict[str, float]] = field(default_factory=list)  # [{"step": 1, "loss": 2.3}, ...]
+    training_args: dict[str, Any] = field(default_factory=dict)
+    training_seconds: float | None = None
+    evaluation: dict[str, float] = field(default_factory=dict)
+    license: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    example_prompt: str = "Hello! What can you do?"
+    limitations: str | None = None
+
+    @classmethod
+    def load(cls, folder: Path) -> CardInfo:
+        path = Path(folder) / CARD_INFO_NAME
+        if not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def save(self, folder: Path) -> None:
+        write_text(Path(folder) / CARD_INFO_NAME, json.dumps(self.__dict__, indent=2, default=str))
+
+
+def _citations() -> dict[str, str]:
+    return yaml.safe_load(resources.files("hub_peft._cards").joinpath("citations.yaml").read_text())
+
+
+def _env():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(lambda name: resources.files("hub_peft._cards").joinpath(name).read_text()),
+        keep_trailing_newline=True,
+        trim_blocks=False,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["cell"] = lambda v: str(v).replace("|", "\\|").replace("\n", " ")[:120]
+    return env
+
+
+def method_variants(config: dict) -> list[str]:
+    """``["LORA", "RSLORA", "DORA", "QLORA"]``-style names: the type plus the variants it uses."""
+    peft_type = str(config.get("peft_type", "UNKNOWN")).upper()
+    names = [peft_type]
+    if peft_type == "LORA":
+        if config.get("use_rslora"):
+            names.append("RSLORA")
+        if config.get("use_dora"):
+            names.append("DORA")
+    return names
+
+
+def _hyperparameters(config: dict) -> list[tuple[str, str]]:
+    skip = {"peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+            "task_type"}  # fmt: skip
+    rows = []
+    for key, value in sorted(config.items()):
+        if key in skip or value in (None, {}, [], "") or key.startswith("_"):
+            continue
+        rows.append((key, json.dumps(value, sort_keys=True)[:200] if not isinstance(value, str) else value))
+    return rows
+
+
+def _size(folder: Path) -> str:
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+
+
+def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool | None = None) -> str:
+    """The full ``README.md`` text for the adapter in ``folder``."""
+    from huggingface_hub import ModelCardData, constants
+
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    info = CardInfo.load(folder)
+    variants = method_variants(config)
+    base_id = info.base.get("hub_id") or config.get("base_model_name_or_path") or "unknown"
+    quantization = info.base.get("quantization")
+    if quantization and variants[0] == "LORA":
+        variants.append("QLORA")
+    family = "reft" if variants[0] == "REFT" else "peft"
+    tags = [v.lower() for v in variants] + ["hub_peft", family]
+    if family == "peft":
+        tags.append("base_model:adapter:" + base_id)
+    license_ = info.license or info.base.get("license") or EMBEDDED_LICENSES.get(base_id)
+    metadata = ModelCardData(
+        base_model=base_id,
+        library_name="peft" if family == "peft" else "hub_peft",
+        pipeline_tag="text-generation",
+        tags=tags,
+        license=license_,
+        datasets=info.datasets or None,
+        model_name=repo_id,
+        eval_results=None,
+    )
+    meta = metadata.to_dict()
+    meta["base_model_relation"] = "adapter"
+    if info.evaluation and repo_id:
+        meta["model-index"] = [
+            {
+                "name": repo_id,
+                "results": [
+                    {
+                        "task": {"type": "text-generation"},
+                        "dataset": {"name": (info.datasets or ["evaluation"])[0], "type": "custom"},
+                        "metrics": [{"type": k, "value": v} for k, v in sorted(info.evaluation.items())],
+                    }
+                ],
+            }
+        ]
+    meta.pop("model_name", None)
+    citations = _citations()
+    cite_keys = [v for v in variants if v in citations] or []
+    cite_keys.append("PEFT" if family == "peft" else "REFT")
+    trainable, total = info.params.get("trainable"), info.params.get("total")
+    if vllm_ok is None:
+        from .validate import validate_adapter
+
+        vllm_ok = validate_adapter(folder, for_engine="vllm").ok
+    serving = (
+        "vLLM-compatible LoRA (checked with `hub-peft validate --for vllm`); also loads with PEFT and `hub-peft serve`."
+        if vllm_ok
+        else "Loads with PEFT and `hub-peft serve`. Not vLLM-compatible (`hub-peft validate --for vllm` lists why)."
+    )
+    context = {
+        "metadata_yaml": yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(),
+        "title": repo_id or f"{variants[0]} adapter for {base_id}",
+        "description": info.description
+        or f"A {' + '.join(variants)} adapter for [`{base_id}`]({constants.ENDPOINT}/{base_id}), made with hub_peft.",
+        "repo_id": repo_id or str(folder),
+        "hub_url": constants.ENDPOINT,
+        "base": {
+            "hub_id": base_id,
+            "revision": info.base.get("revision") or config.get("revision"),
+            "origin": info.base.get("origin") or "the base model's own weights",
+            "quantization": {"nf4": "NF4 4-bit (bitsandbytes)"}.get(quantization, quantization),
+        },
+        "method": {
+            "name": " + ".join(variants),
+            "summary": _SUMMARIES.get(variants[0], f"PEFT method `{variants[0]}`; see the citation below."),
+            "hyperparameters": _hyperparameters(config),
+        },
+        "params": {
+            "trainable": trainable,
+            "total": total,
+            "percent": 100.0 * trainable / total if trainable and total else None,
+        },
+        "size_on_disk": _size(folder),
+        "data": info.data,
+        "training": {
+            "history": info.history,
+            "loss_curve": LOSS_CURVE_NAME if (folder / LOSS_CURVE_NAME).is_file() else None,
+            "seconds": info.training_seconds,
+            "args": info.training_args,
+        },
+        "evaluation": info.evaluation,
+        "serving": serving,
+        "limitations": info.limitations
+        or (
+            "This adapter inherits the limitations and biases of its base model and was trained on the small dataset "
+            "summarised above; check its answers before relying on them. It is meant for research and demos of "
+            "parameter-efficient fine-tuning, not for high-stakes decisions."
+        ),
+        "citation": "\n".join(citations[k].strip() for k in cite_keys),
+        "example_prompt": info.example_prompt,
+        "version": __version__,
+    }
+    return _env().get_template(f"{family}.md.j2").render(**context)
+
+
+def write_card(folder: str | Path, *, repo_id: str | None = None) -> Path:
+    """Write (or refresh) ``folder/README.md``; also draws the loss curve when a history is known."""
+    folder = Path(folder)
+    info = CardInfo.load(folder)
+    if info.history and not (folder / LOSS_CURVE_NAME).is_file():
+        plot_loss_curve(info.history, folder / LOSS_CURVE_NAME)
+    path = folder / "README.md"
+    write_text(path, render_card(folder, repo_id=repo_id))
+    return path
+
+
+def plot_loss_curve(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

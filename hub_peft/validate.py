@@ -1,0 +1,182 @@
+"""Check an adapter folder: files, safetensors header, config, tensor names and shapes, vLLM contract."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+MAX_SANE_BYTES = 4 * 2**30
+VLLM_MAX_RANK = 512
+VLLM_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"}
+
+
+@dataclass
+class Problem:
+    point: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.point} -> fix: {self.fix}"
+
+
+@dataclass
+class Report:
+    folder: Path
+    problems: list[Problem] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # name -> (dtype, shape)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, point: str, fix: str) -> None:
+        self.problems.append(Problem(point, fix))
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """Parse only the JSON header (no tensor data is read); raises ValueError if it is not safetensors."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError("file is shorter than a safetensors header")
+        n = int.from_bytes(raw, "little")
+        size = path.stat().st_size
+        if n <= 0 or n > min(size - 8, 100 * 2**20):
+            raise ValueError(f"header length {n} does not fit a {size}-byte file")
+        header = json.loads(f.read(n))
+    out = {}
+    data_len = size - 8 - n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        if not 0 <= start <= end <= data_len:
+            raise ValueError(f"tensor {name!r} points past the end of the file (truncated?)")
+        out[name] = (meta["dtype"], list(meta["shape"]))
+    return out
+
+
+def _module_shapes(base_config: Any) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every Linear in a model built from ``base_config`` on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base_config)
+    return {
+        name: (m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+
+
+def _check_shapes(report: Report, base_config: Any, base_name: str) -> None:
+    shapes = _module_shapes(base_config)
+    expected_base = report.config.get("base_model_name_or_path") or "unknown"
+    pattern = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
+    for tensor, (_, shape) in report.tensors.items():
+        m = pattern.match(tensor)
+        if not m or m.group(1) not in shapes:
+            continue
+        fan_in, fan_out = shapes[m.group(1)]
+        got, want = (shape[1], fan_in) if m.group(2) == "lora_A" else (shape[0], fan_out)
+        if got != want:
+            report.add(
+                f"{tensor} has shape {shape}, but {base_name} needs {want} there: this adapter was made for "
+                f"{expected_base}, not {base_name}",
+                f"load it on {expected_base}, or retrain it for {base_name}",
+            )
+            return
+
+
+def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_config: Any = None,
+                     base_name: str = "the given base model") -> Report:  # fmt: skip
+    """Validate an adapter folder; ``for_engine="vllm"`` also checks vLLM's LoRA contract."""
+    folder = Path(folder)
+    report = Report(folder)
+    config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    for p in folder.iterdir() if folder.is_dir() else []:
+        if p.suffix in PICKLE_SUFFIXES:
+            report.add(f"{p.name} is a pickle file", "remove it; hub_peft and this repo format use safetensors only")
+    if not config_path.is_file():
+        report.add("adapter_config.json is missing", "save the adapter with hub_peft.save_adapter or PEFT")
+        return report
+    try:
+        report.config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        report.add(f"adapter_config.json is not valid JSON ({e})", "re-save the adapter")
+        return report
+    peft_type = str(report.config.get("peft_type", ""))
+    if peft_type == "REFT":
+        report.add("this is a ReFT adapter, which this hub_peft version cannot load yet",
+                   "upgrade hub_peft to a version with native ReFT support")  # fmt: skip
+    else:
+        try:
+            from peft.config import PeftConfig
+
+            PeftConfig.from_peft_type(**{k: v for k, v in report.config.items()})
+        except Exception as e:  # peft raises KeyError/TypeError/ValueError for bad configs
+            report.add(f"adapter_config.json does not parse as a {peft_type or 'PEFT'} config ({e!r})",
+                       "check peft_type and the fields; known types: peft.PeftType and REFT")  # fmt: skip
+    if not weights.is_file():
+        report.add("adapter_model.safetensors is missing", "save the weights with safe_serialization (the default)")
+        return report
+    try:
+        report.tensors = read_safetensors_header(weights)
+    except (ValueError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        report.add(f"adapter_model.safetensors is corrupt or truncated ({e})", "re-save or re-download the adapter")
+        return report
+    size = weights.stat().st_size
+    if not report.tensors or size > MAX_SANE_BYTES:
+        report.add(f"adapter_model.safetensors holds {len(report.tensors)} tensors in {size} bytes",
+                   "an adapter should hold at least one tensor and be well under 4 GiB")  # fmt: skip
+    bad = sorted({dt for dt, _ in report.tensors.values() if dt not in FLOAT_DTYPES})
+    if bad and peft_type in ("LORA", "ADALORA", "IA3"):  # other methods also store index tensors
+        report.add(f"unexpected tensor dtypes {bad}", "adapters store float32/float16/bfloat16 weights")
+    targets = report.config.get("target_modules")
+    if isinstance(targets, list) and targets and peft_type in ("LORA", "ADALORA", "IA3"):
+        extra = set(report.config.get("modules_to_save") or [])
+        wanted = [f".{t}." for t in [*targets, *extra]]  # names may be short ("q_proj") or dotted paths
+        stray = [t for t in report.tensors if not any(w in f".{t}" for w in wanted)]
+        if stray:
+            report.add(f"{len(stray)} tensors match no target module, e.g. {stray[0]}",
+                       "the config's target_modules must name the modules the weights belong to")  # fmt: skip
+    if base_config is not None and peft_type in ("LORA", "ADALORA"):
+        _check_shapes(report, base_config, base_name)
+    if for_engine == "vllm":
+        _check_vllm(report)
+    elif for_engine not in (None, "vllm"):
+        report.add(f"unknown engine {for_engine!r}", "use --for vllm")
+    return report
+
+
+def _check_vllm(report: Report) -> None:
+    c = report.config
+    if c.get("peft_type") != "LORA":
+        report.add(f"peft_type is {c.get('peft_type')}, vLLM serves only LoRA", "train a LoRA adapter instead")
+        return
+    if c.get("use_dora"):
+        report.add("use_dora is true; vLLM does not support DoRA", "retrain without DoRA (use_dora=False)")
+    if c.get("modules_to_save"):
+        report.add(f"modules_to_save is {c['modules_to_save']}; vLLM needs null", "retrain without modules_to_save")
+    if c.get("bias", "none") != "none":
+        report.add(f"bias is {c.get('bias')!r}; vLLM needs 'none'", "retrain with bias='none'")
+    ranks = [c.get("r", 0), *(c.get("rank_pattern") or {}).values()]
+    if max(ranks) > VLLM_MAX_RANK:
+        report.add(f"rank {max(ranks)} exceeds vLLM's maximum {VLLM_MAX_RANK}", f"retrain with r <= {VLLM_MAX_RANK}")
+    if (
+        c.get("trainable_token_indices")
+        or (report.folder / "added_tokens.json").is_file()
+        or any("embed_tokens" in t or "lm_head" in t for t in report.tensors)
+    ):
+        report.add("the adapter adds or trains tokens/embeddings", "vLLM LoRA needs an unchanged vocabulary")
+    targets = c.get("target_modules")
+    names = set(targets) if isinstance(targets, list) else {t.split(".")[-3] for t in report.tensors if "lora_" in t}
+    unsupported = sorted(names - VLLM_TARGETS)
+    if unsupported or isinstance(targets, str):
+        report.add(f"target modules {unsupported or targets} are not ones vLLM's LoRA supports",
+                   f"target only {sorted(VLLM_TARGETS)}")  # fmt: skip

@@ -1,0 +1,161 @@
+"""Every PEFT method: train a few steps on a tiny Llama, save, push to the local Hub, pull into a
+fresh base (full precision and NF4 4-bit), and get the same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hub_peft.peft_catalog import NO_4BIT, UNSUPPORTED, all_cases
+
+ALL_CASES = all_cases()
+CASES = [c for c in ALL_CASES if c.key not in UNSUPPORTED]
+BASE_REPO = "alice/tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_base_repo(local_hub, tmp_path_factory, alice):
+    """A seeded 2-layer Llama pushed to the local Hub, so adapters name a base anyone can fetch."""
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    folder = tmp_path_factory.mktemp("tiny_base")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    api = HfApi(endpoint=local_hub.endpoint, token=alice)
+    api.create_repo(BASE_REPO, exist_ok=True)
+    api.upload_folder(repo_id=BASE_REPO, folder_path=folder)
+    return BASE_REPO
+
+
+def tiny_tokenizer():
+    """A 128-token word-level tokenizer matching the tiny model's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({chr(ord("a") + i): 3 + i for i in range(26)})
+    vocab.update({f"w{i}": len(vocab) for i in range(128 - len(vocab))})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")  # fmt: skip
+
+
+def load_tiny(load_in_4bit: bool = False):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {}
+    if load_in_4bit:
+        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                  bnb_4bit_compute_dtype=torch.float32), "device_map": "cpu"}  # fmt: skip
+    return AutoModelForCausalLM.from_pretrained(BASE_REPO, **kwargs)
+
+
+def forward(model, ids, case):
+    kwargs = {}
+    if case.needs_task_ids:
+        kwargs["task_ids"] = torch.zeros(ids.shape[0], dtype=torch.long)
+    if case.needs_no_cache:
+        kwargs["use_cache"] = False
+    return model(input_ids=ids, **kwargs)
+
+
+def train_a_few_steps(model, case, steps: int = 3):
+    torch.manual_seed(1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    ids = torch.randint(0, 128, (2, 12))
+    model.train()
+    history = []
+    for step in range(steps):
+        kwargs = {"task_ids": torch.zeros(2, dtype=torch.long)} if case.needs_task_ids else {}
+        if case.needs_no_cache:
+            kwargs["use_cache"] = False
+        loss = model(input_ids=ids, labels=ids, **kwargs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append({"step": step + 1, "loss": loss.item()})
+    model.eval()
+    if case.zero_grad_on_random_data:
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.1 * torch.randn_like(p))
+    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True)), "weights never moved"
+    return history
+
+
+def round_trip(case, load_in_4bit, tmp_path, repo_name, token):
+    from peft import get_peft_model
+
+    from hub_peft import load_adapter, push_adapter, save_adapter
+
+    base = load_tiny(load_in_4bit)
+    base.config.use_cache = not case.needs_no_cache
+    model = get_peft_model(base, case.make(load_tiny().config))
+    history = train_a_few_steps(model, case)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = forward(model, ids, case).logits
+    rows = [{"prompt": "hi", "response": "hello"}, {"prompt": "2+2?", "response": "4"}]
+    save_adapter(model, tmp_path / "adapter", training_rows=rows, history=history)
+    repo_id = f"alice/{repo_name}"
+    push_adapter(tmp_path / "adapter", repo_id, token=token)
+
+    fresh = load_tiny(load_in_4bit)
+    fresh.config.use_cache = not case.needs_no_cache
+    restored = load_adapter(fresh, repo_id)
+    restored.eval()
+    with torch.no_grad():
+        got = forward(restored, ids, case).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.key for c in CASES])
+def test_every_method_round_trips_through_the_hub(case, tiny_base_repo, tmp_path, repo_name, alice):
+    round_trip(case, False, tmp_path, repo_name, alice)
+
+
+CASES_4BIT = [c for c in CASES if c.key not in NO_4BIT]
+
+
+@pytest.mark.parametrize("key", sorted(UNSUPPORTED))
+def test_the_unsupported_table_matches_reality(key, tiny_base_repo, tmp_path, repo_name, alice):
+    """If upstream fixes one of these, this fails: move it out of UNSUPPORTED."""
+    case = next(c for c in ALL_CASES if c.key == key)
+    with pytest.raises(Exception):  # noqa: B017 - any failure counts
+        round_trip(case, False, tmp_path, repo_name, alice)
+
+
+@pytest.mark.parametrize("case", CASES_4BIT, ids=[c.key for c in CASES_4BIT])
+def test_every_4bit_capable_method_round_trips_on_nf4(case, tiny_base_repo, tmp_path, repo_name, alice):
+    round_trip(case, True, tmp_path, repo_name, alice)
+
+
+@pytest.mark.parametrize("key", sorted(NO_4BIT))
+def test_the_no_4bit_table_matches_reality(key, tiny_base_repo, tmp_path, repo_name, alice):
+    """If upstream starts supporting one of these on Linear4bit, this fails: move it out of NO_4BIT."""
+    case = next(c for c in ALL_CASES if c.key == key)
+    with pytest.raises(Exception):  # noqa: B017 - any failure of the method on a 4-bit base counts
+        round_trip(case, True, tmp_path, repo_name, alice)
+
+
+def test_readme_table_lists_exactly_the_no_4bit_methods():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for marker, expected in (("no-4bit-table", NO_4BIT), ("unsupported-table", UNSUPPORTED)):
+        table = readme.split(f"<!-- {marker} -->")[1]
+        rows = table.strip().splitlines()[2:]
+        assert {row.split("|")[1].strip().strip("`") for row in rows if row.startswith("|")} == set(expected)
+
+
+def test_catalog_covers_every_peft_type():
+    import peft
+
+    assert {c.peft_type for c in ALL_CASES} == {t.value for t in peft.PeftType}
