@@ -62,6 +62,7 @@ def test_pushed_card_snippet_runs_with_plain_peft(saved_lora, alice, repo_name, 
     push_adapter(saved_lora, repo_id, token=alice)
     card = ModelCard.load(repo_id)
     assert card.data.base_model == "alice/tiny-llama"
+    assert card.data.eval_results[0].metric_type == "accuracy" and card.data.eval_results[0].metric_value == 0.75
     snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
     assert f'PeftModel.from_pretrained(base, "{repo_id}")' in snippet
     check = "\nimport sys\nassert 'hub_peft' not in sys.modules\nprint('SNIPPET-OK')\n"
@@ -244,3 +245,25 @@ def test_convert_bin_only_takes_plain_tensors(tmp_path):
     torch.save({"w": Evil()}, tmp_path / "adapter_model.bin", _use_new_zipfile_serialization=True)
     with pytest.raises(UnsafeFileError):
         convert_bin(tmp_path)
+
+
+def test_cli_chat_with_an_adapter_from_the_hub(saved_lora, alice, repo_name, local_hub):
+    repo_id = f"alice/{repo_name}"
+    push_adapter(saved_lora, repo_id, token=alice)
+
+    def chat(*extra):
+        cmd = [sys.executable, "-m", "hub_peft.cli", "chat", "a b c d", "--raw", "--base", "alice/tiny-llama",
+               "--max-new-tokens", "8", *extra]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    with_adapter = chat("--adapter", repo_id)
+    model = load_adapter(load_tiny(), repo_id)
+    from test_peft_methods import tiny_tokenizer
+
+    ids = tiny_tokenizer()("a b c d", return_tensors="pt").input_ids
+    expected = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=2)
+    decoded = tiny_tokenizer().decode(expected[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert with_adapter.strip() == decoded
+    assert chat().strip() != with_adapter.strip()
