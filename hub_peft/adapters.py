@@ -174,8 +174,13 @@ def push_adapter(
     return info.commit_url
 
 
-def fetch_adapter(repo_id_or_dir: str | Path, *, revision: str | None = None, token: str | None = None) -> Path:
-    """A local folder holding the adapter: the folder itself, or a Hub snapshot of the repo."""
+def fetch_adapter(
+    repo_id_or_dir: str | Path, *, revision: str | None = None, token: str | None = None, check: bool = True
+) -> Path:
+    """A local folder holding the adapter: the folder itself, or a Hub snapshot of the repo.
+
+    With ``check`` (the default) the folder must hold a loadable adapter (see :func:`check_adapter_folder`).
+    """
     path = Path(repo_id_or_dir)
     if path.is_dir():
         folder = path
@@ -195,20 +200,23 @@ def fetch_adapter(repo_id_or_dir: str | Path, *, revision: str | None = None, to
             raise NotFoundError(
                 f"Repo {repo_id_or_dir} not found (or private: pass a token). Hub: the one HF_ENDPOINT names."
             ) from None
-    check_adapter_folder(folder)
+    if check:
+        check_adapter_folder(folder)
     return folder
 
 
-def check_adapter_folder(folder: Path) -> dict:
-    """Raise a clear error unless ``folder`` holds a loadable, safetensors-only adapter."""
+def check_adapter_folder(folder: Path, *, base_config: Any = None, base_name: str = "the given base model") -> dict:
+    """Raise a clear error unless ``folder`` holds a loadable, safetensors-only adapter (fitting ``base_config``)."""
     if not (folder / WEIGHTS_NAME).is_file() and any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
         raise UnsafeFileError(
             f"{folder} only has pickled weights (.bin), which hub_peft never unpickles. If they are your own "
             "trusted files, convert them locally with `hub-peft convert-bin DIR`."
         )
-    report = validate_adapter(folder)
+    report = validate_adapter(folder, base_config=base_config, base_name=base_name)
     if not report.ok:
         first = report.problems[0]
+        if first.incompatible_base:
+            raise IncompatibleAdapterError(str(first))
         if "missing" in first.point and "adapter_config" in first.point:
             raise NotFoundError(f"{folder} is not an adapter folder: {first}")
         if str(report.config.get("peft_type")) not in _known_types() and "peft_type" in report.config:
@@ -238,11 +246,9 @@ def load_adapter(
     """Load an adapter onto ``base_model`` and make it active; call again to add more adapters."""
     from peft import PeftModel
 
-    folder = fetch_adapter(repo_id_or_dir, revision=revision, token=token)
+    folder = fetch_adapter(repo_id_or_dir, revision=revision, token=token, check=False)
     inner = base_model.get_base_model() if isinstance(base_model, PeftModel) else base_model
-    report = validate_adapter(folder, base_config=inner.config, base_name=_name_of(inner))
-    if not report.ok:
-        raise IncompatibleAdapterError(str(report.problems[0]))
+    config = check_adapter_folder(folder, base_config=inner.config, base_name=_name_of(inner))
     try:
         if isinstance(base_model, PeftModel):
             if adapter_name in base_model.peft_config:
@@ -255,7 +261,7 @@ def load_adapter(
         if "size mismatch" not in str(e):
             raise
         raise IncompatibleAdapterError(
-            f"{repo_id_or_dir} was made for {report.config.get('base_model_name_or_path')}, which does not fit "
+            f"{repo_id_or_dir} was made for {config.get('base_model_name_or_path')}, which does not fit "
             f"{_name_of(inner)}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}"
         ) from None
 

@@ -75,15 +75,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _local_or_pulled(target: str, revision: str | None = None) -> Path:
-    from .adapters import check_repo_id
+    from .adapters import fetch_adapter
 
-    path = Path(target)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    check_repo_id(target)
-    return Path(snapshot_download(target, revision=revision))
+    return fetch_adapter(target, revision=revision, check=False)
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -94,12 +88,10 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from .adapters import check_adapter_folder, check_repo_id
-
-    check_repo_id(args.repo_id)
-    folder = _local_or_pulled(args.repo_id, args.revision)
-    check_adapter_folder(folder)
     from ._atomic import atomic_dir
+    from .adapters import check_repo_id, fetch_adapter
+
+    folder = fetch_adapter(check_repo_id(args.repo_id), revision=args.revision)
 
     with atomic_dir(args.to, overwrite=args.overwrite) as tmp:
         for p in folder.iterdir():

@@ -45,13 +45,16 @@ class MethodCase:
     """How to build one PEFT method for a model whose linear layers are ``hidden`` wide."""
 
     key: str  # unique test id: the PeftType value, plus ":variant"
-    peft_type: str
     make: Callable[[Any], Any]  # model config -> PeftConfig
     needs_task_ids: bool = False
     needs_no_cache: bool = False
     # CPT's loss only flows through its delta embeddings on structured in-context examples; on the
     # tests' random tokens its gradient is exactly zero, so the test sets those weights at random.
     zero_grad_on_random_data: bool = False
+
+    @property
+    def peft_type(self) -> str:
+        return self.key.split(":")[0]
 
     @property
     def no_4bit_reason(self) -> str | None:
@@ -92,22 +95,20 @@ def catalog() -> list[MethodCase]:
     c = []
     add = c.append
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ATTN}
-    add(MethodCase("LORA", "LORA", lambda m: _cfg("LoraConfig", **lora)))
-    add(MethodCase("LORA:all-linear", "LORA", lambda m: _cfg("LoraConfig", r=4, target_modules="all-linear")))
-    add(MethodCase("LORA:rslora", "LORA", lambda m: _cfg("LoraConfig", use_rslora=True, **lora)))
-    add(MethodCase("LORA:dora", "LORA", lambda m: _cfg("LoraConfig", use_dora=True, **lora)))
-    add(MethodCase("LORA:pissa", "LORA", lambda m: _cfg("LoraConfig", init_lora_weights="pissa", **lora)))
-    add(MethodCase("LORA:olora", "LORA", lambda m: _cfg("LoraConfig", init_lora_weights="olora", **lora)))
+    add(MethodCase("LORA", lambda m: _cfg("LoraConfig", **lora)))
+    add(MethodCase("LORA:all-linear", lambda m: _cfg("LoraConfig", r=4, target_modules="all-linear")))
+    add(MethodCase("LORA:rslora", lambda m: _cfg("LoraConfig", use_rslora=True, **lora)))
+    add(MethodCase("LORA:dora", lambda m: _cfg("LoraConfig", use_dora=True, **lora)))
+    add(MethodCase("LORA:pissa", lambda m: _cfg("LoraConfig", init_lora_weights="pissa", **lora)))
+    add(MethodCase("LORA:olora", lambda m: _cfg("LoraConfig", init_lora_weights="olora", **lora)))
     add(
         MethodCase(
             "LORA:patterns",
-            "LORA",
             lambda m: _cfg("LoraConfig", rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 16}, **lora),
         )
     )
     add(
         MethodCase(
-            "ADALORA",
             "ADALORA",
             lambda m: _cfg(
                 "AdaLoraConfig", init_r=6, target_r=4, total_step=20, tinit=2, tfinal=2, target_modules=ATTN
@@ -117,49 +118,41 @@ def catalog() -> list[MethodCase]:
     add(
         MethodCase(
             "IA3",
-            "IA3",
             lambda m: _cfg(
                 "IA3Config", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
             ),
         )
     )
-    add(MethodCase("LOHA", "LOHA", lambda m: _cfg("LoHaConfig", r=4, target_modules=ATTN)))
-    add(MethodCase("LOKR", "LOKR", lambda m: _cfg("LoKrConfig", r=4, target_modules=ATTN)))
-    add(MethodCase("OFT", "OFT", lambda m: _cfg("OFTConfig", r=0, oft_block_size=8, target_modules=ATTN)))
-    add(MethodCase("BOFT", "BOFT", lambda m: _cfg("BOFTConfig", boft_block_size=8, target_modules=ATTN)))
-    add(MethodCase("VERA", "VERA", lambda m: _cfg("VeraConfig", r=8, target_modules=ATTN)))
-    add(MethodCase("FOURIERFT", "FOURIERFT", lambda m: _cfg("FourierFTConfig", n_frequency=32, target_modules=ATTN)))
-    add(MethodCase("HRA", "HRA", lambda m: _cfg("HRAConfig", r=4, target_modules=ATTN)))
+    add(MethodCase("LOHA", lambda m: _cfg("LoHaConfig", r=4, target_modules=ATTN)))
+    add(MethodCase("LOKR", lambda m: _cfg("LoKrConfig", r=4, target_modules=ATTN)))
+    add(MethodCase("OFT", lambda m: _cfg("OFTConfig", r=0, oft_block_size=8, target_modules=ATTN)))
+    add(MethodCase("BOFT", lambda m: _cfg("BOFTConfig", boft_block_size=8, target_modules=ATTN)))
+    add(MethodCase("VERA", lambda m: _cfg("VeraConfig", r=8, target_modules=ATTN)))
+    add(MethodCase("FOURIERFT", lambda m: _cfg("FourierFTConfig", n_frequency=32, target_modules=ATTN)))
+    add(MethodCase("HRA", lambda m: _cfg("HRAConfig", r=4, target_modules=ATTN)))
     add(
         MethodCase(
-            "VBLORA",
             "VBLORA",
             lambda m: _cfg("VBLoRAConfig", r=4, num_vectors=16, vector_length=8, target_modules=ATTN),
         )
     )
-    add(MethodCase("LN_TUNING", "LN_TUNING", lambda m: _cfg("LNTuningConfig", target_modules=["input_layernorm"])))
-    add(MethodCase("MISS", "MISS", lambda m: _cfg("MissConfig", r=8, target_modules=ATTN)))
-    add(MethodCase("RANDLORA", "RANDLORA", lambda m: _cfg("RandLoraConfig", r=8, target_modules=ATTN)))
-    add(MethodCase("C3A", "C3A", lambda m: _cfg("C3AConfig", block_size=8, target_modules=ATTN)))
-    add(MethodCase("SHIRA", "SHIRA", lambda m: _cfg("ShiraConfig", r=4, target_modules=ATTN)))
-    add(MethodCase("ROAD", "ROAD", lambda m: _cfg("RoadConfig", group_size=8, target_modules=ATTN)))
+    add(MethodCase("LN_TUNING", lambda m: _cfg("LNTuningConfig", target_modules=["input_layernorm"])))
+    add(MethodCase("MISS", lambda m: _cfg("MissConfig", r=8, target_modules=ATTN)))
+    add(MethodCase("RANDLORA", lambda m: _cfg("RandLoraConfig", r=8, target_modules=ATTN)))
+    add(MethodCase("C3A", lambda m: _cfg("C3AConfig", block_size=8, target_modules=ATTN)))
+    add(MethodCase("SHIRA", lambda m: _cfg("ShiraConfig", r=4, target_modules=ATTN)))
+    add(MethodCase("ROAD", lambda m: _cfg("RoadConfig", group_size=8, target_modules=ATTN)))
     add(
         MethodCase(
-            "TRAINABLE_TOKENS",
             "TRAINABLE_TOKENS",
             lambda m: _cfg("TrainableTokensConfig", token_indices=[1, 2, 3], target_modules=["embed_tokens"]),
         )
     )
-    add(MethodCase("PROMPT_TUNING", "PROMPT_TUNING", lambda m: _cfg("PromptTuningConfig", num_virtual_tokens=4)))
+    add(MethodCase("PROMPT_TUNING", lambda m: _cfg("PromptTuningConfig", num_virtual_tokens=4)))
+    add(MethodCase("P_TUNING", lambda m: _cfg("PromptEncoderConfig", num_virtual_tokens=4, encoder_hidden_size=16)))
+    add(MethodCase("PREFIX_TUNING", lambda m: _cfg("PrefixTuningConfig", num_virtual_tokens=4)))
     add(
         MethodCase(
-            "P_TUNING", "P_TUNING", lambda m: _cfg("PromptEncoderConfig", num_virtual_tokens=4, encoder_hidden_size=16)
-        )
-    )
-    add(MethodCase("PREFIX_TUNING", "PREFIX_TUNING", lambda m: _cfg("PrefixTuningConfig", num_virtual_tokens=4)))
-    add(
-        MethodCase(
-            "ADAPTION_PROMPT",
             "ADAPTION_PROMPT",
             lambda m: _cfg("AdaptionPromptConfig", adapter_len=4, adapter_layers=1),
         )
@@ -167,14 +160,12 @@ def catalog() -> list[MethodCase]:
     add(
         MethodCase(
             "MULTITASK_PROMPT_TUNING",
-            "MULTITASK_PROMPT_TUNING",
             lambda m: _cfg("MultitaskPromptTuningConfig", num_virtual_tokens=4, num_tasks=2),
             needs_task_ids=True,
         )
     )
     add(
         MethodCase(
-            "CPT",
             "CPT",
             lambda m: _cfg(
                 "CPTConfig", cpt_token_ids=[5, 6, 7, 8], cpt_mask=[1, 1, 1, 1], cpt_tokens_type_mask=[1, 2, 2, 2]
@@ -185,15 +176,14 @@ def catalog() -> list[MethodCase]:
     add(
         MethodCase(
             "POLY",
-            "POLY",
             lambda m: _cfg("PolyConfig", r=4, n_tasks=2, n_skills=2, target_modules=ATTN),
             needs_task_ids=True,
         )
     )
-    add(MethodCase("XLORA", "XLORA", _xlora, needs_no_cache=True))
-    add(MethodCase("WAVEFT", "WAVEFT", lambda m: _cfg("WaveFTConfig", n_frequency=64, target_modules=ATTN)))
-    add(MethodCase("CARTRIDGE", "CARTRIDGE", lambda m: _cfg("CartridgeConfig", num_virtual_tokens=4)))
-    add(MethodCase("SHADOW", "SHADOW", lambda m: _cfg("ShadowConfig", r=4)))
+    add(MethodCase("XLORA", _xlora, needs_no_cache=True))
+    add(MethodCase("WAVEFT", lambda m: _cfg("WaveFTConfig", n_frequency=64, target_modules=ATTN)))
+    add(MethodCase("CARTRIDGE", lambda m: _cfg("CartridgeConfig", num_virtual_tokens=4)))
+    add(MethodCase("SHADOW", lambda m: _cfg("ShadowConfig", r=4)))
     return c
 
 
@@ -211,7 +201,7 @@ def _generic(peft_type: str) -> MethodCase:
             kwargs["r"] = 4
         return cls(**kwargs)
 
-    return MethodCase(peft_type, peft_type, make)
+    return MethodCase(peft_type, make)
 
 
 def all_cases() -> list[MethodCase]:

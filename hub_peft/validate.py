@@ -19,6 +19,7 @@ VLLM_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class Problem:
     point: str
     fix: str
+    incompatible_base: bool = False  # the adapter is fine, but made for another base model
 
     def __str__(self) -> str:
         return f"{self.point} -> fix: {self.fix}"
@@ -90,6 +91,7 @@ def _check_shapes(report: Report, base_config: Any, base_name: str) -> None:
                 f"{expected_base}, not {base_name}",
                 f"load it on {expected_base}, or retrain it for {base_name}",
             )
+            report.problems[-1].incompatible_base = True
             return
 
 

@@ -12,15 +12,9 @@ from pathlib import Path
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="hub_peft_tests_"))
 
 
-def _free_port() -> int:
-    import socket
+from hub_peft.hub.process import free_port  # noqa: E402 - imports no huggingface_hub
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-HUB_PORT = _free_port()
+HUB_PORT = free_port()
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
 os.environ["HF_HOME"] = str(_SESSION_DIR / "hf_home")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
