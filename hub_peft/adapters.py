@@ -40,6 +40,12 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def _is_reft(model: Any) -> bool:
+    from .reft import ReftModel
+
+    return isinstance(model, ReftModel)
+
+
 def _count_params(model: Any) -> tuple[int, int]:
     trainable, total = model.get_nb_trainable_parameters()
     return int(trainable), int(total - trainable)
@@ -72,19 +78,27 @@ def save_adapter(
     license: str | None = None,
     example_prompt: str | None = None,
 ) -> Path:
-    """Write ``model``'s adapter to ``out_dir`` with its card, atomically (all or nothing)."""
+    """Write ``model``'s adapter (a ``peft.PeftModel`` or a :class:`hub_peft.reft.ReftModel`) to ``out_dir``
+    with its card, atomically (all or nothing)."""
     from peft import PeftModel
 
-    if not isinstance(model, PeftModel):
-        raise InvalidInputError(f"save_adapter needs a peft.PeftModel, got {type(model).__name__}.")
-    if adapter_name not in model.peft_config:
+    from .reft.model import innermost_model
+
+    reft = _is_reft(model)
+    if not reft and not isinstance(model, PeftModel):
+        raise InvalidInputError(f"save_adapter needs a peft.PeftModel or a ReftModel, got {type(model).__name__}.")
+    if reft:
+        base_name = model.reft_config.base_model_name_or_path
+    elif adapter_name not in model.peft_config:
         raise NotFoundError(f"No adapter named {adapter_name!r}; this model has {sorted(model.peft_config)}.")
-    source = getattr(model.get_base_model(), "hub_peft_source", None)
+    else:
+        base_name = model.peft_config[adapter_name].base_model_name_or_path
+    source = getattr(innermost_model(model), "hub_peft_source", None)
     trainable, total = _count_params(model)
     info = CardInfo(
         description=description,
         base={
-            "hub_id": getattr(source, "hub_id", None) or model.peft_config[adapter_name].base_model_name_or_path,
+            "hub_id": getattr(source, "hub_id", None) or base_name,
             "origin": f"converted from {source.converted_from}" if getattr(source, "converted_from", None) else None,
             "quantization": getattr(source, "quantization", None) or _quantization_of(model),
         },
@@ -101,8 +115,11 @@ def save_adapter(
         info.example_prompt = example_prompt
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
-        if adapter_name != "default":  # PEFT nests non-default adapters in a sub-folder
+        if reft:
+            model.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
+        if adapter_name != "default" and not reft:  # PEFT nests non-default adapters in a sub-folder
             for p in (tmp / adapter_name).iterdir():
                 p.replace(tmp / p.name)
             (tmp / adapter_name).rmdir()
@@ -116,7 +133,9 @@ def save_adapter(
 
 
 def _quantization_of(model: Any) -> str | None:
-    config = getattr(model.get_base_model(), "config", None)
+    from .reft.model import innermost_model
+
+    config = getattr(innermost_model(model), "config", None)
     q = getattr(config, "quantization_config", None)
     if q is None:
         return None
@@ -231,7 +250,7 @@ def check_adapter_folder(folder: Path, *, base_config: Any = None, base_name: st
 def _known_types() -> set[str]:
     import peft
 
-    return {t.value for t in peft.PeftType}
+    return {t.value for t in peft.PeftType} | {"REFT"}
 
 
 def load_adapter(
@@ -243,12 +262,30 @@ def load_adapter(
     token: str | None = None,
     is_trainable: bool = False,
 ) -> Any:
-    """Load an adapter onto ``base_model`` and make it active; call again to add more adapters."""
+    """Load an adapter onto ``base_model`` and make it active; call again to add more adapters.
+
+    PEFT types give a ``PeftModel``; ReFT gives a :class:`hub_peft.reft.ReftModel` (over the base or
+    over a ``PeftModel``, so LoRA and ReFT combine; one ReFT adapter per model here, many in the engine).
+    """
     from peft import PeftModel
 
+    from .reft import ReftModel
+    from .reft.model import innermost_model
+
     folder = fetch_adapter(repo_id_or_dir, revision=revision, token=token, check=False)
-    inner = base_model.get_base_model() if isinstance(base_model, PeftModel) else base_model
+    inner = innermost_model(base_model)
     config = check_adapter_folder(folder, base_config=inner.config, base_name=_name_of(inner))
+    if config.get("peft_type") == "REFT":
+        if isinstance(base_model, ReftModel):
+            raise InvalidInputError(
+                "This model already has a ReFT adapter; load one ReFT adapter per model (the multi-adapter engine "
+                "serves several side by side)."
+            )
+        return ReftModel.from_pretrained(base_model, folder, is_trainable=is_trainable)
+    if isinstance(base_model, ReftModel):  # LoRA goes under the interventions, which keep their hooks
+        base_model.base_model = load_adapter(base_model.base_model, folder, adapter_name=adapter_name,
+                                             is_trainable=is_trainable)  # fmt: skip
+        return base_model
     try:
         if isinstance(base_model, PeftModel):
             if adapter_name in base_model.peft_config:

@@ -31,6 +31,18 @@ _SUMMARIES = {
     "P_TUNING": "Virtual tokens produced by a small prompt encoder.",
     "ADAPTION_PROMPT": "LLaMA-Adapter: zero-initialised gated prompts in the top attention layers.",
 }
+_REFT_FORMULAS = {
+    "loreft": "h ← h + Rᵀ(W h + b − R h), R with orthonormal rows (LoReFT)",
+    "noreft": "h ← h + Rᵀ(W h + b − R h), R unconstrained (NoReFT)",
+    "direft": "h ← h + Rᵀ(W h + b), R with orthonormal rows (DiReFT)",
+    "nodireft": "h ← h + Rᵀ(W h + b), R unconstrained (NoDiReFT)",
+    "consreft": "h ← h + Rᵀ(b − R h), R with orthonormal rows (ConsReFT)",
+    "lobireft": "h ← h + Rᵀ b, R with orthonormal rows (LoBiReFT)",
+}
+_CONFIG_PLUMBING = {
+    *("peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"),
+    *("task_type", "load_note", "loads_with", "hub_peft_version", "prompt_template"),
+}
 
 
 @dataclass
@@ -92,11 +104,9 @@ def method_variants(config: dict) -> list[str]:
 
 
 def _hyperparameters(config: dict) -> list[tuple[str, str]]:
-    skip = {"peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
-            "task_type"}  # fmt: skip
     rows = []
     for key, value in sorted(config.items()):
-        if key in skip or value in (None, {}, [], "") or key.startswith("_"):
+        if key in _CONFIG_PLUMBING or value in (None, {}, [], "") or key.startswith("_"):
             continue
         rows.append((key, json.dumps(value, sort_keys=True)[:200] if not isinstance(value, str) else value))
     return rows
@@ -115,6 +125,7 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool
     config = json.loads((folder / "adapter_config.json").read_text())
     info = CardInfo.load(folder)
     variants = method_variants(config)
+    reft = config if variants[0] == "REFT" else {}
     base_id = info.base.get("hub_id") or config.get("base_model_name_or_path") or "unknown"
     quantization = info.base.get("quantization")
     if quantization and variants[0] == "LORA":
@@ -178,7 +189,9 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool
         },
         "method": {
             "name": " + ".join(variants),
-            "summary": _SUMMARIES.get(variants[0], f"PEFT method `{variants[0]}`; see the citation below."),
+            "summary": _reft_summary(reft)
+            if reft
+            else _SUMMARIES.get(variants[0], f"PEFT method `{variants[0]}`; see the citation below."),
             "hyperparameters": _hyperparameters(config),
         },
         "params": {
@@ -204,9 +217,20 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool
         ),
         "citation": "\n".join(citations[k].strip() for k in cite_keys),
         "example_prompt": info.example_prompt,
+        "reft": {"prompt_template": reft.get("prompt_template")},
         "version": __version__,
     }
     return _env().get_template(f"{family}.md.j2").render(**context)
+
+
+def _reft_summary(config: dict) -> str:
+    formula = _REFT_FORMULAS.get(config.get("intervention"), config.get("intervention"))
+    return (
+        f"ReFT edits hidden representations instead of weights: {formula}, rank {config.get('rank')}, applied to "
+        f"`{', '.join(config.get('components') or [])}` of layers {config.get('layers')} at prompt positions "
+        f"`{config.get('positions')}` (pyreft notation: f = first, l = last prompt tokens). Generated tokens are not "
+        "edited, so generation runs on the KV cache."
+    )
 
 
 def write_card(folder: str | Path, *, repo_id: str | None = None) -> Path:

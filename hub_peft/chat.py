@@ -13,6 +13,42 @@ def format_prompt(tokenizer: Any, prompt: str, *, raw: bool = False, system: str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+PLACEHOLDER = "{prompt}"
+
+
+def prompt_template(tokenizer: Any, *, raw: bool = False, system: str | None = None) -> str:
+    """The exact text around one user prompt, as a template with a ``{prompt}`` placeholder.
+
+    Adapters record it at training time so that chatting with them later uses the same format.
+    """
+    if raw or not getattr(tokenizer, "chat_template", None):
+        return PLACEHOLDER
+    sentinel = "\x00HUB_PEFT_PROMPT\x00"
+    template = format_prompt(tokenizer, sentinel, system=system)
+    if template.count(sentinel) != 1:
+        raise ValueError("The tokenizer's chat template does not render the user prompt verbatim.")
+    return template.replace(PLACEHOLDER, "{{prompt}}").replace(sentinel, PLACEHOLDER)
+
+
+def trained_prompt_template(model: Any) -> str | None:
+    """The prompt template an adapter on ``model`` was trained with, when it recorded one."""
+    config = getattr(model, "reft_config", None)
+    return getattr(config, "prompt_template", None)
+
+
+def apply_template(template: str, prompt: str) -> str:
+    """Fill a :func:`prompt_template` (``{{prompt}}`` in a template stands for a literal ``{prompt}``)."""
+    parts = template.split("{{prompt}}")
+    return "{prompt}".join(part.replace(PLACEHOLDER, prompt) for part in parts)
+
+
+def encode_prompt(tokenizer: Any, prompt: str, template: str) -> list[int]:
+    """Token ids of ``prompt`` in ``template``. Special tokens come from the template itself, except a
+    bare ``{prompt}`` template, where the tokenizer adds its usual ones (e.g. BOS)."""
+    text = apply_template(template, prompt)
+    return tokenizer(text, add_special_tokens=template == PLACEHOLDER)["input_ids"]
+
+
 def generate_reply(
     model: Any,
     tokenizer: Any,
@@ -21,16 +57,25 @@ def generate_reply(
     max_new_tokens: int = 64,
     sample: bool = False,
     raw: bool = False,
+    template: str | None = None,
     temperature: float = 0.7,
     top_p: float = 0.9,
 ) -> str:
-    """Generate an answer to ``prompt`` (greedy unless ``sample``) and return only the new text."""
+    """Generate an answer to ``prompt`` (greedy unless ``sample``) and return only the new text.
+
+    The prompt is formatted with ``template`` (a :func:`prompt_template`) if given, else the one the
+    model's adapter was trained with (recorded in its config), else the tokenizer's chat template.
+    """
     import torch
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    text = format_prompt(tokenizer, prompt, raw=raw)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=raw)
+    if template is None and not raw:
+        template = trained_prompt_template(model)
+    if template is None:
+        template = prompt_template(tokenizer, raw=raw)
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, template)])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "do_sample": sample,

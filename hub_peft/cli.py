@@ -138,6 +138,16 @@ def _cmd_convert_bin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_pyreft(args: argparse.Namespace) -> int:
+    from .reft.pyreft_import import import_pyreft
+
+    template = args.prompt_template.replace("\\n", "\n") if args.prompt_template else None
+    out = import_pyreft(args.src, args.dst, base=args.base, positions=args.positions, prompt_template=template,
+                        overwrite=args.overwrite)  # fmt: skip
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hub-peft", description="Share and serve adapters on the Hugging Face Hub.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert-bin", help="Convert your own trusted adapter_model.bin to safetensors.")
     convert.add_argument("dir")
     convert.set_defaults(func=_cmd_convert_bin)
+
+    imp = sub.add_parser("import-pyreft", help="Convert a pyreft ReftModel.save directory to hub_peft's format.")
+    imp.add_argument("src", metavar="SRC_DIR")
+    imp.add_argument("dst", metavar="DST_DIR")
+    imp.add_argument("--base", default=None, help="Base model Hub id (pyreft does not record it).")
+    imp.add_argument("--positions", default="l1", help="Prompt positions it was trained on (default: l1).")
+    imp.add_argument("--prompt-template", default=None,
+                     help="Prompt format it was trained with, with {prompt}; '\\n' is read as a newline.")  # fmt: skip
+    imp.add_argument("--overwrite", action="store_true")
+    imp.set_defaults(func=_cmd_import_pyreft)
 
     demo = sub.add_parser("demo", help="Start the local Hub and chat with the 4-bit default base model.")
     demo.add_argument("--prompt", default="What is the capital of France?")

@@ -113,9 +113,15 @@ def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_
         report.add(f"adapter_config.json is not valid JSON ({e})", "re-save the adapter")
         return report
     peft_type = str(report.config.get("peft_type", ""))
+    reft_config = None
     if peft_type == "REFT":
-        report.add("this is a ReFT adapter, which this hub_peft version cannot load yet",
-                   "upgrade hub_peft to a version with native ReFT support")  # fmt: skip
+        from .errors import InvalidInputError
+        from .reft.config import ReftConfig
+
+        try:
+            reft_config = ReftConfig.from_dict(report.config)
+        except (InvalidInputError, TypeError) as e:
+            report.add(f"adapter_config.json is not a valid ReFT config ({e})", "re-save the adapter with hub_peft")
     else:
         try:
             from peft.config import PeftConfig
@@ -149,11 +155,40 @@ def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_
                        "the config's target_modules must name the modules the weights belong to")  # fmt: skip
     if base_config is not None and peft_type in ("LORA", "ADALORA"):
         _check_shapes(report, base_config, base_name)
+    if reft_config is not None:
+        _check_reft(report, reft_config, base_config, base_name)
     if for_engine == "vllm":
         _check_vllm(report)
     elif for_engine not in (None, "vllm"):
         report.add(f"unknown engine {for_engine!r}", "use --for vllm")
     return report
+
+
+def _check_reft(report: Report, config: Any, base_config: Any, base_name: str) -> None:
+    expected = config.tensor_shapes()
+    found = {name: shape for name, (_, shape) in report.tensors.items()}
+    if set(found) != set(expected):
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        report.add(f"the ReFT weights do not match the config (missing {missing[:3]}, unexpected {extra[:3]})",
+                   "re-save the adapter with hub_peft; config and weights must come from the same model")  # fmt: skip
+        return
+    wrong = [n for n in expected if expected[n] != found[n]]
+    if wrong:
+        report.add(f"{wrong[0]} has shape {found[wrong[0]]}, the config says {expected[wrong[0]]}",
+                   "re-save the adapter with hub_peft")  # fmt: skip
+    if base_config is None:
+        return
+    text = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
+    hidden, n_layers = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)
+    made_for = config.base_model_name_or_path or "unknown"
+    if hidden is not None and hidden != config.hidden_size:
+        report.add(f"this ReFT adapter edits {config.hidden_size}-dim hidden states, but {base_name} has "
+                   f"hidden size {hidden}: it was made for {made_for}", f"load it on {made_for}")  # fmt: skip
+        report.problems[-1].incompatible_base = True
+    elif n_layers is not None and config.layers[-1] >= n_layers:
+        report.add(f"this ReFT adapter intervenes on layer {config.layers[-1]}, but {base_name} has {n_layers} "
+                   f"layers: it was made for {made_for}", f"load it on {made_for}")  # fmt: skip
+        report.problems[-1].incompatible_base = True
 
 
 def _check_vllm(report: Report) -> None:

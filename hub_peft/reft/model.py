@@ -1,0 +1,327 @@
+"""``ReftModel``: ReFT interventions on a frozen transformers model, with plain PyTorch forward hooks.
+
+The interventions edit hidden states at chosen prompt positions of chosen layers. Positions are
+computed per row from the attention mask, so left/right padding and mixed prompt lengths in one
+batch give each row the same result as running it alone. In ``generate`` only the prefill forward
+is intervened (prompt positions); decoding then runs on the KV cache like any transformers model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._atomic import write_text
+from ..errors import IncompatibleAdapterError, InvalidInputError, NotFoundError
+from .config import ReftConfig
+from .interventions import Intervention
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_TENSOR_PREFIX = "reft."
+
+
+def innermost_model(model: nn.Module) -> nn.Module:
+    """The transformers ``PreTrainedModel`` under PEFT / ReFT wrappers."""
+    while True:
+        if hasattr(model, "get_base_model") and model.get_base_model() is not model:
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``ModuleList`` of decoder blocks, found by shape rather than by a per-architecture table:
+    the ``ModuleList`` with ``config.num_hidden_layers`` entries (``model.layers``, ``transformer.h``, ...)."""
+    core = innermost_model(model)
+    config = getattr(core, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    candidates = [(name, m) for name, m in core.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if n_layers:
+        candidates = [(name, m) for name, m in candidates if len(m) == n_layers]
+    candidates = [(name, m) for name, m in candidates if len({type(x) for x in m}) == 1]
+    if not candidates:
+        raise IncompatibleAdapterError(
+            f"Cannot find the decoder layers of {type(core).__name__}: ReFT needs a decoder-only transformers model "
+            "with a ModuleList of config.num_hidden_layers blocks."
+        )
+    return min(candidates, key=lambda item: item[0].count("."))[1]  # the outermost such list
+
+
+def _child(layer: nn.Module, words: tuple[str, ...], what: str) -> nn.Module:
+    for name, child in layer.named_children():
+        label = (name + type(child).__name__).lower()
+        if any(w in label for w in words):
+            return child
+    raise IncompatibleAdapterError(f"{type(layer).__name__} has no {what} sub-module (looked for {words}).")
+
+
+def component_module(layer: nn.Module, component: str) -> nn.Module:
+    if component == "attention_output":
+        return _child(layer, ("attn", "attention"), "attention")
+    if component == "mlp_output":
+        return _child(layer, ("mlp", "feed_forward", "ffn"), "MLP")
+    return layer
+
+
+@dataclass
+class _Call:
+    """Where to intervene in the next forward of the base model: group -> [batch, n] sequence indices."""
+
+    positions: dict[str, torch.Tensor]
+    forwards_seen: int = 0
+
+
+def prompt_positions(
+    attention_mask: torch.Tensor, first: int, last: int, prompt_lengths: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Sequence indices of the first ``first`` and last ``last`` prompt tokens of every row.
+
+    A row's prompt starts at its first unmasked token (so left padding is skipped) and is
+    ``prompt_lengths[i]`` tokens long (all unmasked tokens when not given). Prompts shorter than
+    ``n`` repeat their edge token, which edits it once.
+    """
+    mask = attention_mask.bool()
+    start = mask.int().argmax(dim=1)
+    length = mask.sum(dim=1) if prompt_lengths is None else prompt_lengths.to(start.device)
+    length = length.clamp(min=1)
+    out = {}
+    if first:
+        offset = torch.arange(first, device=start.device)
+        out["f"] = start[:, None] + torch.minimum(offset[None, :], length[:, None] - 1)
+    if last:
+        offset = torch.arange(last, device=start.device) - last
+        out["l"] = start[:, None] + (length[:, None] + offset[None, :]).clamp(min=0)
+    return out
+
+
+class ReftModel(nn.Module):
+    """A frozen base model plus trainable ReFT interventions.
+
+    ``base`` may be a transformers model (full precision or bitsandbytes 4-bit) or a ``PeftModel``
+    (e.g. with a LoRA adapter): the interventions hook into its decoder layers either way.
+    """
+
+    def __init__(self, base: nn.Module, config: ReftConfig) -> None:
+        super().__init__()
+        self.base_model = base
+        self.reft_config = config
+        core = innermost_model(base)
+        self._layers = find_decoder_layers(core)
+        text_config = core.config.get_text_config() if hasattr(core.config, "get_text_config") else core.config
+        hidden = text_config.hidden_size
+        if config.hidden_size not in (None, hidden):
+            raise IncompatibleAdapterError(
+                f"This ReFT adapter was made for hidden size {config.hidden_size} "
+                f"({config.base_model_name_or_path}), but the base model has {hidden}."
+            )
+        if config.layers[-1] >= len(self._layers):
+            raise IncompatibleAdapterError(
+                f"This ReFT adapter intervenes on layer {config.layers[-1]}, but the base model has only "
+                f"{len(self._layers)} layers (0..{len(self._layers) - 1}); "
+                f"it was made for {config.base_model_name_or_path}."
+            )
+        config.hidden_size = hidden
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = _base_name(core)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        dtype = getattr(torch, config.dtype)
+        self.interventions = nn.ModuleDict()
+        self._by_site: dict[tuple[int, str], list[tuple[str, Intervention]]] = {}
+        for layer, component, group in config.sites():
+            module = Intervention(config.intervention, hidden, config.rank, activation=config.activation,
+                                  dropout=config.dropout, proj_bias=config.proj_bias, dtype=dtype)  # fmt: skip
+            self.interventions[ReftConfig.key_name(layer, component, group).replace(".", "__")] = module
+            self._by_site.setdefault((layer, component), []).append((group, module))
+        self._call: _Call | None = None
+        self._handles = [core.register_forward_pre_hook(self._count_forward)]
+        for (layer, component), _ in self._by_site.items():
+            target = component_module(self._layers[layer], component)
+            if component == "block_input":
+                hook = target.register_forward_pre_hook(self._make_pre_hook(layer, component), with_kwargs=True)
+            else:
+                hook = target.register_forward_hook(self._make_hook(layer, component))
+            self._handles.append(hook)
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def _count_forward(self, module: nn.Module, args: Any) -> None:
+        if self._call is not None:
+            self._call.forwards_seen += 1
+
+    def _edit(self, layer: int, component: str, hidden: torch.Tensor) -> torch.Tensor:
+        call = self._call
+        if call is None or call.forwards_seen != 1:  # only the first (prefill) forward of a call is intervened
+            return hidden
+        for group, module in self._by_site[(layer, component)]:
+            index = call.positions[group] if group in call.positions else _union(call.positions)
+            gather = index[..., None].expand(-1, -1, hidden.shape[-1])
+            hidden = hidden.scatter(1, gather, module(hidden.gather(1, gather)))
+        return hidden
+
+    def _make_hook(self, layer: int, component: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if isinstance(output, tuple):
+                return (self._edit(layer, component, output[0]), *output[1:])
+            return self._edit(layer, component, output)
+
+        return hook
+
+    def _make_pre_hook(self, layer: int, component: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args:
+                return (self._edit(layer, component, args[0]), *args[1:]), kwargs
+            kwargs["hidden_states"] = self._edit(layer, component, kwargs["hidden_states"])
+            return args, kwargs
+
+        return hook
+
+    @contextlib.contextmanager
+    def intervening(self, positions: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Intervene at ``positions`` (group -> [batch, n] indices) in the next forward of the base model."""
+        if self._call is not None:
+            raise RuntimeError("ReftModel calls cannot be nested or run concurrently on one instance.")
+        self._call = _Call(positions)
+        try:
+            yield
+        finally:
+            self._call = None
+
+    def positions_for(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+        prompt_lengths: torch.Tensor | None = None, seq_len: int | None = None,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        if attention_mask is None:
+            if input_ids is None:
+                raise InvalidInputError("ReftModel needs input_ids or an attention_mask to find prompt positions.")
+            attention_mask = torch.ones(input_ids.shape[:2], dtype=torch.long, device=input_ids.device)
+        first, last = self.reft_config.first_last
+        return prompt_positions(attention_mask, first, last, prompt_lengths)
+
+    # --- the transformers-like API ---------------------------------------------------------------
+
+    def forward(self, input_ids=None, attention_mask=None, *, prompt_lengths=None, **kwargs):
+        """Like the base model's forward. ``prompt_lengths`` ([batch]) marks where each row's prompt
+        ends when the sequence also holds a response (training); without it the whole unpadded input is
+        the prompt. A forward that continues from a non-empty KV cache is not intervened."""
+        past = kwargs.get("past_key_values")
+        if past is not None and past.get_seq_length() > 0:
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with self.intervening(self.positions_for(input_ids, attention_mask, prompt_lengths)):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """``base.generate`` with the interventions applied to the prompt during prefill."""
+        if input_ids is None:
+            raise InvalidInputError("ReftModel.generate needs input_ids (a batch of tokenized prompts).")
+        with self.intervening(self.positions_for(input_ids, attention_mask)):
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    @property
+    def config(self):
+        return innermost_model(self.base_model).config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.interventions.parameters()).device
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.interventions.parameters())  # the adapter's own parameters
+        return trainable, trainable + _count_base_params(self.base_model)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    def remove_hooks(self) -> nn.Module:
+        """Detach the interventions and return the untouched base model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self.base_model
+
+    # --- files -----------------------------------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for layer, component, group in self.reft_config.sites():
+            key = ReftConfig.key_name(layer, component, group)
+            for name, tensor in self.interventions[key.replace(".", "__")].export().items():
+                out[f"{_TENSOR_PREFIX}{key}.{name}"] = tensor
+        return out
+
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            if not name.startswith(_TENSOR_PREFIX) or name.count(".") != 4:
+                raise InvalidInputError(f"Unexpected tensor {name!r} in a ReFT adapter.")
+            key, param = name[len(_TENSOR_PREFIX) :].rsplit(".", 1)
+            grouped.setdefault(key, {})[param] = tensor
+        expected = {ReftConfig.key_name(*k) for k in self.reft_config.sites()}
+        if set(grouped) != expected:
+            raise InvalidInputError(
+                f"The weights hold interventions {sorted(grouped)}, the config names {sorted(expected)}."
+            )
+        for key, params in grouped.items():
+            self.interventions[key.replace(".", "__")].load(params, name=key)
+
+    def save_pretrained(self, folder: str | Path, **_: Any) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (the plain adapter files)."""
+        from safetensors.torch import save_file
+
+        from .. import __version__
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.reft_config.hub_peft_version = __version__
+        tmp = folder / (WEIGHTS_NAME + ".tmp")
+        save_file(self.adapter_state_dict(), str(tmp), metadata={"format": "pt", "peft_type": "REFT"})
+        tmp.replace(folder / WEIGHTS_NAME)
+        write_text(folder / CONFIG_NAME, self.reft_config.to_json())
+
+    @classmethod
+    def from_pretrained(cls, base: nn.Module, folder: str | Path, *, is_trainable: bool = False) -> ReftModel:
+        """Load a ReFT adapter folder onto ``base`` (use :func:`hub_peft.load_adapter` for Hub repos)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+            raise NotFoundError(f"{folder} needs {CONFIG_NAME} and {WEIGHTS_NAME} to load a ReFT adapter.")
+        config = ReftConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        model = cls(base, config)
+        model.load_adapter_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        model.interventions.requires_grad_(is_trainable)
+        model.interventions.train(is_trainable)
+        return model
+
+
+def _union(positions: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([positions[g] for g in sorted(positions)], dim=1)
+
+
+def _base_name(core: nn.Module) -> str | None:
+    source = getattr(core, "hub_peft_source", None)
+    return getattr(source, "hub_id", None) or getattr(core.config, "_name_or_path", None) or None
+
+
+def _count_base_params(model: nn.Module) -> int:
+    total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte
+            n *= 2
+        total += n
+    return total

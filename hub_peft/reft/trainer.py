@@ -1,0 +1,359 @@
+"""Train ReFT interventions on prompt → response pairs, fast on a CPU without changing the math.
+
+The base model is frozen and the interventions only touch chosen prompt positions at chosen layers,
+so for each example everything below the lowest intervened layer, and the keys/values of every
+position before the first intervened one, are the same in every epoch. :func:`train_reft` computes
+them once (one no-grad forward per example) and each step then runs only the layers from the lowest
+intervened one up, on the positions from the first intervened one on, attending to the cached
+prefix, with logits only where a response token is predicted. ``method="full"`` is the plain
+reference loop (whole forward, same loss); both give the same losses up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..chat import encode_prompt
+from ..errors import InvalidInputError
+from .model import ReftModel, innermost_model, prompt_positions
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    response_ids: list[int]  # ends with EOS
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+def encode_examples(
+    tokenizer: Any, rows: list[dict[str, str]], template: str, *, max_length: int | None = None
+) -> list[Example]:
+    """Tokenize ``{"prompt", "response"}`` rows: the prompt in ``template``, the response followed by EOS."""
+    if not rows:
+        raise InvalidInputError("No training examples: give at least one {'prompt': ..., 'response': ...} row.")
+    if tokenizer.eos_token_id is None:
+        raise InvalidInputError("The tokenizer has no EOS token; responses need one to learn where to stop.")
+    examples = []
+    for i, row in enumerate(rows):
+        prompt, response = str(row.get("prompt") or ""), str(row.get("response") or "")
+        if not prompt.strip() or not response.strip():
+            raise InvalidInputError(f"Example {i + 1} has an empty prompt or response.")
+        ex = Example(encode_prompt(tokenizer, prompt, template),
+                     tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])  # fmt: skip
+        if max_length and len(ex) > max_length:
+            raise InvalidInputError(f"Example {i + 1} is {len(ex)} tokens long; the limit is {max_length}.")
+        examples.append(ex)
+    return examples
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # [{"step", "epoch", "loss", "seconds"}]
+    seconds: float = 0.0
+    steps: int = 0
+    stopped: str = "completed"  # completed | target_loss | cancelled
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def train_reft(
+    model: ReftModel,
+    examples: list[Example],
+    *,
+    epochs: int = 100,
+    lr: float = 4e-3,
+    batch_size: int = 10,
+    weight_decay: float = 0.0,
+    schedule: str = "linear",
+    target_loss: float | None = None,
+    seed: int = 0,
+    method: str = "cached",
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train ``model``'s interventions with AdamW (linear decay to 0 like transformers' Trainer, or constant).
+
+    Stops after ``epochs``, once a step's loss is at most ``target_loss``, or when ``should_stop()``
+    returns true (checked between steps). ``on_step`` gets each history entry as it is made.
+    """
+    if method not in ("cached", "full"):
+        raise InvalidInputError(f"method must be 'cached' or 'full', got {method!r}.")
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise InvalidInputError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1 and lr ({lr}) > 0.")
+    if not examples:
+        raise InvalidInputError("No training examples.")
+    started = time.perf_counter()
+    params = [p for p in model.interventions.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    batches_per_epoch = math.ceil(len(examples) / batch_size)
+    total_steps = epochs * batches_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, (lambda step: 1.0 - step / total_steps) if schedule == "linear" else (lambda step: 1.0)
+    )
+    step_fn = _CachedSteps(model, examples) if method == "cached" else _FullSteps(model, examples)
+    rng = random.Random(seed)
+    args = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "schedule": schedule}
+    result = TrainResult(args={**args, "target_loss": target_loss, "seed": seed, "optimizer": "AdamW"})
+    model.base_model.eval()
+    model.interventions.train()
+    try:
+        for epoch in range(epochs):
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            for b in range(batches_per_epoch):
+                if should_stop is not None and should_stop():
+                    result.stopped = "cancelled"
+                    return result
+                loss = step_fn.loss(order[b * batch_size : (b + 1) * batch_size])
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.steps += 1
+                entry = {"step": result.steps, "epoch": epoch + 1, "loss": float(loss.detach()),
+                         "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+                result.history.append(entry)
+                if on_step is not None:
+                    on_step(entry)
+                if target_loss is not None and entry["loss"] <= target_loss:
+                    result.stopped = "target_loss"
+                    return result
+        return result
+    finally:
+        model.interventions.eval()
+        for p in params:
+            p.requires_grad_(False)
+        result.seconds = time.perf_counter() - started
+
+
+class _FullSteps:
+    """Reference: a right-padded forward of whole examples with labels on response tokens."""
+
+    def __init__(self, model: ReftModel, examples: list[Example]) -> None:
+        self.model, self.examples = model, examples
+        self.pad = 0
+
+    def loss(self, rows: list[int]) -> torch.Tensor:
+        batch = [self.examples[i] for i in rows]
+        width = max(len(ex) for ex in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for i, ex in enumerate(batch):
+            seq = ex.prompt_ids + ex.response_ids
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, len(ex.prompt_ids) : len(seq)] = torch.tensor(ex.response_ids)
+            mask[i, : len(seq)] = 1
+        lengths = torch.tensor([len(ex.prompt_ids) for ex in batch])
+        return self.model(input_ids=ids, attention_mask=mask, prompt_lengths=lengths, labels=labels).loss
+
+
+@dataclass
+class _Cached:
+    start: int  # first intervened position; everything before it is a cached prefix
+    hidden: torch.Tensor  # [n, d]: hidden state entering the first computed layer, positions start..T-2
+    keys: list[torch.Tensor]  # per layer [kv_heads, start, head_dim]
+    values: list[torch.Tensor]
+    ids: torch.Tensor  # [n]
+    targets: torch.Tensor  # [n]: the next token where the loss counts, else -100
+    positions: dict[str, torch.Tensor]  # group -> [k], relative to start
+
+
+class _CachedSteps:
+    """Each step runs the layers from the lowest intervened one up, on the positions from the first
+    intervened one on, as one packed sequence (see the module docstring)."""
+
+    def __init__(self, model: ReftModel, examples: list[Example]) -> None:
+        self.model = model
+        self.core = innermost_model(model.base_model)
+        self.layers = model._layers
+        config = model.reft_config
+        lowest = config.layers[0]
+        # A block_output edit at the lowest layer leaves that layer's own computation unchanged: start above it.
+        self.skip_lowest = config.components == ["block_output"] and lowest + 1 < len(self.layers)
+        self.first_layer = lowest + 1 if self.skip_lowest else lowest
+        first, last = config.first_last
+        self.cached = []
+        with torch.no_grad():
+            for ex in examples:
+                self.cached.append(self._prepare(ex, first, last))
+
+    def _prepare(self, ex: Example, first: int, last: int) -> _Cached:
+        seq = torch.tensor([ex.prompt_ids + ex.response_ids])
+        n_prompt = len(ex.prompt_ids)
+        positions = prompt_positions(torch.ones_like(seq), first, last, torch.tensor([n_prompt]))
+        start = int(min(p.min() for p in positions.values()))
+        captured: dict[str, torch.Tensor] = {}
+
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["h"] = args[0] if args else kwargs["hidden_states"]
+
+        hook = self.layers[self.first_layer].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            cache = self.core(input_ids=seq, use_cache=True, logits_to_keep=1).past_key_values
+        finally:
+            hook.remove()
+        targets = torch.full((seq.shape[1],), -100, dtype=torch.long)
+        targets[n_prompt - 1 : -1] = seq[0, n_prompt:]
+        end = seq.shape[1] - 1  # the final EOS predicts nothing, so it is never computed
+        return _Cached(
+            start=start,
+            hidden=captured["h"][0, start:end].detach(),
+            keys=[layer.keys[0, :, :start].clone() for layer in cache.layers],
+            values=[layer.values[0, :, :start].clone() for layer in cache.layers],
+            ids=seq[0, start:end],
+            targets=targets[start:end],
+            positions={g: p[0] - start for g, p in positions.items()},
+        )
+
+    def loss(self, rows: list[int]) -> torch.Tensor:
+        """The examples' suffixes packed back to back into one sequence (no padding in the matmuls);
+        attention runs per example over its cached prefix and itself (see :func:`_packed_attention`)."""
+        from transformers import DynamicCache
+
+        batch = [self.cached[i] for i in rows]
+        hidden = torch.cat([c.hidden for c in batch])[None]
+        ids = torch.cat([c.ids for c in batch])[None]
+        targets = torch.cat([c.targets for c in batch])[None]
+        position_ids = torch.cat([c.start + torch.arange(len(c.ids)) for c in batch])[None]
+        layout = _Layout.build([c.start for c in batch], [len(c.ids) for c in batch], hidden.dtype)
+        positions: dict[str, list[torch.Tensor]] = {g: [] for g in batch[0].positions}
+        offset = 0
+        for c in batch:
+            for g, p in c.positions.items():
+                positions[g].append(p + offset)
+            offset += len(c.ids)
+        cache = None
+        if layout.n_prefix:
+            cache = DynamicCache(config=self.core.config)
+            for layer in range(len(batch[0].keys)):
+                keys = torch.cat([c.keys[layer] for c in batch], dim=1)[None]
+                cache.update(keys, torch.cat([c.values[layer] for c in batch], dim=1)[None], layer)
+        keep = targets != -100
+        lowest = self.model.reft_config.layers[0]
+        feed = (lambda: self.model._edit(lowest, "block_output", hidden)) if self.skip_lowest else (lambda: hidden)
+        with (
+            _start_at_layer(self.layers, self.first_layer, feed),
+            _packed_attention_for(self.core, layout),
+            self.model.intervening({g: torch.cat(p)[None] for g, p in positions.items()}),
+        ):
+            logits = self.core(
+                input_ids=ids,
+                attention_mask=layout.placeholder_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                logits_to_keep=keep,
+            ).logits
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[keep])
+
+
+@dataclass
+class _Layout:
+    """Where each example of a packed sequence sits: its queries, and its keys (cached prefix, then itself)."""
+
+    n_prefix: int
+    q_index: torch.Tensor  # [rows, max_len] -> packed query position (0 where padded)
+    k_index: torch.Tensor  # [rows, max_keys] -> position in [prefix..., suffix...] keys (0 where padded)
+    mask: torch.Tensor  # [rows, 1, max_len, max_keys] additive float mask
+    valid: torch.Tensor  # [rows, max_len] real queries
+    placeholder_mask: torch.Tensor  # a 4D mask transformers passes through untouched to the attention function
+
+    @classmethod
+    def build(cls, starts: list[int], lengths: list[int], dtype: torch.dtype) -> _Layout:
+        rows, width, n_prefix = len(starts), max(lengths), sum(starts)
+        n_keys = max(s + n for s, n in zip(starts, lengths, strict=True))
+        q_index = torch.zeros(rows, width, dtype=torch.long)
+        k_index = torch.zeros(rows, n_keys, dtype=torch.long)
+        allowed = torch.zeros(rows, width, n_keys, dtype=torch.bool)
+        allowed[:, :, 0] = True  # padded queries look at something, so no row of the softmax is empty
+        prefix_at = suffix_at = 0
+        for r, (s, n) in enumerate(zip(starts, lengths, strict=True)):
+            q_index[r, :n] = torch.arange(suffix_at, suffix_at + n)
+            k_index[r, :s] = torch.arange(prefix_at, prefix_at + s)
+            k_index[r, s : s + n] = n_prefix + torch.arange(suffix_at, suffix_at + n)
+            allowed[r, :n, :s] = True
+            allowed[r, :n, s : s + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            prefix_at, suffix_at = prefix_at + s, suffix_at + n
+        valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        return cls(n_prefix, q_index, k_index, mask, valid, torch.zeros(1, 1, 1, 1, dtype=dtype))
+
+
+_ACTIVE_LAYOUT: ContextVar[tuple[_Layout, Callable]] = ContextVar("hub_peft_packed_layout")
+_PACKED = "hub_peft_packed"
+
+
+def _packed_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """Attention of a packed sequence done per example: gather each example's queries and keys into a
+    small padded batch, run the model's usual attention on it, and scatter back. Exactly the attention
+    each example would get alone, without paying for the (mostly masked) packed-by-packed score matrix."""
+    layout, inner = _ACTIVE_LAYOUT.get()
+    q = query[0][:, layout.q_index].transpose(0, 1)  # [heads, rows, len, dim] -> [rows, heads, len, dim]
+    k = key[0][:, layout.k_index].transpose(0, 1)
+    v = value[0][:, layout.k_index].transpose(0, 1)
+    out, _ = inner(module, q, k, v, layout.mask, **kwargs)
+    return out[layout.valid][None], None  # [1, packed, heads, dim]
+
+
+@contextmanager
+def _packed_attention_for(core: nn.Module, layout: _Layout) -> Iterator[None]:
+    from transformers import AttentionInterface
+
+    config = core.config
+    previous = config._attn_implementation
+    attention = next(m for m in core.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling"))
+    eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
+    inner = AttentionInterface().get_interface(previous, eager) if previous != "eager" else eager
+    if inner is None:
+        raise RuntimeError(f"No attention function found for {previous!r} in {type(core).__name__}.")
+    AttentionInterface.register(_PACKED, _packed_attention)
+    token = _ACTIVE_LAYOUT.set((layout, inner))
+    config._attn_implementation = _PACKED
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        _ACTIVE_LAYOUT.reset(token)
+
+
+class _Passthrough(nn.Module):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@contextmanager
+def _start_at_layer(layers: nn.ModuleList, first: int, feed: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Skip layers ``0..first-1`` and give layer ``first`` the hidden state ``feed()`` for one forward."""
+    saved = [layers[i] for i in range(first)]
+    skip = _Passthrough()
+    for i in range(first):
+        layers[i] = skip
+
+    def feed_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            return (feed(), *args[1:]), kwargs
+        kwargs["hidden_states"] = feed()
+        return args, kwargs
+
+    handle = layers[first].register_forward_pre_hook(feed_hook, with_kwargs=True, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, layer in enumerate(saved):
+            layers[i] = layer
