@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._bnb import trainable_4bit
 from ..chat import encode_prompt
 from ..errors import InvalidInputError
 from .model import ReftModel, innermost_model, prompt_positions
@@ -98,40 +99,45 @@ def train_reft(
     params = [p for p in model.interventions.parameters()]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # No weight decay on R's orthogonal parametrization: decaying its (gradient-free) diagonal would break R.
+    orthogonal = [p for n, p in model.interventions.named_parameters() if "parametrizations" in n]
+    others = [p for n, p in model.interventions.named_parameters() if "parametrizations" not in n]
+    groups = [{"params": orthogonal, "weight_decay": 0.0}, {"params": others, "weight_decay": weight_decay}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     batches_per_epoch = math.ceil(len(examples) / batch_size)
     total_steps = epochs * batches_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, (lambda step: 1.0 - step / total_steps) if schedule == "linear" else (lambda step: 1.0)
     )
-    step_fn = _CachedSteps(model, examples) if method == "cached" else _FullSteps(model, examples)
     rng = random.Random(seed)
     args = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "schedule": schedule}
     result = TrainResult(args={**args, "target_loss": target_loss, "seed": seed, "optimizer": "AdamW"})
     model.base_model.eval()
     model.interventions.train()
     try:
-        for epoch in range(epochs):
-            order = list(range(len(examples)))
-            rng.shuffle(order)
-            for b in range(batches_per_epoch):
-                if should_stop is not None and should_stop():
-                    result.stopped = "cancelled"
-                    return result
-                loss = step_fn.loss(order[b * batch_size : (b + 1) * batch_size])
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                result.steps += 1
-                entry = {"step": result.steps, "epoch": epoch + 1, "loss": float(loss.detach()),
-                         "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
-                result.history.append(entry)
-                if on_step is not None:
-                    on_step(entry)
-                if target_loss is not None and entry["loss"] <= target_loss:
-                    result.stopped = "target_loss"
-                    return result
+        with trainable_4bit(model.base_model):
+            step_fn = _CachedSteps(model, examples) if method == "cached" else _FullSteps(model, examples)
+            for epoch in range(epochs):
+                order = list(range(len(examples)))
+                rng.shuffle(order)
+                for b in range(batches_per_epoch):
+                    if should_stop is not None and should_stop():
+                        result.stopped = "cancelled"
+                        return result
+                    loss = step_fn.loss(order[b * batch_size : (b + 1) * batch_size])
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    result.steps += 1
+                    entry = {"step": result.steps, "epoch": epoch + 1, "loss": float(loss.detach()),
+                             "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+                    result.history.append(entry)
+                    if on_step is not None:
+                        on_step(entry)
+                    if target_loss is not None and entry["loss"] <= target_loss:
+                        result.stopped = "target_loss"
+                        return result
         return result
     finally:
         model.interventions.eval()
