@@ -1,40 +1,30 @@
-"""A guard for training through bitsandbytes 4-bit layers on the CPU."""
+"""Keep bitsandbytes 4-bit layers trainable on the CPU."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from torch import nn
 
+from .errors import InvalidInputError
 
-@contextmanager
-def trainable_4bit(model: nn.Module) -> Iterator[None]:
-    """Make gradients through ``Linear4bit`` layers correct for the duration of the block.
 
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit`` weight for its fast
-    inference kernel (``gemv_4bit``) the first time the layer runs in eval mode on an input without
-    grad, and uses that kernel from then on. The kernel has no backward, so autograd silently drops
-    the gradient through it. Here the weights are unpacked and the layers flagged as training (they
-    hold no dropout, so their output is unchanged) so that they do not repack mid-training.
+def keep_4bit_trainable(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes from switching ``Linear4bit`` layers to its packed CPU inference format.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit`` weight the first time the
+    layer runs in eval mode on an input without grad, and then always uses ``gemv_4bit``, which
+    computes in bfloat16, has no backward (autograd silently drops the gradient), and whose inverse
+    conversion corrupts the weights. So a model that chatted once could no longer be trained. hub_peft
+    calls this on every 4-bit base it loads and before training; the plain dequantize-and-matmul path
+    it keeps is exact in float32 and differentiable.
     """
-    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
-    if not layers:
-        yield
-        return
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    flags = []
-    for layer in layers:
-        state = layer.weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                layer.weight.data, state
+    for name, layer in model.named_modules():
+        if type(layer).__name__ != "Linear4bit":
+            continue
+        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            raise InvalidInputError(
+                f"{name} already switched to bitsandbytes' packed CPU inference format, which cannot be trained "
+                "through or converted back (bitsandbytes 0.50). Load the model with hub_peft.load_base_model, or "
+                "call hub_peft._bnb.keep_4bit_trainable(model) right after loading it, before any inference."
             )
-        flags.append(layer.training)
-        layer.training = True
-    try:
-        yield
-    finally:
-        for layer, flag in zip(layers, flags, strict=True):
-            layer.training = flag
+        layer.support_avx512bf16_for_cpu = False
+    return model

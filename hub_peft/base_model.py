@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ._atomic import atomic_dir
+from ._bnb import keep_4bit_trainable
 from .errors import NotFoundError
 
 EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -150,6 +151,8 @@ def load_base_model(
         raise NotFoundError(f"Could not load base model {name_or_path!r}: {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if load_in_4bit:
+        keep_4bit_trainable(model)
     model.eval()
     model.hub_peft_source = BaseModelSource(
         hub_id=hub_id,

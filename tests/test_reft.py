@@ -272,10 +272,6 @@ def dequantized_copy(model):
 
     from bitsandbytes.functional import dequantize_4bit
 
-    from hub_peft._bnb import trainable_4bit
-
-    with trainable_4bit(model):  # make sure the weights are in bitsandbytes' plain layout
-        pass
     clone = copy.deepcopy(model)
     for name, module in list(clone.named_modules()):
         if type(module).__name__ == "Linear4bit":
@@ -289,11 +285,18 @@ def dequantized_copy(model):
 
 
 def test_reft_trains_on_an_nf4_base_with_exact_gradients(tiny_base_repo):  # noqa: F811
-    """Training on NF4 must match training on the same dequantized weights, even after inference
-    has run (which makes bitsandbytes switch to a CPU kernel without a backward)."""
-    base = load_tiny(load_in_4bit=True)
-    assert any(type(m).__name__ == "Linear4bit" for m in base.modules())
+    """Training on NF4 must match training on the same dequantized weights, also after the model
+    chatted (bitsandbytes would then switch to a CPU kernel that has no backward, unless prevented)."""
+    from hub_peft._bnb import keep_4bit_trainable
+
     ids, mask = pad(PROMPTS, "left")
+    raw = load_tiny(load_in_4bit=True)
+    raw.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with pytest.raises(InvalidInputError, match="packed CPU inference format"):
+        train_reft(get_reft_model(raw, ReftConfig(layers=[0, 1])), random_examples(), epochs=1)
+
+    base = keep_4bit_trainable(load_tiny(load_in_4bit=True))
+    assert any(type(m).__name__ == "Linear4bit" for m in base.modules())
     base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
     reference = dequantized_copy(base)
     runs = {}

@@ -40,6 +40,15 @@ def innermost_model(model: nn.Module) -> nn.Module:
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ``ModuleList`` of decoder blocks, found by shape rather than by a per-architecture table:
     the ``ModuleList`` with ``config.num_hidden_layers`` entries (``model.layers``, ``transformer.h``, ...)."""
+    return _decoder_and_layers(model)[1]
+
+
+def find_decoder(model: nn.Module) -> nn.Module:
+    """The module that runs the decoder blocks and returns the final hidden states (``model.model``, ...)."""
+    return _decoder_and_layers(model)[0]
+
+
+def _decoder_and_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     core = innermost_model(model)
     config = getattr(core, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -53,7 +62,8 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"Cannot find the decoder layers of {type(core).__name__}: ReFT needs a decoder-only transformers model "
             "with a ModuleList of config.num_hidden_layers blocks."
         )
-    return min(candidates, key=lambda item: item[0].count("."))[1]  # the outermost such list
+    name, layers = min(candidates, key=lambda item: item[0].count("."))  # the outermost such list
+    return core.get_submodule(name.rpartition(".")[0]), layers
 
 
 def _child(layer: nn.Module, words: tuple[str, ...], what: str) -> nn.Module:
@@ -143,7 +153,7 @@ class ReftModel(nn.Module):
             self.interventions[ReftConfig.key_name(layer, component, group).replace(".", "__")] = module
             self._by_site.setdefault((layer, component), []).append((group, module))
         self._call: _Call | None = None
-        self._handles = [core.register_forward_pre_hook(self._count_forward)]
+        self._handles = [find_decoder(core).register_forward_pre_hook(self._count_forward)]
         for (layer, component), _ in self._by_site.items():
             target = component_module(self._layers[layer], component)
             if component == "block_input":

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._bnb import trainable_4bit
+from .._bnb import keep_4bit_trainable
 from ..chat import encode_prompt
 from ..errors import InvalidInputError
 from .model import ReftModel, innermost_model, prompt_positions
@@ -112,32 +112,32 @@ def train_reft(
     rng = random.Random(seed)
     args = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "schedule": schedule}
     result = TrainResult(args={**args, "target_loss": target_loss, "seed": seed, "optimizer": "AdamW"})
+    keep_4bit_trainable(model.base_model)
     model.base_model.eval()
     model.interventions.train()
     try:
-        with trainable_4bit(model.base_model):
-            step_fn = _CachedSteps(model, examples) if method == "cached" else _FullSteps(model, examples)
-            for epoch in range(epochs):
-                order = list(range(len(examples)))
-                rng.shuffle(order)
-                for b in range(batches_per_epoch):
-                    if should_stop is not None and should_stop():
-                        result.stopped = "cancelled"
-                        return result
-                    loss = step_fn.loss(order[b * batch_size : (b + 1) * batch_size])
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    result.steps += 1
-                    entry = {"step": result.steps, "epoch": epoch + 1, "loss": float(loss.detach()),
-                             "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
-                    result.history.append(entry)
-                    if on_step is not None:
-                        on_step(entry)
-                    if target_loss is not None and entry["loss"] <= target_loss:
-                        result.stopped = "target_loss"
-                        return result
+        step_fn = _CachedSteps(model, examples) if method == "cached" else _FullSteps(model, examples)
+        for epoch in range(epochs):
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            for b in range(batches_per_epoch):
+                if should_stop is not None and should_stop():
+                    result.stopped = "cancelled"
+                    return result
+                loss = step_fn.loss(order[b * batch_size : (b + 1) * batch_size])
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.steps += 1
+                entry = {"step": result.steps, "epoch": epoch + 1, "loss": float(loss.detach()),
+                         "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+                result.history.append(entry)
+                if on_step is not None:
+                    on_step(entry)
+                if target_loss is not None and entry["loss"] <= target_loss:
+                    result.stopped = "target_loss"
+                    return result
         return result
     finally:
         model.interventions.eval()
@@ -192,17 +192,20 @@ class _CachedSteps:
         # A block_output edit at the lowest layer leaves that layer's own computation unchanged: start above it.
         self.skip_lowest = config.components == ["block_output"] and lowest + 1 < len(self.layers)
         self.first_layer = lowest + 1 if self.skip_lowest else lowest
-        first, last = config.first_last
-        self.cached = []
+        self.first, self.last = config.first_last
+        self.cached: list[_Cached] = []
         with torch.no_grad():
-            for ex in examples:
-                self.cached.append(self._prepare(ex, first, last))
+            for i in range(0, len(examples), 16):
+                self.cached.extend(self._prepare(examples[i : i + 16]))
 
-    def _prepare(self, ex: Example, first: int, last: int) -> _Cached:
-        seq = torch.tensor([ex.prompt_ids + ex.response_ids])
-        n_prompt = len(ex.prompt_ids)
-        positions = prompt_positions(torch.ones_like(seq), first, last, torch.tensor([n_prompt]))
-        start = int(min(p.min() for p in positions.values()))
+    def _prepare(self, examples: list[Example]) -> list[_Cached]:
+        """One right-padded no-grad forward of the plain base model (causal, so padding changes nothing)."""
+        seqs = [ex.prompt_ids + ex.response_ids for ex in examples]
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
         captured: dict[str, torch.Tensor] = {}
 
         def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -210,21 +213,26 @@ class _CachedSteps:
 
         hook = self.layers[self.first_layer].register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            cache = self.core(input_ids=seq, use_cache=True, logits_to_keep=1).past_key_values
+            cache = self.core(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).past_key_values
         finally:
             hook.remove()
-        targets = torch.full((seq.shape[1],), -100, dtype=torch.long)
-        targets[n_prompt - 1 : -1] = seq[0, n_prompt:]
-        end = seq.shape[1] - 1  # the final EOS predicts nothing, so it is never computed
-        return _Cached(
-            start=start,
-            hidden=captured["h"][0, start:end].detach(),
-            keys=[layer.keys[0, :, :start].clone() for layer in cache.layers],
-            values=[layer.values[0, :, :start].clone() for layer in cache.layers],
-            ids=seq[0, start:end],
-            targets=targets[start:end],
-            positions={g: p[0] - start for g, p in positions.items()},
-        )
+        out = []
+        for i, (ex, seq) in enumerate(zip(examples, seqs, strict=True)):
+            n_prompt, end = len(ex.prompt_ids), len(seq) - 1  # the final EOS predicts nothing: never computed
+            positions = prompt_positions(mask[i : i + 1, : len(seq)], self.first, self.last, torch.tensor([n_prompt]))
+            start = int(min(p.min() for p in positions.values()))
+            targets = torch.full((len(seq),), -100, dtype=torch.long)
+            targets[n_prompt - 1 : -1] = torch.tensor(ex.response_ids)
+            out.append(_Cached(
+                start=start,
+                hidden=captured["h"][i, start:end].clone(),
+                keys=[layer.keys[i, :, :start].clone() for layer in cache.layers],
+                values=[layer.values[i, :, :start].clone() for layer in cache.layers],
+                ids=ids[i, start:end],
+                targets=targets[start:end],
+                positions={g: p[0] - start for g, p in positions.items()},
+            ))  # fmt: skip
+        return out
 
     def loss(self, rows: list[int]) -> torch.Tensor:
         """The examples' suffixes packed back to back into one sequence (no padding in the matmuls);
@@ -263,7 +271,7 @@ class _CachedSteps:
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=cache is not None,
-                logits_to_keep=keep,
+                logits_to_keep=keep,  # logits only where a response token is predicted
             ).logits
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[keep])
 
