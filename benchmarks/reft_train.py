@@ -71,8 +71,10 @@ def main() -> None:
     )
 
     demo = run(model, examples, template, method="cached", epochs=args.epochs, layers=[8], lr=4e-3)
-    print(f"\noriginal demo ({args.epochs} epochs, layer 8, lr 4e-3), cached trainer: {demo.seconds:.1f} s, "
-          f"final loss {demo.history[-1]['loss']:.3f}; the plain loop would take ~{args.epochs / full_rate:.0f} s")  # fmt: skip
+    print(
+        f"\noriginal demo ({args.epochs} epochs, layer 8, lr 4e-3), cached trainer: {demo.seconds:.1f} s, "
+        f"final loss {demo.history[-1]['loss']:.3f}; the plain loop would take ~{args.epochs / full_rate:.0f} s"
+    )
 
     torch.manual_seed(0)
     reft = get_reft_model(model, ReftConfig(layers=[8, 16], rank=4, positions="l1", prompt_template=template))
