@@ -77,6 +77,7 @@ def save_adapter(
     evaluation: dict[str, float] | None = None,
     license: str | None = None,
     example_prompt: str | None = None,
+    prompt_template: str | None = None,
 ) -> Path:
     """Write ``model``'s adapter (a ``peft.PeftModel`` or a :class:`hub_peft.reft.ReftModel`) to ``out_dir``
     with its card, atomically (all or nothing)."""
@@ -113,6 +114,7 @@ def save_adapter(
     )
     if example_prompt:
         info.example_prompt = example_prompt
+    info.prompt_template = prompt_template or getattr(model, "hub_peft_prompt_template", None)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         if reft:
@@ -293,7 +295,9 @@ def load_adapter(
             base_model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
             base_model.set_adapter(adapter_name)
             return base_model
-        return PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+        model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+        model.hub_peft_prompt_template = CardInfo.load(folder).prompt_template
+        return model
     except RuntimeError as e:
         if "size mismatch" not in str(e):
             raise

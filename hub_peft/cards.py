@@ -61,6 +61,7 @@ class CardInfo:
     datasets: list[str] = field(default_factory=list)
     example_prompt: str = "Hello! What can you do?"
     limitations: str | None = None
+    prompt_template: str | None = None  # the text around "{prompt}" in training, so chat uses the same format
 
     @classmethod
     def load(cls, folder: Path) -> CardInfo:

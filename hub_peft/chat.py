@@ -33,7 +33,7 @@ def prompt_template(tokenizer: Any, *, raw: bool = False, system: str | None = N
 def trained_prompt_template(model: Any) -> str | None:
     """The prompt template an adapter on ``model`` was trained with, when it recorded one."""
     config = getattr(model, "reft_config", None)
-    return getattr(config, "prompt_template", None)
+    return getattr(config, "prompt_template", None) or getattr(model, "hub_peft_prompt_template", None)
 
 
 def apply_template(template: str, prompt: str) -> str:

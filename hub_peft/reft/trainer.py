@@ -11,62 +11,20 @@ reference loop (whole forward, same loss); both give the same losses up to float
 
 from __future__ import annotations
 
-import math
-import random
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._bnb import keep_4bit_trainable
-from ..chat import encode_prompt
 from ..errors import InvalidInputError
+from ..optimize import Example, TrainResult, fit
 from .model import ReftModel, innermost_model, prompt_positions
-
-
-@dataclass
-class Example:
-    prompt_ids: list[int]
-    response_ids: list[int]  # ends with EOS
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.response_ids)
-
-
-def encode_examples(
-    tokenizer: Any, rows: list[dict[str, str]], template: str, *, max_length: int | None = None
-) -> list[Example]:
-    """Tokenize ``{"prompt", "response"}`` rows: the prompt in ``template``, the response followed by EOS."""
-    if not rows:
-        raise InvalidInputError("No training examples: give at least one {'prompt': ..., 'response': ...} row.")
-    if tokenizer.eos_token_id is None:
-        raise InvalidInputError("The tokenizer has no EOS token; responses need one to learn where to stop.")
-    examples = []
-    for i, row in enumerate(rows):
-        prompt, response = str(row.get("prompt") or ""), str(row.get("response") or "")
-        if not prompt.strip() or not response.strip():
-            raise InvalidInputError(f"Example {i + 1} has an empty prompt or response.")
-        ex = Example(encode_prompt(tokenizer, prompt, template),
-                     tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])  # fmt: skip
-        if max_length and len(ex) > max_length:
-            raise InvalidInputError(f"Example {i + 1} is {len(ex)} tokens long; the limit is {max_length}.")
-        examples.append(ex)
-    return examples
-
-
-@dataclass
-class TrainResult:
-    history: list[dict[str, float]] = field(default_factory=list)  # [{"step", "epoch", "loss", "seconds"}]
-    seconds: float = 0.0
-    steps: int = 0
-    stopped: str = "completed"  # completed | target_loss | cancelled
-    args: dict[str, Any] = field(default_factory=dict)
 
 
 def train_reft(
@@ -84,66 +42,35 @@ def train_reft(
     on_step: Callable[[dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train ``model``'s interventions with AdamW (linear decay to 0 like transformers' Trainer, or constant).
+    """Train ``model``'s interventions (see :func:`hub_peft.optimize.fit` for the loop and stopping rules).
 
-    Stops after ``epochs``, once a step's loss is at most ``target_loss``, or when ``should_stop()``
-    returns true (checked between steps). ``on_step`` gets each history entry as it is made.
+    ``method="cached"`` (default) is the fast path described above; ``"full"`` the plain loop.
     """
     if method not in ("cached", "full"):
         raise InvalidInputError(f"method must be 'cached' or 'full', got {method!r}.")
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise InvalidInputError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1 and lr ({lr}) > 0.")
     if not examples:
         raise InvalidInputError("No training examples.")
-    started = time.perf_counter()
-    params = [p for p in model.interventions.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    # No weight decay on R's orthogonal parametrization: decaying its (gradient-free) diagonal would break R.
-    orthogonal = [p for n, p in model.interventions.named_parameters() if "parametrizations" in n]
-    others = [p for n, p in model.interventions.named_parameters() if "parametrizations" not in n]
-    groups = [{"params": orthogonal, "weight_decay": 0.0}, {"params": others, "weight_decay": weight_decay}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
-    batches_per_epoch = math.ceil(len(examples) / batch_size)
-    total_steps = epochs * batches_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, (lambda step: 1.0 - step / total_steps) if schedule == "linear" else (lambda step: 1.0)
-    )
-    rng = random.Random(seed)
-    args = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "schedule": schedule}
-    result = TrainResult(args={**args, "target_loss": target_loss, "seed": seed, "optimizer": "AdamW"})
     keep_4bit_trainable(model.base_model)
+    named = list(model.interventions.named_parameters())
+    for _, p in named:
+        p.requires_grad_(True)
     model.base_model.eval()
     model.interventions.train()
     try:
-        step_fn = _CachedSteps(model, examples) if method == "cached" else _FullSteps(model, examples)
-        for epoch in range(epochs):
-            order = list(range(len(examples)))
-            rng.shuffle(order)
-            for b in range(batches_per_epoch):
-                if should_stop is not None and should_stop():
-                    result.stopped = "cancelled"
-                    return result
-                loss = step_fn.loss(order[b * batch_size : (b + 1) * batch_size])
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                result.steps += 1
-                entry = {"step": result.steps, "epoch": epoch + 1, "loss": float(loss.detach()),
-                         "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
-                result.history.append(entry)
-                if on_step is not None:
-                    on_step(entry)
-                if target_loss is not None and entry["loss"] <= target_loss:
-                    result.stopped = "target_loss"
-                    return result
-        return result
+        steps = _CachedSteps(model, examples) if method == "cached" else _FullSteps(model, examples)
+        return fit(
+            # No weight decay on R's orthogonal parametrization: decaying its (gradient-free) diagonal would break R.
+            [p for n, p in named if "parametrizations" not in n],
+            steps.loss,
+            len(examples),
+            frozen_decay=[p for n, p in named if "parametrizations" in n],
+            epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
+            target_loss=target_loss, seed=seed, on_step=on_step, should_stop=should_stop,
+        )  # fmt: skip
     finally:
         model.interventions.eval()
-        for p in params:
+        for _, p in named:
             p.requires_grad_(False)
-        result.seconds = time.perf_counter() - started
 
 
 class _FullSteps:

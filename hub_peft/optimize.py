@@ -1,0 +1,126 @@
+"""What every hub_peft trainer shares: tokenized examples, the optimisation loop, its result."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .chat import encode_prompt
+from .errors import InvalidInputError
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    response_ids: list[int]  # ends with EOS
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+def encode_examples(
+    tokenizer: Any, rows: list[dict[str, str]], template: str, *, max_length: int | None = None
+) -> list[Example]:
+    """Tokenize ``{"prompt", "response"}`` rows: the prompt in ``template``, the response followed by EOS."""
+    if not rows:
+        raise InvalidInputError("No training examples: give at least one {'prompt': ..., 'response': ...} row.")
+    if tokenizer.eos_token_id is None:
+        raise InvalidInputError("The tokenizer has no EOS token; responses need one to learn where to stop.")
+    examples = []
+    for i, row in enumerate(rows):
+        prompt, response = str(row.get("prompt") or ""), str(row.get("response") or "")
+        if not prompt.strip() or not response.strip():
+            raise InvalidInputError(f"Example {i + 1} has an empty prompt or response.")
+        ex = Example(encode_prompt(tokenizer, prompt, template),
+                     tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])  # fmt: skip
+        if max_length and len(ex) > max_length:
+            raise InvalidInputError(f"Example {i + 1} is {len(ex)} tokens long; the limit is {max_length}.")
+        examples.append(ex)
+    return examples
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # [{"step", "epoch", "loss", "seconds"}]
+    seconds: float = 0.0
+    steps: int = 0
+    stopped: str = "completed"  # completed | target_loss | cancelled
+    args: dict[str, Any] = field(default_factory=dict)
+    planned_steps: int = 0
+
+
+def fit(
+    params: list[torch.nn.Parameter],
+    loss_of: Callable[[list[int]], torch.Tensor],
+    n_examples: int,
+    *,
+    frozen_decay: list[torch.nn.Parameter] = (),
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 10,
+    weight_decay: float = 0.0,
+    schedule: str = "linear",
+    target_loss: float | None = None,
+    seed: int = 0,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """AdamW over shuffled mini-batches of example indices; ``loss_of(indices)`` returns a batch's loss.
+
+    The learning rate decays linearly to 0 over all planned steps (like transformers' Trainer) or
+    stays constant. Stops after ``epochs``, once a step's loss is at most ``target_loss``, or when
+    ``should_stop()`` returns true (checked before each step). ``on_step`` gets each history entry.
+    ``frozen_decay`` are trained without weight decay.
+    """
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise InvalidInputError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1 and lr ({lr}) > 0.")
+    if schedule not in ("linear", "constant"):
+        raise InvalidInputError(f"schedule must be 'linear' or 'constant', got {schedule!r}.")
+    if n_examples < 1:
+        raise InvalidInputError("No training examples.")
+    started = time.perf_counter()
+    groups = [
+        {"params": list(params), "weight_decay": weight_decay},
+        {"params": list(frozen_decay), "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    batches_per_epoch = math.ceil(n_examples / batch_size)
+    total_steps = epochs * batches_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, (lambda step: 1.0 - step / total_steps) if schedule == "linear" else (lambda step: 1.0)
+    )
+    rng = random.Random(seed)
+    args = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "schedule": schedule}
+    result = TrainResult(args={**args, "target_loss": target_loss, "seed": seed, "optimizer": "AdamW"})
+    result.planned_steps = total_steps
+    try:
+        for epoch in range(epochs):
+            order = list(range(n_examples))
+            rng.shuffle(order)
+            for b in range(batches_per_epoch):
+                if should_stop is not None and should_stop():
+                    result.stopped = "cancelled"
+                    return result
+                loss = loss_of(order[b * batch_size : (b + 1) * batch_size])
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.steps += 1
+                entry = {"step": result.steps, "epoch": epoch + 1, "loss": float(loss.detach()),
+                         "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+                result.history.append(entry)
+                if on_step is not None:
+                    on_step(entry)
+                if target_loss is not None and entry["loss"] <= target_loss:
+                    result.stopped = "target_loss"
+                    return result
+        return result
+    finally:
+        result.seconds = time.perf_counter() - started

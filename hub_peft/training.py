@@ -1,0 +1,180 @@
+"""Train a small LoRA or ReFT adapter from prompt → response rows: the one entry point behind the
+Space and ``hub-peft train``, with the defaults that make the emoji preset work in about a minute on a CPU."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._bnb import keep_4bit_trainable
+from .errors import InvalidInputError
+from .examples import MAX_TOKENS
+from .optimize import Example, TrainResult, encode_examples, fit
+
+METHODS = ("reft", "lora")
+DEFAULTS = {
+    "reft": {"rank": 4, "lr": 1e-2, "epochs": 15},
+    "lora": {"rank": 8, "lr": 5e-3, "epochs": 10},
+}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class TrainSettings:
+    """What to train. ``None`` fields take the method's default (see :data:`DEFAULTS`)."""
+
+    method: str = "reft"
+    base: str | None = None  # Hub id or path; None = the embedded SmolLM2-135M-Instruct
+    load_in_4bit: bool = False
+    rank: int | None = None
+    lr: float | None = None
+    epochs: int | None = None
+    layers: list[int] | None = None  # ReFT: None = about 27% and 53% of the depth (8 and 16 of 30)
+    positions: str = "l1"  # ReFT
+    batch_size: int = 10
+    target_loss: float | None = None
+    seed: int = 0
+    max_tokens: int = MAX_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidInputError(f"method must be one of {list(METHODS)}, got {self.method!r}.")
+        for name in ("rank", "epochs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InvalidInputError(f"{name} must be a positive integer, got {value!r}.")
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise InvalidInputError(f"lr must be between 0 and 1, got {self.lr}.")
+
+    def resolved(self, n_layers: int) -> TrainSettings:
+        """A copy with every default filled in for a base model with ``n_layers`` decoder layers."""
+        values = {**asdict(self), **{k: v for k, v in DEFAULTS[self.method].items() if getattr(self, k) is None}}
+        if self.method == "reft" and self.layers is None:
+            values["layers"] = sorted({min(n_layers - 1, round(n_layers * f)) for f in (8 / 30, 16 / 30)})
+        if self.method == "reft" and max(values["layers"]) >= n_layers:
+            raise InvalidInputError(f"layers {values['layers']} do not exist in a {n_layers}-layer model.")
+        return TrainSettings(**values)
+
+
+@dataclass
+class Trained:
+    model: Any  # a ReftModel or a peft PeftModel over the base
+    tokenizer: Any
+    result: TrainResult
+    settings: TrainSettings
+    template: str
+    rows: list[dict[str, str]] = field(default_factory=list)
+
+    def release(self) -> Any:
+        """Detach the adapter and return the untouched base model (so it can be shared again)."""
+        if self.settings.method == "reft":
+            return self.model.remove_hooks()
+        return self.model.unload()
+
+
+def train_adapter(
+    rows: list[dict[str, str]],
+    settings: TrainSettings | None = None,
+    *,
+    base: tuple[Any, Any] | None = None,
+    on_step=None,
+    should_stop=None,
+) -> Trained:
+    """Train an adapter on ``rows``; ``base=(model, tokenizer)`` reuses a loaded base model."""
+    from .base_model import load_base_model
+    from .chat import prompt_template
+    from .reft.model import find_decoder_layers
+
+    settings = settings or TrainSettings()
+    model, tokenizer = base or load_base_model(settings.base, load_in_4bit=settings.load_in_4bit)
+    settings = settings.resolved(len(find_decoder_layers(model)))
+    template = prompt_template(tokenizer)
+    examples = encode_examples(tokenizer, rows, template, max_length=settings.max_tokens)
+    common = {"epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size,
+              "target_loss": settings.target_loss, "seed": settings.seed, "on_step": on_step,
+              "should_stop": should_stop}  # fmt: skip
+    torch.manual_seed(settings.seed)
+    if settings.method == "reft":
+        from .reft import ReftConfig, get_reft_model, train_reft
+
+        config = ReftConfig(layers=settings.layers, rank=settings.rank, positions=settings.positions,
+                            prompt_template=template)  # fmt: skip
+        adapter = get_reft_model(model, config)
+        try:
+            result = train_reft(adapter, examples, **common)
+        except BaseException:
+            adapter.remove_hooks()
+            raise
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        keep_4bit_trainable(model)
+        config = LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank, target_modules=LORA_TARGETS,
+                            lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
+        adapter = get_peft_model(model, config)
+        adapter.hub_peft_prompt_template = template
+        try:
+            result = train_lora(adapter, examples, **common)
+        except BaseException:
+            adapter.unload()
+            raise
+    return Trained(adapter, tokenizer, result, settings, template, list(rows))
+
+
+def train_lora(model: nn.Module, examples: list[Example], **kwargs: Any) -> TrainResult:
+    """Train a PEFT model's trainable parameters on response tokens (logits computed only there)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InvalidInputError("The model has no trainable parameters.")
+    pad = 0
+
+    def loss_of(indices: list[int]) -> torch.Tensor:
+        batch = [examples[i] for i in indices]
+        width = max(len(ex) for ex in batch) - 1  # the final EOS predicts nothing
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        targets = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for i, ex in enumerate(batch):
+            seq = ex.prompt_ids + ex.response_ids
+            ids[i, : len(seq) - 1] = torch.tensor(seq[:-1])
+            mask[i, : len(seq) - 1] = 1
+            targets[i, len(ex.prompt_ids) - 1 : len(seq) - 1] = torch.tensor(ex.response_ids)
+        keep = targets != -100
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[keep])
+
+    model.train()
+    try:
+        return fit(params, loss_of, len(examples), **kwargs)
+    finally:
+        model.eval()
+
+
+def save_trained(trained: Trained, out_dir: str | Path, *, overwrite: bool = False, dataset_name: str | None = None,
+                 description: str | None = None) -> Path:  # fmt: skip
+    """Write the adapter folder with its card (data summary, loss curve, settings)."""
+    from .adapters import save_adapter
+
+    args = {**trained.result.args, "method": trained.settings.method, "rank": trained.settings.rank,
+            "stopped": trained.result.stopped, "steps": trained.result.steps}  # fmt: skip
+    if trained.settings.method == "reft":
+        args.update(layers=trained.settings.layers, positions=trained.settings.positions)
+    else:
+        args.update(target_modules=LORA_TARGETS)
+    return save_adapter(
+        trained.model,
+        out_dir,
+        overwrite=overwrite,
+        description=description,
+        training_rows=trained.rows,
+        dataset_name=dataset_name,
+        history=trained.result.history,
+        training_args=args,
+        training_seconds=trained.result.seconds,
+        example_prompt=trained.rows[0]["prompt"] if trained.rows else None,
+        prompt_template=trained.template,
+    )
