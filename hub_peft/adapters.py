@@ -7,6 +7,7 @@ a generated ``README.md`` card, ``hub_peft_card.json`` (the card's inputs) and a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -176,15 +177,23 @@ def push_adapter(
             raise InvalidInputError(f"Refusing to push an invalid adapter: {report.problems[0]}")
         write_card(stage, repo_id=repo_id)
         api = HfApi(token=token)
+        created = False
         try:
+            existed = api.repo_exists(repo_id)
             api.create_repo(repo_id, private=private, exist_ok=True)
+            created = not existed
             info = api.upload_folder(
                 repo_id=repo_id,
                 folder_path=stage,
                 revision=revision,
                 commit_message=commit_message or "Upload adapter with hub_peft",
             )
-        except HfHubHTTPError as e:
+        except BaseException as e:
+            if created:  # leave no empty repo behind when the upload fails
+                with contextlib.suppress(Exception):
+                    api.delete_repo(repo_id)
+            if not isinstance(e, HfHubHTTPError):
+                raise
             status = e.response.status_code if e.response is not None else None
             if status in (401, 403):
                 raise HubAuthError(

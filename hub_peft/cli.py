@@ -74,6 +74,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         hub.stop()
 
 
+def _cmd_studio(args: argparse.Namespace) -> int:
+    """Start the local Hub and the Adapter Studio Space on the embedded base model."""
+    import runpy
+    import secrets
+
+    from .hub import start_local_hub
+
+    app = Path(__file__).resolve().parents[1] / "spaces" / "adapter_studio" / "app.py"
+    if not app.is_file():
+        raise HubPeftError(f"{app} is missing: run the studio from a hub_peft checkout (the Space lives in spaces/).")
+    hub = None
+    if not args.no_local_hub:
+        root = Path(args.hub_root or Path(tempfile.gettempdir()) / "hub_peft_local_hub")
+        token = secrets.token_urlsafe(24)
+        hub = start_local_hub(root, tokens={args.user: token}, port=args.hub_port)
+        os.environ["HF_ENDPOINT"] = hub.endpoint  # before huggingface_hub is imported by the app
+        os.environ["HF_TOKEN"] = token  # pushes as USER without typing the token; never shown or logged
+        print(f"Local Hub: {hub.endpoint} (storage {root}); push to '{args.user}/...' from the Studio.", flush=True)
+    os.environ["GRADIO_SERVER_PORT"] = str(args.port)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    print(f"Adapter Studio: http://127.0.0.1:{args.port}  (Ctrl+C to stop)", flush=True)
+    try:
+        runpy.run_path(str(app), run_name="__main__")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if hub is not None:
+            hub.stop()
+    return 0
+
+
 def _local_or_pulled(target: str, revision: str | None = None) -> Path:
     from .adapters import fetch_adapter
 
@@ -148,6 +179,51 @@ def _cmd_import_pyreft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .adapters import check_repo_id, push_adapter
+    from .base_model import load_base_model
+    from .chat import prompt_template
+    from .errors import InvalidInputError
+    from .examples import check_rows, read_table
+    from .reft.model import find_decoder_layers
+    from .training import TrainSettings, planned_steps, save_trained, token_counter, train_adapter
+
+    if args.push:
+        check_repo_id(args.push)
+    path = Path(args.examples)
+    if not path.is_file():
+        raise InvalidInputError(f"{path} does not exist.")
+    rows = read_table(path.read_bytes(), path.name).rows(args.prompt_column, args.response_column)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    settings = TrainSettings(method=args.method, base=args.base, load_in_4bit=args.load_in_4bit, rank=args.rank,
+                             lr=args.lr, epochs=args.epochs, layers=layers, positions=args.positions,
+                             target_loss=args.target_loss)  # fmt: skip
+    model, tokenizer = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
+    preview = check_rows(rows, count_tokens=token_counter(tokenizer, prompt_template(tokenizer)))
+    for problem in preview.problems:
+        print(f"{'error' if problem.blocking else 'note'}: {problem.message}", file=sys.stderr)
+    print(preview.summary())
+    if not preview.ok:
+        raise InvalidInputError("Fix the rows above (or remove them) and run again.")
+    resolved = settings.resolved(len(find_decoder_layers(model)))
+    with tqdm(total=planned_steps(len(preview.rows), resolved), desc=f"training {args.method}", unit="step") as bar:
+
+        def on_step(entry: dict) -> None:
+            bar.set_postfix(loss=f"{entry['loss']:.3f}")
+            bar.update(1)
+
+        trained = train_adapter(preview.rows, settings, base=(model, tokenizer), on_step=on_step)
+    out = save_trained(trained, args.out, overwrite=args.overwrite, dataset_name=path.name)
+    first, last = trained.result.history[0]["loss"], trained.result.history[-1]["loss"]
+    print(f"trained {trained.result.steps} steps in {trained.result.seconds:.1f} s, loss {first:.3f} -> {last:.3f}")
+    print(f"saved {out}")
+    if args.push:
+        print(push_adapter(out, args.push, private=args.private))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hub-peft", description="Share and serve adapters on the Hugging Face Hub.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dir")
     convert.set_defaults(func=_cmd_convert_bin)
 
+    train = sub.add_parser("train", help="Train a small LoRA or ReFT adapter from a CSV/JSONL/JSON file of examples.")
+    train.add_argument("--examples", required=True, help="Rows with prompt/response (JSONL: one object per line).")
+    train.add_argument("--method", choices=["reft", "lora"], default="reft")
+    train.add_argument("--base", default=None, help="Hub id or path (default: embedded SmolLM2-135M-Instruct).")
+    train.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="Load the base in NF4 4-bit.")
+    train.add_argument("--out", required=True, help="Folder to write the adapter and its card to.")
+    train.add_argument("--overwrite", action="store_true")
+    train.add_argument("--push", metavar="REPO_ID", default=None, help="Also push it to the Hub.")
+    train.add_argument("--private", action="store_true")
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--rank", type=int, default=None)
+    train.add_argument("--layers", default=None, help="ReFT layers, e.g. 8,16 (default: by depth).")
+    train.add_argument("--positions", default="l1", help="ReFT prompt positions (default: l1).")
+    train.add_argument("--target-loss", type=float, default=None, help="Stop once a step's loss is this low.")
+    train.add_argument("--prompt-column", default=None)
+    train.add_argument("--response-column", default=None)
+    train.set_defaults(func=_cmd_train)
+
     imp = sub.add_parser("import-pyreft", help="Convert a pyreft ReftModel.save directory to hub_peft's format.")
     imp.add_argument("src", metavar="SRC_DIR")
     imp.add_argument("dst", metavar="DST_DIR")
@@ -207,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Prompt format it was trained with, with {prompt}; '\\n' is read as a newline.")  # fmt: skip
     imp.add_argument("--overwrite", action="store_true")
     imp.set_defaults(func=_cmd_import_pyreft)
+
+    studio = sub.add_parser("studio", help="Start the local Hub and the Adapter Studio Space (train, chat, push).")
+    studio.add_argument("--port", type=int, default=7860)
+    studio.add_argument("--hub-port", type=int, default=None)
+    studio.add_argument("--hub-root", default=None)
+    studio.add_argument("--user", default="me", help="Local Hub user the Studio pushes as (default: me).")
+    studio.add_argument("--no-local-hub", action="store_true", help="Use HF_ENDPOINT/HF_TOKEN as they are.")
+    studio.set_defaults(func=_cmd_studio)
 
     demo = sub.add_parser("demo", help="Start the local Hub and chat with the 4-bit default base model.")
     demo.add_argument("--prompt", default="What is the capital of France?")

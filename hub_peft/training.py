@@ -18,7 +18,7 @@ from .optimize import Example, TrainResult, encode_examples, fit
 METHODS = ("reft", "lora")
 DEFAULTS = {
     "reft": {"rank": 4, "lr": 1e-2, "epochs": 15},
-    "lora": {"rank": 8, "lr": 5e-3, "epochs": 10},
+    "lora": {"rank": 8, "lr": 1e-2, "epochs": 15},
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -74,6 +74,21 @@ class Trained:
         if self.settings.method == "reft":
             return self.model.remove_hooks()
         return self.model.unload()
+
+
+def token_counter(tokenizer: Any, template: str):
+    """``row -> tokens`` as training sees the row: the prompt in its template, the response, EOS."""
+    from .chat import encode_prompt
+
+    def count(row: dict[str, str]) -> int:
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        return len(encode_prompt(tokenizer, row["prompt"], template)) + len(response) + 1
+
+    return count
+
+
+def planned_steps(n_rows: int, settings: TrainSettings) -> int:
+    return settings.epochs * -(-n_rows // settings.batch_size)
 
 
 def train_adapter(
