@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-.venv/bin/ruff check hub_peft tests benchmarks
+.venv/bin/ruff check hub_peft tests benchmarks spaces
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

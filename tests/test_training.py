@@ -1,0 +1,178 @@
+"""The training entry point shared by the Space and ``hub-peft train``, the CLI twin, and the Space's
+handlers for bad input, on the tiny model served by the local Hub."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+from test_peft_methods import load_tiny, tiny_base_repo, tiny_tokenizer  # noqa: F401 - shared session fixture
+
+from hub_peft import load_adapter
+from hub_peft.chat import generate_reply, trained_prompt_template
+from hub_peft.errors import InvalidInputError
+from hub_peft.training import DEFAULTS, TrainSettings, save_trained, train_adapter
+
+ROWS = [{"prompt": f"{a} {b}", "response": f"{b} {a} {b}"} for a, b in zip("abcdefgh", "ijklmnop", strict=True)]
+APP = Path(__file__).resolve().parents[1] / "spaces" / "adapter_studio" / "app.py"
+
+
+def logits(model, ids=((5, 9, 17, 33),)):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids)).logits
+
+
+@pytest.mark.parametrize("method", ["reft", "lora"])
+def test_train_adapter_saves_a_card_and_leaves_the_base_untouched(method, tiny_base_repo, tmp_path):  # noqa: F811
+    base, tokenizer = load_tiny(), tiny_tokenizer()
+    before = logits(base)
+    trained = train_adapter(ROWS, TrainSettings(method=method, epochs=6, lr=5e-2, batch_size=4), base=(base, tokenizer))
+    history = trained.result.history
+    assert len(history) == 12 and history[-1]["loss"] < history[0]["loss"]
+    assert not torch.allclose(logits(trained.model), before, atol=1e-4)
+    folder = save_trained(trained, tmp_path / "adapter", dataset_name="letters")
+    assert trained.release() is base
+    torch.testing.assert_close(logits(base), before, rtol=0, atol=0)
+
+    card_info = json.loads((folder / "hub_peft_card.json").read_text())
+    assert card_info["prompt_template"] == trained.template == "{prompt}"  # the tiny tokenizer has no chat template
+    assert card_info["training_args"]["method"] == method and card_info["data"]["count"] == len(ROWS)
+    assert (folder / "loss_curve.png").is_file() and "letters" in (folder / "README.md").read_text()
+    restored = load_adapter(load_tiny(), folder)
+    assert trained_prompt_template(restored) == "{prompt}"
+
+
+def test_the_default_settings_are_the_emoji_ones():
+    settings = TrainSettings().resolved(30)
+    assert (settings.method, settings.layers, settings.rank, settings.lr, settings.epochs) == (
+        "reft",
+        [8, 16],
+        4,
+        1e-2,
+        15,
+    )
+    assert TrainSettings().resolved(2).layers == [1]
+    lora = TrainSettings(method="lora").resolved(30)
+    assert (lora.rank, lora.lr, lora.epochs) == (DEFAULTS["lora"]["rank"], 1e-2, 15)
+    with pytest.raises(InvalidInputError, match="method must be one of"):
+        TrainSettings(method="dora")
+    with pytest.raises(InvalidInputError, match="do not exist in a 2-layer model"):
+        TrainSettings(layers=[5]).resolved(2)
+
+
+def test_chat_uses_the_prompt_format_the_adapter_recorded(tiny_base_repo, tmp_path):  # noqa: F811
+    from peft import LoraConfig, get_peft_model
+
+    from hub_peft import save_adapter
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_tiny(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    save_adapter(model, tmp_path / "lora", prompt_template="w1 w2 {prompt} w3")
+    restored = load_adapter(load_tiny(), tmp_path / "lora")
+    tok = tiny_tokenizer()
+    auto = generate_reply(restored, tok, "a b", max_new_tokens=4)
+    assert auto == generate_reply(restored, tok, "a b", max_new_tokens=4, template="w1 w2 {prompt} w3")
+
+
+def test_hub_peft_train_cli_trains_saves_and_pushes(tiny_base_repo, alice, repo_name, tmp_path):  # noqa: F811
+    from huggingface_hub import HfApi
+
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("\n".join(json.dumps(r) for r in [*ROWS, {"prompt": "", "response": "x"}]) + "\n")
+    repo_id = f"alice/{repo_name}"
+    env = {**os.environ, "HF_TOKEN": alice}
+    cmd = [sys.executable, "-m", "hub_peft.cli", "train", "--examples", str(examples), "--method", "reft",
+           "--base", "alice/tiny-llama", "--out", str(tmp_path / "out"), "--epochs", "3",
+           "--push", repo_id]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "row 9: empty prompt (skipped)" in out.stderr and "8 examples to train on" in out.stdout
+    assert "training reft" in out.stderr  # the progress bar
+    assert "trained 3 steps" in out.stdout
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "REFT" and config["layers"] == [1]
+    assert "adapter_model.safetensors" in HfApi().list_repo_files(repo_id)
+    bad = subprocess.run([*cmd[:-2], "--push", "not a repo"], capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode == 2 and "Invalid repo id 'not a repo'" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def app():
+    spec = importlib.util.spec_from_file_location("adapter_studio_app", APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_space_reports_bad_uploads_clearly(app, tmp_path):
+    def upload(name: str, data: bytes):
+        path = tmp_path / name
+        path.write_bytes(data)
+        return app.on_upload(str(path))
+
+    cases = {
+        "empty.jsonl": (b"", "is empty"),
+        "photo.png": (b"\x89PNG", "unsupported file type .png"),
+        "latin1.csv": (b"prompt,response\nq,caf\xe9\n", "not UTF-8"),
+        "big.jsonl": (b"x" * (50 * 2**20), "50.0 MB; the limit is 5 MB"),
+        "many.jsonl": (b'{"prompt": "q", "response": "a"}\n' * 10_000, "10,000 examples; the limit is 2,000"),
+    }
+    for name, (data, message) in cases.items():
+        with pytest.raises(gr.Error, match=message):
+            upload(name, data)
+    table, prompt_col, _, pending, note = upload("odd.json", json.dumps([{"q": "hi", "r": "yo"}]).encode())
+    assert prompt_col["visible"] and prompt_col["choices"] == ["q", "r"] and "pick the prompt" in note
+    mapped, _ = app.on_mapping("q", "r", pending)
+    assert mapped.to_dict("records") == [{"prompt": "hi", "response": "yo"}]
+    table, *_ = upload("ok.csv", b"prompt,response\nhi,yo\n")
+    assert table.to_dict("records") == [{"prompt": "hi", "response": "yo"}]
+
+
+def test_the_space_preview_flags_long_prompts(app, tiny_base_repo):  # noqa: F811
+    import pandas as pd
+
+    rows = pd.DataFrame([{"prompt": "a " * 300, "response": "b"}, {"prompt": "a", "response": "b"}] * 2)
+    text = app.preview(rows, "alice/tiny-llama", False)
+    assert "2 examples to train on" in text and "2 row(s) skipped" in text
+    assert "⛔ row 1: 302 tokens, the limit is 256; shorten it" in text
+
+
+def test_the_space_refuses_bad_pushes_without_leaving_a_repo(app, tiny_base_repo, tmp_path, alice, bob, repo_name):  # noqa: F811
+    from huggingface_hub import HfApi
+
+    trained = train_adapter(ROWS, TrainSettings(epochs=1), base=(load_tiny(), tiny_tokenizer()))
+    state = {"adapter": str(save_trained(trained, tmp_path / "adapter"))}
+    with pytest.raises(gr.Error, match="Train an adapter first"):
+        app.push("alice/x", False, alice, {})
+    with pytest.raises(gr.Error, match="Invalid repo id 'alice/bad name'"):
+        app.push("alice/bad name", False, alice, state)
+    with pytest.raises(gr.Error, match="refused the token"):
+        app.push(f"alice/{repo_name}", False, bob, state)
+    with pytest.raises(gr.Error, match="refused the token"):
+        app.push(f"alice/{repo_name}", False, "hf_not_a_real_token", state)
+    assert not HfApi(token=alice).repo_exists(f"alice/{repo_name}")
+    assert "Pushed" in app.push(f"alice/{repo_name}", True, alice, state)
+    assert HfApi(token=alice).model_info(f"alice/{repo_name}").private
+    with pytest.raises(gr.Error, match="Train an adapter first"):
+        app.chat("hello", {})
+
+
+def test_the_space_is_laid_out_like_a_hub_space():
+    import yaml
+
+    folder = APP.parent
+    header = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+    assert header["sdk"] == "gradio" and header["sdk_version"] == gr.__version__ and header["app_file"] == "app.py"
+    assert {"title", "emoji", "colorFrom", "colorTo", "license"} <= set(header) and header["hf_oauth"] is True
+    assert header["models"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    requirements = (folder / "requirements.txt").read_text()
+    assert f"gradio=={gr.__version__}" in requirements and "hub-peft" in requirements
+    pyproject = (APP.parents[2] / "pyproject.toml").read_text()
+    assert f'"gradio=={gr.__version__}"' in pyproject
