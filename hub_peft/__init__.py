@@ -17,6 +17,12 @@ _LAZY = {
     "push_adapter": "adapters",
     "load_adapter": "adapters",
     "validate_adapter": "validate",
+    "ReftConfig": "reft",
+    "ReftModel": "reft",
+    "get_reft_model": "reft",
+    "train_reft": "reft",
+    "TrainSettings": "training",
+    "train_adapter": "training",
 }
 
 if TYPE_CHECKING:
@@ -24,6 +30,8 @@ if TYPE_CHECKING:
     from .base_model import DEFAULT_BASE, load_base_model
     from .chat import generate_reply
     from .hub import start_local_hub
+    from .reft import ReftConfig, ReftModel, get_reft_model, train_reft
+    from .training import TrainSettings, train_adapter
     from .validate import validate_adapter
 
 
@@ -42,12 +50,18 @@ __all__ = [
     "IncompatibleAdapterError",
     "InvalidInputError",
     "NotFoundError",
+    "ReftConfig",
+    "ReftModel",
+    "TrainSettings",
     "UnsafeFileError",
     "generate_reply",
+    "get_reft_model",
     "load_adapter",
     "load_base_model",
     "push_adapter",
     "save_adapter",
     "start_local_hub",
+    "train_adapter",
+    "train_reft",
     "validate_adapter",
 ]

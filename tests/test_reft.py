@@ -542,3 +542,41 @@ def test_pyreft_import_refuses_unsafe_or_mismatched_saves(tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["positions"], config["share_weights"]) == ("f1+l1", False)
     assert validate_adapter(out).ok
+
+
+def tiny_other_architecture(kind: str):
+    from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = GPT2Config(vocab_size=128, n_embd=HIDDEN, n_layer=3, n_head=4, n_positions=128)
+    else:
+        config = Qwen2Config(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+def test_layers_and_components_are_found_on_other_architectures(kind):
+    """No per-model table: GPT-2 keeps its blocks in transformer.h with attn/mlp, Qwen2 in model.layers."""
+    config = {"layers": [0, 2], "positions": "f1+l2", "components": ALL_COMPONENTS}
+    torch.manual_seed(4)
+    model = get_reft_model(tiny_other_architecture(kind), ReftConfig(**config))
+    assert len(model._layers) == 3
+    ids, mask = pad(PROMPTS, "right")  # GPT-2's absolute positions make left padding differ even without ReFT
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask).logits
+        plain = model.base_model(input_ids=ids, attention_mask=mask).logits
+        for i, prompt in enumerate(PROMPTS):
+            alone = model(input_ids=torch.tensor([prompt])).logits[0]
+            torch.testing.assert_close(batch[i][mask[i].bool()], alone, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(batch, plain, atol=1e-3)
+    model.remove_hooks()
+    losses = {}
+    for method in ("full", "cached"):
+        torch.manual_seed(5)
+        reft = get_reft_model(model.base_model, ReftConfig(**config))
+        losses[method] = [h["loss"] for h in train_reft(reft, random_examples(), epochs=3, batch_size=4,
+                                                         lr=1e-2, method=method).history]  # fmt: skip
+        reft.remove_hooks()
+    torch.testing.assert_close(torch.tensor(losses["cached"]), torch.tensor(losses["full"]), rtol=0, atol=1e-4)

@@ -79,3 +79,18 @@ def test_a_real_pyreft_save_imports_and_answers_in_emoji(smollm, tmp_path):
             assert emoji_only(answer), (prompt, answer)
     finally:
         reft.remove_hooks()
+
+
+def test_the_lora_defaults_also_train_the_emoji_preset(tmp_path):
+    """The Space's other method, with its defaults, on the full-precision base."""
+    from hub_peft.base_model import load_base_model
+    from hub_peft.training import TrainSettings, save_trained, train_adapter
+
+    model, tokenizer = load_base_model(None)
+    trained = train_adapter(load_preset(), TrainSettings(method="lora"), base=(model, tokenizer))
+    try:
+        answers = {p: generate_reply(trained.model, tokenizer, p, max_new_tokens=12) for p in HELD_OUT}
+        assert all(emoji_only(a) for a in answers.values()), answers
+        assert (save_trained(trained, tmp_path / "lora") / "adapter_model.safetensors").is_file()
+    finally:
+        trained.release()
