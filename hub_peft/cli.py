@@ -78,6 +78,7 @@ def _cmd_studio(args: argparse.Namespace) -> int:
     """Start the local Hub and the Adapter Studio Space on the embedded base model."""
     import runpy
     import secrets
+    import signal
 
     from .hub import start_local_hub
 
@@ -92,6 +93,7 @@ def _cmd_studio(args: argparse.Namespace) -> int:
         os.environ["HF_ENDPOINT"] = hub.endpoint  # before huggingface_hub is imported by the app
         os.environ["HF_TOKEN"] = token  # pushes as USER without typing the token; never shown or logged
         print(f"Local Hub: {hub.endpoint} (storage {root}); push to '{args.user}/...' from the Studio.", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the finally below stops the Hub
     os.environ["GRADIO_SERVER_PORT"] = str(args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     print(f"Adapter Studio: http://127.0.0.1:{args.port}  (Ctrl+C to stop)", flush=True)

@@ -20,6 +20,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child (Linux): get SIGTERM when the thread that started the hub exits or its process dies, even by
+    SIGKILL, so a killed Studio or test run leaves no Hub behind (start it from a long-lived thread)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class LocalHubProcess:
     """A running ``hub-peft hub serve``; use as a context manager or call :meth:`stop`."""
@@ -75,7 +85,7 @@ def start_local_hub(
     cmd = [sys.executable, "-m", "hub_peft.cli", "hub", "serve", "--root", str(root), "--host", host,
            "--port", str(port), "--tokens-file", str(tokens_file)]  # fmt: skip
     log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child
-    process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     log_file.close()
     hub = LocalHubProcess(root=root, host=host, port=port, process=process, log_path=log_path, tokens=tokens)
     deadline = time.monotonic() + timeout
