@@ -55,6 +55,21 @@ class TrainResult:
     planned_steps: int = 0
 
 
+def pad_batch(batch: list[Example], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask, labels)`` of prompt + response; labels are the
+    response tokens at their own positions (-100 elsewhere), as transformers' ``labels=`` expects."""
+    width = max(len(ex) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, ex in enumerate(batch):
+        seq = ex.prompt_ids + ex.response_ids
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(ex.prompt_ids) : len(seq)] = torch.tensor(ex.response_ids)
+        mask[i, : len(seq)] = 1
+    return ids, mask, labels
+
+
 def fit(
     params: list[torch.nn.Parameter],
     loss_of: Callable[[list[int]], torch.Tensor],

@@ -13,7 +13,7 @@ from torch import nn
 from ._bnb import keep_4bit_trainable
 from .errors import InvalidInputError
 from .examples import MAX_TOKENS
-from .optimize import Example, TrainResult, encode_examples, fit
+from .optimize import Example, TrainResult, encode_examples, fit, pad_batch
 
 METHODS = ("reft", "lora")
 DEFAULTS = {
@@ -71,9 +71,12 @@ class Trained:
 
     def release(self) -> Any:
         """Detach the adapter and return the untouched base model (so it can be shared again)."""
-        if self.settings.method == "reft":
-            return self.model.remove_hooks()
-        return self.model.unload()
+        return detach_adapter(self.model)
+
+
+def detach_adapter(model: Any) -> Any:
+    """Remove a ReFT or PEFT adapter from the base it was loaded onto and return that base."""
+    return model.remove_hooks() if hasattr(model, "remove_hooks") else model.unload()
 
 
 def token_counter(tokenizer: Any, template: str):
@@ -145,19 +148,11 @@ def train_lora(model: nn.Module, examples: list[Example], **kwargs: Any) -> Trai
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise InvalidInputError("The model has no trainable parameters.")
-    pad = 0
 
     def loss_of(indices: list[int]) -> torch.Tensor:
-        batch = [examples[i] for i in indices]
-        width = max(len(ex) for ex in batch) - 1  # the final EOS predicts nothing
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        targets = torch.full_like(ids, -100)
-        mask = torch.zeros_like(ids)
-        for i, ex in enumerate(batch):
-            seq = ex.prompt_ids + ex.response_ids
-            ids[i, : len(seq) - 1] = torch.tensor(seq[:-1])
-            mask[i, : len(seq) - 1] = 1
-            targets[i, len(ex.prompt_ids) - 1 : len(seq) - 1] = torch.tensor(ex.response_ids)
+        ids, mask, labels = pad_batch([examples[i] for i in indices])
+        # position t predicts token t+1; the last column (a final EOS at most) predicts nothing
+        ids, mask, targets = ids[:, :-1], mask[:, :-1], labels[:, 1:]
         keep = targets != -100
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[keep])

@@ -208,7 +208,7 @@ class ReftModel(nn.Module):
 
     def positions_for(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-        prompt_lengths: torch.Tensor | None = None, seq_len: int | None = None,
+        prompt_lengths: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         if attention_mask is None:
             if input_ids is None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from .._bnb import keep_4bit_trainable
 from ..errors import InvalidInputError
-from ..optimize import Example, TrainResult, fit
+from ..optimize import Example, TrainResult, fit, pad_batch
 from .model import ReftModel, innermost_model, prompt_positions
 
 
@@ -79,19 +79,10 @@ class _FullSteps:
 
     def __init__(self, model: ReftModel, examples: list[Example]) -> None:
         self.model, self.examples = model, examples
-        self.pad = 0
 
     def loss(self, rows: list[int]) -> torch.Tensor:
         batch = [self.examples[i] for i in rows]
-        width = max(len(ex) for ex in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        mask = torch.zeros_like(ids)
-        for i, ex in enumerate(batch):
-            seq = ex.prompt_ids + ex.response_ids
-            ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, len(ex.prompt_ids) : len(seq)] = torch.tensor(ex.response_ids)
-            mask[i, : len(seq)] = 1
+        ids, mask, labels = pad_batch(batch)
         lengths = torch.tensor([len(ex.prompt_ids) for ex in batch])
         return self.model(input_ids=ids, attention_mask=mask, prompt_lengths=lengths, labels=labels).loss
 

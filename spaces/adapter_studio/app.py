@@ -27,7 +27,15 @@ from hub_peft.chat import generate_reply, prompt_template
 from hub_peft.errors import HubPeftError
 from hub_peft.examples import MAX_FILE_BYTES, MAX_ROWS, Table, check_rows, read_table
 from hub_peft.presets import held_out_prompts, load_preset
-from hub_peft.training import DEFAULTS, TrainSettings, planned_steps, save_trained, token_counter, train_adapter
+from hub_peft.training import (
+    DEFAULTS,
+    TrainSettings,
+    detach_adapter,
+    planned_steps,
+    save_trained,
+    token_counter,
+    train_adapter,
+)
 
 WORK = Path(os.environ.get("HUB_PEFT_STUDIO_DIR") or tempfile.mkdtemp(prefix="adapter_studio_"))
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
@@ -266,7 +274,7 @@ def chat(prompt: str, state: dict | None) -> tuple[str, str]:
         try:
             tuned = generate_reply(adapted, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKENS)
         finally:
-            adapted.remove_hooks() if hasattr(adapted, "remove_hooks") else adapted.unload()
+            detach_adapter(adapted)
     return plain, tuned
 
 
