@@ -1,0 +1,5 @@
+"""Serving many adapters off one base model."""
+
+from .engine import AdapterSpec, MultiAdapterModel
+
+__all__ = ["AdapterSpec", "MultiAdapterModel"]

@@ -1,0 +1,434 @@
+"""Many adapters over one base model, a different adapter (or a weighted mix) per row of a batch.
+
+The base is wrapped once: every linear layer inside the decoder blocks gets a :class:`_RowLora`
+(it adds each row group's LoRA delta with two small matmuls over that group's contiguous rows),
+and every decoder block gets ReFT hooks (they edit each group's prompt positions during prefill).
+A batch is sorted by adapter so rows of one adapter are contiguous; nothing runs per row in Python
+and no adapter runs on rows that are not its own. A mix ``{"a": 0.7, "b": 0.3}`` adds
+``0.7·Δa + 0.3·Δb`` exactly (for LoRA ``Σ wᵢ·sᵢ·Bᵢ Aᵢ x``, never averaged A and B matrices).
+
+Adapters load from folders or the Hub (local or real) and live in an LRU cache bounded in bytes;
+evicted ones reload from the local download cache on next use. Entries are keyed by the resolved
+commit, so a new revision of a repo is never served from a stale copy.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import IncompatibleAdapterError, InvalidInputError, NotFoundError
+from ..reft.config import ReftConfig
+from ..reft.interventions import Intervention
+from ..reft.model import component_module, find_decoder, find_decoder_layers, innermost_model, prompt_positions
+
+AdapterSpec = str | dict[str, float] | None
+_LINEARS = ("Linear", "Linear4bit", "Linear8bitLt")
+
+
+@dataclass
+class _Lora:
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module name -> (A [r, in], B [out, r], scale)
+
+
+@dataclass
+class _Reft:
+    config: ReftConfig
+    sites: dict[tuple[int, str], list[tuple[str, Intervention]]]  # (layer, component) -> [(group, intervention)]
+
+
+@dataclass
+class _Entry:
+    name: str
+    kind: str  # lora | reft
+    source: str
+    revision: str | None
+    folder: Path
+    key: str  # resolved commit (Hub) or content fingerprint (folder)
+    nbytes: int
+    template: str | None
+    pinned: bool = False
+    last_used: float = 0.0
+    payload: _Lora | _Reft | None = None
+
+
+@dataclass
+class _Group:
+    rows: slice
+    loras: list[tuple[_Lora, float]] = field(default_factory=list)
+    refts: list[tuple[_Reft, float, dict[str, torch.Tensor]]] = field(default_factory=list)  # + positions
+
+
+@dataclass
+class _Plan:
+    groups: list[_Group]
+    forwards_seen: int = 0
+
+
+class _RowLora(nn.Module):
+    """A linear layer of the base plus the LoRA deltas of whichever row groups the current batch has."""
+
+    def __init__(self, engine: MultiAdapterModel, name: str, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.engine, self.name, self.base_layer = engine, name, base_layer
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        plan = self.engine._plan
+        if plan is None:
+            return out
+        for group in plan.groups:
+            terms = [(lora.weights[self.name], w) for lora, w in group.loras if self.name in lora.weights]
+            if not terms:
+                continue
+            rows = x[group.rows].to(terms[0][0][0].dtype)
+            delta = sum(w * scale * ((rows @ A.T) @ B.T) for (A, B, scale), w in terms)
+            out[group.rows] += delta.to(out.dtype)
+        return out
+
+
+class MultiAdapterModel:
+    """One base model serving many LoRA/ReFT adapters, mixed per row.
+
+    ``base`` is ``(model, tokenizer)``; by default the embedded SmolLM2-135M-Instruct in NF4 4-bit.
+    ``memory_budget`` bounds the bytes of loaded adapter weights (pinned ones always stay).
+    """
+
+    def __init__(self, base: tuple[Any, Any] | None = None, *, load_in_4bit: bool = True,
+                 memory_budget: int = 256 * 2**20) -> None:  # fmt: skip
+        from ..base_model import load_base_model
+
+        self.model, self.tokenizer = base or load_base_model(None, load_in_4bit=load_in_4bit)
+        self.core = innermost_model(self.model)
+        self.memory_budget = memory_budget
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
+        self._entries: dict[str, _Entry] = {}
+        self._plan: _Plan | None = None
+        self._lock = threading.RLock()
+        self._layers = find_decoder_layers(self.core)
+        self._wrap_linears()
+        find_decoder(self.core).register_forward_pre_hook(self._count_forward)
+        for index, layer in enumerate(self._layers):
+            for component in ("block_output", "attention_output", "mlp_output"):
+                module = component_module(layer, component)
+                module.register_forward_hook(self._make_reft_hook(index, component))
+            layer.register_forward_pre_hook(self._make_reft_pre_hook(index), with_kwargs=True)
+
+    # --- wrapping --------------------------------------------------------------------------------
+
+    def _wrap_linears(self) -> None:
+        prefix = next(n for n, m in self.core.named_modules() if m is self._layers)
+        for name, module in list(self.core.named_modules()):
+            if not name.startswith(prefix + ".") or type(module).__name__ not in _LINEARS:
+                continue
+            parent, _, child = name.rpartition(".")
+            setattr(self.core.get_submodule(parent), child, _RowLora(self, name, module))
+
+    def _count_forward(self, module: nn.Module, args: Any) -> None:
+        if self._plan is not None:
+            self._plan.forwards_seen += 1
+
+    def _reft_edit(self, layer: int, component: str, hidden: torch.Tensor) -> torch.Tensor:
+        plan = self._plan
+        if plan is None or plan.forwards_seen != 1:  # ReFT edits prompt positions in the prefill only
+            return hidden
+        for group in plan.groups:
+            if not group.refts:
+                continue
+            rows = hidden[group.rows]
+            total = torch.zeros_like(rows)
+            touched = False
+            for reft, weight, positions in group.refts:
+                edited = rows
+                for grp, intervention in reft.sites.get((layer, component), []):
+                    index = (
+                        positions[grp] if grp in positions else torch.cat([positions[g] for g in sorted(positions)], 1)
+                    )
+                    gather = index[..., None].expand(-1, -1, rows.shape[-1])
+                    edited = edited.scatter(1, gather, intervention(edited.gather(1, gather)))
+                    touched = True
+                total = total + weight * (edited - rows)
+            if touched:
+                hidden = hidden.clone()
+                hidden[group.rows] = rows + total
+        return hidden
+
+    def _make_reft_hook(self, layer: int, component: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if isinstance(output, tuple):
+                return (self._reft_edit(layer, component, output[0]), *output[1:])
+            return self._reft_edit(layer, component, output)
+
+        return hook
+
+    def _make_reft_pre_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args:
+                return (self._reft_edit(layer, "block_input", args[0]), *args[1:]), kwargs
+            kwargs["hidden_states"] = self._reft_edit(layer, "block_input", kwargs["hidden_states"])
+            return args, kwargs
+
+        return hook
+
+    # --- the adapter cache -----------------------------------------------------------------------
+
+    def add(self, name: str, source: str | Path, revision: str | None = None, *, pin: bool = False) -> dict:
+        """Load an adapter (folder or repo id) under ``name`` without touching the base or the others."""
+        from ..adapters import check_adapter_folder, fetch_adapter
+
+        if not name or not isinstance(name, str):
+            raise InvalidInputError("An adapter needs a non-empty name.")
+        folder = fetch_adapter(source, revision=revision, check=False)
+        config = check_adapter_folder(folder, base_config=self.core.config, base_name=_base_name(self.core))
+        kind = _kind_of(config, source)
+        key = folder.name if len(folder.name) == 40 else _fingerprint(folder)
+        from ..cards import CardInfo
+
+        template = config.get("prompt_template") if kind == "reft" else CardInfo.load(folder).prompt_template
+        entry = _Entry(name, kind, str(source), revision, folder, key, 0, template, pinned=pin)
+        with self._lock:
+            self._entries[name] = entry
+            self._materialize(entry)
+            self._evict()
+        return self.info(name)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._get(name)
+            del self._entries[name]
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        with self._lock:
+            self._get(name).pinned = pinned
+
+    def info(self, name: str) -> dict:
+        e = self._get(name)
+        return {"name": e.name, "type": e.kind, "source": e.source, "revision": e.revision, "commit": e.key,
+                "bytes": e.nbytes, "resident": e.payload is not None, "pinned": e.pinned}  # fmt: skip
+
+    def loaded(self) -> list[dict]:
+        return [self.info(n) for n in self._entries]
+
+    def resident_bytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values() if e.payload is not None)
+
+    def _get(self, name: str) -> _Entry:
+        if name not in self._entries:
+            raise NotFoundError(f"No adapter named {name!r}; loaded: {sorted(self._entries) or 'none'}.")
+        return self._entries[name]
+
+    def _materialize(self, entry: _Entry) -> None:
+        entry.last_used = time.monotonic()
+        if entry.payload is not None:
+            self.stats["hits"] += 1
+            return
+        self.stats["misses"] += 1
+        self.stats["loads"] += 1
+        entry.payload = _load_lora(entry.folder, self.core) if entry.kind == "lora" else _load_reft(entry.folder)
+        entry.nbytes = _payload_bytes(entry.payload)
+
+    def _evict(self, keep: set[str] = frozenset()) -> None:
+        while self.resident_bytes() > self.memory_budget:
+            victims = [
+                e for e in self._entries.values() if e.payload is not None and not e.pinned and e.name not in keep
+            ]
+            if not victims:
+                return
+            victim = min(victims, key=lambda e: e.last_used)
+            victim.payload = None
+            self.stats["evictions"] += 1
+
+    # --- inference -------------------------------------------------------------------------------
+
+    @contextmanager
+    def _planned(self, specs: list[tuple[tuple[str, float], ...]], attention_mask: torch.Tensor) -> Iterator[None]:
+        groups, start = [], 0
+        while start < len(specs):
+            end = start
+            while end < len(specs) and specs[end] == specs[start]:
+                end += 1
+            group = _Group(slice(start, end))
+            for name, weight in specs[start]:
+                payload = self._entries[name].payload
+                if isinstance(payload, _Lora):
+                    group.loras.append((payload, weight))
+                else:
+                    first, last = payload.config.first_last
+                    group.refts.append((payload, weight, prompt_positions(attention_mask[start:end], first, last)))
+            groups.append(group)
+            start = end
+        self._plan = _Plan(groups)
+        try:
+            yield
+        finally:
+            self._plan = None
+
+    def _normalize(self, adapters: Sequence[AdapterSpec] | None, n: int) -> list[tuple[tuple[str, float], ...]]:
+        adapters = list(adapters) if adapters is not None else [None] * n
+        if len(adapters) != n:
+            raise InvalidInputError(f"{n} prompts but {len(adapters)} adapter entries; give one per prompt.")
+        out = []
+        for spec in adapters:
+            if spec is None or spec == "":
+                out.append(())
+            elif isinstance(spec, str):
+                self._get(spec)
+                out.append(((spec, 1.0),))
+            elif isinstance(spec, dict) and spec:
+                for name, weight in spec.items():
+                    self._get(name)
+                    if not isinstance(weight, (int, float)):
+                        raise InvalidInputError(f"Mix weight for {name!r} must be a number, got {weight!r}.")
+                out.append(tuple(sorted((k, float(v)) for k, v in spec.items())))
+            else:
+                raise InvalidInputError(f"An adapter entry is a name, a {{name: weight}} mix or None, got {spec!r}.")
+        return out
+
+    def _encode(self, prompts: Sequence[str], specs, raw: bool) -> list[list[int]]:
+        from ..chat import encode_prompt, prompt_template
+
+        default = prompt_template(self.tokenizer, raw=raw)
+        encoded = []
+        for prompt, spec in zip(prompts, specs, strict=True):
+            templates = {self._entries[n].template for n, _ in spec} - {None}
+            template = templates.pop() if len(templates) == 1 and not raw else default
+            encoded.append(encode_prompt(self.tokenizer, prompt, template))
+        return encoded
+
+    def _batch(self, prompts: Sequence[str], adapters, raw: bool):
+        if isinstance(prompts, str):
+            raise InvalidInputError("prompts must be a list of strings.")
+        specs = self._normalize(adapters, len(prompts))
+        needed = {n for spec in specs for n, _ in spec}
+        for name in needed:
+            self._materialize(self._entries[name])
+        self._evict(keep=needed)
+        order = sorted(range(len(prompts)), key=lambda i: specs[i])
+        encoded = self._encode([prompts[i] for i in order], [specs[i] for i in order], raw)
+        width = max(map(len, encoded))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(encoded):  # left padding, as decoding needs
+            ids[i, width - len(seq) :], mask[i, width - len(seq) :] = torch.tensor(seq), 1
+        return order, [specs[i] for i in order], ids, mask
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], adapters: Sequence[AdapterSpec] | None = None, *,
+                 max_new_tokens: int = 64, raw: bool = False) -> list[str]:  # fmt: skip
+        """Greedy answers, one per prompt; ``adapters[i]`` is a name, a ``{name: weight}`` mix, or None."""
+        with self._lock:
+            order, specs, ids, mask = self._batch(prompts, adapters, raw)
+            with self._planned(specs, mask):
+                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                          do_sample=False, temperature=None, top_p=None, top_k=None,
+                                          pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+        texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        answers = [""] * len(prompts)
+        for position, original in enumerate(order):
+            answers[original] = texts[position].strip()
+        return answers
+
+    @torch.inference_mode()
+    def next_token_logits(self, prompts: Sequence[str], adapters: Sequence[AdapterSpec] | None = None, *,
+                          raw: bool = False) -> torch.Tensor:  # fmt: skip
+        """Logits of the token after each prompt, ``[len(prompts), vocab]`` in the prompts' order."""
+        with self._lock:
+            order, specs, ids, mask = self._batch(prompts, adapters, raw)
+            with self._planned(specs, mask):
+                logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        result = torch.empty_like(logits)
+        result[torch.tensor(order)] = logits
+        return result
+
+
+def _base_name(core: nn.Module) -> str:
+    source = getattr(core, "hub_peft_source", None)
+    return getattr(source, "hub_id", None) or getattr(core.config, "_name_or_path", None) or "the base model"
+
+
+def _kind_of(config: dict, source: Any) -> str:
+    peft_type = config.get("peft_type")
+    if peft_type == "REFT":
+        return "reft"
+    blockers = []
+    if peft_type != "LORA":
+        blockers.append(f"its type is {peft_type}")
+    else:
+        if config.get("use_dora"):
+            blockers.append("it uses DoRA (the magnitude vector rescales the whole merged weight)")
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            blockers.append("it has per-module rank/alpha patterns")
+        if config.get("bias", "none") != "none" or config.get("modules_to_save"):
+            blockers.append("it trains biases or whole modules")
+        if config.get("fan_in_fan_out"):
+            blockers.append("it uses fan_in_fan_out")
+    if blockers:
+        raise IncompatibleAdapterError(
+            f"{source} cannot be mixed per row ({'; '.join(blockers)}): per-row batches take LoRA/rsLoRA and ReFT. "
+            "Run it in a batch of its own with hub_peft.load_adapter(base, ...)."
+        )
+    return "lora"
+
+
+def _fingerprint(folder: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:40]
+
+
+def _load_lora(folder: Path, core: nn.Module) -> _Lora:
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    r, alpha = config["r"], config.get("lora_alpha", config["r"])
+    scale = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        stem, _, part = key.rpartition(".lora_")
+        part = part.removesuffix(".weight")
+        if part not in ("A", "B"):
+            raise IncompatibleAdapterError(f"{folder}: unexpected tensor {key} in a LoRA adapter.")
+        module = stem.removeprefix("base_model.model.")
+        pairs.setdefault(module, {})[part] = tensor.float()
+    names = {n for n, _ in core.named_modules()}
+    weights = {}
+    for module, ab in pairs.items():
+        if module not in names or set(ab) != {"A", "B"}:
+            raise IncompatibleAdapterError(f"{folder}: {module} is not a linear layer of this base model.")
+        weights[module] = (ab["A"], ab["B"], scale)
+    return _Lora(weights)
+
+
+def _load_reft(folder: Path) -> _Reft:
+    from safetensors.torch import load_file
+
+    config = ReftConfig.from_dict(json.loads((folder / "adapter_config.json").read_text()))
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    sites: dict[tuple[int, str], list[tuple[str, Intervention]]] = {}
+    for layer, component, group in config.sites():
+        key = ReftConfig.key_name(layer, component, group)
+        module = Intervention(config.intervention, config.hidden_size, config.rank, activation=config.activation,
+                              proj_bias=config.proj_bias, dtype=getattr(torch, config.dtype))  # fmt: skip
+        module.load({n.rsplit(".", 1)[1]: t for n, t in tensors.items() if n.startswith(f"reft.{key}.")}, name=key)
+        sites.setdefault((layer, component), []).append((group, module.eval()))
+    return _Reft(config, sites)
+
+
+def _payload_bytes(payload: _Lora | _Reft) -> int:
+    if isinstance(payload, _Lora):
+        return sum(a.nbytes + b.nbytes for a, b, _ in payload.weights.values())
+    return sum(p.nbytes for site in payload.sites.values() for _, m in site for p in m.parameters())

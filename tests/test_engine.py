@@ -1,0 +1,172 @@
+"""The multi-adapter engine: a mixed batch (LoRA, rsLoRA, ReFT, weighted mixes, bare base) must give every
+row what that row gets alone with only its adapter loaded the ordinary way; the LRU cache and revisions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_peft_methods import load_tiny, tiny_base_repo, tiny_tokenizer  # noqa: F401 - shared session fixture
+
+from hub_peft import load_adapter, push_adapter, save_adapter
+from hub_peft.errors import IncompatibleAdapterError, InvalidInputError, NotFoundError
+from hub_peft.reft import ReftConfig, get_reft_model
+from hub_peft.serving import MultiAdapterModel
+
+PROMPTS = ["a b c", "d e f g h i", "j", "k l m n", "o p q r s t u v", "w x"]
+
+
+def make_lora(seed: int, r: int, **kwargs):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **kwargs)
+    model = get_peft_model(load_tiny(), config)
+    with torch.no_grad():  # make the deltas large enough to change greedy tokens
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20)
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base_repo, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("engine_adapters")
+    folders = {
+        "lora": save_adapter(make_lora(1, 4), root / "lora"),
+        "rslora": save_adapter(make_lora(2, 8, use_rslora=True), root / "rslora"),
+    }
+    torch.manual_seed(3)
+    reft = get_reft_model(load_tiny(), ReftConfig(layers=[0, 1], positions="f1+l1", prompt_template="w1 {prompt} w2"))
+    with torch.no_grad():
+        for module in reft.interventions.values():
+            module.source.weight.mul_(5)
+    folders["reft"] = save_adapter(reft, root / "reft")
+    return folders
+
+
+@pytest.fixture
+def engine(adapters):
+    engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()))
+    for name, folder in adapters.items():
+        engine.add(name, folder)
+    return engine
+
+
+def alone(folder, prompt: str, max_new_tokens: int = 5, load_in_4bit: bool = False):
+    """The ordinary way: one adapter on a fresh base, one prompt."""
+    from hub_peft.chat import generate_reply
+
+    model = load_adapter(load_tiny(load_in_4bit), folder) if folder else load_tiny(load_in_4bit)
+    tokenizer = tiny_tokenizer()
+    reply = generate_reply(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+    from hub_peft.chat import encode_prompt, prompt_template, trained_prompt_template
+
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, trained_prompt_template(model) or prompt_template(tokenizer))])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1]
+    return reply, logits
+
+
+def test_a_mixed_batch_gives_each_row_its_single_adapter_result(engine, adapters):
+    rows = ["lora", None, "reft", "rslora", "lora", "reft"]
+    got = engine.generate(PROMPTS, rows, max_new_tokens=5)
+    logits = engine.next_token_logits(PROMPTS, rows)
+    replies = []
+    for i, (prompt, name) in enumerate(zip(PROMPTS, rows, strict=True)):
+        reply, expected = alone(adapters[name] if name else None, prompt)
+        replies.append(reply)
+        torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-4)
+    assert got == replies
+    base_only = engine.generate(PROMPTS, None, max_new_tokens=5)
+    assert sum(a != b for a, b in zip(got, base_only, strict=True)) >= 3, "the adapters changed nothing"
+
+
+def test_a_mixed_batch_on_an_nf4_base(adapters):
+    engine = MultiAdapterModel((load_tiny(load_in_4bit=True), tiny_tokenizer()))
+    for name, folder in adapters.items():
+        engine.add(name, folder)
+    rows = ["reft", "lora", None, "rslora"]
+    logits = engine.next_token_logits(PROMPTS[:4], rows)
+    for i, name in enumerate(rows):
+        expected = alone(adapters[name] if name else None, PROMPTS[i], load_in_4bit=True)[1]
+        torch.testing.assert_close(logits[i], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_weighted_lora_mix_is_the_exact_sum_of_deltas(engine, adapters):
+    """0.7·Δlora + 0.3·Δrslora equals one PEFT LoRA whose A/B stack both (rank 4+8), never averaged A and B."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    parts = {name: load_file(str(adapters[name] / "adapter_model.safetensors")) for name in ("lora", "rslora")}
+    scales = {"lora": 8 / 4, "rslora": 16 / 8**0.5}
+    weights = {"lora": 0.7, "rslora": 0.3}
+    stacked = get_peft_model(
+        load_tiny(), LoraConfig(r=12, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
+    with torch.no_grad():
+        for name, param in stacked.named_parameters():
+            if "lora_" not in name:
+                continue
+            key = name.replace(".default", "")
+            A = [parts[n][key.replace("lora_B", "lora_A")] for n in ("lora", "rslora")]
+            B = [parts[n][key.replace("lora_A", "lora_B")] * weights[n] * scales[n] for n in ("lora", "rslora")]
+            param.copy_(torch.cat(A, 0) if "lora_A" in name else torch.cat(B, 1))
+    mix = {"lora": 0.7, "rslora": 0.3}
+    logits = engine.next_token_logits(PROMPTS[:3], [mix, "lora", mix])
+    from hub_peft.chat import encode_prompt, prompt_template
+
+    tokenizer = tiny_tokenizer()
+    for i in (0, 2):
+        ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[i], prompt_template(tokenizer))])
+        with torch.no_grad():
+            expected = stacked(input_ids=ids).logits[0, -1]
+        torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[1], alone(adapters["lora"], PROMPTS[1])[1], rtol=1e-4, atol=1e-4)
+
+
+def test_lru_eviction_pinning_and_transparent_reload(adapters):
+    engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()), memory_budget=1)
+    engine.add("reft", adapters["reft"], pin=True)
+    engine.add("lora", adapters["lora"])
+    engine.add("rslora", adapters["rslora"])
+    state = {e["name"]: e["resident"] for e in engine.loaded()}
+    assert state == {"reft": True, "lora": False, "rslora": False}  # over budget: only the pinned one stays
+    assert engine.stats["evictions"] >= 2 and all(e["bytes"] > 0 for e in engine.loaded())
+    reply = engine.generate([PROMPTS[0]], ["lora"], max_new_tokens=5)
+    assert reply == [alone(adapters["lora"], PROMPTS[0])[0]] and engine.stats["loads"] == 4  # reloaded from disk
+    engine.memory_budget = 10**9
+    engine.generate(PROMPTS[:2], ["lora", "rslora"], max_new_tokens=2)
+    assert all(e["resident"] for e in engine.loaded())
+    engine.remove("lora")
+    with pytest.raises(NotFoundError, match=r"No adapter named 'lora'; loaded: \['reft', 'rslora'\]"):
+        engine.generate([PROMPTS[0]], ["lora"])
+
+
+def test_a_new_revision_is_a_new_cache_entry(adapters, alice, repo_name, tmp_path):
+    repo_id = f"alice/{repo_name}"
+    first = push_adapter(adapters["lora"], repo_id, token=alice).rsplit("/", 1)[-1]
+    engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()))
+    assert engine.add("v1", repo_id)["commit"] == first
+    push_adapter(adapters["rslora"], repo_id, token=alice)
+    second = engine.add("v2", repo_id)["commit"]
+    assert second != first and engine.add("old", repo_id, revision=first)["commit"] == first
+    logits = engine.next_token_logits([PROMPTS[1]] * 2, ["v1", "v2"])
+    torch.testing.assert_close(logits[0], alone(adapters["lora"], PROMPTS[1])[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[1], alone(adapters["rslora"], PROMPTS[1])[1], rtol=1e-4, atol=1e-4)
+
+
+def test_what_cannot_be_mixed_is_refused_clearly(engine, tiny_base_repo, tmp_path):  # noqa: F811
+    from peft import IA3Config, get_peft_model
+
+    dora = save_adapter(make_lora(4, 4, use_dora=True), tmp_path / "dora")
+    with pytest.raises(IncompatibleAdapterError, match=r"uses DoRA.*batch of its own"):
+        engine.add("dora", dora)
+    ia3 = save_adapter(get_peft_model(load_tiny(), IA3Config(target_modules=["k_proj"], feedforward_modules=[])),
+                       tmp_path / "ia3")  # fmt: skip
+    with pytest.raises(IncompatibleAdapterError, match="its type is IA3"):
+        engine.add("ia3", ia3)
+    with pytest.raises(InvalidInputError, match="2 prompts but 1 adapter"):
+        engine.generate(["a", "b"], ["lora"])
+    with pytest.raises(InvalidInputError, match="Mix weight"):
+        engine.generate(["a"], [{"lora": "lots"}])
