@@ -1,5 +1,5 @@
 """Serving many adapters off one base model."""
 
-from .engine import AdapterSpec, MultiAdapterModel
+from .engine import AdapterSpec, Completion, MultiAdapterModel
 
-__all__ = ["AdapterSpec", "MultiAdapterModel"]
+__all__ = ["AdapterSpec", "Completion", "MultiAdapterModel"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._bnb import keep_4bit_trainable
 from ..errors import IncompatibleAdapterError, InvalidInputError, NotFoundError
 from ..reft.config import ReftConfig
 from ..reft.interventions import Intervention
@@ -69,6 +70,38 @@ class _Group:
 
 
 @dataclass
+class Completion:
+    tokens: list[int]  # generated ids, EOS included when the model stopped
+    prompt_tokens: int
+    finish_reason: str  # stop | length
+
+
+class _RowStreamer:
+    """A transformers streamer for a batch: collects each row's tokens up to its own limit and EOS."""
+
+    def __init__(self, order: list[int], limits: list[int], eos: int | None, on_token) -> None:
+        self.order, self.limits, self.eos, self.on_token = order, limits, eos, on_token
+        self.tokens: list[list[int]] = [[] for _ in order]
+        self.done = [False] * len(order)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first hands over the prompt ids
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.order), -1)[:, -1].tolist()):
+            if self.done[row]:
+                continue
+            self.tokens[row].append(token)
+            if self.on_token is not None:
+                self.on_token(self.order[row], token)
+            self.done[row] = token == self.eos or len(self.tokens[row]) >= self.limits[row]
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
 class _Plan:
     groups: list[_Group]
     forwards_seen: int = 0
@@ -109,6 +142,7 @@ class MultiAdapterModel:
 
         self.model, self.tokenizer = base or load_base_model(None, load_in_4bit=load_in_4bit)
         self.core = innermost_model(self.model)
+        keep_4bit_trainable(self.core)  # exact float32 dequantize-and-matmul, never bitsandbytes' bf16 CPU kernel
         self.memory_budget = memory_budget
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
         self._entries: dict[str, _Entry] = {}
@@ -139,6 +173,9 @@ class MultiAdapterModel:
 
     def _reft_edit(self, layer: int, component: str, hidden: torch.Tensor) -> torch.Tensor:
         plan = self._plan
+        import os
+        if os.environ.get("DBG_ENGINE") and component == "block_output":
+            print("EDIT", layer, component, None if plan is None else plan.forwards_seen, [len(g.refts) for g in plan.groups] if plan else None)
         if plan is None or plan.forwards_seen != 1:  # ReFT edits prompt positions in the prefill only
             return hidden
         for group in plan.groups:
@@ -293,27 +330,28 @@ class MultiAdapterModel:
                 raise InvalidInputError(f"An adapter entry is a name, a {{name: weight}} mix or None, got {spec!r}.")
         return out
 
-    def _encode(self, prompts: Sequence[str], specs, raw: bool) -> list[list[int]]:
-        from ..chat import encode_prompt, prompt_template
+    def _encode(self, prompts: Sequence[str], specs, raw: Sequence[bool]) -> list[list[int]]:
+        from ..chat import PLACEHOLDER, encode_prompt, prompt_template
 
-        default = prompt_template(self.tokenizer, raw=raw)
+        chat = prompt_template(self.tokenizer)
         encoded = []
-        for prompt, spec in zip(prompts, specs, strict=True):
+        for prompt, spec, is_raw in zip(prompts, specs, raw, strict=True):
             templates = {self._entries[n].template for n, _ in spec} - {None}
-            template = templates.pop() if len(templates) == 1 and not raw else default
+            template = PLACEHOLDER if is_raw else templates.pop() if len(templates) == 1 else chat
             encoded.append(encode_prompt(self.tokenizer, prompt, template))
         return encoded
 
-    def _batch(self, prompts: Sequence[str], adapters, raw: bool):
+    def _batch(self, prompts: Sequence[str], adapters, raw: bool | Sequence[bool]):
         if isinstance(prompts, str):
             raise InvalidInputError("prompts must be a list of strings.")
         specs = self._normalize(adapters, len(prompts))
+        raw = [raw] * len(prompts) if isinstance(raw, bool) else list(raw)
         needed = {n for spec in specs for n, _ in spec}
         for name in needed:
             self._materialize(self._entries[name])
         self._evict(keep=needed)
         order = sorted(range(len(prompts)), key=lambda i: specs[i])
-        encoded = self._encode([prompts[i] for i in order], [specs[i] for i in order], raw)
+        encoded = self._encode([prompts[i] for i in order], [specs[i] for i in order], [raw[i] for i in order])
         width = max(map(len, encoded))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -323,20 +361,44 @@ class MultiAdapterModel:
         return order, [specs[i] for i in order], ids, mask
 
     @torch.inference_mode()
+    def generate_tokens(
+        self,
+        prompts: Sequence[str],
+        adapters: Sequence[AdapterSpec] | None = None,
+        *,
+        max_new_tokens: int | Sequence[int] = 64,
+        raw: bool | Sequence[bool] = False,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[Completion]:
+        """Greedy completions as token ids, one per prompt (in the prompts' order).
+
+        ``max_new_tokens`` may differ per row (greedy rows do not depend on each other, so a row's
+        tokens are the same whatever it is batched with); ``on_token(row, token_id)`` streams them.
+        """
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(prompts) or any(n < 1 for n in limits):
+            raise InvalidInputError("max_new_tokens must be >= 1, one value or one per prompt.")
+        eos = self.tokenizer.eos_token_id
+        with self._lock:
+            order, specs, ids, mask = self._batch(prompts, adapters, raw)
+            streamer = _RowStreamer(order, [limits[i] for i in order], eos, on_token)
+            with self._planned(specs, mask):
+                self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits), do_sample=False,
+                                    temperature=None, top_p=None, top_k=None, streamer=streamer,
+                                    pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+        prompt_tokens = mask.sum(dim=1).tolist()
+        out: list[Completion | None] = [None] * len(prompts)
+        for position, original in enumerate(order):
+            tokens = streamer.tokens[position]
+            finish = "stop" if tokens and tokens[-1] == eos else "length"
+            out[original] = Completion(tokens, int(prompt_tokens[position]), finish)
+        return out
+
     def generate(self, prompts: Sequence[str], adapters: Sequence[AdapterSpec] | None = None, *,
                  max_new_tokens: int = 64, raw: bool = False) -> list[str]:  # fmt: skip
         """Greedy answers, one per prompt; ``adapters[i]`` is a name, a ``{name: weight}`` mix, or None."""
-        with self._lock:
-            order, specs, ids, mask = self._batch(prompts, adapters, raw)
-            with self._planned(specs, mask):
-                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                          do_sample=False, temperature=None, top_p=None, top_k=None,
-                                          pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
-        texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        answers = [""] * len(prompts)
-        for position, original in enumerate(order):
-            answers[original] = texts[position].strip()
-        return answers
+        completions = self.generate_tokens(prompts, adapters, max_new_tokens=max_new_tokens, raw=raw)
+        return [self.tokenizer.decode(c.tokens, skip_special_tokens=True).strip() for c in completions]
 
     @torch.inference_mode()
     def next_token_logits(self, prompts: Sequence[str], adapters: Sequence[AdapterSpec] | None = None, *,
