@@ -54,21 +54,17 @@ def engine(adapters):
 
 
 def alone(folder, prompt: str, max_new_tokens: int = 5, load_in_4bit: bool = False):
-    """The ordinary way: one adapter on a fresh base, one prompt."""
-    from hub_peft.chat import generate_reply
-
+    """The ordinary way: one adapter on a fresh base, one prompt -> (greedy reply, next-token logits)."""
     from hub_peft._bnb import keep_4bit_trainable
+    from hub_peft.chat import encode_prompt, generate_reply, prompt_template, trained_prompt_template
 
     base = keep_4bit_trainable(load_tiny(load_in_4bit))  # what load_base_model does for 4-bit bases
     model = load_adapter(base, folder) if folder else base
     tokenizer = tiny_tokenizer()
-    reply = generate_reply(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
-    from hub_peft.chat import encode_prompt, prompt_template, trained_prompt_template
-
     ids = torch.tensor([encode_prompt(tokenizer, prompt, trained_prompt_template(model) or prompt_template(tokenizer))])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -1]
-    return reply, logits
+    return generate_reply(model, tokenizer, prompt, max_new_tokens=max_new_tokens), logits
 
 
 def test_a_mixed_batch_gives_each_row_its_single_adapter_result(engine, adapters):
@@ -93,7 +89,6 @@ def test_a_mixed_batch_on_an_nf4_base(adapters):
     logits = engine.next_token_logits(PROMPTS[:4], rows)
     for i, name in enumerate(rows):
         expected = alone(adapters[name] if name else None, PROMPTS[i], load_in_4bit=True)[1]
-        print("DBG", i, name, round(logits[i].sum().item(), 5), round(expected.sum().item(), 5))
         torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-4, msg=f"row {i} ({name})")
 
 

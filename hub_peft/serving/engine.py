@@ -173,9 +173,6 @@ class MultiAdapterModel:
 
     def _reft_edit(self, layer: int, component: str, hidden: torch.Tensor) -> torch.Tensor:
         plan = self._plan
-        import os
-        if os.environ.get("DBG_ENGINE") and component == "block_output":
-            print("EDIT", layer, component, None if plan is None else plan.forwards_seen, [len(g.refts) for g in plan.groups] if plan else None)
         if plan is None or plan.forwards_seen != 1:  # ReFT edits prompt positions in the prefill only
             return hidden
         for group in plan.groups:
