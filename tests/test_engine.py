@@ -42,7 +42,22 @@ def adapters(tiny_base_repo, tmp_path_factory):  # noqa: F811
         for module in reft.interventions.values():
             module.source.weight.mul_(5)
     folders["reft"] = save_adapter(reft, root / "reft")
+    folders["ia3"] = save_adapter(make_ia3(5), root / "ia3")
     return folders
+
+
+def make_ia3(seed: int):
+    """IA3 on k/v (output scaling) and down_proj (feed-forward input scaling), vectors away from 1."""
+    from peft import IA3Config, get_peft_model
+
+    config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    model = get_peft_model(load_tiny(), config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(torch.empty_like(p).uniform_(-1.5, 3.5))
+    return model
 
 
 @pytest.fixture
@@ -68,7 +83,7 @@ def alone(folder, prompt: str, max_new_tokens: int = 5, load_in_4bit: bool = Fal
 
 
 def test_a_mixed_batch_gives_each_row_its_single_adapter_result(engine, adapters):
-    rows = ["lora", None, "reft", "rslora", "lora", "reft"]
+    rows = ["lora", None, "reft", "rslora", "ia3", "reft"]
     got = engine.generate(PROMPTS, rows, max_new_tokens=5)
     logits = engine.next_token_logits(PROMPTS, rows)
     replies = []
@@ -85,8 +100,8 @@ def test_a_mixed_batch_on_an_nf4_base(adapters):
     engine = MultiAdapterModel((load_tiny(load_in_4bit=True), tiny_tokenizer()))
     for name, folder in adapters.items():
         engine.add(name, folder)
-    rows = ["reft", "lora", None, "rslora"]
-    logits = engine.next_token_logits(PROMPTS[:4], rows)
+    rows = ["reft", "lora", None, "rslora", "ia3"]
+    logits = engine.next_token_logits(PROMPTS[:5], rows)
     for i, name in enumerate(rows):
         expected = alone(adapters[name] if name else None, PROMPTS[i], load_in_4bit=True)[1]
         torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-4, msg=f"row {i} ({name})")
@@ -124,6 +139,43 @@ def test_a_weighted_lora_mix_is_the_exact_sum_of_deltas(engine, adapters):
     torch.testing.assert_close(logits[1], alone(adapters["lora"], PROMPTS[1])[1], rtol=1e-4, atol=1e-4)
 
 
+def test_a_weighted_ia3_mix_is_the_exact_sum_of_deltas(engine, adapters, tmp_path):
+    """IA3 deltas are linear in (l − 1): 0.25·Δa + 0.75·Δb is one IA3 with l = 1 + 0.25(la − 1) + 0.75(lb − 1)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    engine.add("ia3_b", save_adapter(make_ia3(6), tmp_path / "ia3_b"))
+    a = load_file(str(adapters["ia3"] / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "ia3_b" / "adapter_model.safetensors"))
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "adapter_config.json").write_text((adapters["ia3"] / "adapter_config.json").read_text())
+    save_file({k: 1 + 0.25 * (a[k] - 1) + 0.75 * (b[k] - 1) for k in a}, str(merged / "adapter_model.safetensors"))
+    reference = PeftModel.from_pretrained(load_tiny(), merged)
+    logits = engine.next_token_logits(PROMPTS[:2], [{"ia3": 0.25, "ia3_b": 0.75}, "ia3_b"])
+    from hub_peft.chat import encode_prompt, prompt_template
+
+    ids = torch.tensor([encode_prompt(tiny_tokenizer(), PROMPTS[0], prompt_template(tiny_tokenizer()))])
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits[0, -1]
+    torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[1], alone(tmp_path / "ia3_b", PROMPTS[1])[1], rtol=1e-4, atol=1e-4)
+
+
+def test_chat_messages_use_the_chat_template_or_the_adapters_own_format(adapters):
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}w9 {{ m['content'] }} w10 {% endfor %}w11"
+    engine = MultiAdapterModel((load_tiny(), tokenizer))
+    engine.add("reft", adapters["reft"])
+    conversation = [{"role": "system", "content": "a b"}, {"role": "user", "content": "c d"}]
+    logits = engine.next_token_logits([conversation, "w9 a b w10 w9 c d w10 w11", conversation, "c d"],
+                                      [None, None, "reft", "reft"], raw=[False, True, False, False])  # fmt: skip
+    torch.testing.assert_close(logits[0], logits[1])  # the whole conversation in the chat format
+    torch.testing.assert_close(logits[2], logits[3])  # ReFT recorded "w1 {prompt} w2": the last user turn in it
+    with pytest.raises(InvalidInputError, match="at least one user message"):
+        engine.generate([[{"role": "system", "content": "x"}]])
+
+
 def test_lru_eviction_pinning_and_transparent_reload(adapters):
     engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()), memory_budget=1)
     engine.add("reft", adapters["reft"], pin=True)
@@ -156,15 +208,17 @@ def test_a_new_revision_is_a_new_cache_entry(adapters, alice, repo_name, tmp_pat
 
 
 def test_what_cannot_be_mixed_is_refused_clearly(engine, tiny_base_repo, tmp_path):  # noqa: F811
-    from peft import IA3Config, get_peft_model
+    from peft import LoHaConfig, LoraConfig, get_peft_model
 
     dora = save_adapter(make_lora(4, 4, use_dora=True), tmp_path / "dora")
     with pytest.raises(IncompatibleAdapterError, match=r"uses DoRA.*batch of its own"):
         engine.add("dora", dora)
-    ia3 = save_adapter(get_peft_model(load_tiny(), IA3Config(target_modules=["k_proj"], feedforward_modules=[])),
-                       tmp_path / "ia3")  # fmt: skip
-    with pytest.raises(IncompatibleAdapterError, match="its type is IA3"):
-        engine.add("ia3", ia3)
+    loha = save_adapter(get_peft_model(load_tiny(), LoHaConfig(target_modules=["k_proj"])), tmp_path / "loha")
+    with pytest.raises(IncompatibleAdapterError, match="its type is LOHA"):
+        engine.add("loha", loha)
+    lm_head = save_adapter(get_peft_model(load_tiny(), LoraConfig(target_modules=["lm_head"])), tmp_path / "head")
+    with pytest.raises(IncompatibleAdapterError, match="lm_head"):
+        engine.add("head", lm_head)
     with pytest.raises(InvalidInputError, match="2 prompts but 1 adapter"):
         engine.generate(["a", "b"], ["lora"])
     with pytest.raises(InvalidInputError, match="Mix weight"):

@@ -1,7 +1,7 @@
 """Many adapters over one base model, a different adapter (or a weighted mix) per row of a batch.
 
-The base is wrapped once: every linear layer inside the decoder blocks gets a :class:`_RowLora`
-(it adds each row group's LoRA delta with two small matmuls over that group's contiguous rows),
+The base is wrapped once: every linear layer inside the decoder blocks gets a :class:`_RowDeltas`
+(it adds each row group's LoRA/IA3 delta with small dense matmuls over that group's contiguous rows),
 and every decoder block gets ReFT hooks (they edit each group's prompt positions during prefill).
 A batch is sorted by adapter so rows of one adapter are contiguous; nothing runs per row in Python
 and no adapter runs on rows that are not its own. A mix ``{"a": 0.7, "b": 0.3}`` adds
@@ -33,12 +33,18 @@ from ..reft.interventions import Intervention
 from ..reft.model import component_module, find_decoder, find_decoder_layers, innermost_model, prompt_positions
 
 AdapterSpec = str | dict[str, float] | None
+Prompt = str | Sequence[dict[str, str]]  # a prompt, or chat messages [{"role": ..., "content": ...}]
 _LINEARS = ("Linear", "Linear4bit", "Linear8bitLt")
 
 
 @dataclass
 class _Lora:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module name -> (A [r, in], B [out, r], scale)
+
+
+@dataclass
+class _Ia3:
+    scales: dict[str, tuple[torch.Tensor, bool]]  # module name -> (l − 1, scales the input (feed-forward))
 
 
 @dataclass
@@ -50,7 +56,7 @@ class _Reft:
 @dataclass
 class _Entry:
     name: str
-    kind: str  # lora | reft
+    kind: str  # lora | ia3 | reft
     source: str
     revision: str | None
     folder: Path
@@ -59,13 +65,14 @@ class _Entry:
     template: str | None
     pinned: bool = False
     last_used: float = 0.0
-    payload: _Lora | _Reft | None = None
+    payload: _Lora | _Ia3 | _Reft | None = None
 
 
 @dataclass
 class _Group:
     rows: slice
     loras: list[tuple[_Lora, float]] = field(default_factory=list)
+    ia3s: list[tuple[_Ia3, float]] = field(default_factory=list)
     refts: list[tuple[_Reft, float, dict[str, torch.Tensor]]] = field(default_factory=list)  # + positions
 
 
@@ -107,8 +114,14 @@ class _Plan:
     forwards_seen: int = 0
 
 
-class _RowLora(nn.Module):
-    """A linear layer of the base plus the LoRA deltas of whichever row groups the current batch has."""
+class _RowDeltas(nn.Module):
+    """A linear layer of the base plus the weight-space deltas of each row group of the current batch.
+
+    For rows ``x`` of one group and its adapters ``i`` with weights ``wᵢ``: LoRA adds
+    ``Σ wᵢ·sᵢ·Bᵢ(Aᵢ x)``; IA3 adds ``(Σ wᵢ(lᵢ − 1)) ⊙ W x`` (output scaling) or
+    ``W(x ⊙ Σ wᵢ(lᵢ − 1))`` (feed-forward input scaling). Each term is the adapter's exact change of this
+    layer's output, so a mix is the weighted sum of the adapters' deltas.
+    """
 
     def __init__(self, engine: MultiAdapterModel, name: str, base_layer: nn.Module) -> None:
         super().__init__()
@@ -121,10 +134,24 @@ class _RowLora(nn.Module):
             return out
         for group in plan.groups:
             terms = [(lora.weights[self.name], w) for lora, w in group.loras if self.name in lora.weights]
-            if not terms:
+            scales = [(ia3.scales[self.name], w) for ia3, w in group.ia3s if self.name in ia3.scales]
+            if not terms and not scales:
                 continue
-            rows = x[group.rows].to(terms[0][0][0].dtype)
-            delta = sum(w * scale * ((rows @ A.T) @ B.T) for (A, B, scale), w in terms)
+            rows = x[group.rows]
+            delta = torch.zeros(out[group.rows].shape, dtype=torch.float32)
+            for (A, B, scale), w in terms:
+                delta += (w * scale) * ((rows.float() @ A.T) @ B.T)
+            for feed_forward in (False, True):
+                parts = [w * s for (s, ff), w in scales if ff == feed_forward]
+                if not parts:
+                    continue
+                s = torch.stack(parts).sum(0)
+                if feed_forward:
+                    bias = getattr(self.base_layer, "bias", None)
+                    scaled = self.base_layer((rows * s.to(rows.dtype)).to(rows.dtype))
+                    delta += (scaled if bias is None else scaled - bias).float()
+                else:
+                    delta += out[group.rows].float() * s
             out[group.rows] += delta.to(out.dtype)
         return out
 
@@ -165,7 +192,7 @@ class MultiAdapterModel:
             if not name.startswith(prefix + ".") or type(module).__name__ not in _LINEARS:
                 continue
             parent, _, child = name.rpartition(".")
-            setattr(self.core.get_submodule(parent), child, _RowLora(self, name, module))
+            setattr(self.core.get_submodule(parent), child, _RowDeltas(self, name, module))
 
     def _count_forward(self, module: nn.Module, args: Any) -> None:
         if self._plan is not None:
@@ -267,7 +294,8 @@ class MultiAdapterModel:
             return
         self.stats["misses"] += 1
         self.stats["loads"] += 1
-        entry.payload = _load_lora(entry.folder, self.core) if entry.kind == "lora" else _load_reft(entry.folder)
+        loader = {"lora": _load_lora, "ia3": _load_ia3, "reft": lambda folder, core: _load_reft(folder)}
+        entry.payload = loader[entry.kind](entry.folder, self.core)
         entry.nbytes = _payload_bytes(entry.payload)
 
     def _evict(self, keep: set[str] = frozenset()) -> None:
@@ -295,6 +323,8 @@ class MultiAdapterModel:
                 payload = self._entries[name].payload
                 if isinstance(payload, _Lora):
                     group.loras.append((payload, weight))
+                elif isinstance(payload, _Ia3):
+                    group.ia3s.append((payload, weight))
                 else:
                     first, last = payload.config.first_last
                     group.refts.append((payload, weight, prompt_positions(attention_mask[start:end], first, last)))
@@ -327,20 +357,30 @@ class MultiAdapterModel:
                 raise InvalidInputError(f"An adapter entry is a name, a {{name: weight}} mix or None, got {spec!r}.")
         return out
 
-    def _encode(self, prompts: Sequence[str], specs, raw: Sequence[bool]) -> list[list[int]]:
+    def _encode(self, prompts: Sequence[Prompt], specs, raw: Sequence[bool]) -> list[list[int]]:
+        """Token ids per row: the adapter's recorded training template (single turn), else the chat template."""
         from ..chat import PLACEHOLDER, encode_prompt, prompt_template
 
         chat = prompt_template(self.tokenizer)
         encoded = []
         for prompt, spec, is_raw in zip(prompts, specs, raw, strict=True):
-            templates = {self._entries[n].template for n, _ in spec} - {None}
-            template = PLACEHOLDER if is_raw else templates.pop() if len(templates) == 1 else chat
-            encoded.append(encode_prompt(self.tokenizer, prompt, template))
+            recorded = {self._entries[n].template for n, _ in spec} - {None}
+            template = PLACEHOLDER if is_raw else recorded.pop() if len(recorded) == 1 else chat
+            if isinstance(prompt, str):
+                encoded.append(encode_prompt(self.tokenizer, prompt, template))
+            elif template == chat and chat != PLACEHOLDER:  # a whole conversation in the tokenizer's chat format
+                text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+                encoded.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            else:  # an adapter trained on single prompts answers the last user turn in its own format
+                encoded.append(encode_prompt(self.tokenizer, _last_user_turn(prompt), template))
         return encoded
 
-    def _batch(self, prompts: Sequence[str], adapters, raw: bool | Sequence[bool]):
+    def _batch(self, prompts: Sequence[Prompt], adapters, raw: bool | Sequence[bool]):
         if isinstance(prompts, str):
-            raise InvalidInputError("prompts must be a list of strings.")
+            raise InvalidInputError("prompts must be a list (of strings or chat message lists), not one string.")
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                _check_messages(prompt)
         specs = self._normalize(adapters, len(prompts))
         raw = [raw] * len(prompts) if isinstance(raw, bool) else list(raw)
         needed = {n for spec in specs for n, _ in spec}
@@ -360,7 +400,7 @@ class MultiAdapterModel:
     @torch.inference_mode()
     def generate_tokens(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         adapters: Sequence[AdapterSpec] | None = None,
         *,
         max_new_tokens: int | Sequence[int] = 64,
@@ -391,14 +431,14 @@ class MultiAdapterModel:
             out[original] = Completion(tokens, int(prompt_tokens[position]), finish)
         return out
 
-    def generate(self, prompts: Sequence[str], adapters: Sequence[AdapterSpec] | None = None, *,
+    def generate(self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None = None, *,
                  max_new_tokens: int = 64, raw: bool = False) -> list[str]:  # fmt: skip
         """Greedy answers, one per prompt; ``adapters[i]`` is a name, a ``{name: weight}`` mix, or None."""
         completions = self.generate_tokens(prompts, adapters, max_new_tokens=max_new_tokens, raw=raw)
         return [self.tokenizer.decode(c.tokens, skip_special_tokens=True).strip() for c in completions]
 
     @torch.inference_mode()
-    def next_token_logits(self, prompts: Sequence[str], adapters: Sequence[AdapterSpec] | None = None, *,
+    def next_token_logits(self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None = None, *,
                           raw: bool = False) -> torch.Tensor:  # fmt: skip
         """Logits of the token after each prompt, ``[len(prompts), vocab]`` in the prompts' order."""
         with self._lock:
@@ -408,6 +448,24 @@ class MultiAdapterModel:
         result = torch.empty_like(logits)
         result[torch.tensor(order)] = logits
         return result
+
+
+def _check_messages(messages: Any) -> None:
+    roles = ("system", "user", "assistant")
+    ok = (
+        isinstance(messages, (list, tuple))
+        and messages
+        and all(isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str) for m in messages)
+    )
+    if not ok or not any(m["role"] == "user" for m in messages):
+        raise InvalidInputError(
+            "A chat prompt is a non-empty list of {'role': 'system'|'user'|'assistant', 'content': str} messages "
+            "with at least one user message."
+        )
+
+
+def _last_user_turn(messages: Sequence[dict[str, str]]) -> str:
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
 def _base_name(core: nn.Module) -> str:
@@ -420,7 +478,10 @@ def _kind_of(config: dict, source: Any) -> str:
     if peft_type == "REFT":
         return "reft"
     blockers = []
-    if peft_type != "LORA":
+    if peft_type == "IA3":
+        if config.get("fan_in_fan_out") or config.get("modules_to_save"):
+            blockers.append("it uses fan_in_fan_out or trains whole modules")
+    elif peft_type != "LORA":
         blockers.append(f"its type is {peft_type}")
     else:
         if config.get("use_dora"):
@@ -433,10 +494,11 @@ def _kind_of(config: dict, source: Any) -> str:
             blockers.append("it uses fan_in_fan_out")
     if blockers:
         raise IncompatibleAdapterError(
-            f"{source} cannot be mixed per row ({'; '.join(blockers)}): per-row batches take LoRA/rsLoRA and ReFT. "
+            f"{source} cannot be mixed per row ({'; '.join(blockers)}): per-row batches take LoRA/rsLoRA, IA3 and "
+            "ReFT. "
             "Run it in a batch of its own with hub_peft.load_adapter(base, ...)."
         )
-    return "lora"
+    return peft_type.lower()
 
 
 def _fingerprint(folder: Path) -> str:
@@ -463,13 +525,30 @@ def _load_lora(folder: Path, core: nn.Module) -> _Lora:
             raise IncompatibleAdapterError(f"{folder}: unexpected tensor {key} in a LoRA adapter.")
         module = stem.removeprefix("base_model.model.")
         pairs.setdefault(module, {})[part] = tensor.float()
-    names = {n for n, _ in core.named_modules()}
+    names = {n for n, m in core.named_modules() if isinstance(m, _RowDeltas)}
     weights = {}
     for module, ab in pairs.items():
         if module not in names or set(ab) != {"A", "B"}:
-            raise IncompatibleAdapterError(f"{folder}: {module} is not a linear layer of this base model.")
+            raise IncompatibleAdapterError(
+                f"{folder}: {module} is not a linear layer of this base model's decoder blocks (per-row batches "
+                "apply LoRA there only)."
+            )
         weights[module] = (ab["A"], ab["B"], scale)
     return _Lora(weights)
+
+
+def _load_ia3(folder: Path, core: nn.Module) -> _Ia3:
+    from safetensors.torch import load_file
+
+    modules = dict(core.named_modules())
+    scales = {}
+    for key, tensor in load_file(str(folder / "adapter_model.safetensors")).items():
+        module = key.removeprefix("base_model.model.").removesuffix(".ia3_l")
+        if not key.endswith(".ia3_l") or not isinstance(modules.get(module), _RowDeltas):
+            raise IncompatibleAdapterError(f"{folder}: {key} does not name an IA3 vector of this base model's layers.")
+        feed_forward = tensor.shape[0] == 1 and tensor.shape[1] != 1  # PEFT stores [1, in] vs [out, 1]
+        scales[module] = (tensor.float().reshape(-1) - 1, feed_forward)
+    return _Ia3(scales)
 
 
 def _load_reft(folder: Path) -> _Reft:
@@ -487,7 +566,9 @@ def _load_reft(folder: Path) -> _Reft:
     return _Reft(config, sites)
 
 
-def _payload_bytes(payload: _Lora | _Reft) -> int:
+def _payload_bytes(payload: _Lora | _Ia3 | _Reft) -> int:
     if isinstance(payload, _Lora):
         return sum(a.nbytes + b.nbytes for a, b, _ in payload.weights.values())
+    if isinstance(payload, _Ia3):
+        return sum(s.nbytes for s, _ in payload.scales.values())
     return sum(p.nbytes for site in payload.sites.values() for _, m in site for p in m.parameters())
