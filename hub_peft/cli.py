@@ -40,6 +40,39 @@ def _cmd_hub_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_adapter_spec(spec: str) -> tuple[str, str, str | None]:
+    from .errors import InvalidInputError
+
+    name, sep, source = spec.partition("=")
+    if not sep or not name or not source:
+        raise InvalidInputError(f"--adapter takes NAME=REPO_ID[@REVISION] (or NAME=FOLDER), got {spec!r}.")
+    source, _, revision = source.partition("@") if not Path(source).exists() else (source, "", "")
+    return name, source, revision or None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Serve many adapters over one base model behind an OpenAI-compatible API."""
+    import uvicorn
+    from tqdm import tqdm
+
+    from .base_model import load_base_model
+    from .serving import MultiAdapterModel, create_app
+
+    adapters = [_parse_adapter_spec(spec) for spec in args.adapter or []]
+    base = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
+    engine = MultiAdapterModel(base, memory_budget=int(args.memory_budget_mb * 2**20))
+    for name, source, revision in tqdm(adapters, desc="loading adapters", unit="adapter", disable=not adapters):
+        engine.add(name, source, revision, pin=True)
+    base_name = args.base or "HuggingFaceTB/SmolLM2-135M-Instruct"
+    app = create_app(engine, base_name=base_name, allow_hub_pattern=args.allow_hub_pattern,
+                     max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                     max_prompt_tokens=args.max_prompt_tokens,
+                     admin_token=os.environ.get("HUB_PEFT_ADMIN_TOKEN"))  # fmt: skip
+    print(f"Serving {base_name} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Start the local Hub and show the default base model, in 4-bit, answering a chat prompt."""
     import secrets
@@ -312,6 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
     studio.add_argument("--user", default="me", help="Local Hub user the Studio pushes as (default: me).")
     studio.add_argument("--no-local-hub", action="store_true", help="Use HF_ENDPOINT/HF_TOKEN as they are.")
     studio.set_defaults(func=_cmd_studio)
+
+    serve_api = sub.add_parser("serve", help="Serve many adapters over one base model (OpenAI-compatible API).")
+    serve_api.add_argument("--base", default=None, help="Base model (default: the embedded SmolLM2-135M-Instruct).")
+    serve_api.add_argument("--load-in-4bit", action="store_true", help="Load the base in NF4 4-bit (bitsandbytes).")
+    serve_api.add_argument("--adapter", action="append", metavar="NAME=REPO_ID[@REVISION]",
+                           help="An adapter to load at start (repeatable); a folder works too.")  # fmt: skip
+    serve_api.add_argument(
+        "--allow-hub-pattern",
+        default=None,
+        metavar="PATTERN",
+        help="Let requests name Hub repos matching this pattern, e.g. 'me/*' (default: off).",
+    )
+    serve_api.add_argument("--host", default="127.0.0.1")
+    serve_api.add_argument("--port", type=int, default=8000)
+    serve_api.add_argument("--max-batch-size", type=int, default=16)
+    serve_api.add_argument("--max-wait-ms", type=float, default=10.0)
+    serve_api.add_argument("--max-prompt-tokens", type=int, default=1024)
+    serve_api.add_argument("--memory-budget-mb", type=float, default=256.0, help="Adapter cache budget (MiB).")
+    serve_api.add_argument("--log-level", default="warning")
+    serve_api.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser("demo", help="Start the local Hub and chat with the 4-bit default base model.")
     demo.add_argument("--prompt", default="What is the capital of France?")

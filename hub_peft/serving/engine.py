@@ -380,7 +380,7 @@ class MultiAdapterModel:
             raise InvalidInputError("prompts must be a list (of strings or chat message lists), not one string.")
         for prompt in prompts:
             if not isinstance(prompt, str):
-                _check_messages(prompt)
+                check_messages(prompt)
         specs = self._normalize(adapters, len(prompts))
         raw = [raw] * len(prompts) if isinstance(raw, bool) else list(raw)
         needed = {n for spec in specs for n, _ in spec}
@@ -450,7 +450,7 @@ class MultiAdapterModel:
         return result
 
 
-def _check_messages(messages: Any) -> None:
+def check_messages(messages: Any) -> None:
     roles = ("system", "user", "assistant")
     ok = (
         isinstance(messages, (list, tuple))

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import HubPeftError, IncompatibleAdapterError, InvalidInputError, NotFoundError
-from .engine import MultiAdapterModel
+from .engine import MultiAdapterModel, Prompt, check_messages
 
 
 @dataclass
 class _Request:
-    prompt: str
+    prompt: Prompt
     adapter: str | dict[str, float] | None
     max_tokens: int
     raw: bool
@@ -228,20 +228,12 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
             max_tokens, stream = check_common(body)
             if chat:
                 messages = body.get("messages")
-                roles = ("system", "user", "assistant")
-                if (
-                    not isinstance(messages, list)
-                    or not messages
-                    or not all(
-                        isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in roles
-                        for m in messages
-                    )
-                ):
-                    raise _HttpError(400, "messages must be a non-empty list of {role, content} objects.", "messages")
-                users = [m["content"] for m in messages if m["role"] == "user"]
-                if not users:
-                    raise _HttpError(400, "messages needs at least one user message.", "messages")
-                prompt, raw = users[-1], False
+                try:
+                    check_messages(messages)
+                except InvalidInputError as e:
+                    raise _HttpError(400, f"messages: {e}", "messages") from None
+                prompt: Prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
+                raw = False
             else:
                 prompt = body.get("prompt")
                 if isinstance(prompt, list) and len(prompt) == 1:
@@ -250,7 +242,8 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
                     raise _HttpError(400, "prompt must be a non-empty string.", "prompt")
                 raw = True
             adapter, label = await asyncio.to_thread(resolve, body.get("model"))
-            n_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+            n_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
             if n_tokens > max_prompt_tokens:
                 raise _HttpError(413, f"The prompt is {n_tokens} tokens; the limit is {max_prompt_tokens}.", "prompt")
         except _HttpError as e:
