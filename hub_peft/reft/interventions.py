@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, parametrize
 
 from ..errors import InvalidInputError
 
@@ -109,6 +109,14 @@ class Intervention(nn.Module):
 
     def expected_shapes(self) -> dict[str, list[int]]:
         return {k: list(v.shape) for k, v in self.export().items()}
+
+    def freeze(self) -> Intervention:
+        """For inference: store R as a plain tensor (computed once) instead of re-deriving it from the
+        orthogonal parametrization at every call. Training needs the parametrization; inference does not."""
+        if parametrize.is_parametrized(self.proj, "weight"):
+            parametrize.remove_parametrizations(self.proj, "weight", leave_parametrized=True)
+        self.requires_grad_(False)
+        return self.eval()
 
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor], *, name: str = "intervention") -> None:

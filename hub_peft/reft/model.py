@@ -313,8 +313,11 @@ class ReftModel(nn.Module):
         config = ReftConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
         model = cls(base, config)
         model.load_adapter_state_dict(load_file(str(folder / WEIGHTS_NAME)))
-        model.interventions.requires_grad_(is_trainable)
-        model.interventions.train(is_trainable)
+        if is_trainable:
+            model.interventions.requires_grad_(True).train()
+        else:
+            for module in model.interventions.values():
+                module.freeze()
         return model
 
 

@@ -109,9 +109,52 @@ class _RowStreamer:
 
 
 @dataclass
+class _LoraPack:
+    """One linear layer's LoRA work for a whole batch: every row group that has LoRA on this layer becomes
+    one slot of two batched matmuls. A group's adapters (a mix) are stacked along the rank, their weights
+    and scales folded into B, so a slot computes ``Σ wᵢ·sᵢ·Bᵢ Aᵢ x`` exactly; ranks are zero-padded."""
+
+    rows: torch.Tensor  # [slots * m] batch row of each slot position (padding repeats a row, masked out)
+    keep: torch.Tensor | None  # [slots * m] which positions are real rows; None when no slot is padded
+    A: torch.Tensor  # [slots, in, r]
+    B: torch.Tensor  # [slots, r, out]
+
+
+def _pack_loras(groups: list[_Group], name: str) -> _LoraPack | None:
+    members = []
+    for group in groups:
+        terms = [(lora.weights[name], w) for lora, w in group.loras if name in lora.weights]
+        if terms:
+            A = torch.cat([a for (a, _, _), _ in terms], 0)
+            B = torch.cat([b * (w * scale) for (_, b, scale), w in terms], 1)
+            members.append((group.rows, A, B))
+    if not members:
+        return None
+    rank = max(A.shape[0] for _, A, _ in members)
+    width = max(rows.stop - rows.start for rows, _, _ in members)
+    slots, fan_in, fan_out = len(members), members[0][1].shape[1], members[0][2].shape[0]
+    A_stack, B_stack = torch.zeros(slots, fan_in, rank), torch.zeros(slots, rank, fan_out)
+    index = torch.zeros(slots, width, dtype=torch.long)
+    keep = torch.zeros(slots, width, dtype=torch.bool)
+    for slot, (rows, A, B) in enumerate(members):
+        A_stack[slot, :, : A.shape[0]] = A.T
+        B_stack[slot, : B.shape[1]] = B.T
+        index[slot] = rows.start
+        index[slot, : rows.stop - rows.start] = torch.arange(rows.start, rows.stop)
+        keep[slot, : rows.stop - rows.start] = True
+    return _LoraPack(index.reshape(-1), None if keep.all() else keep.reshape(-1), A_stack, B_stack)
+
+
+@dataclass
 class _Plan:
     groups: list[_Group]
     forwards_seen: int = 0
+    packs: dict[str, _LoraPack | None] = field(default_factory=dict)
+
+    def lora_pack(self, name: str) -> _LoraPack | None:
+        if name not in self.packs:  # built at the prefill, reused by every decoding step
+            self.packs[name] = _pack_loras(self.groups, name)
+        return self.packs[name]
 
 
 class _RowDeltas(nn.Module):
@@ -132,15 +175,22 @@ class _RowDeltas(nn.Module):
         plan = self.engine._plan
         if plan is None:
             return out
+        pack = plan.lora_pack(self.name)
+        if pack is not None:
+            slots, fan_in = pack.A.shape[:2]
+            rows = x.reshape(x.shape[0], -1, fan_in).index_select(0, pack.rows)  # [slots * m, T, in]
+            hidden = torch.bmm(rows.reshape(slots, -1, fan_in).float(), pack.A)
+            delta = torch.bmm(hidden, pack.B).reshape(rows.shape[0], *out.shape[1:])
+            if pack.keep is None:
+                out.index_add_(0, pack.rows, delta.to(out.dtype))
+            else:
+                out.index_add_(0, pack.rows[pack.keep], delta[pack.keep].to(out.dtype))
         for group in plan.groups:
-            terms = [(lora.weights[self.name], w) for lora, w in group.loras if self.name in lora.weights]
             scales = [(ia3.scales[self.name], w) for ia3, w in group.ia3s if self.name in ia3.scales]
-            if not terms and not scales:
+            if not scales:
                 continue
             rows = x[group.rows]
             delta = torch.zeros(out[group.rows].shape, dtype=torch.float32)
-            for (A, B, scale), w in terms:
-                delta += (w * scale) * ((rows.float() @ A.T) @ B.T)
             for feed_forward in (False, True):
                 parts = [w * s for (s, ff), w in scales if ff == feed_forward]
                 if not parts:
@@ -562,7 +612,7 @@ def _load_reft(folder: Path) -> _Reft:
         module = Intervention(config.intervention, config.hidden_size, config.rank, activation=config.activation,
                               proj_bias=config.proj_bias, dtype=getattr(torch, config.dtype))  # fmt: skip
         module.load({n.rsplit(".", 1)[1]: t for n, t in tensors.items() if n.startswith(f"reft.{key}.")}, name=key)
-        sites.setdefault((layer, component), []).append((group, module.eval()))
+        sites.setdefault((layer, component), []).append((group, module.freeze()))
     return _Reft(config, sites)
 
 
