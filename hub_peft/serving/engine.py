@@ -456,11 +456,13 @@ class MultiAdapterModel:
         max_new_tokens: int | Sequence[int] = 64,
         raw: bool | Sequence[bool] = False,
         on_token: Callable[[int, int], None] | None = None,
+        ignore_eos: bool = False,
     ) -> list[Completion]:
         """Greedy completions as token ids, one per prompt (in the prompts' order).
 
         ``max_new_tokens`` may differ per row (greedy rows do not depend on each other, so a row's
         tokens are the same whatever it is batched with); ``on_token(row, token_id)`` streams them.
+        ``ignore_eos`` generates exactly ``max_new_tokens`` per row (EOS suppressed; for benchmarks).
         """
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(limits) != len(prompts) or any(n < 1 for n in limits):
@@ -468,10 +470,11 @@ class MultiAdapterModel:
         eos = self.tokenizer.eos_token_id
         with self._lock:
             order, specs, ids, mask = self._batch(prompts, adapters, raw)
-            streamer = _RowStreamer(order, [limits[i] for i in order], eos, on_token)
+            streamer = _RowStreamer(order, [limits[i] for i in order], None if ignore_eos else eos, on_token)
             with self._planned(specs, mask):
                 self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits), do_sample=False,
                                     temperature=None, top_p=None, top_k=None, streamer=streamer,
+                                    min_new_tokens=max(limits) if ignore_eos else None,
                                     pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
         prompt_tokens = mask.sum(dim=1).tolist()
         out: list[Completion | None] = [None] * len(prompts)
