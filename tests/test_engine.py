@@ -226,15 +226,50 @@ def test_a_new_revision_is_a_new_cache_entry(adapters, alice, repo_name, tmp_pat
     torch.testing.assert_close(logits[1], alone(adapters["rslora"], PROMPTS[1])[1], rtol=1e-4, atol=1e-4)
 
 
-def test_what_cannot_be_mixed_is_refused_clearly(engine, tiny_base_repo, tmp_path):  # noqa: F811
-    from peft import LoHaConfig, LoraConfig, get_peft_model
+def test_what_cannot_share_a_batch_runs_in_a_sub_batch_of_its_own(engine, adapters, tmp_path):
+    """DoRA, LoHa, prefix tuning...: attached the ordinary PEFT way for their own rows; the rest stays mixed."""
+    from peft import AdaptionPromptConfig, LoHaConfig, LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 
-    dora = save_adapter(make_lora(4, 4, use_dora=True), tmp_path / "dora")
-    with pytest.raises(IncompatibleAdapterError, match=r"uses DoRA.*batch of its own"):
-        engine.add("dora", dora)
+    from hub_peft.chat import encode_prompt, prompt_template
+
+    folders = {
+        "dora": save_adapter(make_lora(4, 4, use_dora=True), tmp_path / "dora"),
+        "prefix": save_adapter(
+            get_peft_model(load_tiny(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
+            tmp_path / "prefix",
+        ),
+    }
+    for name, folder in folders.items():
+        assert engine.add(name, folder)["mixable"] is False
+    rows = ["dora", "lora", "prefix", None, "dora", "reft"]
+    streamed: dict[int, list[int]] = {}
+
+    def on_token(row: int, token: int) -> None:
+        streamed.setdefault(row, []).append(token)
+
+    completions = engine.generate_tokens(PROMPTS, rows, max_new_tokens=5, on_token=on_token)
+    logits = engine.next_token_logits(PROMPTS, rows)
+    for i, name in enumerate(rows):
+        assert streamed.get(i, []) == completions[i].tokens
+        if name not in folders:  # the mixed rows are compared (with retries) in the mixed-batch tests
+            continue
+        model = PeftModel.from_pretrained(load_tiny(), folders[name]).eval()  # the ordinary PEFT way, one row
+        ids = torch.tensor([encode_prompt(tiny_tokenizer(), PROMPTS[i], prompt_template(tiny_tokenizer()))])
+        with torch.inference_mode():
+            expected = model(input_ids=ids).logits[0, -1]
+            tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                    do_sample=False, pad_token_id=2)[0, ids.shape[1] :].tolist()  # fmt: skip
+        assert completions[i].tokens == tokens[: len(completions[i].tokens)], (i, name)
+        torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-4, msg=f"row {i} ({name})")
+    after = engine.next_token_logits(PROMPTS[:2], ["lora", None])  # the base is back as it was
+    torch.testing.assert_close(after[1], alone(None, PROMPTS[1])[1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(InvalidInputError, match=r"uses DoRA.*cannot be part of a weighted mix"):
+        engine.generate(["a"], [{"dora": 0.5, "lora": 0.5}])
     loha = save_adapter(get_peft_model(load_tiny(), LoHaConfig(target_modules=["k_proj"])), tmp_path / "loha")
-    with pytest.raises(IncompatibleAdapterError, match="its type is LOHA"):
-        engine.add("loha", loha)
+    assert engine.add("loha", loha)["mixable"] is False
+    adaption = AdaptionPromptConfig(adapter_len=2, adapter_layers=1, task_type="CAUSAL_LM")
+    with pytest.raises(IncompatibleAdapterError, match=r"ADAPTION_PROMPT.*cannot be served"):
+        engine.add("adaption", save_adapter(get_peft_model(load_tiny(), adaption), tmp_path / "adaption"))
     lm_head = save_adapter(get_peft_model(load_tiny(), LoraConfig(target_modules=["lm_head"])), tmp_path / "head")
     with pytest.raises(IncompatibleAdapterError, match="lm_head"):
         engine.add("head", lm_head)

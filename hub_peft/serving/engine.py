@@ -56,7 +56,7 @@ class _Reft:
 @dataclass
 class _Entry:
     name: str
-    kind: str  # lora | ia3 | reft
+    kind: str  # lora | ia3 | reft | solo (runs in sub-batches of its own through PEFT)
     source: str
     revision: str | None
     folder: Path
@@ -65,6 +65,8 @@ class _Entry:
     template: str | None
     pinned: bool = False
     last_used: float = 0.0
+    solo_reason: str | None = None
+    peft_type: str = ""
     payload: _Lora | _Ia3 | _Reft | None = None
 
 
@@ -226,6 +228,7 @@ class MultiAdapterModel:
         self._plan: _Plan | None = None
         self._lock = threading.RLock()
         self._layers = find_decoder_layers(self.core)
+        self._wrapped: list[tuple[nn.Module, str, _RowDeltas]] = []
         self._wrap_linears()
         find_decoder(self.core).register_forward_pre_hook(self._count_forward)
         for index, layer in enumerate(self._layers):
@@ -242,7 +245,27 @@ class MultiAdapterModel:
             if not name.startswith(prefix + ".") or type(module).__name__ not in _LINEARS:
                 continue
             parent, _, child = name.rpartition(".")
-            setattr(self.core.get_submodule(parent), child, _RowDeltas(self, name, module))
+            wrapper = _RowDeltas(self, name, module)
+            setattr(self.core.get_submodule(parent), child, wrapper)
+            self._wrapped.append((self.core.get_submodule(parent), child, wrapper))
+
+    @contextmanager
+    def _solo_model(self, entry: _Entry) -> Iterator[nn.Module]:
+        """The base with only ``entry``'s adapter, attached the ordinary PEFT way (for a sub-batch of its own)."""
+        from peft import PeftModel
+
+        for parent, child, wrapper in self._wrapped:
+            setattr(parent, child, wrapper.base_layer)
+        try:
+            model = PeftModel.from_pretrained(self.model, entry.folder).eval()
+            try:
+                yield model
+            finally:
+                if not model.peft_config["default"].is_prompt_learning:
+                    model.unload()
+        finally:
+            for parent, child, wrapper in self._wrapped:
+                setattr(parent, child, wrapper)
 
     def _count_forward(self, module: nn.Module, args: Any) -> None:
         if self._plan is not None:
@@ -300,12 +323,24 @@ class MultiAdapterModel:
             raise InvalidInputError("An adapter needs a non-empty name.")
         folder = fetch_adapter(source, revision=revision, check=False)
         config = check_adapter_folder(folder, base_config=self.core.config, base_name=_base_name(self.core))
-        kind = _kind_of(config, source)
+        kind, solo_reason = _kind_of(config, source)
         key = folder.name if len(folder.name) == 40 else _fingerprint(folder)
         from ..cards import CardInfo
 
         template = config.get("prompt_template") if kind == "reft" else CardInfo.load(folder).prompt_template
-        entry = _Entry(name, kind, str(source), revision, folder, key, 0, template, pinned=pin)
+        entry = _Entry(
+            name,
+            kind,
+            str(source),
+            revision,
+            folder,
+            key,
+            0,
+            template,
+            pinned=pin,
+            solo_reason=solo_reason,
+            peft_type=str(config.get("peft_type", "")).lower(),
+        )
         with self._lock:
             self._entries[name] = entry
             self._materialize(entry)
@@ -323,8 +358,9 @@ class MultiAdapterModel:
 
     def info(self, name: str) -> dict:
         e = self._get(name)
-        return {"name": e.name, "type": e.kind, "source": e.source, "revision": e.revision, "commit": e.key,
-                "bytes": e.nbytes, "resident": e.payload is not None, "pinned": e.pinned}  # fmt: skip
+        return {"name": e.name, "type": e.peft_type, "source": e.source, "revision": e.revision, "commit": e.key,
+                "bytes": e.nbytes, "resident": e.payload is not None, "pinned": e.pinned,
+                "mixable": e.solo_reason is None}  # fmt: skip
 
     def loaded(self) -> list[dict]:
         return [self.info(n) for n in self._entries]
@@ -339,6 +375,9 @@ class MultiAdapterModel:
 
     def _materialize(self, entry: _Entry) -> None:
         entry.last_used = time.monotonic()
+        if entry.kind == "solo":  # attached per sub-batch by PEFT, nothing kept in memory
+            entry.nbytes = (entry.folder / "adapter_model.safetensors").stat().st_size
+            return
         if entry.payload is not None:
             self.stats["hits"] += 1
             return
@@ -469,10 +508,22 @@ class MultiAdapterModel:
             raise InvalidInputError("max_new_tokens must be >= 1, one value or one per prompt.")
         eos = self.tokenizer.eos_token_id
         with self._lock:
+            parts = self._parts(prompts, adapters)
+            if len(parts) > 1:  # adapters that cannot share a batch run in sub-batches of their own
+                out: list[Completion | None] = [None] * len(prompts)
+                for rows in parts:
+                    stream = None if on_token is None else lambda row, token, rows=rows: on_token(rows[row], token)
+                    part = self.generate_tokens(
+                        [prompts[i] for i in rows], _pick(adapters, rows), max_new_tokens=[limits[i] for i in rows],
+                        raw=_pick(raw, rows), on_token=stream, ignore_eos=ignore_eos,
+                    )  # fmt: skip
+                    for i, completion in zip(rows, part, strict=True):
+                        out[i] = completion
+                return out
             order, specs, ids, mask = self._batch(prompts, adapters, raw)
             streamer = _RowStreamer(order, [limits[i] for i in order], None if ignore_eos else eos, on_token)
-            with self._planned(specs, mask):
-                self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits), do_sample=False,
+            with self._runner(specs, mask) as model:
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits), do_sample=False,
                                     temperature=None, top_p=None, top_k=None, streamer=streamer,
                                     min_new_tokens=max(limits) if ignore_eos else None,
                                     pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
@@ -495,12 +546,49 @@ class MultiAdapterModel:
                           raw: bool = False) -> torch.Tensor:  # fmt: skip
         """Logits of the token after each prompt, ``[len(prompts), vocab]`` in the prompts' order."""
         with self._lock:
+            parts = self._parts(prompts, adapters)
+            if len(parts) > 1:
+                pieces = [self.next_token_logits([prompts[i] for i in rows], _pick(adapters, rows),
+                                                 raw=_pick(raw, rows)) for rows in parts]  # fmt: skip
+                result = torch.empty(len(prompts), pieces[0].shape[-1], dtype=pieces[0].dtype)
+                for rows, piece in zip(parts, pieces, strict=True):
+                    result[torch.tensor(rows)] = piece
+                return result
             order, specs, ids, mask = self._batch(prompts, adapters, raw)
-            with self._planned(specs, mask):
-                logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -1]
+            with self._runner(specs, mask) as model:
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
         result = torch.empty_like(logits)
         result[torch.tensor(order)] = logits
         return result
+
+    def _parts(self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None) -> list[list[int]]:
+        """Row indices per sub-batch: every row that can share a batch, then one part per solo adapter."""
+        shared: list[int] = []
+        solo: dict[str, list[int]] = {}
+        for i, spec in enumerate(self._normalize(adapters, len(prompts))):
+            names = [n for n, _ in spec if self._entries[n].kind == "solo"]
+            if names and (len(spec) > 1 or spec[0][1] != 1.0):
+                raise InvalidInputError(
+                    f"{self._entries[names[0]].solo_reason}, so it cannot be part of a weighted mix."
+                )
+            (solo.setdefault(names[0], []) if names else shared).append(i)
+        return ([shared] if shared else []) + list(solo.values())
+
+    @contextmanager
+    def _runner(self, specs: list[tuple[tuple[str, float], ...]], mask: torch.Tensor) -> Iterator[nn.Module]:
+        """The model to run one (already partitioned) batch on."""
+        solo = {n for spec in specs for n, _ in spec if self._entries[n].kind == "solo"}
+        if solo:
+            with self._solo_model(self._entries[solo.pop()]) as model:
+                yield model
+        else:
+            with self._planned(specs, mask):
+                yield self.model
+
+
+def _pick(values: Any, rows: list[int]) -> Any:
+    """``values`` (None, a scalar for every row, or a per-row list) restricted to ``rows``."""
+    return values if values is None or isinstance(values, (bool, int)) else [values[i] for i in rows]
 
 
 def check_messages(messages: Any) -> None:
@@ -526,10 +614,24 @@ def _base_name(core: nn.Module) -> str:
     return getattr(source, "hub_id", None) or getattr(core.config, "_name_or_path", None) or "the base model"
 
 
-def _kind_of(config: dict, source: Any) -> str:
+_NOT_SERVABLE = {  # need inputs or module surgery a plain prompt batch cannot give
+    "ADAPTION_PROMPT": "it replaces attention modules and has no unload",
+    "XLORA": "it needs its own classifier pass and no-cache decoding",
+    "MULTITASK_PROMPT_TUNING": "it needs task_ids per row",
+    "CPT": "it needs its own prompt-and-label inputs",
+}
+
+
+def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
+    """The engine's kind of an adapter and, for those that cannot share a batch, why."""
     peft_type = config.get("peft_type")
     if peft_type == "REFT":
-        return "reft"
+        return "reft", None
+    if peft_type in _NOT_SERVABLE:
+        raise IncompatibleAdapterError(
+            f"{source} ({peft_type}) cannot be served by the multi-adapter engine: {_NOT_SERVABLE[peft_type]}. "
+            "Load it with hub_peft.load_adapter(base, ...) and generate with it directly."
+        )
     blockers = []
     if peft_type == "IA3":
         if config.get("fan_in_fan_out") or config.get("modules_to_save"):
@@ -546,12 +648,8 @@ def _kind_of(config: dict, source: Any) -> str:
         if config.get("fan_in_fan_out"):
             blockers.append("it uses fan_in_fan_out")
     if blockers:
-        raise IncompatibleAdapterError(
-            f"{source} cannot be mixed per row ({'; '.join(blockers)}): per-row batches take LoRA/rsLoRA, IA3 and "
-            "ReFT. "
-            "Run it in a batch of its own with hub_peft.load_adapter(base, ...)."
-        )
-    return peft_type.lower()
+        return "solo", f"{source} cannot share a batch with other adapters ({'; '.join(blockers)})"
+    return peft_type.lower(), None
 
 
 def _fingerprint(folder: Path) -> str:
