@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,32 @@ def prompt_positions(
     return out
 
 
+Edit = Callable[[int, str, torch.Tensor], torch.Tensor]  # (layer, component, hidden) -> edited hidden
+
+
+def output_edit_hook(edit: Edit, layer: int, component: str) -> Callable:
+    """A forward hook passing a module's hidden-state output (bare or first of a tuple) through ``edit``."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (edit(layer, component, output[0]), *output[1:])
+        return edit(layer, component, output)
+
+    return hook
+
+
+def input_edit_hook(edit: Edit, layer: int) -> Callable:
+    """A forward pre-hook (``with_kwargs=True``) passing a decoder layer's input through ``edit``."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            return (edit(layer, "block_input", args[0]), *args[1:]), kwargs
+        kwargs["hidden_states"] = edit(layer, "block_input", kwargs["hidden_states"])
+        return args, kwargs
+
+    return hook
+
+
 class ReftModel(nn.Module):
     """A frozen base model plus trainable ReFT interventions.
 
@@ -157,9 +183,9 @@ class ReftModel(nn.Module):
         for (layer, component), _ in self._by_site.items():
             target = component_module(self._layers[layer], component)
             if component == "block_input":
-                hook = target.register_forward_pre_hook(self._make_pre_hook(layer, component), with_kwargs=True)
+                hook = target.register_forward_pre_hook(input_edit_hook(self._edit, layer), with_kwargs=True)
             else:
-                hook = target.register_forward_hook(self._make_hook(layer, component))
+                hook = target.register_forward_hook(output_edit_hook(self._edit, layer, component))
             self._handles.append(hook)
 
     # --- hooks ---------------------------------------------------------------------------------
@@ -177,23 +203,6 @@ class ReftModel(nn.Module):
             gather = index[..., None].expand(-1, -1, hidden.shape[-1])
             hidden = hidden.scatter(1, gather, module(hidden.gather(1, gather)))
         return hidden
-
-    def _make_hook(self, layer: int, component: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if isinstance(output, tuple):
-                return (self._edit(layer, component, output[0]), *output[1:])
-            return self._edit(layer, component, output)
-
-        return hook
-
-    def _make_pre_hook(self, layer: int, component: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if args:
-                return (self._edit(layer, component, args[0]), *args[1:]), kwargs
-            kwargs["hidden_states"] = self._edit(layer, component, kwargs["hidden_states"])
-            return args, kwargs
-
-        return hook
 
     @contextlib.contextmanager
     def intervening(self, positions: dict[str, torch.Tensor]) -> Iterator[None]:

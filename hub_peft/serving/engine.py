@@ -30,7 +30,15 @@ from .._bnb import keep_4bit_trainable
 from ..errors import IncompatibleAdapterError, InvalidInputError, NotFoundError
 from ..reft.config import ReftConfig
 from ..reft.interventions import Intervention
-from ..reft.model import component_module, find_decoder, find_decoder_layers, innermost_model, prompt_positions
+from ..reft.model import (
+    component_module,
+    find_decoder,
+    find_decoder_layers,
+    innermost_model,
+    input_edit_hook,
+    output_edit_hook,
+    prompt_positions,
+)
 
 AdapterSpec = str | dict[str, float] | None
 Prompt = str | Sequence[dict[str, str]]  # a prompt, or chat messages [{"role": ..., "content": ...}]
@@ -234,8 +242,8 @@ class MultiAdapterModel:
         for index, layer in enumerate(self._layers):
             for component in ("block_output", "attention_output", "mlp_output"):
                 module = component_module(layer, component)
-                module.register_forward_hook(self._make_reft_hook(index, component))
-            layer.register_forward_pre_hook(self._make_reft_pre_hook(index), with_kwargs=True)
+                module.register_forward_hook(output_edit_hook(self._reft_edit, index, component))
+            layer.register_forward_pre_hook(input_edit_hook(self._reft_edit, index), with_kwargs=True)
 
     # --- wrapping --------------------------------------------------------------------------------
 
@@ -295,23 +303,6 @@ class MultiAdapterModel:
                 hidden = hidden.clone()
                 hidden[group.rows] = rows + total
         return hidden
-
-    def _make_reft_hook(self, layer: int, component: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if isinstance(output, tuple):
-                return (self._reft_edit(layer, component, output[0]), *output[1:])
-            return self._reft_edit(layer, component, output)
-
-        return hook
-
-    def _make_reft_pre_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if args:
-                return (self._reft_edit(layer, "block_input", args[0]), *args[1:]), kwargs
-            kwargs["hidden_states"] = self._reft_edit(layer, "block_input", kwargs["hidden_states"])
-            return args, kwargs
-
-        return hook
 
     # --- the adapter cache -----------------------------------------------------------------------
 
