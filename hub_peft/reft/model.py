@@ -113,6 +113,16 @@ def prompt_positions(
     return out
 
 
+def edit_positions(
+    hidden: torch.Tensor, positions: dict[str, torch.Tensor], group: str, module: Callable
+) -> torch.Tensor:
+    """``hidden`` [batch, seq, d] with ``module`` applied at the positions of ``group`` (all groups for shared
+    weights); a new tensor, the input is left as is."""
+    index = positions[group] if group in positions else torch.cat([positions[g] for g in sorted(positions)], dim=1)
+    gather = index[..., None].expand(-1, -1, hidden.shape[-1])
+    return hidden.scatter(1, gather, module(hidden.gather(1, gather)))
+
+
 Edit = Callable[[int, str, torch.Tensor], torch.Tensor]  # (layer, component, hidden) -> edited hidden
 
 
@@ -199,9 +209,7 @@ class ReftModel(nn.Module):
         if call is None or call.forwards_seen != 1:  # only the first (prefill) forward of a call is intervened
             return hidden
         for group, module in self._by_site[(layer, component)]:
-            index = call.positions[group] if group in call.positions else _union(call.positions)
-            gather = index[..., None].expand(-1, -1, hidden.shape[-1])
-            hidden = hidden.scatter(1, gather, module(hidden.gather(1, gather)))
+            hidden = edit_positions(hidden, call.positions, group, module)
         return hidden
 
     @contextlib.contextmanager
@@ -328,10 +336,6 @@ class ReftModel(nn.Module):
             for module in model.interventions.values():
                 module.freeze()
         return model
-
-
-def _union(positions: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([positions[g] for g in sorted(positions)], dim=1)
 
 
 def _base_name(core: nn.Module) -> str | None:

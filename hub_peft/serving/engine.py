@@ -32,6 +32,7 @@ from ..reft.config import ReftConfig
 from ..reft.interventions import Intervention
 from ..reft.model import (
     component_module,
+    edit_positions,
     find_decoder,
     find_decoder_layers,
     innermost_model,
@@ -292,11 +293,7 @@ class MultiAdapterModel:
             for reft, weight, positions in group.refts:
                 edited = rows
                 for grp, intervention in reft.sites.get((layer, component), []):
-                    index = (
-                        positions[grp] if grp in positions else torch.cat([positions[g] for g in sorted(positions)], 1)
-                    )
-                    gather = index[..., None].expand(-1, -1, rows.shape[-1])
-                    edited = edited.scatter(1, gather, intervention(edited.gather(1, gather)))
+                    edited = edit_positions(edited, positions, grp, intervention)
                     touched = True
                 total = total + weight * (edited - rows)
             if touched:
@@ -374,8 +371,11 @@ class MultiAdapterModel:
             return
         self.stats["misses"] += 1
         self.stats["loads"] += 1
-        loader = {"lora": _load_lora, "ia3": _load_ia3, "reft": lambda folder, core: _load_reft(folder)}
-        entry.payload = loader[entry.kind](entry.folder, self.core)
+        targets = {wrapper.name for _, _, wrapper in self._wrapped}
+        if entry.kind == "reft":
+            entry.payload = _load_reft(entry.folder)
+        else:
+            entry.payload = (_load_lora if entry.kind == "lora" else _load_ia3)(entry.folder, targets)
         entry.nbytes = _payload_bytes(entry.payload)
 
     def _evict(self, keep: set[str] = frozenset()) -> None:
@@ -652,7 +652,7 @@ def _fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:40]
 
 
-def _load_lora(folder: Path, core: nn.Module) -> _Lora:
+def _load_lora(folder: Path, targets: set[str]) -> _Lora:
     from safetensors.torch import load_file
 
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -667,10 +667,9 @@ def _load_lora(folder: Path, core: nn.Module) -> _Lora:
             raise IncompatibleAdapterError(f"{folder}: unexpected tensor {key} in a LoRA adapter.")
         module = stem.removeprefix("base_model.model.")
         pairs.setdefault(module, {})[part] = tensor.float()
-    names = {n for n, m in core.named_modules() if isinstance(m, _RowDeltas)}
     weights = {}
     for module, ab in pairs.items():
-        if module not in names or set(ab) != {"A", "B"}:
+        if module not in targets or set(ab) != {"A", "B"}:
             raise IncompatibleAdapterError(
                 f"{folder}: {module} is not a linear layer of this base model's decoder blocks (per-row batches "
                 "apply LoRA there only)."
@@ -679,14 +678,13 @@ def _load_lora(folder: Path, core: nn.Module) -> _Lora:
     return _Lora(weights)
 
 
-def _load_ia3(folder: Path, core: nn.Module) -> _Ia3:
+def _load_ia3(folder: Path, targets: set[str]) -> _Ia3:
     from safetensors.torch import load_file
 
-    modules = dict(core.named_modules())
     scales = {}
     for key, tensor in load_file(str(folder / "adapter_model.safetensors")).items():
         module = key.removeprefix("base_model.model.").removesuffix(".ia3_l")
-        if not key.endswith(".ia3_l") or not isinstance(modules.get(module), _RowDeltas):
+        if not key.endswith(".ia3_l") or module not in targets:
             raise IncompatibleAdapterError(f"{folder}: {key} does not name an IA3 vector of this base model's layers.")
         feed_forward = tensor.shape[0] == 1 and tensor.shape[1] != 1  # PEFT stores [1, in] vs [out, 1]
         scales[module] = (tensor.float().reshape(-1) - 1, feed_forward)

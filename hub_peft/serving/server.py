@@ -260,15 +260,16 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
         await asyncio.to_thread(job.done.wait)
         return _finish(job, chat, model_name, created, ident, started)
 
-    def _finish(job: _Request, chat: bool, model_name, created, ident, started):
-        elapsed = time.perf_counter() - started
+    def _record(job: _Request, started: float) -> None:
         with metrics.lock:
-            metrics.latency_sum += elapsed
+            metrics.latency_sum += time.perf_counter() - started
             metrics.latency_count += 1
-            status = "200" if job.error is None else "500"
-            metrics.requests[job.label, status] += 1
+            metrics.requests[job.label, "200" if job.error is None else "500"] += 1
             if job.result is not None:
                 metrics.tokens += len(job.result.tokens)
+
+    def _finish(job: _Request, chat: bool, model_name, created, ident, started):
+        _record(job, started)
         if job.error is not None:
             status = (
                 404 if isinstance(job.error, NotFoundError) else 422 if isinstance(job.error, HubPeftError) else 500
@@ -307,13 +308,12 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
             if piece:
                 yield chunk({"content": piece} if chat else piece, None)
         await asyncio.to_thread(job.done.wait)
-        response = _finish(job, chat, model_name, created, ident, started)
+        _record(job, started)
         if job.error is not None:
             yield "data: " + json.dumps({"error": {"message": str(job.error)}}) + "\n\n"
         else:
             yield chunk({} if chat else "", job.result.finish_reason)
         yield "data: [DONE]\n\n"
-        del response
 
     async def chat_completions(request: Request):
         return await complete(request, chat=True)
