@@ -12,6 +12,7 @@ plain reference loop (whole forward, same loss); both give the same losses up to
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +26,8 @@ from torch import nn
 from .._bnb import keep_4bit_trainable
 from ..errors import InvalidInputError
 from ..optimize import Example, TrainResult, fit, pad_batch
-from .model import ReftModel, innermost_model, prompt_positions
+from ._kernels import OneDnnLinears, linear_cross_entropy
+from .model import ReftModel, find_decoder, innermost_model, prompt_positions
 
 
 def train_reft(
@@ -91,8 +93,8 @@ class _FullSteps:
 class _Cached:
     start: int  # first intervened position; everything before it is a cached prefix
     hidden: torch.Tensor  # [n, d]: hidden state entering the first computed layer, positions start..T-2
-    keys: list[torch.Tensor]  # per layer [kv_heads, start, head_dim]
-    values: list[torch.Tensor]
+    keys: dict[int, torch.Tensor]  # layer index -> [kv_heads, start, head_dim], computed layers only
+    values: dict[int, torch.Tensor]
     ids: torch.Tensor  # [n]
     targets: torch.Tensor  # [n]: the next token where the loss counts, else -100
     positions: dict[str, torch.Tensor]  # group -> [k], relative to start
@@ -105,6 +107,7 @@ class _CachedSteps:
     def __init__(self, model: ReftModel, examples: list[Example]) -> None:
         self.model = model
         self.core = innermost_model(model.base_model)
+        self.decoder = find_decoder(self.core)
         self.layers = model._layers
         config = model.reft_config
         lowest = config.layers[0]
@@ -112,139 +115,228 @@ class _CachedSteps:
         self.skip_lowest = config.components == ["block_output"] and lowest + 1 < len(self.layers)
         self.first_layer = lowest + 1 if self.skip_lowest else lowest
         self.first, self.last = config.first_last
+        self.head = self.core.get_output_embeddings()
+        self.fused_loss = _plain_linear(self.head) and _logits_are_head_of_decoder(self.core, self.decoder, self.head)
+        self.linears = OneDnnLinears([self.layers[i] for i in range(self.first_layer, len(self.layers))])
+        self._batch: tuple[tuple[int, ...], _Batch] | None = None
         self.cached: list[_Cached] = []
-        with torch.no_grad():
+        with torch.no_grad(), self.linears.active():
             for i in range(0, len(examples), 16):
                 self.cached.extend(self._prepare(examples[i : i + 16]))
 
     def _prepare(self, examples: list[Example]) -> list[_Cached]:
-        """One right-padded no-grad forward of the plain base model (causal, so padding changes nothing)."""
+        """Two no-grad forwards of the plain base model: whole examples (right-padded; causal, so padding
+        changes nothing) up to the first computed layer, whose input is kept; then from that layer on,
+        the prefixes only (positions before the first intervened one), whose keys and values are kept."""
         seqs = [ex.prompt_ids + ex.response_ids for ex in examples]
-        width = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, seq in enumerate(seqs):
             ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
-        captured: dict[str, torch.Tensor] = {}
-
-        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["h"] = args[0] if args else kwargs["hidden_states"]
-
-        hook = self.layers[self.first_layer].register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            cache = self.core(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).past_key_values
-        finally:
-            hook.remove()
-        out = []
-        for i, (ex, seq) in enumerate(zip(examples, seqs, strict=True)):
+        positions = [
+            prompt_positions(mask[i : i + 1, : len(seq)], self.first, self.last, torch.tensor([len(ex.prompt_ids)]))
+            for i, (ex, seq) in enumerate(zip(examples, seqs, strict=True))
+        ]
+        starts = [int(min(p.min() for p in where.values())) for where in positions]
+        hidden = _input_of_layer(self.decoder, self.layers[self.first_layer], input_ids=ids, attention_mask=mask)
+        keys, values = {}, {}
+        if max(starts):
+            prefix = slice(0, max(starts))
+            with _start_at_layer(self.layers, self.first_layer, lambda: hidden[:, prefix]):
+                cache = self.decoder(
+                    input_ids=ids[:, prefix],
+                    attention_mask=(torch.arange(max(starts))[None] < torch.tensor(starts)[:, None]).long(),
+                    use_cache=True,
+                ).past_key_values
+            keys = {j: cache.layers[j].keys for j in range(self.first_layer, len(self.layers))}
+            values = {j: cache.layers[j].values for j in keys}
+        result = []
+        for i, (ex, seq, start) in enumerate(zip(examples, seqs, starts, strict=True)):
             n_prompt, end = len(ex.prompt_ids), len(seq) - 1  # the final EOS predicts nothing: never computed
-            positions = prompt_positions(mask[i : i + 1, : len(seq)], self.first, self.last, torch.tensor([n_prompt]))
-            start = int(min(p.min() for p in positions.values()))
             targets = torch.full((len(seq),), -100, dtype=torch.long)
             targets[n_prompt - 1 : -1] = torch.tensor(ex.response_ids)
-            out.append(_Cached(
+            result.append(_Cached(
                 start=start,
-                hidden=captured["h"][i, start:end].clone(),
-                keys=[layer.keys[i, :, :start].clone() for layer in cache.layers],
-                values=[layer.values[i, :, :start].clone() for layer in cache.layers],
+                hidden=hidden[i, start:end].clone(),
+                keys={j: k[i, :, :start].clone() for j, k in keys.items()},  # none when no example has a prefix
+                values={j: v[i, :, :start].clone() for j, v in values.items()},
                 ids=ids[i, start:end],
                 targets=targets[start:end],
-                positions={g: p[0] - start for g, p in positions.items()},
+                positions={g: p[0] - start for g, p in positions[i].items()},
             ))  # fmt: skip
-        return out
+        return result
+
+    def batch(self, rows: list[int]) -> _Batch:
+        """The packed batch of ``rows`` (kept while the same rows come back, as every step does when one
+        batch holds all examples)."""
+        key = tuple(sorted(rows))  # the loss is a mean over the batch: its row order does not matter
+        if self._batch is None or self._batch[0] != key:
+            self._batch = key, _Batch.build([self.cached[i] for i in key])
+        return self._batch[1]
 
     def loss(self, rows: list[int]) -> torch.Tensor:
         """The examples' suffixes packed back to back into one sequence (no padding in the matmuls);
         attention runs per example over its cached prefix and itself (see :func:`_packed_attention`)."""
-        from transformers import DynamicCache
-
-        batch = [self.cached[i] for i in rows]
-        hidden = torch.cat([c.hidden for c in batch])[None]
-        ids = torch.cat([c.ids for c in batch])[None]
-        targets = torch.cat([c.targets for c in batch])[None]
-        position_ids = torch.cat([c.start + torch.arange(len(c.ids)) for c in batch])[None]
-        layout = _Layout.build([c.start for c in batch], [len(c.ids) for c in batch], hidden.dtype)
-        positions: dict[str, list[torch.Tensor]] = {g: [] for g in batch[0].positions}
-        offset = 0
-        for c in batch:
-            for g, p in c.positions.items():
-                positions[g].append(p + offset)
-            offset += len(c.ids)
-        cache = None
-        if layout.n_prefix:
-            cache = DynamicCache(config=self.core.config)
-            for layer in range(len(batch[0].keys)):
-                keys = torch.cat([c.keys[layer] for c in batch], dim=1)[None]
-                cache.update(keys, torch.cat([c.values[layer] for c in batch], dim=1)[None], layer)
-        keep = targets != -100
+        batch = self.batch(rows)
         lowest = self.model.reft_config.layers[0]
-        feed = (lambda: self.model._edit(lowest, "block_output", hidden)) if self.skip_lowest else (lambda: hidden)
+        feed = (lambda: self.model._edit(lowest, "block_output", batch.hidden)) if self.skip_lowest else None
+        inputs = {"input_ids": batch.ids, "attention_mask": batch.placeholder_mask,
+                  "position_ids": batch.position_ids, "use_cache": False}  # fmt: skip
         with (
-            _start_at_layer(self.layers, self.first_layer, feed),
-            _packed_attention_for(self.core, layout),
-            self.model.intervening({g: torch.cat(p)[None] for g, p in positions.items()}),
+            _start_at_layer(self.layers, self.first_layer, feed or (lambda: batch.hidden)),
+            _packed_attention_for(self.core, batch),
+            self.linears.active(),
+            self.model.intervening(batch.positions),
         ):
-            logits = self.core(
-                input_ids=ids,
-                attention_mask=layout.placeholder_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
-                logits_to_keep=keep,  # logits only where a response token is predicted
-            ).logits
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[keep])
+            if self.fused_loss:
+                hidden = self.decoder(**inputs).last_hidden_state[0, batch.keep]
+                return linear_cross_entropy(hidden, self.head, batch.targets)
+            logits = self.core(**inputs, logits_to_keep=batch.keep).logits  # logits only where the loss counts
+        return nn.functional.cross_entropy(logits[0].float(), batch.targets)
+
+
+def _plain_linear(module: nn.Module | None) -> bool:
+    return (
+        type(module) is nn.Linear
+        and module.bias is None
+        and module.weight.dtype == torch.float32
+        and not module.weight.requires_grad
+    )
+
+
+class _Stop(Exception):
+    pass
+
+
+def _input_of_layer(decoder: nn.Module, layer: nn.Module, **inputs: Any) -> torch.Tensor:
+    """The hidden state entering ``layer`` in a forward of ``decoder``, which is stopped there."""
+    captured = []
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        decoder(**inputs, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def _logits_are_head_of_decoder(core: nn.Module, decoder: nn.Module, head: nn.Module) -> bool:
+    """Whether the model's logits are exactly ``head(decoder output)`` (no scaling, soft-capping, ...):
+    checked on a short input rather than assumed from the architecture."""
+    outputs = []
+    hook = decoder.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else
+                                                                        out.last_hidden_state))  # fmt: skip
+    try:
+        with torch.no_grad():
+            logits = core(input_ids=torch.arange(1, 4)[None] % core.config.get_text_config().vocab_size).logits
+    finally:
+        hook.remove()
+    return torch.allclose(head(outputs[0]), logits.to(outputs[0].dtype), rtol=1e-4, atol=1e-4)
 
 
 @dataclass
-class _Layout:
-    """Where each example of a packed sequence sits: its queries, and its keys (cached prefix, then itself)."""
+class _Batch:
+    """Examples' suffixes packed into one sequence, and where each example sits in it.
 
-    n_prefix: int
-    q_index: torch.Tensor  # [rows, max_len] -> packed query position (0 where padded)
-    k_index: torch.Tensor  # [rows, max_keys] -> position in [prefix..., suffix...] keys (0 where padded)
-    mask: torch.Tensor  # [rows, 1, max_len, max_keys] additive float mask
-    valid: torch.Tensor  # [rows, max_len] real queries
+    Attention runs on a small padded view: row r holds example r's queries, and its keys are its
+    cached prefix (padded to the longest prefix) followed by its own suffix (padded to the longest)."""
+
+    hidden: torch.Tensor  # [1, packed, d]
+    ids: torch.Tensor  # [1, packed]
+    position_ids: torch.Tensor  # [1, packed]
+    keep: torch.Tensor  # [packed] bool: where a response token is predicted
+    targets: torch.Tensor  # [kept]
+    positions: dict[str, torch.Tensor]  # group -> [1, k] packed indices
+    rows: int
+    width: int  # longest suffix
+    row_index: torch.Tensor  # [rows * width] -> packed position (0 where padded)
+    packed_index: torch.Tensor  # [packed] -> position in the [rows * width] view
+    prefix: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> keys, values [rows, kv_heads, prefix, dim]
+    mask: torch.Tensor  # [rows, 1, width, prefix + width] additive
     placeholder_mask: torch.Tensor  # a 4D mask transformers passes through untouched to the attention function
 
     @classmethod
-    def build(cls, starts: list[int], lengths: list[int], dtype: torch.dtype) -> _Layout:
-        rows, width, n_prefix = len(starts), max(lengths), sum(starts)
-        n_keys = max(s + n for s, n in zip(starts, lengths, strict=True))
-        q_index = torch.zeros(rows, width, dtype=torch.long)
-        k_index = torch.zeros(rows, n_keys, dtype=torch.long)
-        allowed = torch.zeros(rows, width, n_keys, dtype=torch.bool)
-        allowed[:, :, 0] = True  # padded queries look at something, so no row of the softmax is empty
-        prefix_at = suffix_at = 0
+    def build(cls, batch: list[_Cached]) -> _Batch:
+        starts, lengths = [c.start for c in batch], [len(c.ids) for c in batch]
+        rows, width, n_prefix = len(batch), max(lengths), max(starts)
+        targets = torch.cat([c.targets for c in batch])
+        offsets = [0, *itertools.accumulate(lengths)]
+        row_index = torch.zeros(rows, width, dtype=torch.long)
+        allowed = torch.zeros(rows, width, n_prefix + width, dtype=torch.bool)
         for r, (s, n) in enumerate(zip(starts, lengths, strict=True)):
-            q_index[r, :n] = torch.arange(suffix_at, suffix_at + n)
-            k_index[r, :s] = torch.arange(prefix_at, prefix_at + s)
-            k_index[r, s : s + n] = n_prefix + torch.arange(suffix_at, suffix_at + n)
+            row_index[r, :n] = torch.arange(offsets[r], offsets[r] + n)
             allowed[r, :n, :s] = True
-            allowed[r, :n, s : s + n] = torch.ones(n, n, dtype=torch.bool).tril()
-            prefix_at, suffix_at = prefix_at + s, suffix_at + n
+            allowed[r, :n, n_prefix : n_prefix + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            allowed[r, n:, 0] = True  # padded queries look at something, so no row of the softmax is empty
         valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-        return cls(n_prefix, q_index, k_index, mask, valid, torch.zeros(1, 1, 1, 1, dtype=dtype))
+        dtype = batch[0].hidden.dtype
+        prefix = {}
+        for layer in batch[0].keys:
+            keys = [nn.functional.pad(c.keys[layer], (0, 0, 0, n_prefix - c.start)) for c in batch]
+            values = [nn.functional.pad(c.values[layer], (0, 0, 0, n_prefix - c.start)) for c in batch]
+            prefix[layer] = torch.stack(keys), torch.stack(values)
+        return cls(
+            hidden=torch.cat([c.hidden for c in batch])[None],
+            ids=torch.cat([c.ids for c in batch])[None],
+            position_ids=torch.cat([c.start + torch.arange(n) for c, n in zip(batch, lengths, strict=True)])[None],
+            keep=targets != -100,
+            targets=targets[targets != -100],
+            positions={g: torch.cat([c.positions[g] + o for c, o in zip(batch, offsets, strict=False)])[None]
+                       for g in batch[0].positions},
+            rows=rows, width=width,
+            row_index=row_index.flatten(),
+            packed_index=valid.flatten().nonzero()[:, 0],
+            prefix=prefix,
+            mask=torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None],
+            placeholder_mask=torch.zeros(1, 1, 1, 1, dtype=dtype),
+        )  # fmt: skip
 
 
-_ACTIVE_LAYOUT: ContextVar[tuple[_Layout, Callable]] = ContextVar("hub_peft_packed_layout")
+_ACTIVE_BATCH: ContextVar[tuple[_Batch, Callable]] = ContextVar("hub_peft_packed_batch")
 _PACKED = "hub_peft_packed"
 
 
 def _packed_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    """Attention of a packed sequence done per example: gather each example's queries and keys into a
-    small padded batch, run the model's usual attention on it, and scatter back. Exactly the attention
-    each example would get alone, without paying for the (mostly masked) packed-by-packed score matrix."""
-    layout, inner = _ACTIVE_LAYOUT.get()
-    q = query[0][:, layout.q_index].transpose(0, 1)  # [heads, rows, len, dim] -> [rows, heads, len, dim]
-    k = key[0][:, layout.k_index].transpose(0, 1)
-    v = value[0][:, layout.k_index].transpose(0, 1)
-    out, _ = inner(module, q, k, v, layout.mask, **kwargs)
-    return out[layout.valid][None], None  # [1, packed, heads, dim]
+    """Attention of a packed sequence done per example: each example's queries, and its cached prefix
+    plus its own keys, in a small padded batch; the result scattered back. Exactly the attention each
+    example would get alone, without paying for the (mostly masked) packed-by-packed score matrix."""
+    batch, inner = _ACTIVE_BATCH.get()
+
+    def by_row(x: torch.Tensor) -> torch.Tensor:  # [1, heads, packed, dim] -> [rows, heads, width, dim]
+        heads, dim = x.shape[1], x.shape[-1]
+        return x[0].index_select(1, batch.row_index).view(heads, batch.rows, batch.width, dim).transpose(0, 1)
+
+    q, k, v = by_row(query), by_row(key), by_row(value)
+    if module.layer_idx in batch.prefix:
+        prefix_keys, prefix_values = batch.prefix[module.layer_idx]
+        k, v = torch.cat([prefix_keys, k], 2), torch.cat([prefix_values, v], 2)
+    if any(kwargs.get(name) for name in ("dropout", "softcap", "sliding_window", "s_aux")):
+        out, _ = inner(module, q, k, v, batch.mask, **kwargs)  # the model's own attention, for its extras
+    else:
+        out = _grouped_attention(q, k, v, batch.mask, kwargs.get("scaling") or module.scaling)
+    return out.reshape(-1, *out.shape[2:]).index_select(0, batch.packed_index)[None], None
+
+
+def _grouped_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
+    """Eager attention (softmax in float32) for grouped-query heads without repeating the keys and
+    values per head group: each key/value head's query heads are stacked along the query axis.
+    q [rows, heads, n, dim], k/v [rows, kv_heads, keys, dim], mask [rows, 1, n, keys] -> [rows, n, heads, dim]."""
+    rows, heads, n, dim = q.shape
+    kv_heads, n_keys = k.shape[1], k.shape[2]
+    scores = torch.matmul(q.reshape(rows, kv_heads, -1, dim), k.transpose(2, 3)) * scaling
+    scores = scores.view(rows, kv_heads, heads // kv_heads, n, n_keys) + mask[:, None]
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype).view(rows, kv_heads, -1, n_keys)
+    return torch.matmul(probs, v).view(rows, heads, n, dim).transpose(1, 2)
 
 
 @contextmanager
-def _packed_attention_for(core: nn.Module, layout: _Layout) -> Iterator[None]:
+def _packed_attention_for(core: nn.Module, batch: _Batch) -> Iterator[None]:
     from transformers import AttentionInterface
 
     config = core.config
@@ -255,13 +347,13 @@ def _packed_attention_for(core: nn.Module, layout: _Layout) -> Iterator[None]:
     if inner is None:
         raise RuntimeError(f"No attention function found for {previous!r} in {type(core).__name__}.")
     AttentionInterface.register(_PACKED, _packed_attention)
-    token = _ACTIVE_LAYOUT.set((layout, inner))
+    token = _ACTIVE_BATCH.set((batch, inner))
     config._attn_implementation = _PACKED
     try:
         yield
     finally:
         config._attn_implementation = previous
-        _ACTIVE_LAYOUT.reset(token)
+        _ACTIVE_BATCH.reset(token)
 
 
 class _Passthrough(nn.Module):

@@ -1,0 +1,122 @@
+"""CPU kernels for the cached ReFT trainer: frozen linear layers through oneDNN, and a cross-entropy
+over the output layer that allocates one vocabulary-sized tensor per step instead of four.
+
+Both compute the same float32 math as ``nn.Linear`` / ``F.cross_entropy`` (up to float rounding).
+They exist because a step of the cached trainer multiplies few rows (the response tokens) by every
+weight of the upper layers, forward and backward: at that shape (e.g. 174 x 576 by 576 x 1536) the
+MKL GEMM behind ``nn.Linear`` runs at about half the speed of oneDNN's on the same row-major weight
+(``benchmarks/reft_train.py`` shows the effect on a whole step), and on a CPU every fresh allocation of
+tens of MB costs more in page faults than the arithmetic done on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+
+import torch
+from torch import nn
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN; ``weight`` may be a transposed view (no copy is made)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@cache
+def onednn_available() -> bool:
+    """Whether this torch build runs float32 linear layers through oneDNN, and gets them right."""
+    try:
+        x, w = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)), torch.randn(4, 5)
+        return (
+            torch.backends.mkldnn.is_available()
+            and torch.allclose(_linear(x, w), x @ w.T, atol=1e-5)
+            and (torch.allclose(_linear(x @ w.T, w.T), x @ w.T @ w, atol=1e-4))
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _frozen_float32(module: nn.Module) -> bool:
+    return (
+        type(module) is nn.Linear
+        and module.weight.dtype == torch.float32
+        and module.weight.device.type == "cpu"
+        and not module.weight.requires_grad
+        and (module.bias is None or not module.bias.requires_grad)
+    )
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """``x @ weight.T + bias`` and its gradient for ``x`` only (the weight is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.weight = weight
+        return _linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _linear(grad.contiguous(), ctx.weight.T), None, None
+
+
+class OneDnnLinear(nn.Module):
+    """A frozen float32 ``nn.Linear`` computed by oneDNN (same weight tensor, nothing copied)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FrozenMatmul.apply(x.contiguous(), self.linear.weight, self.linear.bias)
+
+
+class OneDnnLinears:
+    """Every frozen float32 ``nn.Linear`` under ``modules``, swapped for :class:`OneDnnLinear` inside
+    :meth:`active` (nothing is swapped where this torch build has no working oneDNN)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        found = [(parent, name, child) for m in modules for parent in m.modules()
+                 for name, child in parent.named_children() if _frozen_float32(child)]  # fmt: skip
+        self.swaps = [(p, n, c, OneDnnLinear(c)) for p, n, c in found] if onednn_available() else []
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        for parent, name, _, fast in self.swaps:
+            setattr(parent, name, fast)
+        try:
+            yield
+        finally:
+            for parent, name, plain, _ in self.swaps:
+                setattr(parent, name, plain)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``. The logits are turned in place
+    into ``exp(logits - max)``, which the backward turns in place into the logits' gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, onednn):
+        logits = _linear(hidden, weight) if onednn else hidden @ weight.T
+        picked = logits.gather(1, targets[:, None])[:, 0]
+        top = logits.amax(1, keepdim=True)
+        total = logits.sub_(top).exp_().sum(1)
+        ctx.save_for_backward(weight, targets, total)
+        ctx.onednn, ctx.logits = onednn, logits  # not in saved_tensors: the backward overwrites it in place
+        return (top[:, 0] + total.log() - picked).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, targets, total = ctx.saved_tensors
+        probs = ctx.logits.div_(total[:, None])
+        probs[torch.arange(len(targets)), targets] -= 1
+        probs.mul_(grad / len(targets))
+        return (_linear(probs, weight.T) if ctx.onednn else probs @ weight), None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, linear: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(linear(hidden), targets)`` for a frozen bias-free ``linear`` (see the module doc)."""
+    if linear.bias is not None or linear.weight.requires_grad:
+        raise ValueError("linear_cross_entropy needs a frozen linear layer without bias.")
+    return _LinearCrossEntropy.apply(hidden, linear.weight, targets, _frozen_float32(linear) and onednn_available())
