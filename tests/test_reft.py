@@ -238,6 +238,69 @@ def test_the_cached_trainer_gives_the_plain_loops_losses(kwargs):
         torch.testing.assert_close(cached_state[name], full_state[name], rtol=0, atol=1e-4)
 
 
+def test_the_cached_trainers_kernels_compute_what_plain_torch_computes(monkeypatch):
+    """The fused output-layer cross-entropy (one vocabulary chunk, or several) and the oneDNN linear
+    layer give plain torch's values and input gradients."""
+    from hub_peft.reft import _kernels
+
+    g = torch.Generator().manual_seed(0)
+    for chunk in (8192, 48):  # 128 words: one chunk, then three (the last one short)
+        monkeypatch.setattr(_kernels, "_VOCAB_CHUNK", chunk)
+        head = torch.nn.Linear(HIDDEN, 128, bias=False).requires_grad_(False)
+        hidden = torch.randn(37, HIDDEN, generator=g, requires_grad=True)
+        targets = torch.randint(0, 128, (37,), generator=g)
+        fused = _kernels.linear_cross_entropy(hidden, head, targets)
+        (fused_grad,) = torch.autograd.grad(fused * 3, hidden)
+        plain = torch.nn.functional.cross_entropy(head(hidden), targets)
+        (plain_grad,) = torch.autograd.grad(plain * 3, hidden)
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="frozen linear layer without bias"):
+        _kernels.linear_cross_entropy(hidden, torch.nn.Linear(HIDDEN, 128), targets)
+
+    linear = torch.nn.Linear(HIDDEN, 96).requires_grad_(False)
+    x = torch.randn(2, 11, HIDDEN, generator=g, requires_grad=True)
+    swapped = _kernels.OneDnnLinears([torch.nn.Sequential(linear)])
+    assert len(swapped.swaps) == (1 if _kernels.onednn_available() else 0)
+    fast = swapped.swaps[0][3] if swapped.swaps else linear
+    out = fast(x.transpose(0, 1))  # a non-contiguous input
+    torch.testing.assert_close(out, linear(x.transpose(0, 1)), rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    (expected,) = torch.autograd.grad(linear(x.transpose(0, 1)).square().sum(), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cached_trainer_checks_its_shortcuts_against_the_model():
+    """The fast loss is used only where the model's logits are exactly its output layer on the decoder's
+    output. Gemma 2 soft-caps its logits (and its attention scores, which sends the packed attention to
+    Gemma's own attention function): it gets the generic loss, and the plain loop's losses all the same."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from hub_peft.reft import _kernels
+    from hub_peft.reft.trainer import _CachedSteps
+
+    model = get_reft_model(tiny_llama(), ReftConfig(layers=[1], positions="l1"))
+    steps = _CachedSteps(model, random_examples())
+    assert steps.fused_loss
+    assert len(steps.linears.swaps) == (7 * 2 if _kernels.onednn_available() else 0)  # layers 2 and 3
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                          final_logit_softcapping=2.0, attn_logit_softcapping=0.3)  # fmt: skip
+    base = AutoModelForCausalLM.from_config(config).eval()
+    losses = {}
+    for method in ("full", "cached"):
+        torch.manual_seed(5)
+        model = get_reft_model(base, ReftConfig(layers=[1], positions="f1+l1"))
+        if method == "cached":
+            assert not _CachedSteps(model, random_examples()).fused_loss
+        result = train_reft(model, random_examples(), epochs=3, batch_size=4, lr=1e-2, method=method)
+        losses[method] = [h["loss"] for h in result.history]
+        model.remove_hooks()
+    torch.testing.assert_close(torch.tensor(losses["cached"]), torch.tensor(losses["full"]), rtol=0, atol=1e-4)
+
+
 def test_training_stops_at_a_loss_target_or_when_cancelled():
     model = reft_on_tiny()
     result = train_reft(model, random_examples(), epochs=50, batch_size=7, lr=5e-2, target_loss=4.7)

@@ -92,27 +92,42 @@ class OneDnnLinears:
                 setattr(parent, name, plain)
 
 
+_VOCAB_CHUNK = 8192  # logits of a few hundred rows by 8192 words: a few MB, which malloc recycles without page faults
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``. The logits are turned in place
-    into ``exp(logits - max)``, which the backward turns in place into the logits' gradient."""
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, over vocabulary chunks. Each
+    chunk's logits are turned in place into ``exp(logits - max)``, which the backward turns in place
+    into the logits' gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, onednn):
-        logits = _linear(hidden, weight) if onednn else hidden @ weight.T
-        picked = logits.gather(1, targets[:, None])[:, 0]
-        top = logits.amax(1, keepdim=True)
-        total = logits.sub_(top).exp_().sum(1)
+        starts = range(0, weight.shape[0], _VOCAB_CHUNK)
+        chunks = [_linear(hidden, part) if onednn else hidden @ part.T
+                  for part in (weight[a : a + _VOCAB_CHUNK] for a in starts)]  # fmt: skip
+        in_chunk = [c.gather(1, (targets - a).clamp(0, c.shape[1] - 1)[:, None])[:, 0]
+                    for a, c in zip(starts, chunks, strict=True)]  # fmt: skip
+        picked = torch.stack(in_chunk).gather(0, (targets // _VOCAB_CHUNK)[None])[0]  # from the target's own chunk
+        top = torch.stack([c.amax(1) for c in chunks]).amax(0, keepdim=True).T
+        total = sum(c.sub_(top).exp_().sum(1) for c in chunks)
         ctx.save_for_backward(weight, targets, total)
-        ctx.onednn, ctx.logits = onednn, logits  # not in saved_tensors: the backward overwrites it in place
+        ctx.onednn, ctx.chunks = onednn, chunks  # not in saved_tensors: the backward overwrites them in place
         return (top[:, 0] + total.log() - picked).mean()
 
     @staticmethod
     def backward(ctx, grad):
         weight, targets, total = ctx.saved_tensors
-        probs = ctx.logits.div_(total[:, None])
-        probs[torch.arange(len(targets)), targets] -= 1
-        probs.mul_(grad / len(targets))
-        return (_linear(probs, weight.T) if ctx.onednn else probs @ weight), None, None, None
+        grad_hidden = None
+        for a, probs in zip(range(0, weight.shape[0], _VOCAB_CHUNK), ctx.chunks, strict=True):
+            probs.div_(total[:, None])
+            rows = ((targets >= a) & (targets < a + probs.shape[1])).nonzero()[:, 0]
+            probs[rows, targets[rows] - a] -= 1
+            probs.mul_(grad / len(targets))
+            part = weight[a : a + probs.shape[1]]
+            part = _linear(probs, part.T) if ctx.onednn else probs @ part
+            grad_hidden = part if grad_hidden is None else grad_hidden.add_(part)
+        ctx.chunks = None
+        return grad_hidden, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, linear: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
