@@ -116,13 +116,16 @@ class _CachedSteps:
         self.first_layer = lowest + 1 if self.skip_lowest else lowest
         self.first, self.last = config.first_last
         self.head = self.core.get_output_embeddings()
-        self.fused_loss = _plain_linear(self.head) and _logits_are_head_of_decoder(self.core, self.decoder, self.head)
+        # The fused loss needs logits that are exactly head(decoder output): checked in the precompute's forward.
+        self.fused_loss: bool | None = None if _plain_linear(self.head) else False
         self.linears = OneDnnLinears([self.layers[i] for i in range(self.first_layer, len(self.layers))])
         self._batch: tuple[tuple[int, ...], _Batch] | None = None
         self.cached: list[_Cached] = []
-        with torch.no_grad(), self.linears.active():
+        with torch.no_grad(), OneDnnLinears(list(self.layers)).active():
             for i in range(0, len(examples), 16):
                 self.cached.extend(self._prepare(examples[i : i + 16]))
+            if self.fused_loss is None:  # no example had a prefix to run through the whole model
+                self.fused_loss = _forward_checking_head(self, input_ids=torch.arange(1, 4)[None])[1]
 
     def _prepare(self, examples: list[Example]) -> list[_Cached]:
         """Two no-grad forwards of the plain base model: whole examples (right-padded; causal, so padding
@@ -143,11 +146,14 @@ class _CachedSteps:
         if max(starts):
             prefix = slice(0, max(starts))
             with _start_at_layer(self.layers, self.first_layer, lambda: hidden[:, prefix]):
-                cache = self.decoder(
+                out, same = _forward_checking_head(
+                    self,
                     input_ids=ids[:, prefix],
                     attention_mask=(torch.arange(max(starts))[None] < torch.tensor(starts)[:, None]).long(),
                     use_cache=True,
-                ).past_key_values
+                )
+            cache = out.past_key_values
+            self.fused_loss = same if self.fused_loss is None else self.fused_loss and same
             keys = {j: cache.layers[j].keys for j in range(self.first_layer, len(self.layers))}
             values = {j: cache.layers[j].values for j in keys}
         result = []
@@ -226,18 +232,19 @@ def _input_of_layer(decoder: nn.Module, layer: nn.Module, **inputs: Any) -> torc
     return captured[0]
 
 
-def _logits_are_head_of_decoder(core: nn.Module, decoder: nn.Module, head: nn.Module) -> bool:
-    """Whether the model's logits are exactly ``head(decoder output)`` (no scaling, soft-capping, ...):
-    checked on a short input rather than assumed from the architecture."""
+def _forward_checking_head(steps: _CachedSteps, **inputs: Any) -> tuple[Any, bool]:
+    """The model's forward (last position's logits only), and whether those logits are exactly its
+    output layer on the decoder's output (no scaling, soft-capping, ...): seen, not assumed."""
     outputs = []
-    hook = decoder.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else
-                                                                        out.last_hidden_state))  # fmt: skip
+    hook = steps.decoder.register_forward_hook(
+        lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+    )
     try:
-        with torch.no_grad():
-            logits = core(input_ids=torch.arange(1, 4)[None] % core.config.get_text_config().vocab_size).logits
+        out = steps.core(**inputs, logits_to_keep=1)
     finally:
         hook.remove()
-    return torch.allclose(head(outputs[0]), logits.to(outputs[0].dtype), rtol=1e-4, atol=1e-4)
+    mine = steps.head(outputs[0][:, -1:])
+    return out, torch.allclose(mine, out.logits.to(mine.dtype), rtol=1e-4, atol=1e-4)
 
 
 @dataclass
