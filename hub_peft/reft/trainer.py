@@ -3,11 +3,13 @@
 The base model is frozen and the interventions only touch chosen prompt positions at chosen layers,
 so for each example everything below the lowest intervened layer, and the keys/values of every
 position before the first intervened one, are the same in every epoch. :func:`train_reft` computes
-them once (one no-grad forward of the plain model) and each step then runs only the layers from the
+them once (two no-grad forwards of the plain model) and each step then runs only the layers from the
 lowest intervened one up (above it, for a block_output edit), on the positions from the first
 intervened one on, all examples packed into one sequence without padding (attention per example over
-its cached prefix), with logits only where a response token is predicted. ``method="full"`` is the
-plain reference loop (whole forward, same loss); both give the same losses up to float rounding.
+its cached prefix), with logits only where a response token is predicted. The step's few rows are kept
+cheap by the kernels in :mod:`._kernels` (oneDNN linear layers, an in-place chunked cross-entropy).
+``method="full"`` is the plain reference loop (whole forward, same loss); both give the same losses up
+to float rounding.
 """
 
 from __future__ import annotations
