@@ -38,14 +38,17 @@ def onednn_available() -> bool:
         return False
 
 
-def _frozen_float32(module: nn.Module) -> bool:
+def is_frozen_float32_linear(module: nn.Module | None) -> bool:
     return (
         type(module) is nn.Linear
         and module.weight.dtype == torch.float32
-        and module.weight.device.type == "cpu"
         and not module.weight.requires_grad
         and (module.bias is None or not module.bias.requires_grad)
     )
+
+
+def _runs_on_onednn(module: nn.Module) -> bool:
+    return is_frozen_float32_linear(module) and module.weight.device.type == "cpu" and onednn_available()
 
 
 class _FrozenMatmul(torch.autograd.Function):
@@ -78,8 +81,8 @@ class OneDnnLinears:
 
     def __init__(self, modules: list[nn.Module]) -> None:
         found = [(parent, name, child) for m in modules for parent in m.modules()
-                 for name, child in parent.named_children() if _frozen_float32(child)]  # fmt: skip
-        self.swaps = [(p, n, c, OneDnnLinear(c)) for p, n, c in found] if onednn_available() else []
+                 for name, child in parent.named_children() if _runs_on_onednn(child)]  # fmt: skip
+        self.swaps = [(p, n, c, OneDnnLinear(c)) for p, n, c in found]
 
     @contextmanager
     def active(self) -> Iterator[None]:
@@ -134,4 +137,4 @@ def linear_cross_entropy(hidden: torch.Tensor, linear: nn.Linear, targets: torch
     """``F.cross_entropy(linear(hidden), targets)`` for a frozen bias-free ``linear`` (see the module doc)."""
     if linear.bias is not None or linear.weight.requires_grad:
         raise ValueError("linear_cross_entropy needs a frozen linear layer without bias.")
-    return _LinearCrossEntropy.apply(hidden, linear.weight, targets, _frozen_float32(linear) and onednn_available())
+    return _LinearCrossEntropy.apply(hidden, linear.weight, targets, _runs_on_onednn(linear))

@@ -28,7 +28,7 @@ from torch import nn
 from .._bnb import keep_4bit_trainable
 from ..errors import InvalidInputError
 from ..optimize import Example, TrainResult, fit, pad_batch
-from ._kernels import OneDnnLinears, linear_cross_entropy
+from ._kernels import OneDnnLinears, is_frozen_float32_linear, linear_cross_entropy
 from .model import ReftModel, find_decoder, innermost_model, prompt_positions
 
 
@@ -119,11 +119,11 @@ class _CachedSteps:
         self.first, self.last = config.first_last
         self.head = self.core.get_output_embeddings()
         # The fused loss needs logits that are exactly head(decoder output): checked in the precompute's forward.
-        self.fused_loss: bool | None = None if _plain_linear(self.head) else False
-        self.linears = OneDnnLinears([self.layers[i] for i in range(self.first_layer, len(self.layers))])
+        self.fused_loss: bool | None = None if is_frozen_float32_linear(self.head) and self.head.bias is None else False
+        self.linears = OneDnnLinears(list(self.layers))  # the precompute runs them all; a step, those it reaches
         self._batch: tuple[tuple[int, ...], _Batch] | None = None
         self.cached: list[_Cached] = []
-        with torch.no_grad(), OneDnnLinears(list(self.layers)).active():
+        with torch.no_grad(), self.linears.active():
             for i in range(0, len(examples), 16):
                 self.cached.extend(self._prepare(examples[i : i + 16]))
             if self.fused_loss is None:  # no example had a prefix to run through the whole model
@@ -201,15 +201,6 @@ class _CachedSteps:
                 return linear_cross_entropy(hidden, self.head, batch.targets)
             logits = self.core(**inputs, logits_to_keep=batch.keep).logits  # logits only where the loss counts
         return nn.functional.cross_entropy(logits[0].float(), batch.targets)
-
-
-def _plain_linear(module: nn.Module | None) -> bool:
-    return (
-        type(module) is nn.Linear
-        and module.bias is None
-        and module.weight.dtype == torch.float32
-        and not module.weight.requires_grad
-    )
 
 
 class _Stop(Exception):
