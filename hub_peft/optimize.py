@@ -85,13 +85,15 @@ def fit(
     seed: int = 0,
     on_step: Callable[[dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    started: float | None = None,
 ) -> TrainResult:
     """AdamW over shuffled mini-batches of example indices; ``loss_of(indices)`` returns a batch's loss.
 
     The learning rate decays linearly to 0 over all planned steps (like transformers' Trainer) or
     stays constant. Stops after ``epochs``, once a step's loss is at most ``target_loss``, or when
     ``should_stop()`` returns true (checked before each step). ``on_step`` gets each history entry.
-    ``frozen_decay`` are trained without weight decay.
+    ``frozen_decay`` are trained without weight decay. Times count from ``started`` (a
+    ``time.perf_counter()`` value, e.g. taken before the caller's own preparation) or from this call.
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise InvalidInputError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1 and lr ({lr}) > 0.")
@@ -99,7 +101,7 @@ def fit(
         raise InvalidInputError(f"schedule must be 'linear' or 'constant', got {schedule!r}.")
     if n_examples < 1:
         raise InvalidInputError("No training examples.")
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     groups = [
         {"params": list(params), "weight_decay": weight_decay},
         {"params": list(frozen_decay), "weight_decay": 0.0},

@@ -209,6 +209,7 @@ def test_generate_uses_the_kv_cache_and_equals_a_no_cache_greedy_decode():
 # --- training ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn-gemm", "default-gemm"])
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -219,9 +220,11 @@ def test_generate_uses_the_kv_cache_and_equals_a_no_cache_greedy_decode():
     ],
     ids=["l1", "f2+l2-all-components", "noreft-shared", "direft-l2"],
 )
-def test_the_cached_trainer_gives_the_plain_loops_losses(kwargs):
+def test_the_cached_trainer_gives_the_plain_loops_losses(kwargs, onednn, monkeypatch):
     """Same seed and data: the fast path (cached prefix, packed, skipped layers) and the plain
-    full-forward loop must follow the same loss trajectory and end with the same weights."""
+    full-forward loop must follow the same loss trajectory and end with the same weights, whichever
+    GEMM the cached trainer picks for its linear layers."""
+    force_gemm(monkeypatch, onednn)
     runs = {}
     base = tiny_llama()
     for method in ("full", "cached"):
@@ -238,6 +241,37 @@ def test_the_cached_trainer_gives_the_plain_loops_losses(kwargs):
         torch.testing.assert_close(cached_state[name], full_state[name], rtol=0, atol=1e-4)
 
 
+def force_gemm(monkeypatch, onednn: bool) -> None:
+    """Make the cached trainer pick oneDNN (where this torch build has it) or the default GEMM everywhere."""
+    from hub_peft.reft import _kernels, trainer
+
+    pick = (lambda weight, rows: _kernels.onednn_available()) if onednn else (lambda weight, rows: False)
+    monkeypatch.setattr(_kernels, "onednn_is_faster", pick)
+    monkeypatch.setattr(trainer, "onednn_is_faster", pick)
+
+
+def test_the_gemm_choice_is_timed_on_the_real_shape_and_cached_per_shape(monkeypatch):
+    from hub_peft.reft import _kernels
+
+    weights = torch.randn(96, HIDDEN)
+    assert isinstance(_kernels.onednn_is_faster(weights, rows=17), bool)  # timed here, either may win
+    assert not _kernels.onednn_is_faster(weights.double(), rows=17)  # oneDNN is used for float32 only
+
+    timed = []
+    monkeypatch.setattr(_kernels, "onednn_is_faster", lambda w, rows: timed.append((w.shape, rows)) or w.shape[0] == 96)
+    layers = [torch.nn.Sequential(torch.nn.Linear(HIDDEN, 96), torch.nn.Linear(96, HIDDEN)) for _ in range(3)]
+    layers[2][0].weight.requires_grad_(True)  # trainable: never swapped
+    for layer in layers[:2]:
+        layer.requires_grad_(False)
+    linears = _kernels.OneDnnLinears(layers, rows=23)
+    assert timed == ([((96, HIDDEN), 23), ((HIDDEN, 96), 23)] if _kernels.onednn_available() else [])
+    assert [c for _, _, c, _ in linears.swaps] == ([layers[0][0], layers[1][0]] if _kernels.onednn_available() else [])
+    with linears.active():
+        assert all(isinstance(layer[0], _kernels.OneDnnLinear) for layer in layers[:2])
+        assert isinstance(layers[1][1], torch.nn.Linear) and isinstance(layers[2][0], torch.nn.Linear)
+    assert all(type(layer[0]) is torch.nn.Linear for layer in layers)
+
+
 def test_the_cached_trainers_kernels_compute_what_plain_torch_computes(monkeypatch):
     """The fused output-layer cross-entropy (one vocabulary chunk, or several) and the oneDNN linear
     layer give plain torch's values and input gradients."""
@@ -249,7 +283,7 @@ def test_the_cached_trainers_kernels_compute_what_plain_torch_computes(monkeypat
         head = torch.nn.Linear(HIDDEN, 128, bias=False).requires_grad_(False)
         hidden = torch.randn(37, HIDDEN, generator=g, requires_grad=True)
         targets = torch.randint(0, 128, (37,), generator=g)
-        fused = _kernels.linear_cross_entropy(hidden, head, targets)
+        fused = _kernels.linear_cross_entropy(hidden, head, targets, onednn=chunk == 48)
         (fused_grad,) = torch.autograd.grad(fused * 3, hidden)
         plain = torch.nn.functional.cross_entropy(head(hidden), targets)
         (plain_grad,) = torch.autograd.grad(plain * 3, hidden)
@@ -260,9 +294,7 @@ def test_the_cached_trainers_kernels_compute_what_plain_torch_computes(monkeypat
 
     linear = torch.nn.Linear(HIDDEN, 96).requires_grad_(False)
     x = torch.randn(2, 11, HIDDEN, generator=g, requires_grad=True)
-    swapped = _kernels.OneDnnLinears([torch.nn.Sequential(linear)])
-    assert len(swapped.swaps) == (1 if _kernels.onednn_available() else 0)
-    fast = swapped.swaps[0][3] if swapped.swaps else linear
+    fast = _kernels.OneDnnLinear(linear) if _kernels.onednn_available() else linear
     out = fast(x.transpose(0, 1))  # a non-contiguous input
     torch.testing.assert_close(out, linear(x.transpose(0, 1)), rtol=1e-5, atol=1e-5)
     (grad,) = torch.autograd.grad(out.square().sum(), x)
@@ -270,7 +302,7 @@ def test_the_cached_trainers_kernels_compute_what_plain_torch_computes(monkeypat
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_cached_trainer_checks_its_shortcuts_against_the_model():
+def test_the_cached_trainer_checks_its_shortcuts_against_the_model(monkeypatch):
     """The fast loss is used only where the model's logits are exactly its output layer on the decoder's
     output. Gemma 2 soft-caps its logits (and its attention scores, which sends the packed attention to
     Gemma's own attention function): it gets the generic loss, and the plain loop's losses all the same."""
@@ -280,10 +312,13 @@ def test_the_cached_trainer_checks_its_shortcuts_against_the_model():
     from hub_peft.reft.trainer import _CachedSteps
 
     model = get_reft_model(tiny_llama(), ReftConfig(layers=[1], positions="l1"))
-    steps = _CachedSteps(model, random_examples())
+    steps = _CachedSteps(model, random_examples(), batch_size=4)
     assert steps.fused_loss
-    assert len(steps.linears.swaps) == (7 * 4 if _kernels.onednn_available() else 0)  # every linear of the 4 layers
 
+    force_gemm(monkeypatch, True)
+    steps = _CachedSteps(model, random_examples(), batch_size=4)
+    assert len(steps.linears.swaps) == (7 * 2 if _kernels.onednn_available() else 0)  # the 7 linears of layers 2, 3
+    assert steps.head_on_onednn
     torch.manual_seed(0)
     config = Gemma2Config(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
@@ -294,7 +329,7 @@ def test_the_cached_trainer_checks_its_shortcuts_against_the_model():
         torch.manual_seed(5)
         model = get_reft_model(base, ReftConfig(layers=[1], positions="f1+l1"))
         if method == "cached":
-            assert not _CachedSteps(model, random_examples()).fused_loss
+            assert not _CachedSteps(model, random_examples(), batch_size=4).fused_loss
         result = train_reft(model, random_examples(), epochs=3, batch_size=4, lr=1e-2, method=method)
         losses[method] = [h["loss"] for h in result.history]
         model.remove_hooks()

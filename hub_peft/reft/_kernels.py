@@ -1,17 +1,19 @@
-"""CPU kernels for the cached ReFT trainer: frozen linear layers through oneDNN, and a cross-entropy
-over the output layer that allocates one vocabulary-sized tensor per step instead of four.
+"""CPU kernels for the cached ReFT trainer: frozen linear layers through whichever GEMM is faster
+here, and a cross-entropy over the output layer that allocates one vocabulary-sized tensor per step
+instead of four.
 
 Both compute the same float32 math as ``nn.Linear`` / ``F.cross_entropy`` (up to float rounding).
 They exist because a step of the cached trainer multiplies few rows (the response tokens) by every
-weight of the upper layers, forward and backward: at that shape (e.g. 174 x 576 by 576 x 1536) the
-MKL GEMM behind ``nn.Linear`` runs at about half the speed of oneDNN's on the same row-major weight
-(``benchmarks/reft_train.py`` shows the effect on a whole step), and on a CPU every fresh allocation of
-tens of MB costs more in page faults than the arithmetic done on it.
+weight of the upper layers, forward and backward. At that shape (e.g. 174 x 576 by 576 x 1536) which
+of oneDNN and the MKL GEMM behind ``nn.Linear`` wins depends on the CPU: on one of our VMs oneDNN was
+1.3-1.5x faster, on another 10% slower, so :func:`onednn_is_faster` times both on the real shape once.
+And on a CPU every fresh allocation of tens of MB costs more in page faults than the arithmetic done on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 
@@ -51,6 +53,31 @@ def _runs_on_onednn(module: nn.Module) -> bool:
     return is_frozen_float32_linear(module) and module.weight.device.type == "cpu" and onednn_available()
 
 
+def onednn_is_faster(weight: torch.Tensor, rows: int) -> bool:
+    """Whether oneDNN computes ``x @ weight.T`` and the input gradient ``g @ weight`` for ``rows`` rows
+    faster than torch's default GEMM, timed on this CPU (best of two, alternating; a few ms). An
+    output layer is timed on one vocabulary chunk, the width :func:`linear_cross_entropy` multiplies by."""
+    if not onednn_available() or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return False
+    w = weight.detach()[:_VOCAB_CHUNK]
+    x, g = torch.full((rows, w.shape[1]), 0.5), torch.full((rows, w.shape[0]), 0.5)  # values do not matter
+    onednn = _best_of(lambda: (_linear(x, w), _linear(g, w.T)), lambda: (x @ w.T, g @ w))
+    return onednn[0] < onednn[1]
+
+
+def _best_of(*candidates: Callable[[], object], repeats: int = 2) -> list[float]:
+    """Each candidate's best time over ``repeats`` alternating rounds, after one warm-up round."""
+    for run in candidates:
+        run()
+    best = [float("inf")] * len(candidates)
+    for _ in range(repeats):
+        for i, run in enumerate(candidates):
+            started = time.perf_counter()
+            run()
+            best[i] = min(best[i], time.perf_counter() - started)
+    return best
+
+
 class _FrozenMatmul(torch.autograd.Function):
     """``x @ weight.T + bias`` and its gradient for ``x`` only (the weight is frozen)."""
 
@@ -76,13 +103,18 @@ class OneDnnLinear(nn.Module):
 
 
 class OneDnnLinears:
-    """Every frozen float32 ``nn.Linear`` under ``modules``, swapped for :class:`OneDnnLinear` inside
-    :meth:`active` (nothing is swapped where this torch build has no working oneDNN)."""
+    """The frozen float32 ``nn.Linear`` layers under ``modules`` that oneDNN multiplies faster than
+    torch's default GEMM at ``rows`` rows (:func:`onednn_is_faster`, timed once per weight shape),
+    swapped for :class:`OneDnnLinear` inside :meth:`active`."""
 
-    def __init__(self, modules: list[nn.Module]) -> None:
+    def __init__(self, modules: list[nn.Module], rows: int) -> None:
         found = [(parent, name, child) for m in modules for parent in m.modules()
                  for name, child in parent.named_children() if _runs_on_onednn(child)]  # fmt: skip
-        self.swaps = [(p, n, c, OneDnnLinear(c)) for p, n, c in found]
+        faster: dict[tuple[int, ...], bool] = {}
+        for _, _, child in found:
+            if child.weight.shape not in faster:
+                faster[child.weight.shape] = onednn_is_faster(child.weight, rows)
+        self.swaps = [(p, n, c, OneDnnLinear(c)) for p, n, c in found if faster[c.weight.shape]]
 
     @contextmanager
     def active(self) -> Iterator[None]:
@@ -133,8 +165,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, linear: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-    """``F.cross_entropy(linear(hidden), targets)`` for a frozen bias-free ``linear`` (see the module doc)."""
+def linear_cross_entropy(
+    hidden: torch.Tensor, linear: nn.Linear, targets: torch.Tensor, *, onednn: bool = False
+) -> torch.Tensor:
+    """``F.cross_entropy(linear(hidden), targets)`` for a frozen bias-free ``linear`` (see the module
+    doc), its matrix products by oneDNN if ``onednn`` and this torch build has it, else by torch's GEMM."""
     if linear.bias is not None or linear.weight.requires_grad:
         raise ValueError("linear_cross_entropy needs a frozen linear layer without bias.")
-    return _LinearCrossEntropy.apply(hidden, linear.weight, targets, _runs_on_onednn(linear))
+    return _LinearCrossEntropy.apply(hidden, linear.weight, targets, onednn and _runs_on_onednn(linear))

@@ -7,7 +7,8 @@ them once (two no-grad forwards of the plain model) and each step then runs only
 lowest intervened one up (above it, for a block_output edit), on the positions from the first
 intervened one on, all examples packed into one sequence without padding (attention per example over
 its cached prefix), with logits only where a response token is predicted. The step's few rows are kept
-cheap by the kernels in :mod:`._kernels` (oneDNN linear layers, an in-place chunked cross-entropy).
+cheap by the kernels in :mod:`._kernels` (each linear layer on the GEMM that is faster here for that
+shape, an in-place chunked cross-entropy).
 ``method="full"`` is the plain reference loop (whole forward, same loss); both give the same losses up
 to float rounding.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -28,7 +30,7 @@ from torch import nn
 from .._bnb import keep_4bit_trainable
 from ..errors import InvalidInputError
 from ..optimize import Example, TrainResult, fit, pad_batch
-from ._kernels import OneDnnLinears, is_frozen_float32_linear, linear_cross_entropy
+from ._kernels import OneDnnLinears, is_frozen_float32_linear, linear_cross_entropy, onednn_is_faster
 from .model import ReftModel, find_decoder, innermost_model, prompt_positions
 
 
@@ -55,6 +57,7 @@ def train_reft(
         raise InvalidInputError(f"method must be 'cached' or 'full', got {method!r}.")
     if not examples:
         raise InvalidInputError("No training examples.")
+    started = time.perf_counter()  # the result's time includes the cached trainer's precompute
     keep_4bit_trainable(model.base_model)
     named = list(model.interventions.named_parameters())
     for _, p in named:
@@ -62,7 +65,7 @@ def train_reft(
     model.base_model.eval()
     model.interventions.train()
     try:
-        steps = _CachedSteps(model, examples) if method == "cached" else _FullSteps(model, examples)
+        steps = _CachedSteps(model, examples, batch_size) if method == "cached" else _FullSteps(model, examples)
         return fit(
             # No weight decay on R's orthogonal parametrization: decaying its (gradient-free) diagonal would break R.
             [p for n, p in named if "parametrizations" not in n],
@@ -70,7 +73,7 @@ def train_reft(
             len(examples),
             frozen_decay=[p for n, p in named if "parametrizations" in n],
             epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
-            target_loss=target_loss, seed=seed, on_step=on_step, should_stop=should_stop,
+            target_loss=target_loss, seed=seed, on_step=on_step, should_stop=should_stop, started=started,
         )  # fmt: skip
     finally:
         model.interventions.eval()
@@ -106,7 +109,7 @@ class _CachedSteps:
     """Each step runs the layers from the lowest intervened one up, on the positions from the first
     intervened one on, as one packed sequence (see the module docstring)."""
 
-    def __init__(self, model: ReftModel, examples: list[Example]) -> None:
+    def __init__(self, model: ReftModel, examples: list[Example], batch_size: int) -> None:
         self.model = model
         self.core = innermost_model(model.base_model)
         self.decoder = find_decoder(self.core)
@@ -120,14 +123,17 @@ class _CachedSteps:
         self.head = self.core.get_output_embeddings()
         # The fused loss needs logits that are exactly head(decoder output): checked in the precompute's forward.
         self.fused_loss: bool | None = None if is_frozen_float32_linear(self.head) and self.head.bias is None else False
-        self.linears = OneDnnLinears(list(self.layers))  # the precompute runs them all; a step, those it reaches
         self._batch: tuple[tuple[int, ...], _Batch] | None = None
         self.cached: list[_Cached] = []
-        with torch.no_grad(), self.linears.active():
+        with torch.no_grad():
             for i in range(0, len(examples), 16):
                 self.cached.extend(self._prepare(examples[i : i + 16]))
             if self.fused_loss is None:  # no example had a prefix to run through the whole model
                 self.fused_loss = _forward_checking_head(self, input_ids=torch.arange(1, 4)[None])[1]
+        # The GEMMs for a step's rows (a batch's suffixes): oneDNN where it is faster here than the default.
+        rows = max(1, sum(len(c.ids) for c in self.cached) * min(batch_size, len(examples)) // len(examples))
+        self.linears = OneDnnLinears(list(self.layers[self.first_layer :]), rows)
+        self.head_on_onednn = bool(self.fused_loss) and onednn_is_faster(self.head.weight, rows)
 
     def _prepare(self, examples: list[Example]) -> list[_Cached]:
         """Two no-grad forwards of the plain base model: whole examples (right-padded; causal, so padding
@@ -198,7 +204,7 @@ class _CachedSteps:
         ):
             if self.fused_loss:
                 hidden = self.decoder(**inputs).last_hidden_state[0, batch.keep]
-                return linear_cross_entropy(hidden, self.head, batch.targets)
+                return linear_cross_entropy(hidden, self.head, batch.targets, onednn=self.head_on_onednn)
             logits = self.core(**inputs, logits_to_keep=batch.keep).logits  # logits only where the loss counts
         return nn.functional.cross_entropy(logits[0].float(), batch.targets)
 
