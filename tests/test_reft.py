@@ -31,13 +31,14 @@ def tiny_llama(layers: int = 4, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def random_examples(n: int = 7, seed: int = 1) -> list[Example]:
+def random_examples(n: int = 7, seed: int = 1, shared: list[int] = ()) -> list[Example]:
+    """Random prompts (after the ``shared`` tokens, like a chat template's system prompt) and responses."""
     g = torch.Generator().manual_seed(seed)
 
     def tokens(lo: int, hi: int) -> list[int]:
         return torch.randint(3, 128, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
 
-    return [Example(tokens(3, 12), [*tokens(2, 8), 2]) for _ in range(n)]
+    return [Example([*shared, *tokens(3, 12)], [*tokens(2, 8), 2]) for _ in range(n)]
 
 
 # --- the formulas ---------------------------------------------------------------------------------
@@ -211,29 +212,37 @@ def test_generate_uses_the_kv_cache_and_equals_a_no_cache_greedy_decode():
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn-gemm", "default-gemm"])
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "shared"),
     [
-        {"layers": [1, 3], "positions": "l1"},
-        {"layers": [0, 2], "positions": "f2+l2", "components": ALL_COMPONENTS},
-        {"layers": [1], "positions": "f1+l3", "share_weights": True, "intervention": "noreft", "proj_bias": True},
-        {"layers": [2], "positions": "l2", "intervention": "direft", "activation": "gelu"},
+        ({"layers": [1, 3], "positions": "l1"}, []),
+        ({"layers": [1, 3], "positions": "l1"}, [9, 4, 7, 7, 30]),  # every prompt starts with these tokens
+        ({"layers": [0, 2], "positions": "f2+l2", "components": ALL_COMPONENTS}, []),
+        ({"layers": [1], "positions": "f1+l3", "share_weights": True, "intervention": "noreft", "proj_bias": True}, []),
+        ({"layers": [2], "positions": "l2", "intervention": "direft", "activation": "gelu"}, [5, 6]),
     ],
-    ids=["l1", "f2+l2-all-components", "noreft-shared", "direft-l2"],
+    ids=["l1", "l1-shared-prefix", "f2+l2-all-components", "noreft-shared", "direft-l2-shared-prefix"],
 )
-def test_the_cached_trainer_gives_the_plain_loops_losses(kwargs, onednn, monkeypatch):
+def test_the_cached_trainer_gives_the_plain_loops_losses(kwargs, shared, onednn, monkeypatch):
     """Same seed and data: the fast path (cached prefix, packed, skipped layers) and the plain
     full-forward loop must follow the same loss trajectory and end with the same weights, whichever
     GEMM the cached trainer picks for its linear layers."""
+    from hub_peft.reft import trainer
+
     force_gemm(monkeypatch, onednn)
+    computed_once = []  # how many leading tokens the cached trainer ran once for all examples
+    length = trainer._shared_prefix_length
+    monkeypatch.setattr(trainer, "_shared_prefix_length", lambda *a: computed_once.append(length(*a)) or length(*a))
     runs = {}
     base = tiny_llama()
     for method in ("full", "cached"):
         torch.manual_seed(5)
         model = get_reft_model(base, ReftConfig(**kwargs))
-        result = train_reft(model, random_examples(), epochs=4, batch_size=3, lr=1e-2, method=method)
+        examples = random_examples(shared=shared)
+        result = train_reft(model, examples, epochs=4, batch_size=3, lr=1e-2, method=method)
         runs[method] = ([h["loss"] for h in result.history], model.adapter_state_dict())
         model.remove_hooks()
     (full, full_state), (cached, cached_state) = runs["full"], runs["cached"]
+    assert computed_once == [len(shared)]
     assert len(full) == len(cached) == 12
     assert full[-1] < full[0]
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(full), rtol=0, atol=1e-4)

@@ -136,9 +136,11 @@ class _CachedSteps:
         self.head_on_onednn = bool(self.fused_loss) and onednn_is_faster(self.head.weight, rows)
 
     def _prepare(self, examples: list[Example]) -> list[_Cached]:
-        """Two no-grad forwards of the plain base model: whole examples (right-padded; causal, so padding
-        changes nothing) up to the first computed layer, whose input is kept; then from that layer on,
-        the prefixes only (positions before the first intervened one), whose keys and values are kept."""
+        """No-grad forwards of the plain base model. The tokens every example starts with (a chat
+        template's system prompt, say) run once, through every layer. Then the rest of the examples
+        (right-padded; causal, so padding changes nothing) run up to the first computed layer, whose
+        input is kept; and from that layer on, the rest of the prefixes (positions before the first
+        intervened one), whose keys and values are kept."""
         seqs = [ex.prompt_ids + ex.response_ids for ex in examples]
         ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -149,21 +151,29 @@ class _CachedSteps:
             for i, (ex, seq) in enumerate(zip(examples, seqs, strict=True))
         ]
         starts = [int(min(p.min() for p in where.values())) for where in positions]
-        hidden = _input_of_layer(self.decoder, self.layers[self.first_layer], input_ids=ids, attention_mask=mask)
-        keys, values = {}, {}
-        if max(starts):
-            prefix = slice(0, max(starts))
-            with _start_at_layer(self.layers, self.first_layer, lambda: hidden[:, prefix]):
+        shared = _shared_prefix_length(seqs, min(starts))
+        common = self.decoder(input_ids=ids[:1, :shared], use_cache=True).past_key_values if shared else None
+        hidden = _input_of_layer(  # [examples, positions shared.., d]
+            self.decoder, self.layers[self.first_layer], input_ids=ids[:, shared:], attention_mask=mask,
+            position_ids=torch.arange(shared, ids.shape[1])[None], past_key_values=_repeated(common, len(seqs)),
+        )  # fmt: skip
+        keys, values, n_prefix = {}, {}, max(starts)
+        if n_prefix > shared:
+            with _start_at_layer(self.layers, self.first_layer, lambda: hidden[:, : n_prefix - shared]):
                 out, same = _forward_checking_head(
                     self,
-                    input_ids=ids[:, prefix],
-                    attention_mask=(torch.arange(max(starts))[None] < torch.tensor(starts)[:, None]).long(),
+                    input_ids=ids[:, shared:n_prefix],
+                    attention_mask=(torch.arange(n_prefix)[None] < torch.tensor(starts)[:, None]).long(),
+                    position_ids=torch.arange(shared, n_prefix)[None],
+                    past_key_values=_repeated(common, len(seqs)),
                     use_cache=True,
                 )
-            cache = out.past_key_values
             self.fused_loss = same if self.fused_loss is None else self.fused_loss and same
-            keys = {j: cache.layers[j].keys for j in range(self.first_layer, len(self.layers))}
-            values = {j: cache.layers[j].values for j in keys}
+            common = out.past_key_values
+        if common is not None:  # [examples or 1, kv_heads, n_prefix, head_dim] per computed layer
+            computed = range(self.first_layer, len(self.layers))
+            keys = {j: common.layers[j].keys.expand(len(seqs), -1, -1, -1) for j in computed}
+            values = {j: common.layers[j].values.expand(len(seqs), -1, -1, -1) for j in computed}
         result = []
         for i, (ex, seq, start) in enumerate(zip(examples, seqs, starts, strict=True)):
             n_prompt, end = len(ex.prompt_ids), len(seq) - 1  # the final EOS predicts nothing: never computed
@@ -171,7 +181,7 @@ class _CachedSteps:
             targets[n_prompt - 1 : -1] = torch.tensor(ex.response_ids)
             result.append(_Cached(
                 start=start,
-                hidden=hidden[i, start:end].clone(),
+                hidden=hidden[i, start - shared : end - shared].clone(),
                 keys={j: k[i, :, :start].clone() for j, k in keys.items()},  # none when no example has a prefix
                 values={j: v[i, :, :start].clone() for j, v in values.items()},
                 ids=ids[i, start:end],
@@ -207,6 +217,26 @@ class _CachedSteps:
                 return linear_cross_entropy(hidden, self.head, batch.targets, onednn=self.head_on_onednn)
             logits = self.core(**inputs, logits_to_keep=batch.keep).logits  # logits only where the loss counts
         return nn.functional.cross_entropy(logits[0].float(), batch.targets)
+
+
+def _shared_prefix_length(seqs: list[list[int]], limit: int) -> int:
+    """How many leading tokens all ``seqs`` have in common, at most ``limit``."""
+    n = 0
+    while n < limit and all(seq[n] == seqs[0][n] for seq in seqs):
+        n += 1
+    return n
+
+
+def _repeated(cache: Any, n: int) -> Any:
+    """A fresh cache holding ``cache``'s keys and values (batch 1) for each of ``n`` examples."""
+    if cache is None:
+        return None
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for j, layer in enumerate(cache.layers):
+        out.update(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1), j)
+    return out
 
 
 class _Stop(Exception):
