@@ -8,8 +8,9 @@ the same seed and weights, and their per-step losses must agree.
 On a shared VM the machine's speed drifts by tens of percent within a minute, so each loop runs
 twice, in the order cached, plain, plain, cached (a linear drift then costs both the same), and the
 rates are taken over both runs. The cached trainer's time includes its one-off precompute.
-Then the cached trainer runs the demo to the end: the original 100 epochs, and hub_peft's default
-demo config (layers 8 and 16, lr 1e-2).
+It also counts each loop's floating-point work per step (torch's FLOP counter): the ratio of the two
+is what the speed-up would be if both ran at the same FLOP rate. Then the cached trainer runs the demo
+to the end: the original 100 epochs, and hub_peft's default demo config (layers 8 and 16, lr 1e-2).
 
 Run: .venv/bin/python benchmarks/reft_train.py [--steps 8] [--epochs 100]
 """
@@ -17,6 +18,7 @@ Run: .venv/bin/python benchmarks/reft_train.py [--steps 8] [--epochs 100]
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 
@@ -33,6 +35,20 @@ def train(model, examples, template, *, method: str, epochs: int, layers: list[i
         reft.remove_hooks()
 
 
+def flops_per_step(model, examples, template, method: str) -> int:
+    """One step's floating-point operations as torch counts them (matrix products and attention):
+    a 1-epoch run's count subtracted from a 2-epoch run's (one batch per epoch), so that the cached
+    trainer's one-off precompute cancels out."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for epochs in (1, 2):
+        with FlopCounterMode(display=False) as counter:
+            train(model, examples, template, method=method, epochs=epochs, layers=[8], lr=4e-3)
+        counts.append(counter.get_total_flops())
+    return counts[1] - counts[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="Steps of the side-by-side comparison.")
@@ -40,6 +56,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from torch.utils.flop_counter import register_flop_formula
 
     from hub_peft.base_model import load_base_model
     from hub_peft.chat import generate_reply, prompt_template
@@ -72,6 +89,16 @@ def main() -> None:
     print(f"  speed-up                : {rate['cached'] / rate['full']:.2f}x steps/s (precompute included), "
           f"{median['full'] / median['cached']:.2f}x per step (largest per-step loss difference "
           f"{diff:.1e})")  # fmt: skip
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)  # the cached trainer's oneDNN GEMM
+    def _(x_shape, w_shape, *args, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+    flops = {m: flops_per_step(model, examples, template, m) for m in ("full", "cached")}
+    gflop = {m: f / 1e9 for m, f in flops.items()}
+    print(f"  work per step           : plain {gflop['full']:.1f} GFLOP, cached {gflop['cached']:.1f} GFLOP "
+          f"({gflop['full'] / gflop['cached']:.2f}x less); at the median steps that is "
+          f"{gflop['full'] / median['full']:.0f} vs {gflop['cached'] / median['cached']:.0f} GFLOP/s")  # fmt: skip
 
     demo = train(model, examples, template, method="cached", epochs=args.epochs, layers=[8], lr=4e-3)
     print(
