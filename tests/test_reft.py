@@ -338,7 +338,64 @@ def test_the_cached_trainer_checks_its_shortcuts_against_the_model(monkeypatch):
         torch.manual_seed(5)
         model = get_reft_model(base, ReftConfig(layers=[1], positions="f1+l1"))
         if method == "cached":
-            assert not _CachedSteps(model, random_examples(), batch_size=4).fused_loss
+            steps = _CachedSteps(model, random_examples(), batch_size=4)
+            assert not steps.fused_loss and not steps.lean_layers  # Gemma 2's layers are not Llama's
+        result = train_reft(model, random_examples(), epochs=3, batch_size=4, lr=1e-2, method=method)
+        losses[method] = [h["loss"] for h in result.history]
+        model.remove_hooks()
+    torch.testing.assert_close(torch.tensor(losses["cached"]), torch.tensor(losses["full"]), rtol=0, atol=1e-4)
+
+
+def step_loss_and_grads(steps, lean: bool, rows: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    steps.lean = lean
+    params = list(steps.model.interventions.parameters())
+    loss = steps.loss(rows)
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("shared", [[], [9, 4, 7]], ids=["no-shared-prefix", "shared-prefix"])
+def test_the_lean_layers_give_the_models_own_loss_and_gradients(shared):
+    """The cached trainer's written-out Llama layer (forward and backward): same loss and intervention
+    gradients as the model's own layers through autograd, with cached prefixes, grouped key/value heads,
+    padding in the per-example attention, and an intervention on an upper layer's output."""
+    from hub_peft.reft.trainer import _CachedSteps
+
+    torch.manual_seed(3)
+    model = get_reft_model(tiny_llama(layers=5), ReftConfig(layers=[1, 3], positions="f1+l2", rank=3))
+    for p in model.interventions.parameters():
+        p.requires_grad_(True)
+    steps = _CachedSteps(model, random_examples(n=6, shared=shared), batch_size=6)
+    steps.loss([0, 1, 2])
+    assert steps.lean is True and sorted(steps.lean_layers) == [2, 3, 4]  # checked on the first batch, then used
+    for rows in ([0, 1, 2], [5, 3, 4, 1]):
+        loss, grads = step_loss_and_grads(steps, True, rows)
+        expected_loss, expected = step_loss_and_grads(steps, False, rows)
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+        for grad, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)
+            assert want.abs().max() > 0
+
+
+def test_lean_layers_are_used_only_where_they_reproduce_the_model(monkeypatch):
+    """Not inside a layer with an intervention on its attention or MLP output (the lean layer has no hooks
+    there), and not at all when the first batch shows a different output: then training falls back to
+    the model's own layers and still gives the plain loop's losses."""
+    from hub_peft.reft import _lean_layer
+    from hub_peft.reft.trainer import _CachedSteps
+
+    model = get_reft_model(tiny_llama(), ReftConfig(layers=[1, 2], components=["block_output", "mlp_output"]))
+    assert sorted(_CachedSteps(model, random_examples(), batch_size=4).lean_layers) == [3]
+    model.remove_hooks()
+
+    monkeypatch.setattr(_lean_layer, "_rotate", lambda x: x)  # a lean layer that gets rotary embeddings wrong
+    losses = {}
+    for method in ("full", "cached"):
+        torch.manual_seed(5)
+        model = get_reft_model(tiny_llama(), ReftConfig(layers=[1], positions="l1"))
+        if method == "cached":
+            steps = _CachedSteps(model, random_examples(), batch_size=4)
+            steps.loss([0, 1])
+            assert steps.lean is False and steps.lean_layers
         result = train_reft(model, random_examples(), epochs=3, batch_size=4, lr=1e-2, method=method)
         losses[method] = [h["loss"] for h in result.history]
         model.remove_hooks()

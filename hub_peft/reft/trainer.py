@@ -19,7 +19,7 @@ import itertools
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +31,7 @@ from .._bnb import keep_4bit_trainable
 from ..errors import InvalidInputError
 from ..optimize import Example, TrainResult, fit, pad_batch
 from ._kernels import OneDnnLinears, is_frozen_float32_linear, linear_cross_entropy, onednn_is_faster
+from ._lean_layer import LeanLayer
 from .model import ReftModel, find_decoder, innermost_model, prompt_positions
 
 
@@ -134,6 +135,13 @@ class _CachedSteps:
         rows = max(1, sum(len(c.ids) for c in self.cached) * min(batch_size, len(examples)) // len(examples))
         self.linears = OneDnnLinears(list(self.layers[self.first_layer :]), rows)
         self.head_on_onednn = bool(self.fused_loss) and onednn_is_faster(self.head.weight, rows)
+        # Llama-family layers run as one Function each (see _lean_layer), unless an intervention sits inside
+        # them; they are used once the first batch shows that they give the model's own outputs.
+        onednn = frozenset(id(c.weight) for _, _, c, _ in self.linears.swaps)
+        inside = {layer for layer, component in model._by_site if component in ("attention_output", "mlp_output")}
+        lean = {j: LeanLayer.of(self.layers[j], onednn) for j in range(self.first_layer, len(self.layers))}
+        self.lean_layers = {j: layer for j, layer in lean.items() if layer is not None and j not in inside}
+        self.lean: bool | None = None if self.lean_layers else False
 
     def _prepare(self, examples: list[Example]) -> list[_Cached]:
         """No-grad forwards of the plain base model. The tokens every example starts with (a chat
@@ -202,21 +210,43 @@ class _CachedSteps:
         """The examples' suffixes packed back to back into one sequence (no padding in the matmuls);
         attention runs per example over its cached prefix and itself (see :func:`_packed_attention`)."""
         batch = self.batch(rows)
+        if self.lean is None:
+            self.lean = self._lean_layers_reproduce_the_model(batch)
+        with self._running(batch, lean=self.lean):
+            if self.fused_loss:
+                hidden = self.decoder(**batch.inputs).last_hidden_state[0, batch.keep]
+                return linear_cross_entropy(hidden, self.head, batch.targets, onednn=self.head_on_onednn)
+            logits = self.core(**batch.inputs, logits_to_keep=batch.keep).logits  # logits only where the loss counts
+        return nn.functional.cross_entropy(logits[0].float(), batch.targets)
+
+    @contextmanager
+    def _running(self, batch: _Batch, lean: bool) -> Iterator[None]:
+        """Set up one forward of the packed ``batch`` through the decoder."""
         lowest = self.model.reft_config.layers[0]
         feed = (lambda: self.model._edit(lowest, "block_output", batch.hidden)) if self.skip_lowest else None
-        inputs = {"input_ids": batch.ids, "attention_mask": batch.placeholder_mask,
-                  "position_ids": batch.position_ids, "use_cache": False}  # fmt: skip
-        with (
-            _start_at_layer(self.layers, self.first_layer, feed or (lambda: batch.hidden)),
-            _packed_attention_for(self.core, batch),
-            self.linears.active(),
-            self.model.intervening(batch.positions),
-        ):
-            if self.fused_loss:
-                hidden = self.decoder(**inputs).last_hidden_state[0, batch.keep]
-                return linear_cross_entropy(hidden, self.head, batch.targets, onednn=self.head_on_onednn)
-            logits = self.core(**inputs, logits_to_keep=batch.keep).logits  # logits only where the loss counts
-        return nn.functional.cross_entropy(logits[0].float(), batch.targets)
+        with ExitStack() as stack:
+            stack.enter_context(_start_at_layer(self.layers, self.first_layer, feed or (lambda: batch.hidden)))
+            stack.enter_context(_packed_attention_for(self.core, batch))
+            stack.enter_context(self.linears.active())
+            stack.enter_context(self.model.intervening(batch.positions))
+            if lean:
+                stack.enter_context(_lean_forwards(self.layers, self.lean_layers, batch))
+            yield
+
+    def _lean_layers_reproduce_the_model(self, batch: _Batch) -> bool:
+        """Whether the decoder's output on ``batch`` is the same with the lean layers as with the model's own."""
+        training = self.model.interventions.training
+        self.model.interventions.eval()  # no dropout: both forwards must see the same edits
+        try:
+            with torch.no_grad():
+                outputs = []
+                for lean in (False, True):
+                    with self._running(batch, lean):
+                        outputs.append(self.decoder(**batch.inputs).last_hidden_state)
+        finally:
+            self.model.interventions.train(training)
+        own, lean = outputs
+        return torch.allclose(lean, own, rtol=1e-4, atol=1e-5 * float(own.abs().max()))
 
 
 def _shared_prefix_length(seqs: list[list[int]], limit: int) -> int:
@@ -296,6 +326,12 @@ class _Batch:
     prefix: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> keys, values [rows, kv_heads, prefix, dim]
     mask: torch.Tensor  # [rows, 1, width, prefix + width] additive
     placeholder_mask: torch.Tensor  # a 4D mask transformers passes through untouched to the attention function
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """The decoder's keyword arguments for a forward of this batch."""
+        return {"input_ids": self.ids, "attention_mask": self.placeholder_mask,
+                "position_ids": self.position_ids, "use_cache": False}  # fmt: skip
 
     @classmethod
     def build(cls, batch: list[_Cached]) -> _Batch:
@@ -390,6 +426,27 @@ def _packed_attention_for(core: nn.Module, batch: _Batch) -> Iterator[None]:
     finally:
         config._attn_implementation = previous
         _ACTIVE_BATCH.reset(token)
+
+
+@contextmanager
+def _lean_forwards(layers: nn.ModuleList, lean: dict[int, LeanLayer], batch: _Batch) -> Iterator[None]:
+    """Run ``layers[j]`` as ``lean[j]`` for one forward. Only the layer's ``forward`` is replaced, so the
+    hooks on the layer itself (the interventions on its input and output) still run."""
+
+    def forward_of(layer: LeanLayer) -> Callable:
+        def forward(hidden_states: torch.Tensor, *args: Any, position_embeddings: Any, **kwargs: Any) -> torch.Tensor:
+            cos, sin = position_embeddings
+            return layer.forward(hidden_states[0], cos[0], sin[0], batch)[None]
+
+        return forward
+
+    for j, layer in lean.items():
+        layers[j].forward = forward_of(layer)
+    try:
+        yield
+    finally:
+        for j in lean:
+            del layers[j].forward
 
 
 class _Passthrough(nn.Module):
