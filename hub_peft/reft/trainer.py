@@ -210,8 +210,8 @@ class _CachedSteps:
         """The examples' suffixes packed back to back into one sequence (no padding in the matmuls);
         attention runs per example over its cached prefix and itself (see :func:`_packed_attention`)."""
         batch = self.batch(rows)
-        if self.lean is None:
-            self.lean = self._lean_layers_reproduce_the_model(batch)
+        if self.lean is None:  # checked on one example: cheap, and the layers' math is the same for any batch
+            self.lean = self._lean_layers_reproduce_the_model(_Batch.build([self.cached[rows[0]]]))
         with self._running(batch, lean=self.lean):
             if self.fused_loss:
                 hidden = self.decoder(**batch.inputs).last_hidden_state[0, batch.keep]
