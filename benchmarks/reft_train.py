@@ -62,6 +62,7 @@ def main() -> None:
     from hub_peft.chat import generate_reply, prompt_template
     from hub_peft.presets import held_out_prompts, load_preset
     from hub_peft.reft import ReftConfig, encode_examples, get_reft_model, train_reft
+    from hub_peft.training import DEFAULTS
 
     model, tokenizer = load_base_model(None)
     template = prompt_template(tokenizer)
@@ -111,9 +112,10 @@ def main() -> None:
     torch.manual_seed(0)
     reft = get_reft_model(model, ReftConfig(layers=[8, 16], rank=4, positions="l1", prompt_template=template))
     started = time.perf_counter()
-    quick = train_reft(reft, examples, epochs=12, lr=1e-2)
+    quick = train_reft(reft, examples, epochs=DEFAULTS["reft"]["epochs"], lr=DEFAULTS["reft"]["lr"])
     answers = {p: generate_reply(reft, tokenizer, p, max_new_tokens=12) for p in held_out_prompts()}
-    print(f"hub_peft demo config (layers 8+16, lr 1e-2, 12 epochs): trained in {quick.seconds:.1f} s "
+    print(f"hub_peft demo config (layers 8+16, lr {DEFAULTS['reft']['lr']}, {DEFAULTS['reft']['epochs']} epochs): "
+          f"trained in {quick.seconds:.1f} s "
           f"(+ answers in {time.perf_counter() - started - quick.seconds:.1f} s), final loss "
           f"{quick.history[-1]['loss']:.3f}")  # fmt: skip
     for prompt, answer in answers.items():

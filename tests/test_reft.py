@@ -353,15 +353,28 @@ def step_loss_and_grads(steps, lean: bool, rows: list[int]) -> tuple[torch.Tenso
     return loss.detach(), torch.autograd.grad(loss, params)
 
 
-@pytest.mark.parametrize("shared", [[], [9, 4, 7]], ids=["no-shared-prefix", "shared-prefix"])
-def test_the_lean_layers_give_the_models_own_loss_and_gradients(shared):
-    """The cached trainer's written-out Llama layer (forward and backward): same loss and intervention
-    gradients as the model's own layers through autograd, with cached prefixes, grouped key/value heads,
-    padding in the per-example attention, and an intervention on an upper layer's output."""
+def tiny_qwen2(layers: int):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("base", "shared"),
+    [(tiny_llama, []), (tiny_llama, [9, 4, 7]), (tiny_qwen2, [9, 4, 7])],
+    ids=["llama", "llama-shared-prefix", "qwen2-biases-shared-prefix"],
+)
+def test_the_lean_layers_give_the_models_own_loss_and_gradients(base, shared):
+    """The cached trainer's written-out Llama-family layer (forward and backward): same loss and
+    intervention gradients as the model's own layers through autograd, with cached prefixes, grouped
+    key/value heads, padding in the per-example attention, and an intervention on an upper layer's output."""
     from hub_peft.reft.trainer import _CachedSteps
 
     torch.manual_seed(3)
-    model = get_reft_model(tiny_llama(layers=5), ReftConfig(layers=[1, 3], positions="f1+l2", rank=3))
+    model = get_reft_model(base(layers=5), ReftConfig(layers=[1, 3], positions="f1+l2", rank=3))
     for p in model.interventions.parameters():
         p.requires_grad_(True)
     steps = _CachedSteps(model, random_examples(n=6, shared=shared), batch_size=6)

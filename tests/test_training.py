@@ -56,7 +56,7 @@ def test_the_default_settings_are_the_emoji_ones():
         [8, 16],
         4,
         1e-2,
-        15,
+        30,
     )
     assert TrainSettings().resolved(2).layers == [1]
     lora = TrainSettings(method="lora").resolved(30)

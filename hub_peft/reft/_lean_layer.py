@@ -60,12 +60,15 @@ class LeanLayer:
         linears = [getattr(attention, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         linears += [getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
         norms = [parts["input_layernorm"], parts["post_attention_layernorm"]]
-        if not all(is_frozen_float32_linear(m) for m in linears) or any(m.bias is not None for m in linears[3:]):
+        if not all(is_frozen_float32_linear(m) for m in linears):  # biases are fine: they need no gradient
             return None
         if not all(_is_rms_norm(n) for n in norms) or type(mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU"):
             return None
-        if any(getattr(attention, extra, None) for extra in ("sliding_window", "softcap", "attn_logit_softcapping")):
-            return None
+        window = getattr(
+            attention, "sliding_window", getattr(getattr(attention, "config", None), "sliding_window", None)
+        )
+        if window or getattr(attention, "softcap", None) or getattr(attention, "attn_logit_softcapping", None):
+            return None  # Qwen2 sets its window per layer, Mistral in its config
         head_dim = getattr(attention, "head_dim", None)
         if not head_dim or not hasattr(attention, "scaling") or not hasattr(attention, "layer_idx"):
             return None

@@ -3,12 +3,15 @@
 The base model is frozen and the interventions only touch chosen prompt positions at chosen layers,
 so for each example everything below the lowest intervened layer, and the keys/values of every
 position before the first intervened one, are the same in every epoch. :func:`train_reft` computes
-them once (two no-grad forwards of the plain model) and each step then runs only the layers from the
-lowest intervened one up (above it, for a block_output edit), on the positions from the first
-intervened one on, all examples packed into one sequence without padding (attention per example over
-its cached prefix), with logits only where a response token is predicted. The step's few rows are kept
-cheap by the kernels in :mod:`._kernels` (each linear layer on the GEMM that is faster here for that
-shape, an in-place chunked cross-entropy).
+them once (no-grad forwards of the plain model; the tokens all examples start with, such as a chat
+template's system prompt, only once for all) and each step then runs only the layers from the lowest
+intervened one up (above it, for a block_output edit), on the positions from the first intervened one
+on, all examples packed into one sequence without padding (attention per example over its cached
+prefix), with logits only where a response token is predicted.
+
+The step's few rows are kept cheap by :mod:`._kernels` (each linear layer on the GEMM that is faster
+here for its shape, an in-place chunked cross-entropy) and :mod:`._lean_layer` (Llama-family layers as
+one autograd Function each, used once the first batch shows they give the model's own outputs).
 ``method="full"`` is the plain reference loop (whole forward, same loss); both give the same losses up
 to float rounding.
 """
