@@ -415,6 +415,30 @@ def test_lean_layers_are_used_only_where_they_reproduce_the_model(monkeypatch):
     torch.testing.assert_close(torch.tensor(losses["cached"]), torch.tensor(losses["full"]), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("window", [6, 64])
+def test_sliding_window_models_train_exactly(window, caplog):
+    """Mistral's layers see only the last ``window`` tokens: the cached trainer handles examples shorter
+    than that (here with a shared prefix) and hands longer ones to the plain loop, saying so."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           sliding_window=window)  # fmt: skip
+    base = AutoModelForCausalLM.from_config(config).eval()
+    runs = {}
+    for method in ("full", "cached"):
+        torch.manual_seed(5)
+        model = get_reft_model(base, ReftConfig(layers=[1], positions="l1"))
+        result = train_reft(model, random_examples(shared=[5, 6]), epochs=3, batch_size=4, lr=1e-2, method=method)
+        runs[method] = result
+        model.remove_hooks()
+    assert runs["cached"].args["method"] == ("full" if window == 6 else "cached")
+    assert ("attends over windows of 6" in caplog.text) == (window == 6)
+    losses = {m: torch.tensor([h["loss"] for h in r.history]) for m, r in runs.items()}
+    torch.testing.assert_close(losses["cached"], losses["full"], rtol=0, atol=1e-4)
+
+
 def test_training_stops_at_a_loss_target_or_when_cancelled():
     model = reft_on_tiny()
     result = train_reft(model, random_examples(), epochs=50, batch_size=7, lr=5e-2, target_loss=4.7)

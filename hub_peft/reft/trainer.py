@@ -19,6 +19,7 @@ to float rounding.
 from __future__ import annotations
 
 import itertools
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,8 @@ from ..optimize import Example, TrainResult, fit, pad_batch
 from ._kernels import OneDnnLinears, is_frozen_float32_linear, linear_cross_entropy, onednn_is_faster
 from ._lean_layer import LeanLayer
 from .model import ReftModel, find_decoder, innermost_model, prompt_positions
+
+log = logging.getLogger(__name__)
 
 
 def train_reft(
@@ -55,13 +58,23 @@ def train_reft(
 ) -> TrainResult:
     """Train ``model``'s interventions (see :func:`hub_peft.optimize.fit` for the loop and stopping rules).
 
-    ``method="cached"`` (default) is the fast path described above; ``"full"`` the plain loop.
+    ``method="cached"`` (default) is the fast path described above; ``"full"`` the plain loop. The
+    cached path's attention covers whole sequences, so on a model with sliding-window layers it is used
+    only for examples shorter than the window; longer ones train with the plain loop (logged, and
+    recorded as ``result.args["method"]``).
     """
     if method not in ("cached", "full"):
         raise InvalidInputError(f"method must be 'cached' or 'full', got {method!r}.")
     if not examples:
         raise InvalidInputError("No training examples.")
     started = time.perf_counter()  # the result's time includes the cached trainer's precompute
+    window = _sliding_window(innermost_model(model.base_model))
+    longest = max(len(ex.prompt_ids) + len(ex.response_ids) for ex in examples)
+    if method == "cached" and window is not None and longest >= window:
+        why = "the cached trainer's whole-sequence attention would not match it"
+        log.warning("An example has %d tokens and the model attends over windows of %d: training with the plain loop "
+                    "(%s).", longest, window, why)  # fmt: skip
+        method = "full"
     keep_4bit_trainable(model.base_model)
     named = list(model.interventions.named_parameters())
     for _, p in named:
@@ -70,7 +83,7 @@ def train_reft(
     model.interventions.train()
     try:
         steps = _CachedSteps(model, examples, batch_size) if method == "cached" else _FullSteps(model, examples)
-        return fit(
+        result = fit(
             # No weight decay on R's orthogonal parametrization: decaying its (gradient-free) diagonal would break R.
             [p for n, p in named if "parametrizations" not in n],
             steps.loss,
@@ -79,10 +92,19 @@ def train_reft(
             epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
             target_loss=target_loss, seed=seed, on_step=on_step, should_stop=should_stop, started=started,
         )  # fmt: skip
+        result.args["method"] = method
+        return result
     finally:
         model.interventions.eval()
         for _, p in named:
             p.requires_grad_(False)
+
+
+def _sliding_window(core: nn.Module) -> int | None:
+    """The model's attention window, if some of its layers see only the last that many tokens."""
+    config = core.config.get_text_config() if hasattr(core.config, "get_text_config") else core.config
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    return window if window and (types is None or "sliding_attention" in types) else None
 
 
 class _FullSteps:
