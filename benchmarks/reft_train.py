@@ -76,6 +76,7 @@ def main() -> None:
     runs = {"cached": [], "full": []}
     for method in ("cached", "full", "full", "cached"):
         runs[method].append(train(model, examples, template, method=method, **same))
+    assert all(r.args["method"] == m for m, rs in runs.items() for r in rs), "the cached trainer fell back"
     losses = {m: [h["loss"] for r in rs for h in r.history] for m, rs in runs.items()}
     diff = max(abs(a - b) for a, b in zip(losses["full"], losses["cached"], strict=True))
     rate = {m: sum(r.steps for r in rs) / sum(r.seconds for r in rs) for m, rs in runs.items()}

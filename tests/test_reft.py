@@ -239,6 +239,7 @@ def test_the_cached_trainer_gives_the_plain_loops_losses(kwargs, shared, onednn,
         model = get_reft_model(base, ReftConfig(**kwargs))
         examples = random_examples(shared=shared)
         result = train_reft(model, examples, epochs=4, batch_size=3, lr=1e-2, method=method)
+        assert result.args["method"] == method  # the cached path ran: no fallback to the plain loop
         runs[method] = ([h["loss"] for h in result.history], model.adapter_state_dict())
         model.remove_hooks()
     (full, full_state), (cached, cached_state) = runs["full"], runs["cached"]
@@ -341,6 +342,7 @@ def test_the_cached_trainer_checks_its_shortcuts_against_the_model(monkeypatch):
             steps = _CachedSteps(model, random_examples(), batch_size=4)
             assert not steps.fused_loss and not steps.lean_layers  # Gemma 2's layers are not Llama's
         result = train_reft(model, random_examples(), epochs=3, batch_size=4, lr=1e-2, method=method)
+        assert result.args["method"] == method
         losses[method] = [h["loss"] for h in result.history]
         model.remove_hooks()
     torch.testing.assert_close(torch.tensor(losses["cached"]), torch.tensor(losses["full"]), rtol=0, atol=1e-4)
@@ -439,6 +441,25 @@ def test_sliding_window_models_train_exactly(window, caplog):
     torch.testing.assert_close(losses["cached"], losses["full"], rtol=0, atol=1e-4)
 
 
+def test_a_model_the_cached_trainer_cannot_run_trains_with_the_plain_loop(caplog):
+    """Bloom computes attention in its own code (ALiBi, no transformers attention interface), so the
+    cached trainer cannot run it per example: it says so and the plain loop trains instead."""
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(BloomConfig(hidden_size=HIDDEN, n_layer=3, n_head=4, vocab_size=128))
+    runs = {}
+    for method in ("full", "cached"):
+        torch.manual_seed(5)
+        model = get_reft_model(base.eval(), ReftConfig(layers=[1], positions="l1"))
+        runs[method] = train_reft(model, random_examples(), epochs=2, batch_size=4, lr=1e-2, method=method)
+        model.remove_hooks()
+    assert runs["cached"].args["method"] == "full"
+    assert "cached trainer cannot reproduce it here" in caplog.text and "BloomForCausalLM" in caplog.text
+    losses = {m: torch.tensor([h["loss"] for h in r.history]) for m, r in runs.items()}
+    torch.testing.assert_close(losses["cached"], losses["full"], rtol=0, atol=1e-6)
+
+
 def test_training_stops_at_a_loss_target_or_when_cancelled():
     model = reft_on_tiny()
     result = train_reft(model, random_examples(), epochs=50, batch_size=7, lr=5e-2, target_loss=4.7)
@@ -506,6 +527,7 @@ def test_reft_trains_on_an_nf4_base_with_exact_gradients(tiny_base_repo):  # noq
             torch.manual_seed(0)
             reft = get_reft_model(model, ReftConfig(layers=[0, 1]))
             result = train_reft(reft, random_examples(), epochs=4, batch_size=4, lr=5e-2, method=method)
+            assert result.args["method"] == method
             runs[name, method] = [h["loss"] for h in result.history]
             if (name, method) == ("nf4", "full"):
                 trained_on_nf4 = reft
@@ -777,7 +799,8 @@ def test_layers_and_components_are_found_on_other_architectures(kind):
     for method in ("full", "cached"):
         torch.manual_seed(5)
         reft = get_reft_model(model.base_model, ReftConfig(**config))
-        losses[method] = [h["loss"] for h in train_reft(reft, random_examples(), epochs=3, batch_size=4,
-                                                         lr=1e-2, method=method).history]  # fmt: skip
+        result = train_reft(reft, random_examples(), epochs=3, batch_size=4, lr=1e-2, method=method)
+        assert result.args["method"] == method
+        losses[method] = [h["loss"] for h in result.history]
         reft.remove_hooks()
     torch.testing.assert_close(torch.tensor(losses["cached"]), torch.tensor(losses["full"]), rtol=0, atol=1e-4)

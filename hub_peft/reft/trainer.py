@@ -59,22 +59,16 @@ def train_reft(
     """Train ``model``'s interventions (see :func:`hub_peft.optimize.fit` for the loop and stopping rules).
 
     ``method="cached"`` (default) is the fast path described above; ``"full"`` the plain loop. The
-    cached path's attention covers whole sequences, so on a model with sliding-window layers it is used
-    only for examples shorter than the window; longer ones train with the plain loop (logged, and
-    recorded as ``result.args["method"]``).
+    cached path first checks itself against the plain model on one example; where it cannot reproduce
+    it (a model whose attention it cannot run per example, examples longer than a sliding window, ...)
+    training uses the plain loop instead, with a logged warning saying why. ``result.args["method"]``
+    records which one ran.
     """
     if method not in ("cached", "full"):
         raise InvalidInputError(f"method must be 'cached' or 'full', got {method!r}.")
     if not examples:
         raise InvalidInputError("No training examples.")
     started = time.perf_counter()  # the result's time includes the cached trainer's precompute
-    window = _sliding_window(innermost_model(model.base_model))
-    longest = max(len(ex.prompt_ids) + len(ex.response_ids) for ex in examples)
-    if method == "cached" and window is not None and longest >= window:
-        why = "the cached trainer's whole-sequence attention would not match it"
-        log.warning("An example has %d tokens and the model attends over windows of %d: training with the plain loop "
-                    "(%s).", longest, window, why)  # fmt: skip
-        method = "full"
     keep_4bit_trainable(model.base_model)
     named = list(model.interventions.named_parameters())
     for _, p in named:
@@ -82,7 +76,13 @@ def train_reft(
     model.base_model.eval()
     model.interventions.train()
     try:
-        steps = _CachedSteps(model, examples, batch_size) if method == "cached" else _FullSteps(model, examples)
+        steps: _CachedSteps | _FullSteps = _FullSteps(model, examples)
+        if method == "cached":
+            try:
+                steps = _CachedSteps(model, examples, batch_size)
+            except _NotCacheable as why:
+                log.warning("Training with the plain loop: the cached trainer cannot reproduce it here (%s).", why)
+                method = "full"
         result = fit(
             # No weight decay on R's orthogonal parametrization: decaying its (gradient-free) diagonal would break R.
             [p for n, p in named if "parametrizations" not in n],
@@ -98,6 +98,10 @@ def train_reft(
         model.interventions.eval()
         for _, p in named:
             p.requires_grad_(False)
+
+
+class _NotCacheable(Exception):
+    """The cached trainer cannot reproduce the plain loop on this model or data."""
 
 
 def _sliding_window(core: nn.Module) -> int | None:
@@ -150,12 +154,18 @@ class _CachedSteps:
         # The fused loss needs logits that are exactly head(decoder output): checked in the precompute's forward.
         self.fused_loss: bool | None = None if is_frozen_float32_linear(self.head) and self.head.bias is None else False
         self._batch: tuple[tuple[int, ...], _Batch] | None = None
+        window, longest = _sliding_window(self.core), max(len(ex.prompt_ids) + len(ex.response_ids) for ex in examples)
+        if window is not None and longest >= window:
+            raise _NotCacheable(f"an example has {longest} tokens and the model attends over windows of {window}")
         self.cached: list[_Cached] = []
-        with torch.no_grad():
-            for i in range(0, len(examples), 16):
-                self.cached.extend(self._prepare(examples[i : i + 16]))
-            if self.fused_loss is None:  # no example had a prefix to run through the whole model
-                self.fused_loss = _forward_checking_head(self, input_ids=torch.arange(1, 4)[None])[1]
+        try:
+            with torch.no_grad():
+                for i in range(0, len(examples), 16):
+                    self.cached.extend(self._prepare(examples[i : i + 16]))
+                if self.fused_loss is None:  # no example had a prefix to run through the whole model
+                    self.fused_loss = _forward_checking_head(self, input_ids=torch.arange(1, 4)[None])[1]
+        except (TypeError, ValueError, RuntimeError, AttributeError, KeyError, IndexError) as error:
+            raise _NotCacheable(f"its precompute failed on this model: {type(error).__name__}: {error}") from error
         # The GEMMs for a step's rows (a batch's suffixes): oneDNN where it is faster here than the default.
         rows = max(1, sum(len(c.ids) for c in self.cached) * min(batch_size, len(examples)) // len(examples))
         self.linears = OneDnnLinears(list(self.layers[self.first_layer :]), rows)
@@ -166,7 +176,8 @@ class _CachedSteps:
         inside = {layer for layer, component in model._by_site if component in ("attention_output", "mlp_output")}
         lean = {j: LeanLayer.of(self.layers[j], onednn) for j in range(self.first_layer, len(self.layers))}
         self.lean_layers = {j: layer for j, layer in lean.items() if layer is not None and j not in inside}
-        self.lean: bool | None = None if self.lean_layers else False
+        self.lean = bool(self.lean_layers)
+        self._check_against_the_plain_model(examples[0])
 
     def _prepare(self, examples: list[Example]) -> list[_Cached]:
         """No-grad forwards of the plain base model. The tokens every example starts with (a chat
@@ -235,8 +246,6 @@ class _CachedSteps:
         """The examples' suffixes packed back to back into one sequence (no padding in the matmuls);
         attention runs per example over its cached prefix and itself (see :func:`_packed_attention`)."""
         batch = self.batch(rows)
-        if self.lean is None:  # checked on one example: cheap, and the layers' math is the same for any batch
-            self.lean = self._lean_layers_reproduce_the_model(_Batch.build([self.cached[rows[0]]]))
         with self._running(batch, lean=self.lean):
             if self.fused_loss:
                 hidden = self.decoder(**batch.inputs).last_hidden_state[0, batch.keep]
@@ -258,20 +267,28 @@ class _CachedSteps:
                 stack.enter_context(_lean_forwards(self.layers, self.lean_layers, batch))
             yield
 
-    def _lean_layers_reproduce_the_model(self, batch: _Batch) -> bool:
-        """Whether the decoder's output on ``batch`` is the same with the lean layers as with the model's own."""
+    def _check_against_the_plain_model(self, example: Example) -> None:
+        """The logits where ``example``'s loss counts, from this trainer (with the lean layers if there
+        are any, else without) and from a plain forward of the whole example; :class:`_NotCacheable` if
+        they differ. Checked on one example: the computation is the same for every batch."""
+        ids, n_prompt = torch.tensor([example.prompt_ids + example.response_ids]), len(example.prompt_ids)
+        batch = _Batch.build([self.cached[0]])
         training = self.model.interventions.training
-        self.model.interventions.eval()  # no dropout: both forwards must see the same edits
+        self.model.interventions.eval()  # no dropout: both forwards must make the same edits
         try:
             with torch.no_grad():
-                outputs = []
-                for lean in (False, True):
+                plain = self.model(input_ids=ids, prompt_lengths=torch.tensor([n_prompt])).logits[0, n_prompt - 1 : -1]
+                for lean in [True, False] if self.lean else [False]:
                     with self._running(batch, lean):
-                        outputs.append(self.decoder(**batch.inputs).last_hidden_state)
+                        mine = self.core(**batch.inputs, logits_to_keep=batch.keep).logits[0]
+                    if mine.shape == plain.shape and torch.allclose(mine, plain, rtol=1e-4, atol=1e-4):
+                        self.lean = lean
+                        return
+        except (TypeError, ValueError, RuntimeError, AttributeError, KeyError, IndexError) as error:
+            raise _NotCacheable(f"its forward failed on this model: {type(error).__name__}: {error}") from error
         finally:
             self.model.interventions.train(training)
-        own, lean = outputs
-        return torch.allclose(lean, own, rtol=1e-4, atol=1e-5 * float(own.abs().max()))
+        raise _NotCacheable("its logits on an example differ from the plain model's")
 
 
 def _shared_prefix_length(seqs: list[list[int]], limit: int) -> int:
@@ -438,11 +455,13 @@ def _packed_attention_for(core: nn.Module, batch: _Batch) -> Iterator[None]:
 
     config = core.config
     previous = config._attn_implementation
-    attention = next(m for m in core.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling"))
+    attention = next((m for m in core.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")), None)
+    if attention is None:
+        raise _NotCacheable(f"{type(core).__name__} has no attention module that runs through transformers' interface")
     eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
     inner = AttentionInterface().get_interface(previous, eager) if previous != "eager" else eager
     if inner is None:
-        raise RuntimeError(f"No attention function found for {previous!r} in {type(core).__name__}.")
+        raise _NotCacheable(f"no attention function found for {previous!r} in {type(core).__name__}")
     AttentionInterface.register(_PACKED, _packed_attention)
     token = _ACTIVE_BATCH.set((batch, inner))
     config._attn_implementation = _PACKED
