@@ -11,7 +11,8 @@ prefix), with logits only where a response token is predicted.
 
 The step's few rows are kept cheap by :mod:`._kernels` (each linear layer on the GEMM that is faster
 here for its shape, an in-place chunked cross-entropy) and :mod:`._lean_layer` (Llama-family layers as
-one autograd Function each, used once the first batch shows they give the model's own outputs).
+one autograd Function each). Before training, the cached path checks its logits on one example against
+a plain forward; where it cannot reproduce them, :func:`train_reft` uses the plain loop.
 ``method="full"`` is the plain reference loop (whole forward, same loss); both give the same losses up
 to float rounding.
 """
