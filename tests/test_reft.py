@@ -441,6 +441,43 @@ def test_sliding_window_models_train_exactly(window, caplog):
     torch.testing.assert_close(losses["cached"], losses["full"], rtol=0, atol=1e-4)
 
 
+ARCHITECTURES = {  # tiny random configs; name -> (config class, kwargs, runs cached)
+    "gpt2": ("GPT2Config", {"n_embd": HIDDEN, "n_layer": 3, "n_head": 4, "n_positions": 128}, True),
+    "gpt_neox": ("GPTNeoXConfig", {"num_attention_heads": 4}, True),
+    "opt": ("OPTConfig", {"num_attention_heads": 4, "ffn_dim": 128, "word_embed_proj_dim": HIDDEN}, True),
+    "phi": ("PhiConfig", {"num_attention_heads": 4}, True),
+    "phi3": ("Phi3Config", {"num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 0}, True),
+    "qwen3": ("Qwen3Config", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}, True),
+    "gemma3": ("Gemma3TextConfig", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}, True),
+    "stablelm": ("StableLmConfig", {"num_attention_heads": 4, "num_key_value_heads": 4}, True),
+    "olmo2": ("Olmo2Config", {"num_attention_heads": 4}, True),
+    "falcon": ("FalconConfig", {"num_attention_heads": 4}, False),  # its attention is its own code
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_the_cached_trainer_runs_other_architectures_exactly_or_not_at_all(name):
+    """Across decoder families the cached trainer either runs and gives the plain loop's losses (with a
+    shared prefix, so the precompute's cache handling is exercised too), or hands over to the plain loop."""
+    import transformers
+
+    config_class, kwargs, cached = ARCHITECTURES[name]
+    sizes = {} if name == "gpt2" else {"hidden_size": HIDDEN, "num_hidden_layers": 3, "intermediate_size": 128,
+                                       "max_position_embeddings": 128}  # fmt: skip
+    config = getattr(transformers, config_class)(vocab_size=128, **sizes, **kwargs)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    runs = {}
+    for method in ("full", "cached"):
+        torch.manual_seed(5)
+        model = get_reft_model(base, ReftConfig(layers=[1], positions="l1"))
+        runs[method] = train_reft(model, random_examples(shared=[5, 6]), epochs=2, batch_size=4, lr=1e-2, method=method)
+        model.remove_hooks()
+    assert runs["cached"].args["method"] == ("cached" if cached else "full")
+    losses = {m: torch.tensor([h["loss"] for h in r.history]) for m, r in runs.items()}
+    torch.testing.assert_close(losses["cached"], losses["full"], rtol=0, atol=1e-5)
+
+
 def test_a_model_the_cached_trainer_cannot_run_trains_with_the_plain_loop(caplog):
     """Bloom computes attention in its own code (ALiBi, no transformers attention interface), so the
     cached trainer cannot run it per example: it says so and the plain loop trains instead."""
