@@ -497,6 +497,22 @@ def test_a_model_the_cached_trainer_cannot_run_trains_with_the_plain_loop(caplog
     torch.testing.assert_close(losses["cached"], losses["full"], rtol=0, atol=1e-6)
 
 
+def test_the_cached_trainer_leaves_memory_to_spare(monkeypatch, caplog):
+    """Its prefix cache grows with the examples' prompts; where it would take more than half of the free
+    memory, training uses the plain loop (whose memory is one batch's) instead."""
+    from hub_peft.reft import trainer
+
+    model = reft_on_tiny()
+    examples = random_examples()
+    needed = trainer._prefix_cache_bytes(model.base_model, examples, layers=2)
+    kv_per_token = 2 * 2 * 2 * (HIDDEN // 4) * 4  # keys and values, 2 layers, 2 key/value heads of 16 floats
+    assert needed == sum(len(ex.prompt_ids) for ex in examples) * kv_per_token
+    assert train_reft(model, examples, epochs=1).args["method"] == "cached"
+    monkeypatch.setattr(trainer, "_free_memory", lambda: 2 * needed - 1)
+    assert train_reft(model, examples, epochs=1).args["method"] == "full"
+    assert "could take 0 MB, more than half of the 0 MB free" in caplog.text
+
+
 def test_training_stops_at_a_loss_target_or_when_cancelled():
     model = reft_on_tiny()
     result = train_reft(model, random_examples(), epochs=50, batch_size=7, lr=5e-2, target_loss=4.7)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -61,8 +62,9 @@ def train_reft(
 
     ``method="cached"`` (default) is the fast path described above; ``"full"`` the plain loop. The
     cached path first checks itself against the plain model on one example; where it cannot reproduce
-    it (a model whose attention it cannot run per example, examples longer than a sliding window, ...)
-    training uses the plain loop instead, with a logged warning saying why. ``result.args["method"]``
+    it (a model whose attention it cannot run per example, examples longer than a sliding window, ...),
+    or when its prefix cache would take more than half the free memory, training uses the plain loop
+    instead, with a logged warning saying why. ``result.args["method"]``
     records which one ran.
     """
     if method not in ("cached", "full"):
@@ -112,6 +114,30 @@ def _sliding_window(core: nn.Module) -> int | None:
     return window if window and (types is None or "sliding_attention" in types) else None
 
 
+def _prefix_cache_bytes(core: nn.Module, examples: list[Example], layers: int) -> int:
+    """An upper bound on what the cached trainer keeps per example: the keys and values of every prompt
+    token at each of ``layers`` layers."""
+    config = core.config.get_text_config() if hasattr(core.config, "get_text_config") else core.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_token = 2 * layers * getattr(config, "num_key_value_heads", heads) * head_dim
+    dtype = core.get_input_embeddings().weight.dtype
+    return sum(len(ex.prompt_ids) for ex in examples) * per_token * (dtype.itemsize if dtype.is_floating_point else 4)
+
+
+def _free_memory() -> int | None:
+    """Bytes of memory available now, page cache included (None where the OS does not say)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 class _FullSteps:
     """Reference: a right-padded forward of whole examples with labels on response tokens."""
 
@@ -158,6 +184,13 @@ class _CachedSteps:
         window, longest = _sliding_window(self.core), max(len(ex.prompt_ids) + len(ex.response_ids) for ex in examples)
         if window is not None and longest >= window:
             raise _NotCacheable(f"an example has {longest} tokens and the model attends over windows of {window}")
+        needed, available = (
+            _prefix_cache_bytes(self.core, examples, len(self.layers) - self.first_layer),
+            _free_memory(),
+        )
+        if available is not None and needed > available // 2:
+            raise _NotCacheable(f"caching the prefixes' keys and values could take {needed / 2**20:,.0f} MB, "
+                                f"more than half of the {available / 2**20:,.0f} MB free")  # fmt: skip
         self.cached: list[_Cached] = []
         try:
             with torch.no_grad():
