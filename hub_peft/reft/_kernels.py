@@ -61,8 +61,8 @@ def onednn_is_faster(weight: torch.Tensor, rows: int) -> bool:
         return False
     w = weight.detach()[:_VOCAB_CHUNK]
     x, g = torch.full((rows, w.shape[1]), 0.5), torch.full((rows, w.shape[0]), 0.5)  # values do not matter
-    onednn = _best_of(lambda: (_linear(x, w), _linear(g, w.T)), lambda: (x @ w.T, g @ w))
-    return onednn[0] < onednn[1]
+    onednn, default = _best_of(lambda: (_linear(x, w), _linear(g, w.T)), lambda: (x @ w.T, g @ w))
+    return onednn < default
 
 
 def _best_of(*candidates: Callable[[], object], repeats: int = 2) -> list[float]:
