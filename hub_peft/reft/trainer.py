@@ -103,6 +103,9 @@ def train_reft(
             p.requires_grad_(False)
 
 
+_CHUNK = 16  # examples per precompute forward
+
+
 class _NotCacheable(Exception):
     """The cached trainer cannot reproduce the plain loop on this model or data."""
 
@@ -115,14 +118,17 @@ def _sliding_window(core: nn.Module) -> int | None:
 
 
 def _prefix_cache_bytes(core: nn.Module, examples: list[Example], layers: int) -> int:
-    """An upper bound on what the cached trainer keeps per example: the keys and values of every prompt
-    token at each of ``layers`` layers."""
+    """An upper bound on the keys and values the cached trainer keeps at each of ``layers`` layers:
+    every prompt token's, the tokens all examples start with once per precompute chunk."""
     config = core.config.get_text_config() if hasattr(core.config, "get_text_config") else core.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     per_token = 2 * layers * getattr(config, "num_key_value_heads", heads) * head_dim
     dtype = core.get_input_embeddings().weight.dtype
-    return sum(len(ex.prompt_ids) for ex in examples) * per_token * (dtype.itemsize if dtype.is_floating_point else 4)
+    prompts = [ex.prompt_ids for ex in examples]
+    shared = _shared_prefix_length(prompts, min(map(len, prompts)))
+    tokens = -(-len(prompts) // _CHUNK) * shared + sum(len(p) - shared for p in prompts)
+    return tokens * per_token * (dtype.itemsize if dtype.is_floating_point else 4)
 
 
 def _free_memory() -> int | None:
@@ -155,7 +161,10 @@ class _FullSteps:
 class _Cached:
     start: int  # first intervened position; everything before it is a cached prefix
     hidden: torch.Tensor  # [n, d]: hidden state entering the first computed layer, positions start..T-2
-    keys: dict[int, torch.Tensor]  # layer index -> [kv_heads, start, head_dim], computed layers only
+    shared: int  # the prefix's first positions, the same tokens in every example of its precompute chunk
+    shared_keys: dict[int, torch.Tensor]  # layer -> [kv_heads, shared, head_dim]: one tensor for the chunk
+    shared_values: dict[int, torch.Tensor]
+    keys: dict[int, torch.Tensor]  # layer -> [kv_heads, start - shared, head_dim], computed layers only
     values: dict[int, torch.Tensor]
     ids: torch.Tensor  # [n]
     targets: torch.Tensor  # [n]: the next token where the loss counts, else -100
@@ -194,8 +203,8 @@ class _CachedSteps:
         self.cached: list[_Cached] = []
         try:
             with torch.no_grad():
-                for i in range(0, len(examples), 16):
-                    self.cached.extend(self._prepare(examples[i : i + 16]))
+                for i in range(0, len(examples), _CHUNK):
+                    self.cached.extend(self._prepare(examples[i : i + _CHUNK]))
                 if self.fused_loss is None:  # no example had a prefix to run through the whole model
                     self.fused_loss = _forward_checking_head(self, input_ids=torch.arange(1, 4)[None])[1]
         except (TypeError, ValueError, RuntimeError, AttributeError, KeyError, IndexError) as error:
@@ -252,6 +261,8 @@ class _CachedSteps:
             computed = range(self.first_layer, len(self.layers))
             keys = {j: common.layers[j].keys.expand(len(seqs), -1, -1, -1) for j in computed}
             values = {j: common.layers[j].values.expand(len(seqs), -1, -1, -1) for j in computed}
+        shared_keys = {j: k[0, :, :shared].clone() for j, k in keys.items()}  # none when no example has a prefix
+        shared_values = {j: v[0, :, :shared].clone() for j, v in values.items()}
         result = []
         for i, (ex, seq, start) in enumerate(zip(examples, seqs, starts, strict=True)):
             n_prompt, end = len(ex.prompt_ids), len(seq) - 1  # the final EOS predicts nothing: never computed
@@ -260,8 +271,9 @@ class _CachedSteps:
             result.append(_Cached(
                 start=start,
                 hidden=hidden[i, start - shared : end - shared].clone(),
-                keys={j: k[i, :, :start].clone() for j, k in keys.items()},  # none when no example has a prefix
-                values={j: v[i, :, :start].clone() for j, v in values.items()},
+                shared=shared, shared_keys=shared_keys, shared_values=shared_values,
+                keys={j: k[i, :, shared:start].clone() for j, k in keys.items()},
+                values={j: v[i, :, shared:start].clone() for j, v in values.items()},
                 ids=ids[i, start:end],
                 targets=targets[start:end],
                 positions={g: p[0] - start for g, p in positions[i].items()},
@@ -425,10 +437,13 @@ class _Batch:
         valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
         dtype = batch[0].hidden.dtype
         prefix = {}
-        for layer in batch[0].keys:
-            keys = [nn.functional.pad(c.keys[layer], (0, 0, 0, n_prefix - c.start)) for c in batch]
-            values = [nn.functional.pad(c.values[layer], (0, 0, 0, n_prefix - c.start)) for c in batch]
-            prefix[layer] = torch.stack(keys), torch.stack(values)
+        for layer, own in batch[0].keys.items():  # each example's prefix, padded to the longest
+            keys = own.new_zeros(rows, own.shape[0], n_prefix, own.shape[2])
+            values = torch.zeros_like(keys)
+            for r, c in enumerate(batch):
+                keys[r, :, : c.shared], keys[r, :, c.shared : c.start] = c.shared_keys[layer], c.keys[layer]
+                values[r, :, : c.shared], values[r, :, c.shared : c.start] = c.shared_values[layer], c.values[layer]
+            prefix[layer] = keys, values
         return cls(
             hidden=torch.cat([c.hidden for c in batch])[None],
             ids=torch.cat([c.ids for c in batch])[None],
