@@ -100,14 +100,17 @@ def _is_rms_norm(norm: nn.Module) -> bool:
         and isinstance(getattr(norm, "weight", None), torch.Tensor)
         and not norm.weight.requires_grad
         and norm.weight.dtype == torch.float32
-        and isinstance(getattr(norm, "variance_epsilon", getattr(norm, "eps", None)), float)
+        and isinstance(_norm_eps(norm), float)
     )
+
+
+def _norm_eps(norm: nn.Module) -> Any:
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))  # Llama's name, then the usual one
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``weight * x / rms(x)`` and what its backward needs (the normalized x, 1 / rms)."""
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _norm_eps(norm))
     normed = x * rstd
     return normed * norm.weight, normed, rstd
 

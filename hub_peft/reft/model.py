@@ -37,6 +37,11 @@ def innermost_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def text_config(config: Any) -> Any:
+    """A model config's text part (the config itself unless it is a multimodal one)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ``ModuleList`` of decoder blocks, found by shape rather than by a per-architecture table:
     the ``ModuleList`` with ``config.num_hidden_layers`` entries (``model.layers``, ``transformer.h``, ...)."""
@@ -50,8 +55,7 @@ def find_decoder(model: nn.Module) -> nn.Module:
 
 def _decoder_and_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     core = innermost_model(model)
-    config = getattr(core, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(getattr(core, "config", None))
     n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     candidates = [(name, m) for name, m in core.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if n_layers:
@@ -162,8 +166,7 @@ class ReftModel(nn.Module):
         self.reft_config = config
         core = innermost_model(base)
         self._layers = find_decoder_layers(core)
-        text_config = core.config.get_text_config() if hasattr(core.config, "get_text_config") else core.config
-        hidden = text_config.hidden_size
+        hidden = text_config(core.config).hidden_size
         if config.hidden_size not in (None, hidden):
             raise IncompatibleAdapterError(
                 f"This ReFT adapter was made for hidden size {config.hidden_size} "

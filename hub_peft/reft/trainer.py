@@ -38,7 +38,7 @@ from ..errors import InvalidInputError
 from ..optimize import Example, TrainResult, fit, pad_batch
 from ._kernels import OneDnnLinears, is_frozen_float32_linear, linear_cross_entropy, onednn_is_faster
 from ._lean_layer import LeanLayer
-from .model import ReftModel, find_decoder, innermost_model, prompt_positions
+from .model import ReftModel, find_decoder, innermost_model, prompt_positions, text_config
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class _NotCacheable(Exception):
 
 def _sliding_window(core: nn.Module) -> int | None:
     """The model's attention window, if some of its layers see only the last that many tokens."""
-    config = core.config.get_text_config() if hasattr(core.config, "get_text_config") else core.config
+    config = text_config(core.config)
     window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
     return window if window and (types is None or "sliding_attention" in types) else None
 
@@ -120,7 +120,7 @@ def _sliding_window(core: nn.Module) -> int | None:
 def _prefix_cache_bytes(core: nn.Module, examples: list[Example], layers: int) -> int:
     """An upper bound on the keys and values the cached trainer keeps at each of ``layers`` layers:
     every prompt token's, the tokens all examples start with once per precompute chunk."""
-    config = core.config.get_text_config() if hasattr(core.config, "get_text_config") else core.config
+    config = text_config(core.config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     per_token = 2 * layers * getattr(config, "num_key_value_heads", heads) * head_dim
