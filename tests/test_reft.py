@@ -417,6 +417,18 @@ def test_lean_layers_are_used_only_where_they_reproduce_the_model(monkeypatch):
     torch.testing.assert_close(torch.tensor(losses["cached"]), torch.tensor(losses["full"]), rtol=0, atol=1e-4)
 
 
+def plain_and_cached_losses(base, examples: list[Example], epochs: int) -> tuple[dict[str, torch.Tensor], str]:
+    """Layer-1 LoReFT on ``base`` trained by the plain loop and by the cached trainer (same seed): each
+    one's losses, and which loop the cached request really ran."""
+    runs = {}
+    for method in ("full", "cached"):
+        torch.manual_seed(5)
+        model = get_reft_model(base, ReftConfig(layers=[1], positions="l1"))
+        runs[method] = train_reft(model, examples, epochs=epochs, batch_size=4, lr=1e-2, method=method)
+        model.remove_hooks()
+    return {m: torch.tensor([h["loss"] for h in r.history]) for m, r in runs.items()}, runs["cached"].args["method"]
+
+
 @pytest.mark.parametrize("window", [6, 64])
 def test_sliding_window_models_train_exactly(window, caplog):
     """Mistral's layers see only the last ``window`` tokens: the cached trainer handles examples shorter
@@ -428,16 +440,9 @@ def test_sliding_window_models_train_exactly(window, caplog):
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                            sliding_window=window)  # fmt: skip
     base = AutoModelForCausalLM.from_config(config).eval()
-    runs = {}
-    for method in ("full", "cached"):
-        torch.manual_seed(5)
-        model = get_reft_model(base, ReftConfig(layers=[1], positions="l1"))
-        result = train_reft(model, random_examples(shared=[5, 6]), epochs=3, batch_size=4, lr=1e-2, method=method)
-        runs[method] = result
-        model.remove_hooks()
-    assert runs["cached"].args["method"] == ("full" if window == 6 else "cached")
+    losses, ran = plain_and_cached_losses(base, random_examples(shared=[5, 6]), epochs=3)
+    assert ran == ("full" if window == 6 else "cached")
     assert ("attends over windows of 6" in caplog.text) == (window == 6)
-    losses = {m: torch.tensor([h["loss"] for h in r.history]) for m, r in runs.items()}
     torch.testing.assert_close(losses["cached"], losses["full"], rtol=0, atol=1e-4)
 
 
@@ -467,14 +472,8 @@ def test_the_cached_trainer_runs_other_architectures_exactly_or_not_at_all(name)
     config = getattr(transformers, config_class)(vocab_size=128, **sizes, **kwargs)
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(config).eval()
-    runs = {}
-    for method in ("full", "cached"):
-        torch.manual_seed(5)
-        model = get_reft_model(base, ReftConfig(layers=[1], positions="l1"))
-        runs[method] = train_reft(model, random_examples(shared=[5, 6]), epochs=2, batch_size=4, lr=1e-2, method=method)
-        model.remove_hooks()
-    assert runs["cached"].args["method"] == ("cached" if cached else "full")
-    losses = {m: torch.tensor([h["loss"] for h in r.history]) for m, r in runs.items()}
+    losses, ran = plain_and_cached_losses(base, random_examples(shared=[5, 6]), epochs=2)
+    assert ran == ("cached" if cached else "full")
     torch.testing.assert_close(losses["cached"], losses["full"], rtol=0, atol=1e-5)
 
 
@@ -485,15 +484,9 @@ def test_a_model_the_cached_trainer_cannot_run_trains_with_the_plain_loop(caplog
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(BloomConfig(hidden_size=HIDDEN, n_layer=3, n_head=4, vocab_size=128))
-    runs = {}
-    for method in ("full", "cached"):
-        torch.manual_seed(5)
-        model = get_reft_model(base.eval(), ReftConfig(layers=[1], positions="l1"))
-        runs[method] = train_reft(model, random_examples(), epochs=2, batch_size=4, lr=1e-2, method=method)
-        model.remove_hooks()
-    assert runs["cached"].args["method"] == "full"
+    losses, ran = plain_and_cached_losses(base.eval(), random_examples(), epochs=2)
+    assert ran == "full"
     assert "cached trainer cannot reproduce it here" in caplog.text and "BloomForCausalLM" in caplog.text
-    losses = {m: torch.tensor([h["loss"] for h in r.history]) for m, r in runs.items()}
     torch.testing.assert_close(losses["cached"], losses["full"], rtol=0, atol=1e-6)
 
 
