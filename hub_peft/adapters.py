@@ -13,11 +13,13 @@ import json
 import re
 import shutil
 import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._atomic import atomic_dir
-from .cards import CardInfo, write_card
+from .cards import CARD_INFO_NAME, CardInfo, write_card
 from .errors import (
     HubAuthError,
     IncompatibleAdapterError,
@@ -30,6 +32,7 @@ from .validate import PICKLE_SUFFIXES, validate_adapter
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_DATASET_ID = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -39,6 +42,16 @@ def check_repo_id(repo_id: str) -> str:
             "at most 96 characters each, no '--' or '..'."
         )
     return repo_id
+
+
+def check_dataset_id(dataset_id: str) -> str:
+    """A Hub dataset id for card metadata: ``name`` or ``namespace/name`` (not a file or a path)."""
+    if not isinstance(dataset_id, str) or not _DATASET_ID.fullmatch(dataset_id) or ".." in dataset_id:
+        raise InvalidInputError(
+            f"Invalid Hub dataset id {dataset_id!r}: card metadata links to Hub datasets, so use 'name' or "
+            "'namespace/name'. Describe local data with dataset_name= instead."
+        )
+    return dataset_id
 
 
 def _is_reft(model: Any) -> bool:
@@ -72,6 +85,7 @@ def save_adapter(
     description: str | None = None,
     training_rows: list[dict[str, str]] | None = None,
     dataset_name: str | None = None,
+    datasets: list[str] | None = None,
     history: list[dict[str, float]] | None = None,
     training_args: dict[str, Any] | None = None,
     training_seconds: float | None = None,
@@ -81,7 +95,11 @@ def save_adapter(
     prompt_template: str | None = None,
 ) -> Path:
     """Write ``model``'s adapter (a ``peft.PeftModel`` or a :class:`hub_peft.reft.ReftModel`) to ``out_dir``
-    with its card, atomically (all or nothing)."""
+    with its card, atomically (all or nothing).
+
+    ``dataset_name`` names the training data in the card's text (a file name is fine); ``datasets`` lists
+    Hub dataset ids (``"squad"``, ``"org/name"``) for the card's metadata, which the Hub links to.
+    """
     from peft import PeftModel
 
     from .reft.model import innermost_model
@@ -111,7 +129,7 @@ def save_adapter(
         training_seconds=training_seconds,
         evaluation=dict(evaluation or {}),
         license=license,
-        datasets=[dataset_name] if dataset_name else [],
+        datasets=[check_dataset_id(d) for d in datasets or []],
     )
     if example_prompt:
         info.example_prompt = example_prompt
@@ -204,6 +222,89 @@ def push_adapter(
     return info.commit_url
 
 
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """Where an adapter's files are, and what they are: a Hub repo at a resolved commit, or a local folder."""
+
+    folder: Path
+    repo_id: str | None = None  # None for a local folder
+    commit: str | None = None  # the resolved 40-hex commit of a Hub repo
+
+    @property
+    def cache_key(self) -> str:
+        """``hub:{repo}@{commit}`` for a repo, ``sha256:{digest}`` of the adapter's files for a folder."""
+        if self.repo_id is not None and self.commit is not None:
+            return f"hub:{self.repo_id}@{self.commit}"
+        return "sha256:" + content_digest(self.folder)
+
+
+def content_digest(folder: Path) -> str:
+    """sha256 over the files that define an adapter (config, weights, recorded prompt format), streamed."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_INFO_NAME):
+        path = folder / name
+        digest.update(name.encode() + b"\0")
+        if path.is_file():
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(2**20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+PICKLE_GLOBS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
+
+
+def resolve_adapter(
+    repo_id_or_dir: str | Path, *, revision: str | None = None, token: str | None = None
+) -> ResolvedAdapter:
+    """Find an adapter: an existing folder as is, or a Hub repo resolved to one commit and downloaded.
+
+    Pickle files (``adapter_model.bin``, ``*.pt``...) are never downloaded: a repo that also ships
+    ``adapter_model.safetensors`` loads from it (with a warning naming the skipped files); a repo
+    with pickles only is refused before anything is fetched.
+    """
+    path = Path(repo_id_or_dir)
+    if path.is_dir():
+        return ResolvedAdapter(path)
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo_id = str(repo_id_or_dir)
+    if repo_id.startswith((".", "/")) or repo_id.count("/") != 1:
+        raise NotFoundError(f"{repo_id!r} is neither an existing folder nor a 'namespace/name' repo id.")
+    try:
+        if constants.HF_HUB_OFFLINE:  # the local download cache only
+            folder = Path(snapshot_download(repo_id, revision=revision, token=token, ignore_patterns=PICKLE_GLOBS))
+            commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
+            return ResolvedAdapter(folder, repo_id, commit)
+        info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=False)
+        files = [s.rfilename for s in info.siblings or []]
+        pickles = sorted(f for f in files if Path(f).suffix in PICKLE_SUFFIXES)
+        if pickles and WEIGHTS_NAME not in files:
+            raise UnsafeFileError(
+                f"{repo_id} only has pickled weights ({', '.join(pickles)}), which hub_peft never downloads or "
+                "unpickles. If they are your own trusted files, convert them locally with `hub-peft convert-bin "
+                "DIR` and push the safetensors file."
+            )
+        if pickles:
+            warnings.warn(
+                f"{repo_id} also holds pickle files ({', '.join(pickles)}); hub_peft loads {WEIGHTS_NAME} and "
+                "never downloads or opens them.",
+                UserWarning,
+                stacklevel=3,
+            )
+        folder = Path(snapshot_download(repo_id, revision=info.sha, token=token, ignore_patterns=PICKLE_GLOBS))
+    except HFValidationError as e:
+        raise InvalidInputError(f"{repo_id!r} is not a valid repo id: {e}") from None
+    except RevisionNotFoundError:
+        raise NotFoundError(f"Revision {revision!r} of {repo_id} does not exist.") from None
+    except RepositoryNotFoundError:
+        raise NotFoundError(
+            f"Repo {repo_id} not found (or private: pass a token). Hub: the one HF_ENDPOINT names."
+        ) from None
+    return ResolvedAdapter(folder, repo_id, info.sha)
+
+
 def fetch_adapter(
     repo_id_or_dir: str | Path, *, revision: str | None = None, token: str | None = None, check: bool = True
 ) -> Path:
@@ -211,25 +312,7 @@ def fetch_adapter(
 
     With ``check`` (the default) the folder must hold a loadable adapter (see :func:`check_adapter_folder`).
     """
-    path = Path(repo_id_or_dir)
-    if path.is_dir():
-        folder = path
-    else:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
-
-        if str(repo_id_or_dir).startswith((".", "/")) or str(repo_id_or_dir).count("/") != 1:
-            raise NotFoundError(f"{repo_id_or_dir!r} is neither an existing folder nor a 'namespace/name' repo id.")
-        try:
-            folder = Path(snapshot_download(str(repo_id_or_dir), revision=revision, token=token))
-        except HFValidationError as e:
-            raise InvalidInputError(f"{repo_id_or_dir!r} is not a valid repo id: {e}") from None
-        except RevisionNotFoundError:
-            raise NotFoundError(f"Revision {revision!r} of {repo_id_or_dir} does not exist.") from None
-        except RepositoryNotFoundError:
-            raise NotFoundError(
-                f"Repo {repo_id_or_dir} not found (or private: pass a token). Hub: the one HF_ENDPOINT names."
-            ) from None
+    folder = resolve_adapter(repo_id_or_dir, revision=revision, token=token).folder
     if check:
         check_adapter_folder(folder)
     return folder
@@ -237,10 +320,11 @@ def fetch_adapter(
 
 def check_adapter_folder(folder: Path, *, base_config: Any = None, base_name: str = "the given base model") -> dict:
     """Raise a clear error unless ``folder`` holds a loadable, safetensors-only adapter (fitting ``base_config``)."""
-    if not (folder / WEIGHTS_NAME).is_file() and any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not (folder / WEIGHTS_NAME).is_file():
         raise UnsafeFileError(
-            f"{folder} only has pickled weights (.bin), which hub_peft never unpickles. If they are your own "
-            "trusted files, convert them locally with `hub-peft convert-bin DIR`."
+            f"{folder} only has pickled weights ({', '.join(pickles)}), which hub_peft never unpickles. If they "
+            "are your own trusted files, convert them locally with `hub-peft convert-bin DIR`."
         )
     report = validate_adapter(folder, base_config=base_config, base_name=base_name)
     if not report.ok:
@@ -347,6 +431,7 @@ def adapter_info(folder: Path) -> dict[str, Any]:
         "files": sorted(p.name for p in folder.iterdir() if p.is_file()),
         "valid": report.ok,
         "problems": [str(p) for p in report.problems],
+        "warnings": report.warnings,
     }
 
 

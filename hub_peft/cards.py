@@ -58,7 +58,7 @@ class CardInfo:
     training_seconds: float | None = None
     evaluation: dict[str, float] = field(default_factory=dict)
     license: str | None = None
-    datasets: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)  # Hub dataset ids only (card metadata links to them)
     example_prompt: str = "Hello! What can you do?"
     limitations: str | None = None
     prompt_template: str | None = None  # the text around "{prompt}" in training, so chat uses the same format
@@ -163,8 +163,7 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool
         ]
     meta.pop("model_name", None)
     citations = _citations()
-    cite_keys = [v for v in variants if v in citations] or []
-    cite_keys.append("PEFT" if family == "peft" else "REFT")
+    cite_keys = list(dict.fromkeys([*(v for v in variants if v in citations), "PEFT" if family == "peft" else "REFT"]))
     trainable, total = info.params.get("trainable"), info.params.get("total")
     if vllm_ok is None:
         from .validate import validate_adapter
@@ -219,6 +218,7 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool
         "citation": "\n".join(citations[k].strip() for k in cite_keys),
         "example_prompt": info.example_prompt,
         "reft": {"prompt_template": reft.get("prompt_template")},
+        "prompt_template": info.prompt_template,
         "version": __version__,
     }
     return _env().get_template(f"{family}.md.j2").render(**context)

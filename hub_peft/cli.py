@@ -178,6 +178,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from .validate import validate_adapter
 
     report = validate_adapter(_local_or_pulled(args.target), for_engine=args.engine)
+    for warning in report.warnings:
+        print(f"WARN: {warning}")
     if report.ok:
         print(f"OK: {args.target} is a valid {report.config.get('peft_type')} adapter"
               + (f" and {args.engine}-compatible" if args.engine else ""))  # fmt: skip

@@ -1,8 +1,9 @@
 """A working example configuration for every PEFT method on a Llama-style causal LM.
 
-The catalog serves three purposes: the parametrized round-trip tests, the README's table of what
-applies, and the model cards' method names and citations. An entry with ``unsupported`` set says
-why the method cannot apply here; a test checks that this is still true.
+Every ``peft.PeftType`` needs a hand-written entry here (a test fails on a new one without it). The
+catalog serves the parametrized round-trip tests and the README's tables of what applies;
+``UNSUPPORTED`` and ``NO_4BIT`` say why a method cannot apply here, with the exact failure that a
+test checks still happens.
 """
 
 from __future__ import annotations
@@ -14,29 +15,93 @@ from typing import Any
 
 ATTN = ["q_proj", "v_proj"]
 
+
+@dataclass(frozen=True)
+class KnownFailure:
+    """Why a method cannot apply here, and the exact failure that shows it (checked by the tests, so a row
+    cannot rot: when upstream fixes it, or fails differently, the test says so)."""
+
+    reason: str  # the README's wording
+    error: str  # the exception's class name
+    match: str  # a regex its message must match
+
+
+_FLOAT_PARAM = "Only Tensors of floating point and complex dtype can require gradients"
+
 # Methods that cannot apply to a Llama causal LM with the installed peft at all, and why.
-UNSUPPORTED: dict[str, str] = {
-    "XLORA": "broken upstream in peft 0.21.2: X-LoRA's forward raises KeyError on its expert names "
-    "inside disable_adapter_layers (tuners_utils.py), so it cannot train or run.",
+UNSUPPORTED: dict[str, KnownFailure] = {
+    "XLORA": KnownFailure(
+        "broken upstream in peft 0.21.2: X-LoRA's forward raises KeyError on its expert names inside "
+        "disable_adapter_layers (tuners_utils.py), so it cannot train or run.",
+        "KeyError",
+        r"^'expert_0'$",
+    ),
 }
 
 # Methods that cannot sit on a bitsandbytes 4-bit (Linear4bit) base in the installed peft, and why.
-# tests/test_peft_methods.py checks that each still fails there, so this table cannot silently rot.
-NO_4BIT: dict[str, str] = {
-    "LORA:pissa": "PiSSA initialisation needs float weights (PEFT: init in float, then re-quantize the residual).",
-    "LOHA": "peft's LoHa layer has no Linear4bit variant (shape error on the packed weight).",
-    "LOKR": "peft's LoKr layer has no Linear4bit variant (shape error on the packed weight).",
-    "HRA": "peft's HRA layer has no Linear4bit variant (multiplies the packed uint8 weight).",
-    "ADAMSS": "AdaMSS initialisation reads the base weight as a float tensor.",
-    "FROD": "FRoD initialisation reads the base weight as a float tensor.",
-    "GLORA": "GLoRA only wraps plain torch.nn.Linear layers.",
-    "OSF": "OSF's SVD of the packed 4-bit weight yields an effective rank of 0.",
-    "DELORA": "DeLoRA takes the norm of the packed uint8 weight.",
-    "TINYLORA": "TinyLoRA initialisation reads the base weight as a float tensor.",
-    "PSOFT": "PSOFT initialisation needs float32/float16/bfloat16 weights.",
-    "PEANUT": "peft's PEANUT layer has no Linear4bit variant (shape error on the packed weight).",
-    "SUPERTUNING": "peft's SuperTuning layer has no Linear4bit variant (shape error on the packed weight).",
-    "DEFT": "peft's DEFT layer has no Linear4bit variant (shape error on the packed weight).",
+NO_4BIT: dict[str, KnownFailure] = {
+    "LORA:pissa": KnownFailure(
+        "PiSSA initialisation needs float weights (PEFT: init in float, then re-quantize the residual).",
+        "TypeError",
+        r"Please initialize PiSSA under float32, float16, or bfloat16",
+    ),
+    "LOHA": KnownFailure(
+        "peft's LoHa layer has no Linear4bit variant (shape error on the packed weight).",
+        "RuntimeError",
+        r"mat1 and mat2 shapes cannot be multiplied \(24x64 and 1x2048\)",
+    ),
+    "LOKR": KnownFailure(
+        "peft's LoKr layer has no Linear4bit variant (shape error on the packed weight).",
+        "RuntimeError",
+        r"shape '\[2048, 1\]' is invalid for input of size 4096",
+    ),
+    "HRA": KnownFailure(
+        "peft's HRA layer has no Linear4bit variant (multiplies the packed uint8 weight).",
+        "RuntimeError",
+        r"mat1 and mat2 shapes cannot be multiplied \(2048x1 and 64x64\)",
+    ),
+    "ADAMSS": KnownFailure(
+        "AdaMSS initialisation makes parameters of the packed uint8 weight.", "RuntimeError", _FLOAT_PARAM
+    ),
+    "FROD": KnownFailure(
+        "FRoD initialisation makes parameters of the packed uint8 weight.", "RuntimeError", _FLOAT_PARAM
+    ),
+    "GLORA": KnownFailure(
+        "GLoRA only wraps plain torch.nn.Linear layers.",
+        "ValueError",
+        r"Linear4bit.*is not a plain torch\.nn\.Linear.*GLoRA does not support this layer type",
+    ),
+    "OSF": KnownFailure(
+        "OSF decomposes the base weight and makes parameters of the packed uint8 weight.", "RuntimeError", _FLOAT_PARAM
+    ),
+    "DELORA": KnownFailure(
+        "DeLoRA takes the norm of the packed uint8 weight.",
+        "RuntimeError",
+        r"linalg\.vector_norm: Expected a floating point or complex tensor as input\. Got Byte",
+    ),
+    "TINYLORA": KnownFailure(
+        "TinyLoRA initialisation makes parameters of the packed uint8 weight.", "RuntimeError", _FLOAT_PARAM
+    ),
+    "PSOFT": KnownFailure(
+        "PSOFT initialisation needs float32/float16/bfloat16 weights.",
+        "TypeError",
+        r"PSOFT init requires float32/float16/bfloat16",
+    ),
+    "PEANUT": KnownFailure(
+        "peft's PEANUT layer has no Linear4bit variant (shape error on the packed weight).",
+        "RuntimeError",
+        r"mat1 and mat2 shapes cannot be multiplied \(1x2048 and 64x4\)",
+    ),
+    "SUPERTUNING": KnownFailure(
+        "peft's SuperTuning layer has no Linear4bit variant (shape error on the packed weight).",
+        "RuntimeError",
+        r"mat1 and mat2 shapes cannot be multiplied \(24x64 and 1x2048\)",
+    ),
+    "DEFT": KnownFailure(
+        "peft's DEFT layer has no Linear4bit variant (shape error on the packed weight).",
+        "RuntimeError",
+        r"mat1 and mat2 shapes cannot be multiplied \(4x64 and 2048x1\)",
+    ),
 }
 
 
@@ -58,7 +123,8 @@ class MethodCase:
 
     @property
     def no_4bit_reason(self) -> str | None:
-        return NO_4BIT.get(self.key)
+        failure = NO_4BIT.get(self.key)
+        return failure.reason if failure else None
 
 
 def _cfg(name: str, **kwargs):
@@ -184,31 +250,20 @@ def catalog() -> list[MethodCase]:
     add(MethodCase("WAVEFT", lambda m: _cfg("WaveFTConfig", n_frequency=64, target_modules=ATTN)))
     add(MethodCase("CARTRIDGE", lambda m: _cfg("CartridgeConfig", num_virtual_tokens=4)))
     add(MethodCase("SHADOW", lambda m: _cfg("ShadowConfig", r=4)))
+    add(MethodCase("ADAMSS", lambda m: _cfg("AdamssConfig", r=8, num_subspaces=2, target_modules=ATTN)))
+    add(MethodCase("BEFT", lambda m: _cfg("BeftConfig", target_modules=ATTN)))
+    add(MethodCase("DEFT", lambda m: _cfg("DeftConfig", r=4, target_modules=ATTN)))
+    add(MethodCase("DELORA", lambda m: _cfg("DeloraConfig", r=4, target_modules=ATTN)))
+    add(MethodCase("FROD", lambda m: _cfg("FrodConfig", sparse_rate=0.05, progressbar=False, target_modules=ATTN)))
+    add(MethodCase("GLORA", lambda m: _cfg("GloraConfig", r=4, target_modules=ATTN)))
+    add(MethodCase("GRALORA", lambda m: _cfg("GraloraConfig", r=8, alpha=16, gralora_k=2, target_modules=ATTN)))
+    add(MethodCase("HIRA", lambda m: _cfg("HiraConfig", r=4, target_modules=ATTN)))
+    add(MethodCase("LILY", lambda m: _cfg("LilyConfig", r=4, num_B=2, target_modules=ATTN)))
+    add(MethodCase("OSF", lambda m: _cfg("OSFConfig", effective_rank=8, target_modules=ATTN)))
+    add(MethodCase("PEANUT", lambda m: _cfg("PeanutConfig", r=4, target_modules=ATTN)))
+    add(MethodCase("PSOFT", lambda m: _cfg("PsoftConfig", r=4, psoft_alpha=4, target_modules=ATTN)))
+    add(MethodCase("PVERA", lambda m: _cfg("PveraConfig", r=8, target_modules=ATTN)))
+    add(MethodCase("SUPERTUNING", lambda m: _cfg("SupertuningConfig", sparsity=0.9, target_modules=ATTN)))
+    add(MethodCase("TINYLORA", lambda m: _cfg("TinyLoraConfig", r=2, u=8, target_modules=ATTN)))
+    add(MethodCase("UNILORA", lambda m: _cfg("UniLoraConfig", r=4, theta_d_length=64, target_modules=ATTN)))
     return c
-
-
-def _generic(peft_type: str) -> MethodCase:
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
-    fields = cls.__dataclass_fields__
-
-    def make(model_config):
-        kwargs: dict[str, Any] = {"task_type": "CAUSAL_LM"}
-        if "target_modules" in fields:
-            kwargs["target_modules"] = ATTN
-        if "r" in fields:
-            kwargs["r"] = 4
-        return cls(**kwargs)
-
-    return MethodCase(peft_type, make)
-
-
-def all_cases() -> list[MethodCase]:
-    """The catalog plus a generic configuration for any method added to peft since it was written."""
-    import peft
-
-    cases = catalog()
-    known = {case.peft_type for case in cases}
-    cases += [_generic(t.value) for t in peft.PeftType if t.value not in known]
-    return cases

@@ -31,6 +31,7 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # name -> (dtype, shape)
+    warnings: list[str] = field(default_factory=list)  # worth saying, but the adapter still loads
 
     @property
     def ok(self) -> bool:
@@ -101,9 +102,13 @@ def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_
     folder = Path(folder)
     report = Report(folder)
     config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    for p in folder.iterdir() if folder.is_dir() else []:
-        if p.suffix in PICKLE_SUFFIXES:
-            report.add(f"{p.name} is a pickle file", "remove it; hub_peft and this repo format use safetensors only")
+    pickles = sorted(p.name for p in (folder.iterdir() if folder.is_dir() else []) if p.suffix in PICKLE_SUFFIXES)
+    if pickles and weights.is_file():
+        report.warnings.append(f"{', '.join(pickles)} ignored: pickle files are never opened; "
+                               f"{weights.name} is what loads")  # fmt: skip
+    elif pickles:
+        report.add(f"only pickled weights ({', '.join(pickles)}), which hub_peft never unpickles",
+                   "if they are your own trusted files, convert them with `hub-peft convert-bin DIR`")  # fmt: skip
     if not config_path.is_file():
         report.add("adapter_config.json is missing", "save the adapter with hub_peft.save_adapter or PEFT")
         return report

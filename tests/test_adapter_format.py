@@ -38,7 +38,7 @@ def saved_lora(tiny_base_repo, tmp_path):  # noqa: F811
     rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(5)]
     history = [{"step": i, "loss": 3.0 / i} for i in range(1, 6)]
     folder = save_adapter(make_lora(), tmp_path / "lora", training_rows=rows, history=history,
-                          evaluation={"accuracy": 0.75}, dataset_name="toy/qa")  # fmt: skip
+                          evaluation={"accuracy": 0.75}, dataset_name="toy-qa.jsonl", datasets=["toy/qa"])  # fmt: skip
     return folder
 
 
@@ -52,24 +52,61 @@ def test_saved_folder_is_peft_layout_plus_card(saved_lora):
     assert data["library_name"] == "peft" and {"lora", "hub_peft", "peft"} <= set(data["tags"])
     assert data["datasets"] == ["toy/qa"]
     text = card.text
-    for needle in ("## Usage", "lora_alpha", "Trainable (this adapter)", "fingerprint `sha256:", "loss_curve.png",
-                   "@inproceedings{hu2022lora", "| accuracy | 0.75 |", "Limitations", "vLLM-compatible"):  # fmt: skip
+    assert text.count("@misc{peft,") == 1 and text.count("@inproceedings{hu2022lora") == 1
+    for needle in ("from `toy-qa.jsonl`", "## Usage", "lora_alpha", "Trainable (this adapter)", "fingerprint `sha256:",
+                   "loss_curve.png", "| accuracy | 0.75 |", "Limitations", "vLLM-compatible"):  # fmt: skip
         assert needle in text, needle
 
 
-def test_pushed_card_snippet_runs_with_plain_peft(saved_lora, alice, repo_name, tmp_path):
+def run_card_snippet(repo_id: str, cwd: Path) -> str:
+    """Run the card's plain-PEFT snippet in a fresh process without hub_peft; what it printed."""
+    snippet = re.search(r"```python\n(.*?)```", ModelCard.load(repo_id).text, re.S).group(1)
+    assert f'PeftModel.from_pretrained(base, "{repo_id}")' in snippet
+    check = "\nimport sys\nassert 'hub_peft' not in sys.modules\n"
+    out = subprocess.run([sys.executable, "-c", snippet + check], capture_output=True, text=True, timeout=300,
+                         cwd=cwd, env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("template", ["w1 {prompt} w2", None])
+def test_the_card_snippet_prints_what_the_adapter_answers(template, tiny_base_repo, alice, repo_name, tmp_path):  # noqa: F811
+    """The plain-PEFT snippet formats the prompt as in training (the recorded template, else the chat template),
+    so it prints exactly what hub_peft's own chat gives for that adapter."""
+    from test_peft_methods import tiny_tokenizer
+
+    from hub_peft.chat import generate_reply
+
+    model = make_lora()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20)
+    folder = save_adapter(model, tmp_path / "lora", prompt_template=template, example_prompt="a b c d")
+    repo_id = f"alice/{repo_name}"
+    push_adapter(folder, repo_id, token=alice)
+    printed = run_card_snippet(repo_id, tmp_path)
+    ours = load_adapter(load_tiny(), repo_id)
+    assert printed == generate_reply(ours, tiny_tokenizer(), "a b c d", max_new_tokens=32)
+    if template:  # the bare prompt gives another answer, so the test tells the formats apart
+        assert printed != generate_reply(ours, tiny_tokenizer(), "a b c d", max_new_tokens=32, template="{prompt}")
+
+
+def test_pushed_card_metadata(saved_lora, alice, repo_name):
     repo_id = f"alice/{repo_name}"
     push_adapter(saved_lora, repo_id, token=alice)
     card = ModelCard.load(repo_id)
-    assert card.data.base_model == "alice/tiny-llama"
+    assert card.data.base_model == "alice/tiny-llama" and card.data.datasets == ["toy/qa"]
     assert card.data.eval_results[0].metric_type == "accuracy" and card.data.eval_results[0].metric_value == 0.75
-    snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
-    assert f'PeftModel.from_pretrained(base, "{repo_id}")' in snippet
-    check = "\nimport sys\nassert 'hub_peft' not in sys.modules\nprint('SNIPPET-OK')\n"
-    out = subprocess.run([sys.executable, "-c", snippet + check], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert "SNIPPET-OK" in out.stdout
+
+
+def test_local_data_never_becomes_a_hub_dataset_id(tiny_base_repo, tmp_path):  # noqa: F811
+    folder = save_adapter(make_lora(), tmp_path / "a", training_rows=[{"prompt": "q", "response": "a"}],
+                          dataset_name="my examples.jsonl")  # fmt: skip
+    card = ModelCard.load(folder / "README.md")
+    assert "datasets" not in card.data.to_dict() and "from `my examples.jsonl`" in card.text
+    with pytest.raises(InvalidInputError, match=r"Invalid Hub dataset id '\./data\.jsonl'"):
+        save_adapter(make_lora(), tmp_path / "b", datasets=["./data.jsonl"])
 
 
 def test_plain_peft_process_gets_identical_logits(saved_lora, alice, repo_name, tmp_path):
@@ -183,8 +220,47 @@ def test_bin_only_repo_is_refused(alice, repo_name, tmp_path, tiny_base_repo):  
     api.upload_file(path_or_fileobj=json.dumps({"peft_type": "LORA"}).encode(), path_in_repo="adapter_config.json",
                     repo_id=repo_id)  # fmt: skip
     api.upload_file(path_or_fileobj=b"\x80\x04not really a pickle", path_in_repo="adapter_model.bin", repo_id=repo_id)
-    with pytest.raises(UnsafeFileError, match="never unpickles"):
+    with pytest.raises(UnsafeFileError, match=r"only has pickled weights \(adapter_model\.bin\).*convert-bin"):
         load_adapter(load_tiny(), repo_id)
+
+
+def test_a_repo_with_safetensors_and_old_pickles_loads_the_safetensors(saved_lora, alice, repo_name, tmp_path):
+    """Many Hub repos carry an old adapter_model.bin beside the safetensors: load the safetensors, never fetch the
+    pickle (here one that would run code if it were ever unpickled), and say so."""
+    import pickle
+
+    from test_peft_methods import tiny_tokenizer
+
+    from hub_peft.serving import MultiAdapterModel
+
+    class Payload:
+        def __reduce__(self):
+            return (Path(tmp_path / "pwned").write_text, ("unpickled",))
+
+    repo_id = f"alice/{repo_name}"
+    push_adapter(saved_lora, repo_id, token=alice)
+    HfApi(token=alice).upload_file(path_or_fileobj=pickle.dumps({"w": Payload()}), path_in_repo="adapter_model.bin",
+                                   repo_id=repo_id)  # fmt: skip
+    assert "adapter_model.bin" in HfApi().list_repo_files(repo_id)
+    with pytest.warns(UserWarning, match=r"also holds pickle files \(adapter_model\.bin\).*never downloads"):
+        model = load_adapter(load_tiny(), repo_id)
+    ids = torch.arange(1, 9)[None]
+    torch.testing.assert_close(model(input_ids=ids).logits, load_adapter(load_tiny(), saved_lora)(input_ids=ids).logits)
+    with pytest.warns(UserWarning, match="also holds pickle files"):
+        engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()))
+        assert engine.add("old-repo", repo_id)["type"] == "lora"
+    cli = subprocess.run([sys.executable, "-m", "hub_peft.cli", "validate", repo_id], capture_output=True, text=True)
+    assert cli.returncode == 0 and "OK:" in cli.stdout, cli.stdout + cli.stderr
+    cache = Path(os.environ["HF_HOME"])
+    assert not [p for p in cache.rglob("*.bin") if repo_name in str(p)], "the pickle was downloaded"
+    assert not (tmp_path / "pwned").exists()
+    local = snapshot_download(repo_id, cache_dir=tmp_path / "full")  # the whole repo, pickle included
+    report = validate_adapter(local)
+    assert report.ok and report.warnings == [
+        "adapter_model.bin ignored: pickle files are never opened; adapter_model.safetensors is what loads"
+    ]
+    load_adapter(load_tiny(), local)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_bad_repo_ids_and_missing_things(saved_lora, alice, repo_name):

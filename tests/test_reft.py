@@ -560,20 +560,49 @@ def dequantized_copy(model):
     return clone
 
 
+def packed_layers(model) -> list[str]:
+    """Names of the Linear4bit layers in bitsandbytes' packed CPU inference format."""
+    layers = [(name, m) for name, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    return [name for name, m in layers if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+
+
+def test_training_refuses_a_4bit_model_in_the_packed_inference_format(tiny_base_repo):  # noqa: F811
+    """On AVX512-BF16 CPUs bitsandbytes repacks a Linear4bit the first time it runs without grad; on AVX2 CPUs it
+    never does. The refusal is checked on every CPU: here the CPU repacks by itself, elsewhere the test packs one
+    layer with bitsandbytes' own conversion, the state an AVX512-BF16 machine would leave."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, has_avx512bf16
+
+    from hub_peft._bnb import keep_4bit_trainable
+
+    ids, mask = pad(PROMPTS, "left")
+    raw = load_tiny(load_in_4bit=True)
+    raw.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    packed = packed_layers(raw)
+    if has_avx512bf16():
+        assert packed, "this CPU has AVX512-BF16, so bitsandbytes should have switched to its packed format"
+    else:
+        assert not packed, "bitsandbytes packed a layer on a CPU without AVX512-BF16"
+        layer = raw.get_submodule("model.layers.1.mlp.down_proj")
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(
+            layer.weight.data, layer.weight.quant_state
+        )
+        assert packed_layers(raw) == ["model.layers.1.mlp.down_proj"]
+    with pytest.raises(InvalidInputError, match=r"model\.layers\.\d\.\S+ already switched to bitsandbytes' packed CPU"):
+        keep_4bit_trainable(raw)
+    with pytest.raises(InvalidInputError, match="packed CPU inference format"):
+        train_reft(get_reft_model(raw, ReftConfig(layers=[0, 1])), random_examples(), epochs=1)
+
+
 def test_reft_trains_on_an_nf4_base_with_exact_gradients(tiny_base_repo):  # noqa: F811
     """Training on NF4 must match training on the same dequantized weights, also after the model
     chatted (bitsandbytes would then switch to a CPU kernel that has no backward, unless prevented)."""
     from hub_peft._bnb import keep_4bit_trainable
 
     ids, mask = pad(PROMPTS, "left")
-    raw = load_tiny(load_in_4bit=True)
-    raw.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    with pytest.raises(InvalidInputError, match="packed CPU inference format"):
-        train_reft(get_reft_model(raw, ReftConfig(layers=[0, 1])), random_examples(), epochs=1)
-
     base = keep_4bit_trainable(load_tiny(load_in_4bit=True))
     assert any(type(m).__name__ == "Linear4bit" for m in base.modules())
     base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert not any(packed_layers(base)), "keep_4bit_trainable must keep every layer in the trainable format"
     reference = dequantized_copy(base)
     runs = {}
     for name, model in (("nf4", base), ("dequantized", reference)):
@@ -646,7 +675,7 @@ def test_saved_reft_folder_is_the_common_layout_and_says_how_to_load(saved_reft)
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "hub_peft" and card.data.base_model == "alice/tiny-llama"
     assert "reft" in card.data.tags
-    assert "Loads with [hub_peft]" in card.text and "wu2024reft" in card.text
+    assert "Loads with [hub_peft]" in card.text and card.text.count("@inproceedings{wu2024reft") == 1
     assert "h ← h + Rᵀ(W h + b − R h)" in card.text and "![Training loss](loss_curve.png)" in card.text
     report = validate_adapter(folder)
     assert report.ok, report.problems

@@ -8,8 +8,9 @@ and no adapter runs on rows that are not its own. A mix ``{"a": 0.7, "b": 0.3}``
 ``0.7·Δa + 0.3·Δb`` exactly (for LoRA ``Σ wᵢ·sᵢ·Bᵢ Aᵢ x``, never averaged A and B matrices).
 
 Adapters load from folders or the Hub (local or real) and live in an LRU cache bounded in bytes;
-evicted ones reload from the local download cache on next use. Entries are keyed by the resolved
-commit, so a new revision of a repo is never served from a stale copy.
+evicted ones reload from the local download cache on next use. The cache is keyed by the resolved
+commit of a repo (a folder: the sha256 of its files), so names that resolve to the same files share
+one copy and a new revision of a repo is never served from a stale copy.
 """
 
 from __future__ import annotations
@@ -63,20 +64,42 @@ class _Reft:
 
 
 @dataclass
-class _Entry:
-    name: str
+class _Cached:
+    """One resident copy of an adapter's weights, shared by every name that resolves to the same files."""
+
+    key: str  # hub:{repo}@{commit} for a Hub repo, sha256:{digest of its files} for a folder
     kind: str  # lora | ia3 | reft | solo (runs in sub-batches of its own through PEFT)
+    folder: Path
+    nbytes: int = 0
+    last_used: float = 0.0
+    payload: _Lora | _Ia3 | _Reft | None = None
+
+
+@dataclass
+class _Entry:
+    """A name requests route to."""
+
+    name: str
     source: str
     revision: str | None
-    folder: Path
-    key: str  # resolved commit (Hub) or content fingerprint (folder)
-    nbytes: int
+    commit: str | None  # the resolved Hub commit; None for a local folder
+    cached: _Cached
     template: str | None
     pinned: bool = False
-    last_used: float = 0.0
     solo_reason: str | None = None
     peft_type: str = ""
-    payload: _Lora | _Ia3 | _Reft | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.cached.kind
+
+    @property
+    def folder(self) -> Path:
+        return self.cached.folder
+
+    @property
+    def payload(self) -> _Lora | _Ia3 | _Reft | None:
+        return self.cached.payload
 
 
 @dataclass
@@ -234,6 +257,7 @@ class MultiAdapterModel:
         self.memory_budget = memory_budget
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
         self._entries: dict[str, _Entry] = {}
+        self._cache: dict[str, _Cached] = {}  # cache key -> the one copy all names of those files share
         self._plan: _Plan | None = None
         self._lock = threading.RLock()
         self._layers = find_decoder_layers(self.core)
@@ -304,34 +328,30 @@ class MultiAdapterModel:
     # --- the adapter cache -----------------------------------------------------------------------
 
     def add(self, name: str, source: str | Path, revision: str | None = None, *, pin: bool = False) -> dict:
-        """Load an adapter (folder or repo id) under ``name`` without touching the base or the others."""
-        from ..adapters import check_adapter_folder, fetch_adapter
+        """Load an adapter (folder or repo id) under ``name`` without touching the base or the others.
+
+        A Hub repo is resolved to one commit first; the weights are cached under that commit (a folder:
+        under the sha256 of its files), so names that resolve to the same files share one copy, and a
+        new revision is a new entry, never a stale one.
+        """
+        from ..adapters import check_adapter_folder, resolve_adapter
+        from ..cards import CardInfo
 
         if not name or not isinstance(name, str):
             raise InvalidInputError("An adapter needs a non-empty name.")
-        folder = fetch_adapter(source, revision=revision, check=False)
+        resolved = resolve_adapter(source, revision=revision)
+        folder = resolved.folder
         config = check_adapter_folder(folder, base_config=self.core.config, base_name=_base_name(self.core))
         kind, solo_reason = _kind_of(config, source)
-        key = folder.name if len(folder.name) == 40 else _fingerprint(folder)
-        from ..cards import CardInfo
-
         template = config.get("prompt_template") if kind == "reft" else CardInfo.load(folder).prompt_template
-        entry = _Entry(
-            name,
-            kind,
-            str(source),
-            revision,
-            folder,
-            key,
-            0,
-            template,
-            pinned=pin,
-            solo_reason=solo_reason,
-            peft_type=str(config.get("peft_type", "")).lower(),
-        )
+        key = resolved.cache_key
         with self._lock:
-            self._entries[name] = entry
-            self._materialize(entry)
+            cached = self._cache.setdefault(key, _Cached(key, kind, folder))
+            peft_type = str(config.get("peft_type", "")).lower()
+            self._entries[name] = _Entry(name, str(source), revision, resolved.commit, cached, template, pinned=pin,
+                                         solo_reason=solo_reason, peft_type=peft_type)  # fmt: skip
+            self._forget_unused()
+            self._materialize(self._entries[name])
             self._evict()
         return self.info(name)
 
@@ -339,6 +359,7 @@ class MultiAdapterModel:
         with self._lock:
             self._get(name)
             del self._entries[name]
+            self._forget_unused()
 
     def pin(self, name: str, pinned: bool = True) -> None:
         with self._lock:
@@ -346,46 +367,52 @@ class MultiAdapterModel:
 
     def info(self, name: str) -> dict:
         e = self._get(name)
-        return {"name": e.name, "type": e.peft_type, "source": e.source, "revision": e.revision, "commit": e.key,
-                "bytes": e.nbytes, "resident": e.payload is not None, "pinned": e.pinned,
+        return {"name": e.name, "type": e.peft_type, "source": e.source, "revision": e.revision, "commit": e.commit,
+                "key": e.cached.key, "bytes": e.cached.nbytes, "resident": e.payload is not None, "pinned": e.pinned,
                 "mixable": e.solo_reason is None}  # fmt: skip
 
     def loaded(self) -> list[dict]:
         return [self.info(n) for n in self._entries]
 
     def resident_bytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values() if e.payload is not None)
+        return sum(c.nbytes for c in self._cache.values() if c.payload is not None)
 
     def _get(self, name: str) -> _Entry:
         if name not in self._entries:
             raise NotFoundError(f"No adapter named {name!r}; loaded: {sorted(self._entries) or 'none'}.")
         return self._entries[name]
 
+    def _forget_unused(self) -> None:
+        used = {id(e.cached) for e in self._entries.values()}
+        for key in [k for k, c in self._cache.items() if id(c) not in used]:
+            del self._cache[key]
+
     def _materialize(self, entry: _Entry) -> None:
-        entry.last_used = time.monotonic()
-        if entry.kind == "solo":  # attached per sub-batch by PEFT, nothing kept in memory
-            entry.nbytes = (entry.folder / "adapter_model.safetensors").stat().st_size
+        cached = entry.cached
+        cached.last_used = time.monotonic()
+        if cached.kind == "solo":  # attached per sub-batch by PEFT, nothing kept in memory
+            cached.nbytes = (cached.folder / "adapter_model.safetensors").stat().st_size
             return
-        if entry.payload is not None:
+        if cached.payload is not None:
             self.stats["hits"] += 1
             return
         self.stats["misses"] += 1
         self.stats["loads"] += 1
         targets = {wrapper.name for _, _, wrapper in self._wrapped}
-        if entry.kind == "reft":
-            entry.payload = _load_reft(entry.folder)
+        if cached.kind == "reft":
+            cached.payload = _load_reft(cached.folder)
         else:
-            entry.payload = (_load_lora if entry.kind == "lora" else _load_ia3)(entry.folder, targets)
-        entry.nbytes = _payload_bytes(entry.payload)
+            cached.payload = (_load_lora if cached.kind == "lora" else _load_ia3)(cached.folder, targets)
+        cached.nbytes = _payload_bytes(cached.payload)
 
     def _evict(self, keep: set[str] = frozenset()) -> None:
+        """Drop least recently used copies until the resident ones fit the budget (pinned and ``keep`` names stay)."""
+        held = {id(e.cached) for e in self._entries.values() if e.pinned or e.name in keep}
         while self.resident_bytes() > self.memory_budget:
-            victims = [
-                e for e in self._entries.values() if e.payload is not None and not e.pinned and e.name not in keep
-            ]
+            victims = [c for c in self._cache.values() if c.payload is not None and id(c) not in held]
             if not victims:
                 return
-            victim = min(victims, key=lambda e: e.last_used)
+            victim = min(victims, key=lambda c: c.last_used)
             victim.payload = None
             self.stats["evictions"] += 1
 
@@ -641,15 +668,6 @@ def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
     if blockers:
         return "solo", f"{source} cannot share a batch with other adapters ({'; '.join(blockers)})"
     return peft_type.lower(), None
-
-
-def _fingerprint(folder: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        digest.update((folder / name).read_bytes())
-    return digest.hexdigest()[:40]
 
 
 def _load_lora(folder: Path, targets: set[str]) -> _Lora:
