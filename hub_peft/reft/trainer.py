@@ -145,7 +145,8 @@ def _free_memory() -> int | None:
 
 
 class _FullSteps:
-    """Reference: a right-padded forward of whole examples with labels on response tokens."""
+    """Reference: a right-padded forward of whole examples, logits only where a response token is predicted
+    (``logits_to_keep``, as the LoRA loop does), mean cross-entropy there."""
 
     def __init__(self, model: ReftModel, examples: list[Example]) -> None:
         self.model, self.examples = model, examples
@@ -154,7 +155,11 @@ class _FullSteps:
         batch = [self.examples[i] for i in rows]
         ids, mask, labels = pad_batch(batch)
         lengths = torch.tensor([len(ex.prompt_ids) for ex in batch])
-        return self.model(input_ids=ids, attention_mask=mask, prompt_lengths=lengths, labels=labels).loss
+        # position t predicts token t+1; the last column (a final EOS at most) predicts nothing
+        ids, mask, targets = ids[:, :-1], mask[:, :-1], labels[:, 1:]
+        keep = targets != -100
+        logits = self.model(input_ids=ids, attention_mask=mask, prompt_lengths=lengths, logits_to_keep=keep).logits
+        return nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
 @dataclass
