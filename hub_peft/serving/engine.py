@@ -15,6 +15,7 @@ one copy and a new revision of a repo is never served from a stale copy.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -40,7 +41,10 @@ from ..reft.model import (
     input_edit_hook,
     output_edit_hook,
     prompt_positions,
+    text_config,
 )
+from . import kv_cache
+from .sampling import Sampled, SamplingParams, sample_row
 
 AdapterSpec = str | dict[str, float] | None
 Prompt = str | Sequence[dict[str, str]]  # a prompt, or chat messages [{"role": ..., "content": ...}]
@@ -104,7 +108,7 @@ class _Entry:
 
 @dataclass
 class _Group:
-    rows: slice
+    rows: torch.Tensor  # batch row indices (ascending) of the rows that share one adapter spec
     loras: list[tuple[_Lora, float]] = field(default_factory=list)
     ia3s: list[tuple[_Ia3, float]] = field(default_factory=list)
     refts: list[tuple[_Reft, float, dict[str, torch.Tensor]]] = field(default_factory=list)  # + positions
@@ -115,31 +119,58 @@ class Completion:
     tokens: list[int]  # generated ids, EOS included when the model stopped
     prompt_tokens: int
     finish_reason: str  # stop | length
+    logprobs: list[Sampled] | None = None  # per generated token, when asked for
 
 
-class _RowStreamer:
-    """A transformers streamer for a batch: collects each row's tokens up to its own limit and EOS."""
+@dataclass(eq=False)
+class Generation:
+    """One completion running on the engine's KV cache (see :meth:`MultiAdapterModel.forward_ragged`)."""
 
-    def __init__(self, order: list[int], limits: list[int], eos: int | None, on_token) -> None:
-        self.order, self.limits, self.eos, self.on_token = order, limits, eos, on_token
-        self.tokens: list[list[int]] = [[] for _ in order]
-        self.done = [False] * len(order)
-        self.prompt_seen = False
+    prompt_ids: list[int]
+    spec: tuple[tuple[str, float], ...]  # ((adapter, weight), ...); () is the bare base
+    params: SamplingParams
+    output: list[int] = field(default_factory=list)
+    samples: list[Sampled] = field(default_factory=list)
+    slot: int = -1  # -1: holds no slot
+    cached: int = 0  # tokens whose keys/values are in the slot
+    parts: tuple = ()  # ((payload, weight), ...) for spec, held even if the cache evicts them meanwhile
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate first hands over the prompt ids
-            self.prompt_seen = True
-            return
-        for row, token in enumerate(value.reshape(len(self.order), -1)[:, -1].tolist()):
-            if self.done[row]:
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.prompt_ids)
+
+    @property
+    def capacity(self) -> int:
+        """Cache positions this sequence can need: its prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+
+class _SampleProcessor:
+    """A ``generate`` logits processor that picks each row's token with :func:`sample_row` (the same maths as
+    the KV-cache path) and leaves only that token possible, so greedy decoding takes it."""
+
+    def __init__(self, params: list[SamplingParams], prompt_ids: list[list[int]], width: int, eos: int | None):
+        self.params, self.prompt_ids, self.width, self.eos = params, prompt_ids, width, eos
+        self.samples: list[list[Sampled]] = [[] for _ in params]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = torch.full_like(scores, float("-inf"))
+        for row, p in enumerate(self.params):
+            mine = self.samples[row]
+            done = mine and (len(mine) >= p.max_tokens or (mine[-1].token == self.eos and not p.ignore_eos))
+            if done:  # finished rows keep decoding until the batch ends; their tokens are cut off later
+                out[row, scores[row].argmax()] = 0
                 continue
-            self.tokens[row].append(token)
-            if self.on_token is not None:
-                self.on_token(self.order[row], token)
-            self.done[row] = token == self.eos or len(self.tokens[row]) >= self.limits[row]
-
-    def end(self) -> None:
-        pass
+            output = [s.token for s in self.samples[row]]
+            sampled = sample_row(scores[row], p, len(output), self.prompt_ids[row], output, eos=self.eos,
+                                 suppress_eos=p.ignore_eos)  # fmt: skip
+            self.samples[row].append(sampled)
+            out[row, sampled.token] = 0
+        return out
 
 
 @dataclass
@@ -165,7 +196,7 @@ def _pack_loras(groups: list[_Group], name: str) -> _LoraPack | None:
     if not members:
         return None
     rank = max(A.shape[0] for _, A, _ in members)
-    width = max(rows.stop - rows.start for rows, _, _ in members)
+    width = max(len(rows) for rows, _, _ in members)
     slots, fan_in, fan_out = len(members), members[0][1].shape[1], members[0][2].shape[0]
     A_stack, B_stack = torch.zeros(slots, fan_in, rank), torch.zeros(slots, rank, fan_out)
     index = torch.zeros(slots, width, dtype=torch.long)
@@ -173,9 +204,9 @@ def _pack_loras(groups: list[_Group], name: str) -> _LoraPack | None:
     for slot, (rows, A, B) in enumerate(members):
         A_stack[slot, :, : A.shape[0]] = A.T
         B_stack[slot, : B.shape[1]] = B.T
-        index[slot] = rows.start
-        index[slot, : rows.stop - rows.start] = torch.arange(rows.start, rows.stop)
-        keep[slot, : rows.stop - rows.start] = True
+        index[slot] = rows[0]
+        index[slot, : len(rows)] = rows
+        keep[slot, : len(rows)] = True
     return _LoraPack(index.reshape(-1), None if keep.all() else keep.reshape(-1), A_stack, B_stack)
 
 
@@ -248,13 +279,21 @@ class MultiAdapterModel:
     """
 
     def __init__(self, base: tuple[Any, Any] | None = None, *, load_in_4bit: bool = True,
-                 memory_budget: int = 256 * 2**20) -> None:  # fmt: skip
+                 memory_budget: int = 256 * 2**20, max_running: int = 32,
+                 max_model_len: int | None = None) -> None:  # fmt: skip
         from ..base_model import load_base_model
 
         self.model, self.tokenizer = base or load_base_model(None, load_in_4bit=load_in_4bit)
         self.core = innermost_model(self.model)
         keep_4bit_trainable(self.core)  # exact float32 dequantize-and-matmul, never bitsandbytes' bf16 CPU kernel
         self.memory_budget = memory_budget
+        config = text_config(self.core.config)
+        self.max_running = max_running
+        self.max_model_len = max_model_len or min(getattr(config, "max_position_embeddings", 2048) or 2048, 4096)
+        self._kv: kv_cache.SlotCache | None = None
+        self._slots: list[Generation] = []  # slot i holds _slots[i]; kept compact (no holes)
+        self._decode_plan: tuple[tuple, _Plan] | None = None
+        self.ragged_reason: str | None = _ragged_blocker(self.core)  # why the ragged engine cannot run, if so
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
         self._entries: dict[str, _Entry] = {}
         self._cache: dict[str, _Cached] = {}  # cache key -> the one copy all names of those files share
@@ -317,8 +356,10 @@ class MultiAdapterModel:
             for reft, weight, positions in group.refts:
                 edited = rows
                 for grp, intervention in reft.sites.get((layer, component), []):
-                    edited = edit_positions(edited, positions, grp, intervention)
-                    touched = True
+                    present = {g: positions[g] for g in grp if g in positions}  # a prefill chunk may hold one group
+                    if present:
+                        edited = edit_positions(edited, present, grp, intervention)
+                        touched = True
                 total = total + weight * (edited - rows)
             if touched:
                 hidden = hidden.clone()
@@ -425,7 +466,7 @@ class MultiAdapterModel:
             end = start
             while end < len(specs) and specs[end] == specs[start]:
                 end += 1
-            group = _Group(slice(start, end))
+            group = _Group(torch.arange(start, end))
             for name, weight in specs[start]:
                 payload = self._entries[name].payload
                 if isinstance(payload, _Lora):
@@ -504,7 +545,6 @@ class MultiAdapterModel:
             ids[i, width - len(seq) :], mask[i, width - len(seq) :] = torch.tensor(seq), 1
         return order, [specs[i] for i in order], ids, mask
 
-    @torch.inference_mode()
     def generate_tokens(
         self,
         prompts: Sequence[Prompt],
@@ -514,43 +554,90 @@ class MultiAdapterModel:
         raw: bool | Sequence[bool] = False,
         on_token: Callable[[int, int], None] | None = None,
         ignore_eos: bool = False,
+        params: Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
-        """Greedy completions as token ids, one per prompt (in the prompts' order).
+        """Completions as token ids, one per prompt (in the prompts' order); greedy unless ``params``.
 
-        ``max_new_tokens`` may differ per row (greedy rows do not depend on each other, so a row's
-        tokens are the same whatever it is batched with); ``on_token(row, token_id)`` streams them.
-        ``ignore_eos`` generates exactly ``max_new_tokens`` per row (EOS suppressed; for benchmarks).
+        Rows run with continuous batching on the engine's KV cache (adapters that cannot share a forward, or
+        a base that cannot run there, take the ``generate`` path). A row's tokens do not depend on what it is
+        batched with: greedy rows by construction, sampled ones because their noise is keyed by their own
+        seed and position. ``max_new_tokens`` may differ per row; ``on_token(row, token_id)`` streams them;
+        ``ignore_eos`` generates exactly ``max_new_tokens`` per row (for benchmarks). ``params`` (one
+        :class:`SamplingParams` per row) overrides ``max_new_tokens`` and ``ignore_eos``.
         """
+        from .scheduler import Request, Scheduler
+
+        if isinstance(prompts, str):
+            raise InvalidInputError("prompts must be a list (of strings or chat message lists), not one string.")
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        if len(limits) != len(prompts) or any(n < 1 for n in limits):
+        if len(limits) != len(prompts) or any(not isinstance(n, int) or n < 1 for n in limits):
             raise InvalidInputError("max_new_tokens must be >= 1, one value or one per prompt.")
-        eos = self.tokenizer.eos_token_id
+        if params is None:
+            params = [SamplingParams(max_tokens=n, ignore_eos=ignore_eos) for n in limits]
+        elif len(params) != len(prompts):
+            raise InvalidInputError(f"{len(prompts)} prompts but {len(params)} sampling parameters.")
+        adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+        raws = [raw] * len(prompts) if isinstance(raw, bool) else list(raw)
+        self._normalize(adapters, len(prompts))  # clear errors before anything runs
+        scheduler = Scheduler(self, max_waiting=len(prompts) + 1)
+
+        def update(request: Request, samples: list[Sampled], _: str) -> None:
+            if on_token is not None:
+                for sampled in samples:
+                    on_token(request.row, sampled.token)
+
+        requests = []
+        for row, (prompt, adapter, p, is_raw) in enumerate(zip(prompts, adapters, params, raws, strict=True)):
+            request = Request(prompt, adapter, p, raw=is_raw, on_update=update)
+            request.row = row
+            requests.append(scheduler.submit(request))
+        scheduler.run_until_done()
+        for request in requests:
+            if request.error is not None:
+                raise request.error
+        return [r.completion() for r in requests]
+
+    @torch.inference_mode()
+    def generate_static(
+        self,
+        prompts: Sequence[Prompt],
+        adapters: Sequence[AdapterSpec] | None,
+        params: Sequence[SamplingParams],
+        *,
+        raw: bool | Sequence[bool] = False,
+    ) -> list[Completion]:
+        """Whole completions with transformers' ``generate`` on one padded batch per sub-batch (the path for
+        adapters that cannot share a forward); sampling goes through :func:`sample_row` as on the KV cache."""
         with self._lock:
             parts = self._parts(prompts, adapters)
             if len(parts) > 1:  # adapters that cannot share a batch run in sub-batches of their own
                 out: list[Completion | None] = [None] * len(prompts)
                 for rows in parts:
-                    stream = None if on_token is None else lambda row, token, rows=rows: on_token(rows[row], token)
-                    part = self.generate_tokens(
-                        [prompts[i] for i in rows], _pick(adapters, rows), max_new_tokens=[limits[i] for i in rows],
-                        raw=_pick(raw, rows), on_token=stream, ignore_eos=ignore_eos,
-                    )  # fmt: skip
+                    part = self.generate_static([prompts[i] for i in rows], _pick(adapters, rows),
+                                                [params[i] for i in rows], raw=_pick(raw, rows))  # fmt: skip
                     for i, completion in zip(rows, part, strict=True):
                         out[i] = completion
                 return out
             order, specs, ids, mask = self._batch(prompts, adapters, raw)
-            streamer = _RowStreamer(order, [limits[i] for i in order], None if ignore_eos else eos, on_token)
+            ordered = [params[i] for i in order]
+            prompt_ids = [ids[i][mask[i].bool()].tolist() for i in range(len(order))]
+            eos = self.tokenizer.eos_token_id
+            processor = _SampleProcessor(ordered, prompt_ids, ids.shape[1], eos)
+            longest = max(p.max_tokens for p in ordered)
             with self._runner(specs, mask) as model:
-                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits), do_sample=False,
-                                    temperature=None, top_p=None, top_k=None, streamer=streamer,
-                                    min_new_tokens=max(limits) if ignore_eos else None,
-                                    pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
-        prompt_tokens = mask.sum(dim=1).tolist()
-        out: list[Completion | None] = [None] * len(prompts)
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
+                               temperature=None, top_p=None, top_k=None, logits_processor=[processor],
+                               pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+        out = [None] * len(prompts)
         for position, original in enumerate(order):
-            tokens = streamer.tokens[position]
-            finish = "stop" if tokens and tokens[-1] == eos else "length"
-            out[original] = Completion(tokens, int(prompt_tokens[position]), finish)
+            samples, p = processor.samples[position], ordered[position]
+            tokens = [s.token for s in samples]
+            if eos in tokens and not p.ignore_eos:
+                tokens, samples = tokens[: tokens.index(eos) + 1], samples[: tokens.index(eos) + 1]
+            tokens, samples = tokens[: p.max_tokens], samples[: p.max_tokens]
+            finish = "stop" if tokens and tokens[-1] == eos and not p.ignore_eos else "length"
+            out[original] = Completion(tokens, len(prompt_ids[position]), finish,
+                                       samples if p.logprobs is not None else None)  # fmt: skip
         return out
 
     def generate(self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None = None, *,
@@ -572,12 +659,175 @@ class MultiAdapterModel:
                 for rows, piece in zip(parts, pieces, strict=True):
                     result[torch.tensor(rows)] = piece
                 return result
+            solo = any(self._entries[n].kind == "solo" for spec in self._normalize(adapters, len(prompts))
+                       for n, _ in spec)  # fmt: skip
+            if self.ragged_reason is None and not solo and len(self._slots) + len(prompts) <= self.max_running:
+                return self._prefill_logits(prompts, adapters, raw)
             order, specs, ids, mask = self._batch(prompts, adapters, raw)
             with self._runner(specs, mask) as model:
                 logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
         result = torch.empty_like(logits)
         result[torch.tensor(order)] = logits
         return result
+
+    def _prefill_logits(self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None,
+                        raw: bool | Sequence[bool]) -> torch.Tensor:  # fmt: skip
+        """next_token_logits on the engine's KV cache: the prompts' prefill, as the server runs it."""
+        adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+        raws = [raw] * len(prompts) if isinstance(raw, bool) else list(raw)
+        gens = [self.generation(p, a, SamplingParams(max_tokens=1), raw=r)
+                for p, a, r in zip(prompts, adapters, raws, strict=True)]  # fmt: skip
+        for gen in gens:
+            self.admit(gen)
+        logits: dict[int, torch.Tensor] = {}
+        try:
+            while any(g.prefilling for g in gens):
+                rows = [(g, self.next_chunk(g, 4096)) for g in sorted(gens, key=lambda g: g.slot) if g.prefilling]
+                for (gen, _), row in zip(rows, self.forward_ragged(rows), strict=True):
+                    if not gen.prefilling:
+                        logits[id(gen)] = row
+        finally:
+            for gen in gens:
+                self.release(gen)
+        return torch.stack([logits[id(g)] for g in gens])
+
+    # --- the ragged engine: sequences on the engine's own KV cache -----------------------------------
+
+    def generation(self, prompt: Prompt, adapter: AdapterSpec = None, params: SamplingParams | None = None, *,
+                 raw: bool = False) -> Generation:  # fmt: skip
+        """A new, not yet admitted :class:`Generation` for one prompt (validated, tokenized, adapters loaded)."""
+        params = params or SamplingParams()
+        if not isinstance(prompt, str):
+            check_messages(prompt)
+        spec = self._normalize([adapter], 1)[0]
+        solo = [n for n, _ in spec if self._entries[n].kind == "solo"]
+        if solo:
+            raise InvalidInputError(f"{self._entries[solo[0]].solo_reason}; it runs through generate_tokens only.")
+        with self._lock:
+            for name, _ in spec:
+                self._materialize(self._entries[name])
+            parts = tuple((self._entries[n].payload, w) for n, w in spec)
+            seq = Generation(self._encode([prompt], [spec], [raw])[0], spec, params, parts=parts)
+        if seq.capacity > self.max_model_len:
+            raise InvalidInputError(f"The prompt ({len(seq.prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                                    f"exceed this engine's max_model_len of {self.max_model_len} tokens.")  # fmt: skip
+        return seq
+
+    def admit(self, seq: Generation) -> bool:
+        """Give ``seq`` a cache slot; False when all ``max_running`` slots are taken."""
+        with self._lock:
+            if len(self._slots) >= self.max_running:
+                return False
+            if self._kv is None:
+                config = text_config(self.core.config)
+                heads = config.num_attention_heads
+                head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+                dtype = self.core.get_input_embeddings().weight.dtype
+                self._kv = kv_cache.SlotCache(len(self._layers), self.max_running, self.max_model_len,
+                                              getattr(config, "num_key_value_heads", heads), head_dim,
+                                              torch.float32 if not dtype.is_floating_point else dtype)  # fmt: skip
+                kv_cache.register()
+            seq.slot, seq.cached = len(self._slots), 0
+            self._slots.append(seq)
+            return True
+
+    def release(self, seq: Generation) -> None:
+        """Free ``seq``'s slot; the last slot's sequence moves into it, so slots stay compact."""
+        with self._lock:
+            if seq.slot < 0:
+                return
+            last = self._slots.pop()
+            if last is not seq:
+                self._kv.move(last.slot, seq.slot, last.cached)
+                last.slot = seq.slot
+                self._slots[seq.slot] = last
+            seq.slot = -1
+
+    def running(self) -> list[Generation]:
+        return list(self._slots)
+
+    @staticmethod
+    def next_chunk(seq: Generation, budget: int) -> int:
+        """How many prompt tokens ``seq`` feeds next with ``budget`` tokens (>= 128) to spend. A long prompt
+        is cut so that its first 64 tokens are in the first chunk and its last 64 in the last one: a ReFT
+        position group (at most 64 first or last tokens) is then never split across two forwards."""
+        remaining = len(seq.prompt_ids) - seq.cached
+        if remaining <= budget:
+            return remaining
+        return max(1, min(budget, remaining - 64))
+
+    @torch.inference_mode()
+    def forward_ragged(self, rows: list[tuple[Generation, int]]) -> torch.Tensor:
+        """One forward over admitted sequences, each feeding its next ``n`` tokens (prompt chunk or the
+        last sampled token), with every row's own adapters; the logits after each row's last new token
+        ``[rows, vocab]``. Rows must be in slot order."""
+        if self.ragged_reason is not None:
+            raise IncompatibleAdapterError(f"This base cannot run on the engine's KV cache: {self.ragged_reason}.")
+        slots = [seq.slot for seq, _ in rows]
+        if any(b <= a for a, b in itertools.pairwise(slots)) or slots[0] < 0:
+            raise InvalidInputError("forward_ragged needs admitted sequences in slot order.")
+        width = max(n for _, n in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.zeros_like(ids)
+        for b, (seq, n) in enumerate(rows):
+            new = seq.tokens[seq.cached : seq.cached + n]
+            if len(new) != n or n < 1:
+                raise InvalidInputError(f"row {b} has {len(new)} tokens to feed, not {n}.")
+            ids[b, :n] = torch.tensor(new)
+            positions[b] = seq.cached + torch.arange(width).clamp(max=n - 1)
+        step = kv_cache.RaggedStep.build(self._kv, slots, [seq.cached for seq, _ in rows], [n for _, n in rows])
+        keep = torch.tensor([[n - 1] for _, n in rows])
+        with self._lock, kv_cache.running(self.core, step):
+            self._plan = self._ragged_plan(rows)
+            try:
+                logits = self.core(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
+            finally:
+                self._plan = None
+        for seq, n in rows:
+            seq.cached += n
+        return logits[:, 0]
+
+    def _ragged_plan(self, rows: list[tuple[Generation, int]]) -> _Plan:
+        """Groups of rows with one adapter spec (and, in a prefill, the same ReFT position groups in this chunk)."""
+        decoding = all(not seq.prefilling for seq, _ in rows)
+        signature = tuple(tuple(id(p) for p, _ in seq.parts) for seq, _ in rows)
+        if decoding and self._decode_plan is not None and self._decode_plan[0] == signature:
+            plan = self._decode_plan[1]  # the same rows and adapters as the last decode step: reuse its LoRA packs
+            plan.forwards_seen = 1
+            return plan
+        members: dict[tuple, list[tuple[int, list[dict[str, list[int]]]]]] = {}
+        for b, (seq, n) in enumerate(rows):
+            chunks = [_chunk_positions(seq, n, payload.config.first_last) if isinstance(payload, _Reft) else {}
+                      for payload, _ in seq.parts]  # fmt: skip
+            key = (tuple(id(p) for p, _ in seq.parts), tuple(tuple(sorted(c)) for c in chunks))
+            members.setdefault(key, []).append((b, chunks))
+        groups = []
+        for key, entries in members.items():
+            group = _Group(torch.tensor([b for b, _ in entries]))
+            parts = rows[entries[0][0]][0].parts
+            for i, (payload, weight) in enumerate(parts):
+                if isinstance(payload, _Lora):
+                    group.loras.append((payload, weight))
+                elif isinstance(payload, _Ia3):
+                    group.ia3s.append((payload, weight))
+                elif key[1][i]:
+                    positions = {g: torch.tensor([chunks[i][g] for _, chunks in entries]) for g in key[1][i]}
+                    group.refts.append((payload, weight, positions))
+            groups.append(group)
+        plan = _Plan(groups)
+        plan.forwards_seen = 0  # the forward's pre-hook makes it 1: the ReFT edits of this chunk apply
+        if decoding:
+            self._decode_plan = (signature, plan)
+        return plan
+
+    def sample(self, seq: Generation, logits: torch.Tensor) -> Sampled:
+        """Draw ``seq``'s next token from its logits row and append it."""
+        eos = self.tokenizer.eos_token_id
+        sampled = sample_row(logits, seq.params, len(seq.output), seq.prompt_ids, seq.output, eos=eos,
+                             suppress_eos=seq.params.ignore_eos)  # fmt: skip
+        seq.output.append(sampled.token)
+        seq.samples.append(sampled)
+        return sampled
 
     def _parts(self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None) -> list[list[int]]:
         """Row indices per sub-batch: every row that can share a batch, then one part per solo adapter."""
@@ -602,6 +852,22 @@ class MultiAdapterModel:
         else:
             with self._planned(specs, mask):
                 yield self.model
+
+
+def _ragged_blocker(core: nn.Module) -> str | None:
+    """Why this base cannot run on the engine's own KV cache (it then decodes batches with ``generate``)."""
+    config = text_config(core.config)
+    if not getattr(type(core), "_supports_attention_backend", False):
+        return f"{type(core).__name__} does not dispatch attention through transformers' attention interface"
+    if getattr(config, "sliding_window", None) and (getattr(config, "layer_types", None) is None
+                                                     or "sliding_attention" in config.layer_types):  # fmt: skip
+        return "it has sliding-window attention layers"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "it soft-caps attention logits"
+    layers = find_decoder_layers(core)
+    if not all(getattr(getattr(layer, "self_attn", None), "layer_idx", None) == i for i, layer in enumerate(layers)):
+        return "its decoder layers do not number their attention modules"
+    return None
 
 
 def _pick(values: Any, rows: list[int]) -> Any:
@@ -668,6 +934,24 @@ def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
     if blockers:
         return "solo", f"{source} cannot share a batch with other adapters ({'; '.join(blockers)})"
     return peft_type.lower(), None
+
+
+def _chunk_positions(seq: Generation, n: int, first_last: tuple[int, int]) -> dict[str, list[int]]:
+    """The ReFT position groups (``"f"``/``"l"``) that fall in ``seq``'s next ``n`` tokens, relative to them
+    (the same positions :func:`prompt_positions` gives for the whole prompt)."""
+    start, length = seq.cached, len(seq.prompt_ids)
+    if start >= length:
+        return {}
+    first, last = first_last
+    wanted = {"f": [min(o, length - 1) for o in range(first)], "l": [max(length - last + o, 0) for o in range(last)]}
+    out = {}
+    for group, where in wanted.items():
+        inside = [start <= p < start + n for p in where]
+        if where and all(inside):
+            out[group] = [p - start for p in where]
+        elif any(inside):
+            raise InvalidInputError(f"a prompt chunk splits ReFT position group {group!r}; see next_chunk.")
+    return out
 
 
 def _load_lora(folder: Path, targets: set[str]) -> _Lora:

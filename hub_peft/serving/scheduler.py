@@ -1,0 +1,282 @@
+"""Iteration-level (continuous) batching over :class:`MultiAdapterModel`.
+
+Each :meth:`Scheduler.step` admits waiting requests into free cache slots (first come, first
+served), runs one forward over the prompt chunks of newly admitted requests (at most
+``prefill_budget`` tokens, long prompts chunked), then one forward over one token of every decoding
+request, samples each row's next token, and retires the requests that ended: their slots are reused
+at the next step. A request therefore joins at the step after it arrives and leaves at the step it
+ends, whatever else runs. Cancelled and timed-out requests leave at the next step.
+
+Adapters that cannot share a forward (DoRA, prefix tuning, ...; ``MultiAdapterModel.info()["mixable"]``
+is False) and bases the ragged engine cannot run take the engine's ``generate`` path instead, one
+sub-batch per adapter per step: correct, but those requests do not batch continuously.
+
+:meth:`Scheduler.run` drives it from one worker thread for the server; ``MultiAdapterModel`` uses the
+same steps synchronously for its own ``generate_tokens``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import HubPeftError, InvalidInputError
+from .engine import AdapterSpec, Completion, Generation, MultiAdapterModel, Prompt
+from .sampling import Sampled, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(HubPeftError):
+    """The server has as many waiting requests as it accepts; retry later."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One completion asked of the scheduler. ``on_update(request, samples, text_delta)`` is called from
+    the scheduler's thread with each step's new tokens and the text they complete (stop strings held
+    back until they are ruled out, never emitted); ``finish_reason`` is set before ``done`` fires."""
+
+    prompt: Prompt
+    adapter: AdapterSpec
+    params: SamplingParams
+    raw: bool = False
+    on_update: Callable[[Request, list[Sampled], str], None] | None = None
+    timeout: float | None = None  # seconds from submission
+    label: str = "base"  # for metrics
+    generation: Generation | None = None
+    finish_reason: str | None = None  # stop | length | cancelled | timeout | error
+    error: Exception | None = None
+    text: str = ""  # the completion's text so far (stop string excluded)
+    emitted: int = 0  # characters of text already handed to on_update
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+    solo: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.generation.output if self.generation is not None else []
+
+    def completion(self) -> Completion:
+        gen = self.generation
+        finish = "stop" if self.finish_reason == "stop" else "length"
+        return Completion(list(gen.output), len(gen.prompt_ids), finish,
+                          list(gen.samples) if self.params.logprobs is not None else None)  # fmt: skip
+
+
+class Scheduler:
+    """Admission, steps, stop detection and cancellation for one engine (see the module docstring)."""
+
+    def __init__(self, engine: MultiAdapterModel, *, max_waiting: int = 256, prefill_budget: int = 512) -> None:
+        if prefill_budget < 128:
+            raise InvalidInputError("prefill_budget must be at least 128 tokens.")
+        self.engine, self.max_waiting, self.prefill_budget = engine, max_waiting, prefill_budget
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.lock = threading.Condition()
+        self.steps = 0
+        self._thread: threading.Thread | None = None
+        self.on_step: Callable[[Scheduler, float], None] | None = None  # metrics hook: (scheduler, seconds)
+
+    # --- submission ------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Request:
+        """Validate, tokenize and queue ``request``; raises :class:`QueueFullError` when the queue is full."""
+        engine = self.engine
+        spec = engine._normalize([request.adapter], 1)[0]
+        request.solo = engine.ragged_reason is not None or any(engine._entries[n].kind == "solo" for n, _ in spec)
+        if not request.solo:
+            request.generation = engine.generation(request.prompt, request.adapter, request.params, raw=request.raw)
+        with self.lock:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFullError(f"{len(self.waiting)} requests are waiting, the most this server queues.")
+            self.waiting.append(request)
+            self.lock.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop ``request`` at the next step (a closed stream, say); its slot is freed then."""
+        request.cancelled = True
+        with self.lock:
+            self.lock.notify()
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def run_forever(self) -> threading.Thread:
+        """Run steps in a daemon thread whenever there is work."""
+
+        def loop() -> None:
+            while True:
+                with self.lock:
+                    while not self.has_work():
+                        self.lock.wait()
+                self.step()
+
+        self._thread = threading.Thread(target=loop, name="hub-peft-scheduler", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def run_until_done(self) -> None:
+        while self.has_work():
+            self.step()
+
+    def step(self) -> None:
+        started = time.perf_counter()
+        self._retire_aborted()
+        self._admit()
+        solo = [r for r in self.running if r.solo]
+        if solo:
+            self._run_solo(solo)
+        ragged = [r for r in self.running if not r.solo]
+        try:
+            self._prefill([r for r in ragged if r.generation.prefilling])
+            self._decode([r for r in ragged if not r.generation.prefilling and r.finish_reason is None])
+        except Exception as error:  # a failure in a shared forward: find the culprits one by one
+            logger.exception("a batched step failed; retrying its requests one at a time")
+            self._isolate(ragged, error)
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(self, time.perf_counter() - started)
+
+    def _retire_aborted(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            for queue in (self.waiting, self.running):
+                for r in list(queue):
+                    if r.finish_reason is None and (r.cancelled or (r.timeout and now - r.submitted > r.timeout)):
+                        self._finish(r, "cancelled" if r.cancelled else "timeout")
+
+    def _admit(self) -> None:
+        with self.lock:
+            while self.waiting:
+                request = self.waiting[0]
+                if not request.solo and not self.engine.admit(request.generation):
+                    break
+                self.waiting.popleft()
+                self.running.append(request)
+
+    def _prefill(self, requests: list[Request]) -> None:
+        budget, rows = self.prefill_budget, []
+        for r in sorted(requests, key=lambda r: r.generation.slot):
+            remaining = len(r.generation.prompt_ids) - r.generation.cached
+            if budget < 128 and remaining > budget:
+                continue
+            n = self.engine.next_chunk(r.generation, budget)
+            rows.append((r, n))
+            budget -= n
+            if budget <= 0:
+                break
+        if not rows:
+            return
+        logits = self.engine.forward_ragged([(r.generation, n) for r, n in rows])
+        for (r, _), row in zip(rows, logits, strict=True):
+            if not r.generation.prefilling:  # its whole prompt is in: the first token
+                self._sampled(r, self.engine.sample(r.generation, row))
+
+    def _decode(self, requests: list[Request]) -> None:
+        if not requests:
+            return
+        requests = sorted(requests, key=lambda r: r.generation.slot)
+        logits = self.engine.forward_ragged([(r.generation, 1) for r in requests])
+        for r, row in zip(requests, logits, strict=True):
+            self._sampled(r, self.engine.sample(r.generation, row))
+
+    def _isolate(self, requests: list[Request], error: Exception) -> None:
+        """After a failed shared forward, each of its requests runs alone from where it was. Keys/values a
+        failed forward wrote lie past ``cached``, so they are simply overwritten; a request that fails alone
+        too ends with an error, and nothing is emitted twice."""
+        for r in requests:
+            if r.finish_reason is not None:
+                continue
+            gen = r.generation
+            try:
+                if gen.cached == len(gen.tokens):  # fed, but its token was never sampled
+                    gen.cached -= 1
+                while True:
+                    n = self.engine.next_chunk(gen, self.prefill_budget) if gen.prefilling else 1
+                    logits = self.engine.forward_ragged([(gen, n)])
+                    if not gen.prefilling:
+                        break
+                self._sampled(r, self.engine.sample(gen, logits[0]))
+            except Exception as e:
+                logger.warning("request failed alone too: %s", e)
+                r.error = e
+                self._finish(r, "error")
+
+    def _run_solo(self, requests: list[Request]) -> None:
+        """Requests whose adapter cannot share a forward: the engine's ``generate`` path, whole completions."""
+        for r in requests:
+            try:
+                out = self.engine.generate_static([r.prompt], [r.adapter], [r.params], raw=[r.raw])[0]
+            except Exception as e:
+                r.error = e
+                self._finish(r, "error")
+                continue
+            samples = out.logprobs or [Sampled(token) for token in out.tokens]
+            r.generation = Generation([0] * out.prompt_tokens, (), r.params, output=out.tokens, samples=samples)
+            self._sampled(r, None)
+            if r.finish_reason is None:
+                self._finish(r, out.finish_reason)
+
+    # --- per token -------------------------------------------------------------------------------
+
+    def _sampled(self, request: Request, sampled: Sampled | None) -> None:
+        """Detokenize, look for stop strings, emit the new text, and retire the request if it ended."""
+        gen, params, tokenizer = request.generation, request.params, self.engine.tokenizer
+        if request.first_token_at is None:
+            request.first_token_at = time.monotonic()
+        eos = tokenizer.eos_token_id
+        text = tokenizer.decode(gen.output, skip_special_tokens=True)
+        finish = None
+        for stop in params.stop:
+            at = text.find(stop)
+            if at >= 0:  # the text is cut each time, so the earliest stop string wins
+                text, finish = text[:at], "stop"
+        if finish is None:
+            last = gen.output[-1] if gen.output else None
+            if last == eos and not params.ignore_eos:
+                finish = "stop"
+            elif len(gen.output) >= params.max_tokens:
+                finish = "length"
+        request.text = text
+        visible = len(text) if finish else _safe_prefix(text, params.stop)
+        delta = text[request.emitted : visible] if visible > request.emitted else ""
+        request.emitted = max(request.emitted, visible)
+        if request.on_update is not None:
+            new = [sampled] if sampled is not None else list(gen.samples)
+            request.on_update(request, new, delta)
+        if finish is not None:
+            self._finish(request, finish)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.finish_reason = reason
+        if request.generation is not None:
+            self.engine.release(request.generation)
+        with self.lock:
+            if request in self.running:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)
+        request.done.set()
+
+
+def _safe_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """How much of ``text`` can be shown while streaming: not a trailing half character, and not a tail that
+    might still become a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[end - k : end] == stop[:k]:
+                hold = max(hold, k)
+                break
+    return end - hold
