@@ -53,7 +53,7 @@ _LINEARS = ("Linear", "Linear4bit", "Linear8bitLt")
 
 @dataclass
 class _Lora:
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module name -> (A [r, in], B [out, r], scale)
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (Aᵀ [in, r], (scale·B)ᵀ [r, out])
 
 
 @dataclass
@@ -175,39 +175,40 @@ class _SampleProcessor:
 
 @dataclass
 class _LoraPack:
-    """One linear layer's LoRA work for a whole batch: every row group that has LoRA on this layer becomes
-    one slot of two batched matmuls. A group's adapters (a mix) are stacked along the rank, their weights
-    and scales folded into B, so a slot computes ``Σ wᵢ·sᵢ·Bᵢ Aᵢ x`` exactly; ranks are zero-padded."""
+    """One linear layer's LoRA work for a whole batch as two batched matmuls: one slot per (row group,
+    adapter of the group) pair, so a slot computes ``wᵢ·sᵢ·Bᵢ Aᵢ x`` for its group's rows and a mix's slots
+    add up to ``Σ wᵢ·sᵢ·Bᵢ Aᵢ x`` exactly (never averaged A and B); ranks are zero-padded."""
 
     rows: torch.Tensor  # [slots * m] batch row of each slot position (padding repeats a row, masked out)
     keep: torch.Tensor | None  # [slots * m] which positions are real rows; None when no slot is padded
+    weights: torch.Tensor | None  # [slots, 1, 1] mix weight of each slot; None when all are 1
     A: torch.Tensor  # [slots, in, r]
-    B: torch.Tensor  # [slots, r, out]
+    B: torch.Tensor  # [slots, r, out], the adapter's scale folded in
 
 
-def _pack_loras(groups: list[_Group], name: str) -> _LoraPack | None:
-    members = []
-    for group in groups:
-        terms = [(lora.weights[name], w) for lora, w in group.loras if name in lora.weights]
-        if terms:
-            A = torch.cat([a for (a, _, _), _ in terms], 0)
-            B = torch.cat([b * (w * scale) for (_, b, scale), w in terms], 1)
-            members.append((group.rows, A, B))
+def _pack_loras(plan: _Plan, name: str) -> _LoraPack | None:
+    members = [(g, lora.weights[name], w) for g, group in enumerate(plan.groups)
+               for lora, w in group.loras if name in lora.weights]  # fmt: skip
     if not members:
         return None
-    rank = max(A.shape[0] for _, A, _ in members)
-    width = max(len(rows) for rows, _, _ in members)
-    slots, fan_in, fan_out = len(members), members[0][1].shape[1], members[0][2].shape[0]
-    A_stack, B_stack = torch.zeros(slots, fan_in, rank), torch.zeros(slots, rank, fan_out)
-    index = torch.zeros(slots, width, dtype=torch.long)
-    keep = torch.zeros(slots, width, dtype=torch.bool)
-    for slot, (rows, A, B) in enumerate(members):
-        A_stack[slot, :, : A.shape[0]] = A.T
-        B_stack[slot, : B.shape[1]] = B.T
-        index[slot] = rows[0]
-        index[slot, : len(rows)] = rows
-        keep[slot, : len(rows)] = True
-    return _LoraPack(index.reshape(-1), None if keep.all() else keep.reshape(-1), A_stack, B_stack)
+    rank = max(At.shape[1] for _, (At, _), _ in members)
+    if all(At.shape[1] == rank for _, (At, _), _ in members):
+        A = torch.stack([At for _, (At, _), _ in members])
+        B = torch.stack([Bt for _, (_, Bt), _ in members])
+    else:
+        A = torch.stack([nn.functional.pad(At, (0, rank - At.shape[1])) for _, (At, _), _ in members])
+        B = torch.stack([nn.functional.pad(Bt, (0, 0, 0, rank - Bt.shape[0])) for _, (_, Bt), _ in members])
+    layout = tuple((g, w) for g, _, w in members)
+    if layout not in plan.layouts:  # the same for most layers: built once per plan
+        width = max(len(plan.groups[g].rows) for g, _ in layout)
+        index = torch.stack([torch.cat([plan.groups[g].rows, plan.groups[g].rows[:1].expand(
+            width - len(plan.groups[g].rows))]) for g, _ in layout])  # fmt: skip
+        keep = torch.arange(width)[None, :] < torch.tensor([len(plan.groups[g].rows) for g, _ in layout])[:, None]
+        weights = torch.tensor([w for _, w in layout])[:, None, None]
+        plan.layouts[layout] = (index.reshape(-1), None if keep.all() else keep.reshape(-1),
+                                None if bool((weights == 1).all()) else weights)  # fmt: skip
+    rows, keep, weights = plan.layouts[layout]
+    return _LoraPack(rows, keep, weights, A, B)
 
 
 @dataclass
@@ -215,10 +216,11 @@ class _Plan:
     groups: list[_Group]
     forwards_seen: int = 0
     packs: dict[str, _LoraPack | None] = field(default_factory=dict)
+    layouts: dict[tuple, tuple] = field(default_factory=dict)
 
     def lora_pack(self, name: str) -> _LoraPack | None:
-        if name not in self.packs:  # built at the prefill, reused by every decoding step
-            self.packs[name] = _pack_loras(self.groups, name)
+        if name not in self.packs:  # built at the first forward, reused by every later one with this plan
+            self.packs[name] = _pack_loras(self, name)
         return self.packs[name]
 
 
@@ -245,7 +247,10 @@ class _RowDeltas(nn.Module):
             slots, fan_in = pack.A.shape[:2]
             rows = x.reshape(x.shape[0], -1, fan_in).index_select(0, pack.rows)  # [slots * m, T, in]
             hidden = torch.bmm(rows.reshape(slots, -1, fan_in).float(), pack.A)
-            delta = torch.bmm(hidden, pack.B).reshape(rows.shape[0], *out.shape[1:])
+            delta = torch.bmm(hidden, pack.B)
+            if pack.weights is not None:
+                delta = delta * pack.weights
+            delta = delta.reshape(rows.shape[0], *out.shape[1:])
             if pack.keep is None:
                 out.index_add_(0, pack.rows, delta.to(out.dtype))
             else:
@@ -976,7 +981,7 @@ def _load_lora(folder: Path, targets: set[str]) -> _Lora:
                 f"{folder}: {module} is not a linear layer of this base model's decoder blocks (per-row batches "
                 "apply LoRA there only)."
             )
-        weights[module] = (ab["A"], ab["B"], scale)
+        weights[module] = (ab["A"].T.contiguous(), (ab["B"] * scale).T.contiguous())
     return _Lora(weights)
 
 
@@ -1010,7 +1015,7 @@ def _load_reft(folder: Path) -> _Reft:
 
 def _payload_bytes(payload: _Lora | _Ia3 | _Reft) -> int:
     if isinstance(payload, _Lora):
-        return sum(a.nbytes + b.nbytes for a, b, _ in payload.weights.values())
+        return sum(a.nbytes + b.nbytes for a, b in payload.weights.values())
     if isinstance(payload, _Ia3):
         return sum(s.nbytes for s, _ in payload.scales.values())
     return sum(p.nbytes for site in payload.sites.values() for _, m in site for p in m.parameters())

@@ -73,7 +73,7 @@ class Request:
 class Scheduler:
     """Admission, steps, stop detection and cancellation for one engine (see the module docstring)."""
 
-    def __init__(self, engine: MultiAdapterModel, *, max_waiting: int = 256, prefill_budget: int = 512) -> None:
+    def __init__(self, engine: MultiAdapterModel, *, max_waiting: int = 256, prefill_budget: int = 2048) -> None:
         if prefill_budget < 128:
             raise InvalidInputError("prefill_budget must be at least 128 tokens.")
         self.engine, self.max_waiting, self.prefill_budget = engine, max_waiting, prefill_budget
