@@ -65,9 +65,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         engine.add(name, source, revision, pin=True)
     base_name = args.base or "HuggingFaceTB/SmolLM2-135M-Instruct"
     app = create_app(engine, base_name=base_name, allow_hub_pattern=args.allow_hub_pattern,
-                     max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                     max_prompt_tokens=args.max_prompt_tokens,
-                     admin_token=os.environ.get("HUB_PEFT_ADMIN_TOKEN"))  # fmt: skip
+                     max_running=args.max_running, max_waiting=args.max_waiting,
+                     max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
+                     request_timeout=args.request_timeout,
+                     admin_token=os.environ.get("HUB_PEFT_ADMIN_TOKEN") or None)  # fmt: skip
     print(f"Serving {base_name} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -361,9 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_api.add_argument("--host", default="127.0.0.1")
     serve_api.add_argument("--port", type=int, default=8000)
-    serve_api.add_argument("--max-batch-size", type=int, default=16)
-    serve_api.add_argument("--max-wait-ms", type=float, default=10.0)
+    serve_api.add_argument("--max-running", "--max-batch-size", type=int, default=32,
+                           help="Sequences decoding at once (cache slots); more requests wait.")  # fmt: skip
+    serve_api.add_argument("--max-waiting", type=int, default=256, help="Queued requests; beyond them HTTP 429.")
     serve_api.add_argument("--max-prompt-tokens", type=int, default=1024)
+    serve_api.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of a chat request "
+                           "that gives none.")  # fmt: skip
+    serve_api.add_argument("--request-timeout", type=float, default=600.0, help="Seconds before a request is ended.")
     serve_api.add_argument("--memory-budget-mb", type=float, default=256.0, help="Adapter cache budget (MiB).")
     serve_api.add_argument("--log-level", default="warning")
     serve_api.set_defaults(func=_cmd_serve)

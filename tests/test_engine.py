@@ -337,3 +337,65 @@ def test_what_cannot_share_a_batch_runs_in_a_sub_batch_of_its_own(engine, adapte
         engine.generate(["a", "b"], ["lora"])
     with pytest.raises(InvalidInputError, match="Mix weight"):
         engine.generate(["a"], [{"lora": "lots"}])
+
+
+def test_continuous_batching_with_admission_waves_and_early_finishers(adapters):
+    """More requests than cache slots, each with its own length: slots are reused as rows finish, a finished
+    row's slot gets the next waiting request, and every row still equals running it alone."""
+    engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()), max_running=3)
+    for name, folder in adapters.items():
+        engine.add(name, folder)
+    rows = ["lora", None, "reft", "rslora", "ia3", "reft", "lora", None]
+    limits = [7, 1, 4, 9, 2, 6, 3, 5]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(rows))]
+    got = engine.generate_tokens(prompts, rows, max_new_tokens=limits, ignore_eos=True)
+    for prompt, name, limit, completion in zip(prompts, rows, limits, got, strict=True):
+        alone_tokens = engine.generate_tokens([prompt], [name], max_new_tokens=limit, ignore_eos=True)[0].tokens
+        assert completion.tokens == alone_tokens and len(alone_tokens) == limit
+        assert completion.finish_reason == "length"
+    assert engine.running() == []  # every slot was given back
+
+
+def test_a_chunked_prefill_keeps_reft_positions_and_matches_the_plain_model(tmp_path):
+    """A prompt longer than the step's token budget is fed in chunks; the ReFT edits of its first and last
+    tokens land in the chunks that hold them, and the logits equal one plain forward of the ReftModel."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hub_peft.serving.sampling import SamplingParams
+    from hub_peft.serving.scheduler import Request, Scheduler
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    base = AutoModelForCausalLM.from_config(config).eval()
+    reft = get_reft_model(base, ReftConfig(layers=[0, 1], positions="f3+l2", prompt_template="{prompt}"))
+    with torch.no_grad():
+        for module in reft.interventions.values():
+            module.source.weight.mul_(5)
+    folder = save_adapter(reft, tmp_path / "reft")
+    reft.remove_hooks()
+    prompt = " ".join(f"w{i % 90}" for i in range(300))
+    ids = torch.tensor([tiny_tokenizer()(prompt)["input_ids"]])
+    plain = load_adapter(base, folder)
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits[0, -1]
+    plain.remove_hooks()
+    engine = MultiAdapterModel((base, tiny_tokenizer()))
+    engine.add("reft", folder)
+    chunks = []
+    original = engine.forward_ragged
+
+    def spy(rows):
+        chunks.append([n for _, n in rows])
+        return original(rows)
+
+    engine.forward_ragged = spy
+    scheduler = Scheduler(engine, prefill_budget=128)
+    request = Request(prompt, "reft", SamplingParams(max_tokens=1, logprobs=0), raw=True)
+    scheduler.submit(request)
+    scheduler.run_until_done()
+    assert len(ids[0]) == 300 and [c[0] for c in chunks] == [128, 108, 64]  # the last chunk holds the last 64
+    assert request.generation.samples[0].logprob == pytest.approx(torch.log_softmax(expected, -1).max().item(),
+                                                                  abs=1e-4)  # fmt: skip
+    logits = engine.next_token_logits([prompt], ["reft"], raw=True)[0]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)

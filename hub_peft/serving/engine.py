@@ -595,7 +595,8 @@ class MultiAdapterModel:
         for row, (prompt, adapter, p, is_raw) in enumerate(zip(prompts, adapters, params, raws, strict=True)):
             request = Request(prompt, adapter, p, raw=is_raw, on_update=update)
             request.row = row
-            requests.append(scheduler.submit(request))
+            scheduler.submit(request)
+            requests.append(request)
         scheduler.run_until_done()
         for request in requests:
             if request.error is not None:

@@ -35,6 +35,10 @@ class QueueFullError(HubPeftError):
     """The server has as many waiting requests as it accepts; retry later."""
 
 
+class PromptTooLongError(InvalidInputError):
+    """A prompt has more tokens than the server accepts."""
+
+
 @dataclass(eq=False)
 class Request:
     """One completion asked of the scheduler. ``on_update(request, samples, text_delta)`` is called from
@@ -46,8 +50,10 @@ class Request:
     params: SamplingParams
     raw: bool = False
     on_update: Callable[[Request, list[Sampled], str], None] | None = None
+    on_finish: Callable[[Request], None] | None = None  # called from the scheduler's thread once it ended
     timeout: float | None = None  # seconds from submission
     label: str = "base"  # for metrics
+    row: int = 0  # the caller's index (a choice of a request with n > 1, a row of generate_tokens)
     generation: Generation | None = None
     finish_reason: str | None = None  # stop | length | cancelled | timeout | error
     error: Exception | None = None
@@ -73,10 +79,12 @@ class Request:
 class Scheduler:
     """Admission, steps, stop detection and cancellation for one engine (see the module docstring)."""
 
-    def __init__(self, engine: MultiAdapterModel, *, max_waiting: int = 256, prefill_budget: int = 2048) -> None:
+    def __init__(self, engine: MultiAdapterModel, *, max_waiting: int = 256, prefill_budget: int = 2048,
+                 max_prompt_tokens: int | None = None) -> None:  # fmt: skip
         if prefill_budget < 128:
             raise InvalidInputError("prefill_budget must be at least 128 tokens.")
         self.engine, self.max_waiting, self.prefill_budget = engine, max_waiting, prefill_budget
+        self.max_prompt_tokens = max_prompt_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.lock = threading.Condition()
@@ -86,19 +94,28 @@ class Scheduler:
 
     # --- submission ------------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> Request:
-        """Validate, tokenize and queue ``request``; raises :class:`QueueFullError` when the queue is full."""
+    def submit(self, *requests: Request) -> None:
+        """Validate, tokenize and queue ``requests`` (all or none): :class:`QueueFullError` when the queue
+        cannot take them all, :class:`PromptTooLongError` over ``max_prompt_tokens``."""
         engine = self.engine
-        spec = engine._normalize([request.adapter], 1)[0]
-        request.solo = engine.ragged_reason is not None or any(engine._entries[n].kind == "solo" for n, _ in spec)
-        if not request.solo:
-            request.generation = engine.generation(request.prompt, request.adapter, request.params, raw=request.raw)
+        for request in requests:
+            spec = engine._normalize([request.adapter], 1)[0]
+            request.solo = engine.ragged_reason is not None or any(engine._entries[n].kind == "solo" for n, _ in spec)
+            if request.solo:
+                prompt_ids = engine._encode([request.prompt], [spec], [request.raw])[0]
+            else:
+                request.generation = engine.generation(request.prompt, request.adapter, request.params,
+                                                       raw=request.raw)  # fmt: skip
+                prompt_ids = request.generation.prompt_ids
+            if self.max_prompt_tokens is not None and len(prompt_ids) > self.max_prompt_tokens:
+                raise PromptTooLongError(f"The prompt is {len(prompt_ids)} tokens; the limit is "
+                                         f"{self.max_prompt_tokens}.")  # fmt: skip
         with self.lock:
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFullError(f"{len(self.waiting)} requests are waiting, the most this server queues.")
-            self.waiting.append(request)
+            if len(self.waiting) + len(requests) > self.max_waiting:
+                raise QueueFullError(f"{len(self.waiting)} requests are waiting, the most this server queues is "
+                                     f"{self.max_waiting}.")  # fmt: skip
+            self.waiting.extend(requests)
             self.lock.notify()
-        return request
 
     def cancel(self, request: Request) -> None:
         """Stop ``request`` at the next step (a closed stream, say); its slot is freed then."""
@@ -267,6 +284,8 @@ class Scheduler:
             elif request in self.waiting:
                 self.waiting.remove(request)
         request.done.set()
+        if request.on_finish is not None:
+            request.on_finish(request)
 
 
 def _safe_prefix(text: str, stops: tuple[str, ...]) -> int:

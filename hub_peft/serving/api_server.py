@@ -1,0 +1,374 @@
+"""The OpenAI-compatible HTTP API over :class:`MultiAdapterModel` (FastAPI; models in :mod:`.protocol`).
+
+``/v1/chat/completions`` and ``/v1/completions`` (``stream`` as server-sent events, ``n``, ``logprobs``,
+``stop``, seeded batch-invariant sampling), ``/v1/models``, ``/metrics`` (Prometheus), ``/health``, and
+admin routes to load and unload adapters, closed unless an admin token is configured. Requests run on the
+continuous-batching :class:`Scheduler` in one worker thread. Errors have OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field (named in ``param``), 401/403
+for admin auth, 404 for an unknown model (the message lists the known ones), 413 for a prompt over
+``max_prompt_tokens`` (``code: "context_length_exceeded"``), 422 for an adapter that cannot load, 429
+with ``Retry-After`` when the queue is full, 504 when a request runs past ``request_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from ..errors import HubPeftError, IncompatibleAdapterError, InvalidInputError, NotFoundError
+from .engine import MultiAdapterModel
+from .metrics import Metrics
+from .protocol import AdapterLoad, ChatCompletionRequest, CompletionRequest
+from .sampling import Sampled
+from .scheduler import PromptTooLongError, QueueFullError, Request, Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = ("invalid_request_error" if status in (400, 404, 413, 422) else "authentication_error"
+            if status in (401, 403) else "rate_limit_error" if status == 429 else "server_error")  # fmt: skip
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
+
+
+def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: str | None = None,
+               max_prompt_tokens: int = 1024, max_waiting: int = 256, max_running: int | None = None,
+               default_max_tokens: int = 256, request_timeout: float = 600.0,
+               admin_token: str | None = None):  # fmt: skip
+    """The FastAPI app. ``allow_hub_pattern`` (fnmatch, e.g. ``"me/*"``) lets ``model`` name Hub repos,
+    loaded on demand and through the admin routes; off by default. ``max_running`` caps the sequences
+    decoding at once (the engine's cache slots), ``max_waiting`` the queue behind them."""
+    if max_running is not None:
+        if engine._kv is not None and max_running != engine.max_running:
+            raise InvalidInputError("max_running must be set before the engine runs its first request.")
+        engine.max_running = max_running
+    scheduler = Scheduler(engine, max_waiting=max_waiting, max_prompt_tokens=max_prompt_tokens)
+    metrics = Metrics(engine, scheduler)
+    scheduler.on_step = metrics.step
+    scheduler.run_forever()
+    tokenizer = engine.tokenizer
+    load_lock = asyncio.Lock()
+    app = FastAPI(title="hub_peft", description=__doc__.split("\n\n")[0], version="1")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: HttpRequest, e: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: HttpRequest, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = loc[0] if loc else None
+        if first.get("type") == "json_invalid":
+            message = f"The request body is not valid JSON ({first.get('msg')})."
+        elif first.get("type") == "extra_forbidden":
+            message = f"Unsupported field {'.'.join(loc)!r}: this server does not implement it."
+        else:
+            message = f"{'.'.join(loc) or 'body'}: {first.get('msg')}"
+        return JSONResponse(error_body(400, message, param), status_code=400)
+
+    # --- model names -----------------------------------------------------------------------------
+
+    async def resolve(model: Any) -> tuple[Any, str]:
+        """The engine's adapter spec for ``model`` and its metrics label."""
+        if model in (None, "", base_name):
+            return None, "base"
+        if isinstance(model, dict):  # hub_peft extension: a weighted mix
+            for name in model:
+                await resolve(name)
+            return model, "mix"
+        known = {e["name"] for e in engine.loaded()}
+        if model in known:
+            return model, model
+        if hub_allowed(model):
+            async with load_lock:
+                if model not in {e["name"] for e in engine.loaded()}:
+                    await load(model, model, None)
+            return model, model
+        raise ApiError(404, f"Unknown model {model!r}. Available: {sorted(known | {base_name})}.", "model",
+                       "model_not_found")  # fmt: skip
+
+    def hub_allowed(source: str) -> bool:
+        return bool(allow_hub_pattern) and source.count("/") == 1 and fnmatch.fnmatch(source, allow_hub_pattern)
+
+    async def load(name: str, source: str, revision: str | None, pin: bool = False) -> dict:
+        try:
+            return await asyncio.to_thread(engine.add, name, source, revision, pin=pin)
+        except NotFoundError as e:
+            raise ApiError(404, str(e), "source") from None
+        except HubPeftError as e:
+            raise ApiError(422, str(e), "source") from None
+
+    # --- completions -----------------------------------------------------------------------------
+
+    async def complete(body: ChatCompletionRequest | CompletionRequest, http: HttpRequest, chat: bool):
+        try:
+            logprobs = body.wanted_logprobs() if chat else body.logprobs
+        except ValueError as e:
+            raise ApiError(400, str(e), "top_logprobs") from None
+        if chat:
+            prompt: Any = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                           for m in body.messages]  # fmt: skip
+            if not any(m["role"] == "user" for m in prompt):
+                raise ApiError(400, "messages: at least one message must have role 'user'.", "messages")
+            max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
+        else:
+            prompt, max_tokens = body.text(), body.max_tokens or 16
+            if not prompt:
+                raise ApiError(400, "prompt must be a non-empty string.", "prompt")
+        adapter, label = await resolve(body.model)
+        try:
+            params = body.sampling(max_tokens, logprobs)
+        except InvalidInputError as e:
+            raise ApiError(400, str(e)) from None
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def updated(request: Request, samples: list[Sampled], delta: str) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (request, samples, delta))
+
+        def finished(request: Request) -> None:  # metrics here: a stream whose client left reads no more events
+            metrics.finished(request, _status(request))
+            loop.call_soon_threadsafe(events.put_nowait, (request, None, None))
+
+        # choice i samples with seed + i (or its own random noise), so the n choices differ
+        jobs = [Request(prompt, adapter, replace(params, seed=None if body.seed is None else body.seed + i),
+                        raw=not chat, label=label, row=i, timeout=request_timeout, on_update=updated,
+                        on_finish=finished) for i in range(body.n)]  # fmt: skip
+        try:
+            await asyncio.to_thread(scheduler.submit, *jobs)
+        except QueueFullError as e:
+            metrics.requests.labels(label, "429").inc()
+            raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+        except PromptTooLongError as e:
+            metrics.requests.labels(label, "413").inc()
+            raise ApiError(413, str(e), "messages" if chat else "prompt", "context_length_exceeded") from None
+        except NotFoundError as e:
+            raise ApiError(404, str(e), "model") from None
+        except InvalidInputError as e:
+            raise ApiError(400, str(e)) from None
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        name = body.model if isinstance(body.model, str) and body.model else base_name if not body.model else "mix"
+        answer = _Answer(ident, int(time.time()), name, chat, jobs, tokenizer, metrics, scheduler)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(answer.stream(events, include_usage), ping=15, sep="\n")
+        return await answer.whole(events, http)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
+        return await complete(body, http, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HttpRequest):
+        return await complete(body, http, chat=False)
+
+    @app.get("/v1/models")
+    async def models():
+        data = [{"id": base_name, "object": "model", "owned_by": "hub_peft", "type": "base"}]
+        data += [{"id": e["name"], "object": "model", "owned_by": "hub_peft", "type": e["type"], "source": e["source"],
+                  "commit": e["commit"], "key": e["key"], "bytes": e["bytes"], "resident": e["resident"]}
+                 for e in engine.loaded()]  # fmt: skip
+        return {"object": "list", "data": data}
+
+    # --- admin -----------------------------------------------------------------------------------
+
+    def authorize(http: HttpRequest) -> None:
+        if admin_token is None:
+            raise ApiError(403, "Admin routes are disabled: start the server with HUB_PEFT_ADMIN_TOKEN set.")
+        given = http.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {admin_token}".encode()):
+            raise ApiError(401, "Admin routes need 'Authorization: Bearer <admin token>'.")
+
+    @app.post("/admin/adapters")
+    async def admin_load(body: AdapterLoad, http: HttpRequest):
+        authorize(http)
+        if not Path(body.source).is_dir() and not hub_allowed(body.source):
+            raise ApiError(403, f"{body.source!r} is not a folder on this server and does not match "
+                                f"--allow-hub-pattern ({allow_hub_pattern or 'off'}).", "source")  # fmt: skip
+        return await load(body.name, body.source, body.revision, pin=body.pin)
+
+    @app.delete("/admin/adapters/{name:path}")
+    async def admin_unload(name: str, http: HttpRequest):
+        authorize(http)
+        try:
+            await asyncio.to_thread(engine.remove, name)
+        except NotFoundError as e:
+            raise ApiError(404, str(e)) from None
+        return {"removed": name}
+
+    @app.get("/metrics")
+    async def metrics_route():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "adapters": len(engine.loaded()), "running": len(scheduler.running),
+                "waiting": len(scheduler.waiting)}  # fmt: skip
+
+    app.state.scheduler, app.state.metrics = scheduler, metrics
+    return app
+
+
+def _status(job: Request) -> int:
+    """The HTTP status a finished request stands for (499: the client went away)."""
+    if job.finish_reason in ("stop", "length"):
+        return 200
+    if job.finish_reason in ("timeout", "cancelled"):
+        return 504 if job.finish_reason == "timeout" else 499
+    if isinstance(job.error, (NotFoundError, IncompatibleAdapterError)):
+        return 404 if isinstance(job.error, NotFoundError) else 422
+    return 500
+
+
+class _Answer:
+    """The response of one request (``n`` choices), whole or as server-sent events."""
+
+    def __init__(self, ident: str, created: int, model: str, chat: bool, jobs: list[Request], tokenizer,
+                 metrics: Metrics, scheduler: Scheduler) -> None:  # fmt: skip
+        self.ident, self.created, self.model, self.chat = ident, created, model, chat
+        self.jobs, self.tokenizer, self.metrics, self.scheduler = jobs, tokenizer, metrics, scheduler
+        self.object = "chat.completion" if chat else "text_completion"
+        self.offsets = [0] * len(jobs)  # characters of text already described by completion logprobs
+        self.described = [0] * len(jobs)  # tokens already described by logprobs
+        self.last_token = [0.0] * len(jobs)
+
+    def _observe(self, job: Request, samples: list[Sampled]) -> None:
+        now = time.monotonic()
+        if self.last_token[job.row] and samples:
+            for _ in samples:
+                self.metrics.itl.observe(now - self.last_token[job.row])
+        if samples:
+            self.last_token[job.row] = now
+
+    def usage(self) -> dict:
+        prompt = len(self.jobs[0].generation.prompt_ids) if self.jobs[0].generation else 0
+        completion = sum(len(j.tokens) for j in self.jobs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _piece(self, context: list[int], token: int) -> str:
+        """The text ``token`` adds after ``context`` (so a completion's pieces add up to its text)."""
+        before = self.tokenizer.decode(context[-8:], skip_special_tokens=True) if context else ""
+        return self.tokenizer.decode([*context[-8:], token], skip_special_tokens=True)[len(before) :]
+
+    def logprobs(self, job: Request, samples: list[Sampled]) -> dict | None:
+        if job.params.logprobs is None:
+            return None
+        output = job.generation.output
+        first = self.described[job.row]
+        self.described[job.row] += len(samples)
+        entries = []
+        for k, s in enumerate(samples, start=first):
+            context = output[:k]
+            entries.append((self._piece(context, s.token), s.logprob,
+                            [(self._piece(context, t), lp) for t, lp in s.top]))  # fmt: skip
+        if self.chat:
+            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                                 "top_logprobs": [{"token": tt, "logprob": tl, "bytes": list(tt.encode())}
+                                                  for tt, tl in top]} for t, lp, top in entries]}  # fmt: skip
+        offsets = []
+        for t, _, _ in entries:
+            offsets.append(self.offsets[job.row])
+            self.offsets[job.row] += len(t)
+        return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}  # fmt: skip
+
+    def _failure(self, job: Request) -> ApiError:
+        if job.finish_reason == "timeout":
+            return ApiError(504, f"The request ran past the server's timeout of {job.timeout:.0f} s.")
+        return ApiError(_status(job), f"Generation failed: {job.error}")
+
+    async def whole(self, events: asyncio.Queue, http) -> dict:
+        pending = {id(j) for j in self.jobs}
+        try:
+            while pending:
+                try:
+                    job, samples, _ = await asyncio.wait_for(events.get(), timeout=0.5)
+                except TimeoutError:
+                    if await http.is_disconnected():
+                        raise asyncio.CancelledError from None
+                    continue
+                if samples is None:
+                    pending.discard(id(job))
+                else:
+                    self._observe(job, samples)
+        except asyncio.CancelledError:
+            for job in self.jobs:
+                self.scheduler.cancel(job)
+            raise
+        failed = [j for j in self.jobs if j.finish_reason not in ("stop", "length")]
+        if failed:
+            raise self._failure(failed[0])
+        choices = []
+        for job in self.jobs:
+            choice: dict[str, Any] = {"index": job.row, "finish_reason": job.finish_reason,
+                                      "logprobs": self.logprobs(job, job.generation.samples)}  # fmt: skip
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": job.text}
+            else:
+                choice["text"] = job.text
+            choices.append(choice)
+        return {"id": self.ident, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage()}  # fmt: skip
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        body = {"id": self.ident, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices}  # fmt: skip
+        if usage is not None:
+            body["usage"] = usage
+        return {"data": json.dumps(body)}
+
+    async def stream(self, events: asyncio.Queue, include_usage: bool) -> AsyncIterator[dict]:
+        pending = {id(j) for j in self.jobs}
+        try:
+            if self.chat:
+                yield self._chunk([{"index": j.row, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None} for j in self.jobs])  # fmt: skip
+            while pending:
+                job, samples, delta = await events.get()
+                if samples is None:
+                    pending.discard(id(job))
+                    if job.finish_reason not in ("stop", "length"):
+                        failure = self._failure(job)
+                        yield {"data": json.dumps(error_body(failure.status, failure.message))}
+                        continue
+                    end = {"index": job.row, "finish_reason": job.finish_reason, "logprobs": None}
+                    end.update({"delta": {}} if self.chat else {"text": ""})
+                    yield self._chunk([end])
+                    continue
+                self._observe(job, samples)
+                logprobs = self.logprobs(job, samples)
+                if not delta and logprobs is None:
+                    continue
+                choice = {"index": job.row, "finish_reason": None, "logprobs": logprobs}
+                choice.update({"delta": {"content": delta}} if self.chat else {"text": delta})
+                yield self._chunk([choice])
+            if include_usage:
+                yield self._chunk([], self.usage())
+            yield {"data": "[DONE]"}
+        finally:
+            if pending:  # the client went away: free the slots at the next step
+                for job in self.jobs:
+                    self.scheduler.cancel(job)
