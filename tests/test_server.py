@@ -333,7 +333,7 @@ def test_a_request_past_its_timeout_ends_with_504(adapters):  # noqa: F811
 
 
 def test_a_failing_request_does_not_fail_its_neighbours_and_nothing_is_streamed_twice(adapters):  # noqa: F811
-    from hub_peft.serving.engine import _Cached
+    from hub_peft.serving.cache import _Cached
 
     engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()))
     for name in ("lora", "reft", "ia3"):

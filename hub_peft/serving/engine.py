@@ -1,24 +1,22 @@
-"""Many adapters over one base model, a different adapter (or a weighted mix) per row of a batch.
+"""Many adapters over one base model, a different adapter (or a weighted mix) per row, batched continuously.
 
 The base is wrapped once: every linear layer inside the decoder blocks gets a :class:`_RowDeltas`
-(it adds each row group's LoRA/IA3 delta with small dense matmuls over that group's contiguous rows),
-and every decoder block gets ReFT hooks (they edit each group's prompt positions during prefill).
-A batch is sorted by adapter so rows of one adapter are contiguous; nothing runs per row in Python
-and no adapter runs on rows that are not its own. A mix ``{"a": 0.7, "b": 0.3}`` adds
+(it adds each row group's LoRA/IA3 delta with small batched matmuls over that group's rows), and every
+decoder block gets ReFT hooks (they edit each row's prompt positions during its prefill). Nothing runs
+per row in Python and no adapter runs on rows that are not its own. A mix ``{"a": 0.7, "b": 0.3}`` adds
 ``0.7·Δa + 0.3·Δb`` exactly (for LoRA ``Σ wᵢ·sᵢ·Bᵢ Aᵢ x``, never averaged A and B matrices).
 
-Adapters load from folders or the Hub (local or real) and live in an LRU cache bounded in bytes;
-evicted ones reload from the local download cache on next use. The cache is keyed by the resolved
-commit of a repo (a folder: the sha256 of its files), so names that resolve to the same files share
-one copy and a new revision of a repo is never served from a stale copy.
+Sequences (:class:`Generation`) run on the engine's own KV cache (:mod:`.kv_cache`): :meth:`forward_ragged`
+is one forward over admitted sequences, each feeding its own number of new tokens; the
+:class:`~.scheduler.Scheduler` decides which, step by step. Adapters come from :class:`~.cache.AdapterCache`
+(names, resolved commits, LRU). Adapters that cannot share a forward run through ``generate`` instead
+(:meth:`generate_static`).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,9 +27,7 @@ import torch
 from torch import nn
 
 from .._bnb import keep_4bit_trainable
-from ..errors import IncompatibleAdapterError, InvalidInputError, NotFoundError
-from ..reft.config import ReftConfig
-from ..reft.interventions import Intervention
+from ..errors import IncompatibleAdapterError, InvalidInputError
 from ..reft.model import (
     component_module,
     edit_positions,
@@ -44,66 +40,12 @@ from ..reft.model import (
     text_config,
 )
 from . import kv_cache
+from .cache import AdapterCache, _Entry, _Ia3, _Lora, _Reft
 from .sampling import Sampled, SamplingParams, sample_row
 
 AdapterSpec = str | dict[str, float] | None
 Prompt = str | Sequence[dict[str, str]]  # a prompt, or chat messages [{"role": ..., "content": ...}]
 _LINEARS = ("Linear", "Linear4bit", "Linear8bitLt")
-
-
-@dataclass
-class _Lora:
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (Aᵀ [in, r], (scale·B)ᵀ [r, out])
-
-
-@dataclass
-class _Ia3:
-    scales: dict[str, tuple[torch.Tensor, bool]]  # module name -> (l − 1, scales the input (feed-forward))
-
-
-@dataclass
-class _Reft:
-    config: ReftConfig
-    sites: dict[tuple[int, str], list[tuple[str, Intervention]]]  # (layer, component) -> [(group, intervention)]
-
-
-@dataclass
-class _Cached:
-    """One resident copy of an adapter's weights, shared by every name that resolves to the same files."""
-
-    key: str  # hub:{repo}@{commit} for a Hub repo, sha256:{digest of its files} for a folder
-    kind: str  # lora | ia3 | reft | solo (runs in sub-batches of its own through PEFT)
-    folder: Path
-    nbytes: int = 0
-    last_used: float = 0.0
-    payload: _Lora | _Ia3 | _Reft | None = None
-
-
-@dataclass
-class _Entry:
-    """A name requests route to."""
-
-    name: str
-    source: str
-    revision: str | None
-    commit: str | None  # the resolved Hub commit; None for a local folder
-    cached: _Cached
-    template: str | None
-    pinned: bool = False
-    solo_reason: str | None = None
-    peft_type: str = ""
-
-    @property
-    def kind(self) -> str:
-        return self.cached.kind
-
-    @property
-    def folder(self) -> Path:
-        return self.cached.folder
-
-    @property
-    def payload(self) -> _Lora | _Ia3 | _Reft | None:
-        return self.cached.payload
 
 
 @dataclass
@@ -291,7 +233,6 @@ class MultiAdapterModel:
         self.model, self.tokenizer = base or load_base_model(None, load_in_4bit=load_in_4bit)
         self.core = innermost_model(self.model)
         keep_4bit_trainable(self.core)  # exact float32 dequantize-and-matmul, never bitsandbytes' bf16 CPU kernel
-        self.memory_budget = memory_budget
         config = text_config(self.core.config)
         self.max_running = max_running
         self.max_model_len = max_model_len or min(getattr(config, "max_position_embeddings", 2048) or 2048, 4096)
@@ -299,14 +240,13 @@ class MultiAdapterModel:
         self._slots: list[Generation] = []  # slot i holds _slots[i]; kept compact (no holes)
         self._decode_plan: tuple[tuple, _Plan] | None = None
         self.ragged_reason: str | None = _ragged_blocker(self.core)  # why the ragged engine cannot run, if so
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
-        self._entries: dict[str, _Entry] = {}
-        self._cache: dict[str, _Cached] = {}  # cache key -> the one copy all names of those files share
         self._plan: _Plan | None = None
         self._lock = threading.RLock()
         self._layers = find_decoder_layers(self.core)
         self._wrapped: list[tuple[nn.Module, str, _RowDeltas]] = []
         self._wrap_linears()
+        self.cache = AdapterCache(memory_budget=memory_budget, targets={w.name for _, _, w in self._wrapped},
+                                  base_config=self.core.config, base_name=_base_name(self.core), lock=self._lock)
         find_decoder(self.core).register_forward_pre_hook(self._count_forward)
         for index, layer in enumerate(self._layers):
             for component in ("block_output", "attention_output", "mlp_output"):
@@ -371,96 +311,52 @@ class MultiAdapterModel:
                 hidden[group.rows] = rows + total
         return hidden
 
-    # --- the adapter cache -----------------------------------------------------------------------
+    # --- the adapter cache (see cache.py) -----------------------------------------------------------
 
     def add(self, name: str, source: str | Path, revision: str | None = None, *, pin: bool = False) -> dict:
-        """Load an adapter (folder or repo id) under ``name`` without touching the base or the others.
-
-        A Hub repo is resolved to one commit first; the weights are cached under that commit (a folder:
-        under the sha256 of its files), so names that resolve to the same files share one copy, and a
-        new revision is a new entry, never a stale one.
-        """
-        from ..adapters import check_adapter_folder, resolve_adapter
-        from ..cards import CardInfo
-
-        if not name or not isinstance(name, str):
-            raise InvalidInputError("An adapter needs a non-empty name.")
-        resolved = resolve_adapter(source, revision=revision)
-        folder = resolved.folder
-        config = check_adapter_folder(folder, base_config=self.core.config, base_name=_base_name(self.core))
-        kind, solo_reason = _kind_of(config, source)
-        template = config.get("prompt_template") if kind == "reft" else CardInfo.load(folder).prompt_template
-        key = resolved.cache_key
-        with self._lock:
-            cached = self._cache.setdefault(key, _Cached(key, kind, folder))
-            peft_type = str(config.get("peft_type", "")).lower()
-            self._entries[name] = _Entry(name, str(source), revision, resolved.commit, cached, template, pinned=pin,
-                                         solo_reason=solo_reason, peft_type=peft_type)  # fmt: skip
-            self._forget_unused()
-            self._materialize(self._entries[name])
-            self._evict()
-        return self.info(name)
+        """Load an adapter (folder or repo id) under ``name`` without touching the base or the others; a Hub
+        repo is resolved to one commit first (see :class:`AdapterCache`)."""
+        return self.cache.add(name, source, revision, pin=pin)
 
     def remove(self, name: str) -> None:
-        with self._lock:
-            self._get(name)
-            del self._entries[name]
-            self._forget_unused()
+        self.cache.remove(name)
 
     def pin(self, name: str, pinned: bool = True) -> None:
-        with self._lock:
-            self._get(name).pinned = pinned
+        self.cache.pin(name, pinned)
 
     def info(self, name: str) -> dict:
-        e = self._get(name)
-        return {"name": e.name, "type": e.peft_type, "source": e.source, "revision": e.revision, "commit": e.commit,
-                "key": e.cached.key, "bytes": e.cached.nbytes, "resident": e.payload is not None, "pinned": e.pinned,
-                "mixable": e.solo_reason is None}  # fmt: skip
+        return self.cache.info(name)
 
     def loaded(self) -> list[dict]:
-        return [self.info(n) for n in self._entries]
+        return self.cache.loaded()
 
     def resident_bytes(self) -> int:
-        return sum(c.nbytes for c in self._cache.values() if c.payload is not None)
+        return self.cache.resident_bytes()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.cache.stats
+
+    @property
+    def memory_budget(self) -> int:
+        return self.cache.memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: int) -> None:
+        self.cache.memory_budget = value
+
+    @property
+    def _entries(self) -> dict[str, _Entry]:
+        return self.cache.entries
 
     def _get(self, name: str) -> _Entry:
-        if name not in self._entries:
-            raise NotFoundError(f"No adapter named {name!r}; loaded: {sorted(self._entries) or 'none'}.")
-        return self._entries[name]
-
-    def _forget_unused(self) -> None:
-        used = {id(e.cached) for e in self._entries.values()}
-        for key in [k for k, c in self._cache.items() if id(c) not in used]:
-            del self._cache[key]
+        return self.cache.get(name)
 
     def _materialize(self, entry: _Entry) -> None:
-        cached = entry.cached
-        cached.last_used = time.monotonic()
-        if cached.kind == "solo":  # attached per sub-batch by PEFT, nothing kept in memory
-            cached.nbytes = (cached.folder / "adapter_model.safetensors").stat().st_size
-            return
-        if cached.payload is not None:
-            self.stats["hits"] += 1
-            return
-        self.stats["misses"] += 1
-        self.stats["loads"] += 1
-        targets = {wrapper.name for _, _, wrapper in self._wrapped}
-        if cached.kind == "reft":
-            cached.payload = _load_reft(cached.folder)
-        else:
-            cached.payload = (_load_lora if cached.kind == "lora" else _load_ia3)(cached.folder, targets)
-        cached.nbytes = _payload_bytes(cached.payload)
+        self.cache.materialize(entry)
 
     def _evict(self, keep: set[str] = frozenset()) -> None:
-        """Drop least recently used copies until the resident ones fit the budget (pinned and ``keep`` names stay)."""
-        held = {id(e.cached) for e in self._entries.values() if e.pinned or e.name in keep}
-        while self.resident_bytes() > self.memory_budget:
-            victims = [c for c in self._cache.values() if c.payload is not None and id(c) not in held]
-            if not victims:
-                return
-            victim = min(victims, key=lambda c: c.last_used)
-            victim.payload = None
-            self.stats["evictions"] += 1
+        self.cache.evict(keep)
 
     # --- inference -------------------------------------------------------------------------------
 
@@ -904,44 +800,6 @@ def _base_name(core: nn.Module) -> str:
     return getattr(source, "hub_id", None) or getattr(core.config, "_name_or_path", None) or "the base model"
 
 
-_NOT_SERVABLE = {  # need inputs or module surgery a plain prompt batch cannot give
-    "ADAPTION_PROMPT": "it replaces attention modules and has no unload",
-    "XLORA": "it needs its own classifier pass and no-cache decoding",
-    "MULTITASK_PROMPT_TUNING": "it needs task_ids per row",
-    "CPT": "it needs its own prompt-and-label inputs",
-}
-
-
-def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
-    """The engine's kind of an adapter and, for those that cannot share a batch, why."""
-    peft_type = config.get("peft_type")
-    if peft_type == "REFT":
-        return "reft", None
-    if peft_type in _NOT_SERVABLE:
-        raise IncompatibleAdapterError(
-            f"{source} ({peft_type}) cannot be served by the multi-adapter engine: {_NOT_SERVABLE[peft_type]}. "
-            "Load it with hub_peft.load_adapter(base, ...) and generate with it directly."
-        )
-    blockers = []
-    if peft_type == "IA3":
-        if config.get("fan_in_fan_out") or config.get("modules_to_save"):
-            blockers.append("it uses fan_in_fan_out or trains whole modules")
-    elif peft_type != "LORA":
-        blockers.append(f"its type is {peft_type}")
-    else:
-        if config.get("use_dora"):
-            blockers.append("it uses DoRA (the magnitude vector rescales the whole merged weight)")
-        if config.get("rank_pattern") or config.get("alpha_pattern"):
-            blockers.append("it has per-module rank/alpha patterns")
-        if config.get("bias", "none") != "none" or config.get("modules_to_save"):
-            blockers.append("it trains biases or whole modules")
-        if config.get("fan_in_fan_out"):
-            blockers.append("it uses fan_in_fan_out")
-    if blockers:
-        return "solo", f"{source} cannot share a batch with other adapters ({'; '.join(blockers)})"
-    return peft_type.lower(), None
-
-
 def _chunk_positions(seq: Generation, n: int, first_last: tuple[int, int]) -> dict[str, list[int]]:
     """The ReFT position groups (``"f"``/``"l"``) that fall in ``seq``'s next ``n`` tokens, relative to them
     (the same positions :func:`prompt_positions` gives for the whole prompt)."""
@@ -958,65 +816,3 @@ def _chunk_positions(seq: Generation, n: int, first_last: tuple[int, int]) -> di
         elif any(inside):
             raise InvalidInputError(f"a prompt chunk splits ReFT position group {group!r}; see next_chunk.")
     return out
-
-
-def _load_lora(folder: Path, targets: set[str]) -> _Lora:
-    from safetensors.torch import load_file
-
-    config = json.loads((folder / "adapter_config.json").read_text())
-    r, alpha = config["r"], config.get("lora_alpha", config["r"])
-    scale = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        stem, _, part = key.rpartition(".lora_")
-        part = part.removesuffix(".weight")
-        if part not in ("A", "B"):
-            raise IncompatibleAdapterError(f"{folder}: unexpected tensor {key} in a LoRA adapter.")
-        module = stem.removeprefix("base_model.model.")
-        pairs.setdefault(module, {})[part] = tensor.float()
-    weights = {}
-    for module, ab in pairs.items():
-        if module not in targets or set(ab) != {"A", "B"}:
-            raise IncompatibleAdapterError(
-                f"{folder}: {module} is not a linear layer of this base model's decoder blocks (per-row batches "
-                "apply LoRA there only)."
-            )
-        weights[module] = (ab["A"].T.contiguous(), (ab["B"] * scale).T.contiguous())
-    return _Lora(weights)
-
-
-def _load_ia3(folder: Path, targets: set[str]) -> _Ia3:
-    from safetensors.torch import load_file
-
-    scales = {}
-    for key, tensor in load_file(str(folder / "adapter_model.safetensors")).items():
-        module = key.removeprefix("base_model.model.").removesuffix(".ia3_l")
-        if not key.endswith(".ia3_l") or module not in targets:
-            raise IncompatibleAdapterError(f"{folder}: {key} does not name an IA3 vector of this base model's layers.")
-        feed_forward = tensor.shape[0] == 1 and tensor.shape[1] != 1  # PEFT stores [1, in] vs [out, 1]
-        scales[module] = (tensor.float().reshape(-1) - 1, feed_forward)
-    return _Ia3(scales)
-
-
-def _load_reft(folder: Path) -> _Reft:
-    from safetensors.torch import load_file
-
-    config = ReftConfig.from_dict(json.loads((folder / "adapter_config.json").read_text()))
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
-    sites: dict[tuple[int, str], list[tuple[str, Intervention]]] = {}
-    for layer, component, group in config.sites():
-        key = ReftConfig.key_name(layer, component, group)
-        module = Intervention(config.intervention, config.hidden_size, config.rank, activation=config.activation,
-                              proj_bias=config.proj_bias, dtype=getattr(torch, config.dtype))  # fmt: skip
-        module.load({n.rsplit(".", 1)[1]: t for n, t in tensors.items() if n.startswith(f"reft.{key}.")}, name=key)
-        sites.setdefault((layer, component), []).append((group, module.freeze()))
-    return _Reft(config, sites)
-
-
-def _payload_bytes(payload: _Lora | _Ia3 | _Reft) -> int:
-    if isinstance(payload, _Lora):
-        return sum(a.nbytes + b.nbytes for a, b in payload.weights.values())
-    if isinstance(payload, _Ia3):
-        return sum(s.nbytes for s, _ in payload.scales.values())
-    return sum(p.nbytes for site in payload.sites.values() for _, m in site for p in m.parameters())

@@ -1,0 +1,285 @@
+"""The adapter cache of the multi-adapter engine: names, resolved copies, and an LRU bound in bytes.
+
+A name (what requests route to) points at one resident copy of an adapter's weights. A Hub repo is
+resolved to one commit at :meth:`AdapterCache.add` and its copy is keyed ``hub:{repo}@{commit}``, a
+folder's by the sha256 of its files (never shown as a commit), so names that resolve to the same files
+share one copy and a new revision is a new copy, never a stale one. Copies beyond ``memory_budget`` are
+dropped least recently used first (pinned names and those in use stay) and reload from the local
+download cache on next use. The weights are kept in the form the engine's per-row maths needs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import IncompatibleAdapterError, InvalidInputError, NotFoundError
+from ..reft.config import ReftConfig
+from ..reft.interventions import Intervention
+
+
+@dataclass
+class _Lora:
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (Aᵀ [in, r], (scale·B)ᵀ [r, out])
+
+
+@dataclass
+class _Ia3:
+    scales: dict[str, tuple[torch.Tensor, bool]]  # module name -> (l − 1, scales the input (feed-forward))
+
+
+@dataclass
+class _Reft:
+    config: ReftConfig
+    sites: dict[tuple[int, str], list[tuple[str, Intervention]]]  # (layer, component) -> [(group, intervention)]
+
+
+@dataclass
+class _Cached:
+    """One resident copy of an adapter's weights, shared by every name that resolves to the same files."""
+
+    key: str  # hub:{repo}@{commit} for a Hub repo, sha256:{digest of its files} for a folder
+    kind: str  # lora | ia3 | reft | solo (runs in sub-batches of its own through PEFT)
+    folder: Path
+    nbytes: int = 0
+    last_used: float = 0.0
+    payload: _Lora | _Ia3 | _Reft | None = None
+
+
+@dataclass
+class _Entry:
+    """A name requests route to."""
+
+    name: str
+    source: str
+    revision: str | None
+    commit: str | None  # the resolved Hub commit; None for a local folder
+    cached: _Cached
+    template: str | None
+    pinned: bool = False
+    solo_reason: str | None = None
+    peft_type: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.cached.kind
+
+    @property
+    def folder(self) -> Path:
+        return self.cached.folder
+
+    @property
+    def payload(self) -> _Lora | _Ia3 | _Reft | None:
+        return self.cached.payload
+
+
+class AdapterCache:
+    """Names → resolved copies of adapters, with an LRU bound of ``memory_budget`` bytes of weights.
+
+    ``targets`` are the module names of the linear layers the engine wraps (LoRA/IA3 must name those);
+    ``base_config``/``base_name`` describe the base an adapter must fit.
+    """
+
+    def __init__(self, *, memory_budget: int, targets: set[str], base_config: Any, base_name: str,
+                 lock: threading.RLock | None = None) -> None:  # fmt: skip
+        self.memory_budget, self.targets = memory_budget, targets
+        self.base_config, self.base_name = base_config, base_name
+        self.entries: dict[str, _Entry] = {}
+        self.copies: dict[str, _Cached] = {}  # cache key -> the one copy all names of those files share
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
+        self._lock = lock or threading.RLock()
+
+    def add(self, name: str, source: str | Path, revision: str | None = None, *, pin: bool = False) -> dict:
+        """Load an adapter (folder or repo id) under ``name`` without touching the base or the others.
+
+        A Hub repo is resolved to one commit first; the weights are cached under that commit (a folder:
+        under the sha256 of its files), so names that resolve to the same files share one copy, and a
+        new revision is a new entry, never a stale one.
+        """
+        from ..adapters import check_adapter_folder, resolve_adapter
+        from ..cards import CardInfo
+
+        if not name or not isinstance(name, str):
+            raise InvalidInputError("An adapter needs a non-empty name.")
+        resolved = resolve_adapter(source, revision=revision)
+        folder = resolved.folder
+        config = check_adapter_folder(folder, base_config=self.base_config, base_name=self.base_name)
+        kind, solo_reason = _kind_of(config, source)
+        template = config.get("prompt_template") if kind == "reft" else CardInfo.load(folder).prompt_template
+        key = resolved.cache_key
+        with self._lock:
+            cached = self.copies.setdefault(key, _Cached(key, kind, folder))
+            peft_type = str(config.get("peft_type", "")).lower()
+            self.entries[name] = _Entry(name, str(source), revision, resolved.commit, cached, template, pinned=pin,
+                                         solo_reason=solo_reason, peft_type=peft_type)  # fmt: skip
+            self.forget_unused()
+            self.materialize(self.entries[name])
+            self.evict()
+        return self.info(name)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self.get(name)
+            del self.entries[name]
+            self.forget_unused()
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        with self._lock:
+            self.get(name).pinned = pinned
+
+    def info(self, name: str) -> dict:
+        e = self.get(name)
+        return {"name": e.name, "type": e.peft_type, "source": e.source, "revision": e.revision, "commit": e.commit,
+                "key": e.cached.key, "bytes": e.cached.nbytes, "resident": e.payload is not None, "pinned": e.pinned,
+                "mixable": e.solo_reason is None}  # fmt: skip
+
+    def loaded(self) -> list[dict]:
+        return [self.info(n) for n in self.entries]
+
+    def resident_bytes(self) -> int:
+        return sum(c.nbytes for c in self.copies.values() if c.payload is not None)
+
+    def get(self, name: str) -> _Entry:
+        if name not in self.entries:
+            raise NotFoundError(f"No adapter named {name!r}; loaded: {sorted(self.entries) or 'none'}.")
+        return self.entries[name]
+
+    def forget_unused(self) -> None:
+        used = {id(e.cached) for e in self.entries.values()}
+        for key in [k for k, c in self.copies.items() if id(c) not in used]:
+            del self.copies[key]
+
+    def materialize(self, entry: _Entry) -> None:
+        cached = entry.cached
+        cached.last_used = time.monotonic()
+        if cached.kind == "solo":  # attached per sub-batch by PEFT, nothing kept in memory
+            cached.nbytes = (cached.folder / "adapter_model.safetensors").stat().st_size
+            return
+        if cached.payload is not None:
+            self.stats["hits"] += 1
+            return
+        self.stats["misses"] += 1
+        self.stats["loads"] += 1
+        targets = self.targets
+        if cached.kind == "reft":
+            cached.payload = _load_reft(cached.folder)
+        else:
+            cached.payload = (_load_lora if cached.kind == "lora" else _load_ia3)(cached.folder, targets)
+        cached.nbytes = _payload_bytes(cached.payload)
+
+    def evict(self, keep: set[str] = frozenset()) -> None:
+        """Drop least recently used copies until the resident ones fit the budget (pinned and ``keep`` names stay)."""
+        held = {id(e.cached) for e in self.entries.values() if e.pinned or e.name in keep}
+        while self.resident_bytes() > self.memory_budget:
+            victims = [c for c in self.copies.values() if c.payload is not None and id(c) not in held]
+            if not victims:
+                return
+            victim = min(victims, key=lambda c: c.last_used)
+            victim.payload = None
+            self.stats["evictions"] += 1
+
+
+_NOT_SERVABLE = {  # need inputs or module surgery a plain prompt batch cannot give
+    "ADAPTION_PROMPT": "it replaces attention modules and has no unload",
+    "XLORA": "it needs its own classifier pass and no-cache decoding",
+    "MULTITASK_PROMPT_TUNING": "it needs task_ids per row",
+    "CPT": "it needs its own prompt-and-label inputs",
+}
+
+
+def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
+    """The engine's kind of an adapter and, for those that cannot share a batch, why."""
+    peft_type = config.get("peft_type")
+    if peft_type == "REFT":
+        return "reft", None
+    if peft_type in _NOT_SERVABLE:
+        raise IncompatibleAdapterError(
+            f"{source} ({peft_type}) cannot be served by the multi-adapter engine: {_NOT_SERVABLE[peft_type]}. "
+            "Load it with hub_peft.load_adapter(base, ...) and generate with it directly."
+        )
+    blockers = []
+    if peft_type == "IA3":
+        if config.get("fan_in_fan_out") or config.get("modules_to_save"):
+            blockers.append("it uses fan_in_fan_out or trains whole modules")
+    elif peft_type != "LORA":
+        blockers.append(f"its type is {peft_type}")
+    else:
+        if config.get("use_dora"):
+            blockers.append("it uses DoRA (the magnitude vector rescales the whole merged weight)")
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            blockers.append("it has per-module rank/alpha patterns")
+        if config.get("bias", "none") != "none" or config.get("modules_to_save"):
+            blockers.append("it trains biases or whole modules")
+        if config.get("fan_in_fan_out"):
+            blockers.append("it uses fan_in_fan_out")
+    if blockers:
+        return "solo", f"{source} cannot share a batch with other adapters ({'; '.join(blockers)})"
+    return peft_type.lower(), None
+
+
+def _load_lora(folder: Path, targets: set[str]) -> _Lora:
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    r, alpha = config["r"], config.get("lora_alpha", config["r"])
+    scale = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        stem, _, part = key.rpartition(".lora_")
+        part = part.removesuffix(".weight")
+        if part not in ("A", "B"):
+            raise IncompatibleAdapterError(f"{folder}: unexpected tensor {key} in a LoRA adapter.")
+        module = stem.removeprefix("base_model.model.")
+        pairs.setdefault(module, {})[part] = tensor.float()
+    weights = {}
+    for module, ab in pairs.items():
+        if module not in targets or set(ab) != {"A", "B"}:
+            raise IncompatibleAdapterError(
+                f"{folder}: {module} is not a linear layer of this base model's decoder blocks (per-row batches "
+                "apply LoRA there only)."
+            )
+        weights[module] = (ab["A"].T.contiguous(), (ab["B"] * scale).T.contiguous())
+    return _Lora(weights)
+
+
+def _load_ia3(folder: Path, targets: set[str]) -> _Ia3:
+    from safetensors.torch import load_file
+
+    scales = {}
+    for key, tensor in load_file(str(folder / "adapter_model.safetensors")).items():
+        module = key.removeprefix("base_model.model.").removesuffix(".ia3_l")
+        if not key.endswith(".ia3_l") or module not in targets:
+            raise IncompatibleAdapterError(f"{folder}: {key} does not name an IA3 vector of this base model's layers.")
+        feed_forward = tensor.shape[0] == 1 and tensor.shape[1] != 1  # PEFT stores [1, in] vs [out, 1]
+        scales[module] = (tensor.float().reshape(-1) - 1, feed_forward)
+    return _Ia3(scales)
+
+
+def _load_reft(folder: Path) -> _Reft:
+    from safetensors.torch import load_file
+
+    config = ReftConfig.from_dict(json.loads((folder / "adapter_config.json").read_text()))
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    sites: dict[tuple[int, str], list[tuple[str, Intervention]]] = {}
+    for layer, component, group in config.sites():
+        key = ReftConfig.key_name(layer, component, group)
+        module = Intervention(config.intervention, config.hidden_size, config.rank, activation=config.activation,
+                              proj_bias=config.proj_bias, dtype=getattr(torch, config.dtype))  # fmt: skip
+        module.load({n.rsplit(".", 1)[1]: t for n, t in tensors.items() if n.startswith(f"reft.{key}.")}, name=key)
+        sites.setdefault((layer, component), []).append((group, module.freeze()))
+    return _Reft(config, sites)
+
+
+def _payload_bytes(payload: _Lora | _Ia3 | _Reft) -> int:
+    if isinstance(payload, _Lora):
+        return sum(a.nbytes + b.nbytes for a, b in payload.weights.values())
+    if isinstance(payload, _Ia3):
+        return sum(s.nbytes for s, _ in payload.scales.values())
+    return sum(p.nbytes for site in payload.sites.values() for _, m in site for p in m.parameters())
