@@ -288,7 +288,7 @@ def test_the_cache_is_keyed_by_the_resolved_commit_or_the_files(adapters, alice,
 
 def test_what_cannot_share_a_batch_runs_in_a_sub_batch_of_its_own(engine, adapters, tmp_path):
     """DoRA, LoHa, prefix tuning...: attached the ordinary PEFT way for their own rows; the rest stays mixed."""
-    from peft import AdaptionPromptConfig, LoHaConfig, LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
+    from peft import LoHaConfig, LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 
     from hub_peft.chat import encode_prompt, prompt_template
 
@@ -327,9 +327,6 @@ def test_what_cannot_share_a_batch_runs_in_a_sub_batch_of_its_own(engine, adapte
         engine.generate(["a"], [{"dora": 0.5, "lora": 0.5}])
     loha = save_adapter(get_peft_model(load_tiny(), LoHaConfig(target_modules=["k_proj"])), tmp_path / "loha")
     assert engine.add("loha", loha)["mixable"] is False
-    adaption = AdaptionPromptConfig(adapter_len=2, adapter_layers=1, task_type="CAUSAL_LM")
-    with pytest.raises(IncompatibleAdapterError, match=r"ADAPTION_PROMPT.*cannot be served"):
-        engine.add("adaption", save_adapter(get_peft_model(load_tiny(), adaption), tmp_path / "adaption"))
     lm_head = save_adapter(get_peft_model(load_tiny(), LoraConfig(target_modules=["lm_head"])), tmp_path / "head")
     with pytest.raises(IncompatibleAdapterError, match="lm_head"):
         engine.add("head", lm_head)
@@ -399,3 +396,47 @@ def test_a_chunked_prefill_keeps_reft_positions_and_matches_the_plain_model(tmp_
                                                                   abs=1e-4)  # fmt: skip
     logits = engine.next_token_logits([prompt], ["reft"], raw=True)[0]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_adaption_prompt_multitask_prompt_tuning_and_cpt_are_served_as_plain_peft_runs_them(adapters, tmp_path):
+    """They cannot share a forward, so each runs in a sub-batch of its own through PEFT (multitask prompt
+    tuning with task 0), with the same tokens as PEFT's own generate; the base is restored after each."""
+    from peft import AdaptionPromptConfig, CPTConfig, MultitaskPromptTuningConfig, PeftModel, get_peft_model
+
+    from hub_peft.chat import encode_prompt, prompt_template
+
+    configs = {
+        "adaption": AdaptionPromptConfig(adapter_len=2, adapter_layers=1, task_type="CAUSAL_LM"),
+        "mpt": MultitaskPromptTuningConfig(num_virtual_tokens=4, num_tasks=2, task_type="CAUSAL_LM"),
+        "cpt": CPTConfig(cpt_token_ids=[5, 6, 7, 8], cpt_mask=[1, 1, 1, 1], cpt_tokens_type_mask=[1, 2, 2, 2],
+                         task_type="CAUSAL_LM"),
+    }
+    engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()))
+    engine.add("lora", adapters["lora"])
+    folders = {}
+    for name, config in configs.items():
+        torch.manual_seed(len(name))
+        model = get_peft_model(load_tiny(), config)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p))
+        folders[name] = save_adapter(model, tmp_path / name)
+        assert engine.add(name, folders[name])["mixable"] is False
+    rows = ["adaption", "lora", "mpt", "cpt", None]
+    got = engine.generate_tokens(PROMPTS[:5], rows, max_new_tokens=4, ignore_eos=True)
+    for i, name in enumerate(rows):
+        if name not in folders:
+            continue
+        model = PeftModel.from_pretrained(load_tiny(), folders[name]).eval()
+        ids = torch.tensor([encode_prompt(tiny_tokenizer(), PROMPTS[i], prompt_template(tiny_tokenizer()))])
+        extra = {"task_ids": torch.zeros(1, dtype=torch.long)} if name == "mpt" else {}
+        with torch.inference_mode():
+            tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                    min_new_tokens=4, do_sample=False, pad_token_id=2, **extra)  # fmt: skip
+        assert got[i].tokens == tokens[0, ids.shape[1]:].tolist(), name
+    assert [type(layer.self_attn).__name__ for layer in engine.core.model.layers] == ["LlamaAttention"] * 2
+    fresh = MultiAdapterModel((load_tiny(), tiny_tokenizer()))  # a base that never had them attached
+    fresh.add("lora", adapters["lora"])
+    shared = [[c.tokens for c in e.generate_tokens(PROMPTS[:2], ["lora", None], max_new_tokens=4)] for e in (engine, fresh)]
+    assert shared[0] == shared[1]

@@ -185,11 +185,9 @@ class AdapterCache:
             self.stats["evictions"] += 1
 
 
-_NOT_SERVABLE = {  # need inputs or module surgery a plain prompt batch cannot give
-    "ADAPTION_PROMPT": "it replaces attention modules and has no unload",
-    "XLORA": "it needs its own classifier pass and no-cache decoding",
-    "MULTITASK_PROMPT_TUNING": "it needs task_ids per row",
-    "CPT": "it needs its own prompt-and-label inputs",
+_NOT_SERVABLE = {  # broken upstream: plain PEFT cannot run it for inference either
+    "XLORA": "X-LoRA is broken in peft 0.21.2 (its forward raises KeyError on its expert names inside "
+    "disable_adapter_layers), so plain PEFT cannot run it either",
 }
 
 
@@ -200,8 +198,8 @@ def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
         return "reft", None
     if peft_type in _NOT_SERVABLE:
         raise IncompatibleAdapterError(
-            f"{source} ({peft_type}) cannot be served by the multi-adapter engine: {_NOT_SERVABLE[peft_type]}. "
-            "Load it with hub_peft.load_adapter(base, ...) and generate with it directly."
+            f"{source} ({peft_type}) cannot be served: {_NOT_SERVABLE[peft_type]}. Upgrade peft once it is fixed "
+            "upstream, or serve the LoRA experts it mixes as separate adapters (or as a weighted mix)."
         )
     blockers = []
     if peft_type == "IA3":

@@ -278,7 +278,10 @@ class MultiAdapterModel:
             try:
                 yield model
             finally:
-                if not model.peft_config["default"].is_prompt_learning:
+                config = model.peft_config["default"]
+                if config.peft_type == "ADAPTION_PROMPT":  # its adapted attention modules go, the originals return
+                    model.base_model._remove_adapted_attentions("default")
+                elif not config.is_prompt_learning:
                     model.unload()
         finally:
             for parent, child, wrapper in self._wrapped:
@@ -526,10 +529,10 @@ class MultiAdapterModel:
             eos = self.tokenizer.eos_token_id
             processor = _SampleProcessor(ordered, prompt_ids, ids.shape[1], eos)
             longest = max(p.max_tokens for p in ordered)
-            with self._runner(specs, mask) as model:
+            with self._runner(specs, mask) as (model, extra):
                 model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
                                temperature=None, top_p=None, top_k=None, logits_processor=[processor],
-                               pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+                               pad_token_id=self.tokenizer.pad_token_id, **extra)  # fmt: skip
         out = [None] * len(prompts)
         for position, original in enumerate(order):
             samples, p = processor.samples[position], ordered[position]
@@ -566,8 +569,8 @@ class MultiAdapterModel:
             if self.ragged_reason is None and not solo and len(self._slots) + len(prompts) <= self.max_running:
                 return self._prefill_logits(prompts, adapters, raw)
             order, specs, ids, mask = self._batch(prompts, adapters, raw)
-            with self._runner(specs, mask) as model:
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+            with self._runner(specs, mask) as (model, extra):
+                logits = model(input_ids=ids, attention_mask=mask, **extra).logits[:, -1]
         result = torch.empty_like(logits)
         result[torch.tensor(order)] = logits
         return result
@@ -745,15 +748,20 @@ class MultiAdapterModel:
         return ([shared] if shared else []) + list(solo.values())
 
     @contextmanager
-    def _runner(self, specs: list[tuple[tuple[str, float], ...]], mask: torch.Tensor) -> Iterator[nn.Module]:
-        """The model to run one (already partitioned) batch on."""
+    def _runner(self, specs: list[tuple[tuple[str, float], ...]],
+                mask: torch.Tensor) -> Iterator[tuple[nn.Module, dict]]:  # fmt: skip
+        """The model to run one (already partitioned) batch on, and the extra inputs it needs."""
         solo = {n for spec in specs for n, _ in spec if self._entries[n].kind == "solo"}
         if solo:
-            with self._solo_model(self._entries[solo.pop()]) as model:
-                yield model
+            entry = self._entries[solo.pop()]
+            extra = {}
+            if entry.peft_type == "multitask_prompt_tuning":  # its prompts per task: the engine serves task 0
+                extra["task_ids"] = torch.zeros(mask.shape[0], dtype=torch.long)
+            with self._solo_model(entry) as model:
+                yield model, extra
         else:
             with self._planned(specs, mask):
-                yield self.model
+                yield self.model, {}
 
 
 def _ragged_blocker(core: nn.Module) -> str | None:
