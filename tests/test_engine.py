@@ -438,5 +438,6 @@ def test_adaption_prompt_multitask_prompt_tuning_and_cpt_are_served_as_plain_pef
     assert [type(layer.self_attn).__name__ for layer in engine.core.model.layers] == ["LlamaAttention"] * 2
     fresh = MultiAdapterModel((load_tiny(), tiny_tokenizer()))  # a base that never had them attached
     fresh.add("lora", adapters["lora"])
-    shared = [[c.tokens for c in e.generate_tokens(PROMPTS[:2], ["lora", None], max_new_tokens=4)] for e in (engine, fresh)]
+    shared = [[c.tokens for c in e.generate_tokens(PROMPTS[:2], ["lora", None], max_new_tokens=4)]
+              for e in (engine, fresh)]  # fmt: skip
     assert shared[0] == shared[1]
