@@ -86,14 +86,13 @@ class AdapterCache:
     ``base_config``/``base_name`` describe the base an adapter must fit.
     """
 
-    def __init__(self, *, memory_budget: int, targets: set[str], base_config: Any, base_name: str,
-                 lock: threading.RLock | None = None) -> None:  # fmt: skip
+    def __init__(self, *, memory_budget: int, targets: set[str], base_config: Any, base_name: str) -> None:
         self.memory_budget, self.targets = memory_budget, targets
         self.base_config, self.base_name = base_config, base_name
         self.entries: dict[str, _Entry] = {}
         self.copies: dict[str, _Cached] = {}  # cache key -> the one copy all names of those files share
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
-        self._lock = lock or threading.RLock()
+        self._lock = threading.RLock()
 
     def add(self, name: str, source: str | Path, revision: str | None = None, *, pin: bool = False) -> dict:
         """Load an adapter (folder or repo id) under ``name`` without touching the base or the others.
@@ -155,7 +154,21 @@ class AdapterCache:
         for key in [k for k, c in self.copies.items() if id(c) not in used]:
             del self.copies[key]
 
+    def hold(self, spec: tuple[tuple[str, float], ...]) -> tuple[tuple[Any, float], ...]:
+        """The resident weights of ``spec``'s adapters (loaded if evicted), for a sequence to keep while it runs;
+        then the cache is trimmed to its budget around them."""
+        with self._lock:
+            for name, _ in spec:
+                self.materialize(self.get(name))
+            parts = tuple((self.entries[name].payload, weight) for name, weight in spec)
+            self.evict(keep={name for name, _ in spec})
+            return parts
+
     def materialize(self, entry: _Entry) -> None:
+        with self._lock:
+            self._materialize(entry)
+
+    def _materialize(self, entry: _Entry) -> None:
         cached = entry.cached
         cached.last_used = time.monotonic()
         if cached.kind == "solo":  # attached per sub-batch by PEFT, nothing kept in memory
@@ -174,7 +187,12 @@ class AdapterCache:
         cached.nbytes = _payload_bytes(cached.payload)
 
     def evict(self, keep: set[str] = frozenset()) -> None:
-        """Drop least recently used copies until the resident ones fit the budget (pinned and ``keep`` names stay)."""
+        """Drop least recently used copies until the resident ones fit the budget (pinned and ``keep`` names stay);
+        a running sequence keeps its own reference, so it is never affected."""
+        with self._lock:
+            self._evict(keep)
+
+    def _evict(self, keep: set[str]) -> None:
         held = {id(e.cached) for e in self.entries.values() if e.pinned or e.name in keep}
         while self.resident_bytes() > self.memory_budget:
             victims = [c for c in self.copies.values() if c.payload is not None and id(c) not in held]

@@ -246,7 +246,7 @@ class MultiAdapterModel:
         self._wrapped: list[tuple[nn.Module, str, _RowDeltas]] = []
         self._wrap_linears()
         self.cache = AdapterCache(memory_budget=memory_budget, targets={w.name for _, _, w in self._wrapped},
-                                  base_config=self.core.config, base_name=_base_name(self.core), lock=self._lock)
+                                  base_config=self.core.config, base_name=_base_name(self.core))
         find_decoder(self.core).register_forward_pre_hook(self._count_forward)
         for index, layer in enumerate(self._layers):
             for component in ("block_output", "attention_output", "mlp_output"):
@@ -608,11 +608,8 @@ class MultiAdapterModel:
         solo = [n for n, _ in spec if self._entries[n].kind == "solo"]
         if solo:
             raise InvalidInputError(f"{self._entries[solo[0]].solo_reason}; it runs through generate_tokens only.")
-        with self._lock:
-            for name, _ in spec:
-                self._materialize(self._entries[name])
-            parts = tuple((self._entries[n].payload, w) for n, w in spec)
-            seq = Generation(self._encode([prompt], [spec], [raw])[0], spec, params, parts=parts)
+        parts = self.cache.hold(spec)  # the cache's own lock: never waits for a forward of the model
+        seq = Generation(self._encode([prompt], [spec], [raw])[0], spec, params, parts=parts)
         if seq.capacity > self.max_model_len:
             raise InvalidInputError(f"The prompt ({len(seq.prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
                                     f"exceed this engine's max_model_len of {self.max_model_len} tokens.")  # fmt: skip

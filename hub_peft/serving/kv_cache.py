@@ -75,7 +75,7 @@ class SlotCache:
         """Make positions ``[0, span)`` of ``slot`` finite, so that masked keys contribute exactly nothing."""
         if self.ready[slot] >= span:
             return
-        end = min(self.max_len, max(span, self.ready[slot] + 256))  # in blocks: not 60 tiny writes per token
+        end = min(self.max_len, max(span, self.ready[slot] + 32))  # in blocks: not 60 tiny writes per token
         for tensors in (self.keys, self.values):
             for layer in tensors:
                 layer[slot, :, self.ready[slot] : end] = 0

@@ -136,7 +136,13 @@ class Scheduler:
                 with self.lock:
                     while not self.has_work():
                         self.lock.wait()
-                self.step()
+                try:
+                    self.step()
+                except Exception as error:  # never let the worker die: fail what was running, keep serving
+                    logger.exception("a scheduler step failed outside the model's forward")
+                    for request in list(self.running):
+                        request.error = error
+                        self._finish(request, "error")
 
         self._thread = threading.Thread(target=loop, name="hub-peft-scheduler", daemon=True)
         self._thread.start()
