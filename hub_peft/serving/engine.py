@@ -95,8 +95,8 @@ class _SampleProcessor:
     """A ``generate`` logits processor that picks each row's token with :func:`sample_row` (the same maths as
     the KV-cache path) and leaves only that token possible, so greedy decoding takes it."""
 
-    def __init__(self, params: list[SamplingParams], prompt_ids: list[list[int]], width: int, eos: int | None):
-        self.params, self.prompt_ids, self.width, self.eos = params, prompt_ids, width, eos
+    def __init__(self, params: list[SamplingParams], prompt_ids: list[list[int]], eos: int | None):
+        self.params, self.prompt_ids, self.eos = params, prompt_ids, eos
         self.samples: list[list[Sampled]] = [[] for _ in params]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -492,8 +492,7 @@ class MultiAdapterModel:
 
         requests = []
         for row, (prompt, adapter, p, is_raw) in enumerate(zip(prompts, adapters, params, raws, strict=True)):
-            request = Request(prompt, adapter, p, raw=is_raw, on_update=update)
-            request.row = row
+            request = Request(prompt, adapter, p, raw=is_raw, row=row, on_update=update)
             scheduler.submit(request)
             requests.append(request)
         scheduler.run_until_done()
@@ -527,7 +526,7 @@ class MultiAdapterModel:
             ordered = [params[i] for i in order]
             prompt_ids = [ids[i][mask[i].bool()].tolist() for i in range(len(order))]
             eos = self.tokenizer.eos_token_id
-            processor = _SampleProcessor(ordered, prompt_ids, ids.shape[1], eos)
+            processor = _SampleProcessor(ordered, prompt_ids, eos)
             longest = max(p.max_tokens for p in ordered)
             with self._runner(specs, mask) as (model, extra):
                 model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
@@ -564,8 +563,7 @@ class MultiAdapterModel:
                 for rows, piece in zip(parts, pieces, strict=True):
                     result[torch.tensor(rows)] = piece
                 return result
-            solo = any(self._entries[n].kind == "solo" for spec in self._normalize(adapters, len(prompts))
-                       for n, _ in spec)  # fmt: skip
+            solo = any(self.solo_names(spec) for spec in self._normalize(adapters, len(prompts)))
             if self.ragged_reason is None and not solo and len(self._slots) + len(prompts) <= self.max_running:
                 return self._prefill_logits(prompts, adapters, raw)
             order, specs, ids, mask = self._batch(prompts, adapters, raw)
@@ -605,7 +603,7 @@ class MultiAdapterModel:
         if not isinstance(prompt, str):
             check_messages(prompt)
         spec = self._normalize([adapter], 1)[0]
-        solo = [n for n, _ in spec if self._entries[n].kind == "solo"]
+        solo = self.solo_names(spec)
         if solo:
             raise InvalidInputError(f"{self._entries[solo[0]].solo_reason}; it runs through generate_tokens only.")
         parts = self.cache.hold(spec)  # the cache's own lock: never waits for a forward of the model
@@ -731,12 +729,16 @@ class MultiAdapterModel:
         seq.samples.append(sampled)
         return sampled
 
+    def solo_names(self, spec: tuple[tuple[str, float], ...]) -> list[str]:
+        """The adapters of a normalized spec that cannot share a forward (they run through ``generate``)."""
+        return [name for name, _ in spec if self._entries[name].kind == "solo"]
+
     def _parts(self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None) -> list[list[int]]:
         """Row indices per sub-batch: every row that can share a batch, then one part per solo adapter."""
         shared: list[int] = []
         solo: dict[str, list[int]] = {}
         for i, spec in enumerate(self._normalize(adapters, len(prompts))):
-            names = [n for n, _ in spec if self._entries[n].kind == "solo"]
+            names = self.solo_names(spec)
             if names and (len(spec) > 1 or spec[0][1] != 1.0):
                 raise InvalidInputError(
                     f"{self._entries[names[0]].solo_reason}, so it cannot be part of a weighted mix."
@@ -748,7 +750,7 @@ class MultiAdapterModel:
     def _runner(self, specs: list[tuple[tuple[str, float], ...]],
                 mask: torch.Tensor) -> Iterator[tuple[nn.Module, dict]]:  # fmt: skip
         """The model to run one (already partitioned) batch on, and the extra inputs it needs."""
-        solo = {n for spec in specs for n, _ in spec if self._entries[n].kind == "solo"}
+        solo = {n for spec in specs for n in self.solo_names(spec)}
         if solo:
             entry = self._entries[solo.pop()]
             extra = {}

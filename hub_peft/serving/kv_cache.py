@@ -31,21 +31,20 @@ class RaggedStep:
     slots: list[int]
     starts: list[int]
     lengths: list[int]
-    runs: list[tuple[int, int]]  # (first row, row count) of each run of consecutive slots
+    runs: list[tuple[int, int, int]]  # (first row, row count, key span) of each run of consecutive slots
     mask: torch.Tensor | None  # [rows, 1, q, span]: which cached/new key each query may see; None when q == 1
     span: int  # max(starts + lengths): the key positions a forward can read
 
     @classmethod
     def build(cls, cache: SlotCache, slots: list[int], starts: list[int], lengths: list[int]) -> RaggedStep:
+        ends = [s + n for s, n in zip(starts, lengths, strict=True)]
         runs, first = [], 0
         for b in range(1, len(slots) + 1):
             if b == len(slots) or slots[b] != slots[b - 1] + 1:
-                runs.append((first, b - first))
+                runs.append((first, b - first, max(ends[first:b])))
                 first = b
-        span = max(s + n for s, n in zip(starts, lengths, strict=True))
-        for first, count in runs:
-            run_span = max(s + n for s, n in zip(starts[first : first + count], lengths[first : first + count],
-                                                strict=True))  # fmt: skip
+        span = max(ends)
+        for first, count, run_span in runs:
             for slot in slots[first : first + count]:
                 cache.prepare(slot, run_span)
         width = max(lengths)
@@ -115,10 +114,8 @@ def ragged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     # [rows, kv_heads, group * width, dim]: the query heads of one kv head side by side along the length
     folded = query.reshape(rows, kv_heads, group * width, dim).to(keys.dtype)
     out = torch.empty_like(folded)
-    for first, count in step.runs:
+    for first, count, span in step.runs:
         slot = step.slots[first]
-        span = max(s + n for s, n in zip(step.starts[first : first + count], step.lengths[first : first + count],
-                                        strict=True))  # fmt: skip
         mask = None
         if step.mask is not None:
             mask = step.mask[first : first + count, :, :, :span].repeat(1, 1, group, 1)
