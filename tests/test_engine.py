@@ -441,3 +441,18 @@ def test_adaption_prompt_multitask_prompt_tuning_and_cpt_are_served_as_plain_pef
     shared = [[c.tokens for c in e.generate_tokens(PROMPTS[:2], ["lora", None], max_new_tokens=4)]
               for e in (engine, fresh)]  # fmt: skip
     assert shared[0] == shared[1]
+
+
+def test_one_adapter_at_different_mix_weights_in_one_batch(engine):
+    """Rows whose specs name the same adapters with other weights are different specs: each row, in prefill
+    and in every decode step, equals that spec run alone."""
+    rows = [{"lora": 0.25}, {"lora": 1.0}, "lora", {"lora": 0.25, "reft": 1.0}, {"lora": 0.75, "reft": 0.5}, None]
+    prompts = [PROMPTS[1]] * len(rows)  # one prompt: only the weights tell the rows apart
+    logits = engine.next_token_logits(prompts, rows)
+    got = engine.generate_tokens(prompts, rows, max_new_tokens=6, ignore_eos=True)
+    for i, spec in enumerate(rows):
+        alone_logits = engine.next_token_logits([prompts[i]], [spec])[0]
+        torch.testing.assert_close(logits[i], alone_logits, rtol=1e-4, atol=1e-4, msg=f"row {i} ({spec})")
+        alone_tokens = engine.generate_tokens([prompts[i]], [spec], max_new_tokens=6, ignore_eos=True)[0].tokens
+        assert got[i].tokens == alone_tokens
+    assert not torch.allclose(logits[0], logits[1], atol=1e-3), "the weights changed nothing"

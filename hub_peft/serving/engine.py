@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -133,13 +134,16 @@ def _pack_loras(plan: _Plan, name: str) -> _LoraPack | None:
                for lora, w in group.loras if name in lora.weights]  # fmt: skip
     if not members:
         return None
-    rank = max(At.shape[1] for _, (At, _), _ in members)
-    if all(At.shape[1] == rank for _, (At, _), _ in members):
-        A = torch.stack([At for _, (At, _), _ in members])
-        B = torch.stack([Bt for _, (_, Bt), _ in members])
-    else:
-        A = torch.stack([nn.functional.pad(At, (0, rank - At.shape[1])) for _, (At, _), _ in members])
-        B = torch.stack([nn.functional.pad(Bt, (0, 0, 0, rank - Bt.shape[0])) for _, (_, Bt), _ in members])
+    if name not in plan.stacks:  # the same adapters in the same order as a recent plan: its stacks serve
+        rank = max(At.shape[1] for _, (At, _), _ in members)
+        if all(At.shape[1] == rank for _, (At, _), _ in members):
+            A = torch.stack([At for _, (At, _), _ in members])
+            B = torch.stack([Bt for _, (_, Bt), _ in members])
+        else:
+            A = torch.stack([nn.functional.pad(At, (0, rank - At.shape[1])) for _, (At, _), _ in members])
+            B = torch.stack([nn.functional.pad(Bt, (0, 0, 0, rank - Bt.shape[0])) for _, (_, Bt), _ in members])
+        plan.stacks[name] = (A, B)
+    A, B = plan.stacks[name]
     layout = tuple((g, w) for g, _, w in members)
     if layout not in plan.layouts:  # the same for most layers: built once per plan
         width = max(len(plan.groups[g].rows) for g, _ in layout)
@@ -153,12 +157,35 @@ def _pack_loras(plan: _Plan, name: str) -> _LoraPack | None:
     return _LoraPack(rows, keep, weights, A, B)
 
 
+class _Stacks:
+    """Stacked LoRA A/B per layer for the last few sequences of LoRA payloads a plan used. When a row
+    leaves or joins, the next decode plan usually holds the same adapters in the same order, and its
+    layers reuse these stacks instead of stacking again (which cost about a tenth of a decode step).
+    An entry holds its payloads, so their ids are never reused while it lives; at most ``size`` kept."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple[int, ...], tuple[tuple[_Lora, ...], dict]] = OrderedDict()
+
+    def get(self, loras: tuple[_Lora, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        key = tuple(map(id, loras))
+        entry = self.entries.pop(key, None) or (loras, {})
+        self.entries[key] = entry
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return entry[1]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 @dataclass
 class _Plan:
     groups: list[_Group]
     forwards_seen: int = 0
     packs: dict[str, _LoraPack | None] = field(default_factory=dict)
     layouts: dict[tuple, tuple] = field(default_factory=dict)
+    stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (A, B)
 
     def lora_pack(self, name: str) -> _LoraPack | None:
         if name not in self.packs:  # built at the first forward, reused by every later one with this plan
@@ -239,6 +266,7 @@ class MultiAdapterModel:
         self._kv: kv_cache.SlotCache | None = None
         self._slots: list[Generation] = []  # slot i holds _slots[i]; kept compact (no holes)
         self._decode_plan: tuple[tuple, _Plan] | None = None
+        self._stacks = _Stacks()
         self.ragged_reason: str | None = _ragged_blocker(self.core)  # why the ragged engine cannot run, if so
         self._plan: _Plan | None = None
         self._lock = threading.RLock()
@@ -323,6 +351,9 @@ class MultiAdapterModel:
 
     def remove(self, name: str) -> None:
         self.cache.remove(name)
+        with self._lock:  # stacks and a kept decode plan hold payloads: let a removed adapter's memory go
+            self._stacks.clear()
+            self._decode_plan = None
 
     def pin(self, name: str, pinned: bool = True) -> None:
         self.cache.pin(name, pinned)
@@ -690,7 +721,7 @@ class MultiAdapterModel:
     def _ragged_plan(self, rows: list[tuple[Generation, int]]) -> _Plan:
         """Groups of rows with one adapter spec (and, in a prefill, the same ReFT position groups in this chunk)."""
         decoding = all(not seq.prefilling for seq, _ in rows)
-        signature = tuple(tuple(id(p) for p, _ in seq.parts) for seq, _ in rows)
+        signature = tuple(tuple((id(p), w) for p, w in seq.parts) for seq, _ in rows)
         if decoding and self._decode_plan is not None and self._decode_plan[0] == signature:
             plan = self._decode_plan[1]  # the same rows and adapters as the last decode step: reuse its LoRA packs
             plan.forwards_seen = 1
@@ -699,10 +730,10 @@ class MultiAdapterModel:
         for b, (seq, n) in enumerate(rows):
             chunks = [_chunk_positions(seq, n, payload.config.first_last) if isinstance(payload, _Reft) else {}
                       for payload, _ in seq.parts]  # fmt: skip
-            key = (tuple(id(p) for p, _ in seq.parts), tuple(tuple(sorted(c)) for c in chunks))
+            key = (tuple((id(p), w) for p, w in seq.parts), tuple(tuple(sorted(c)) for c in chunks))
             members.setdefault(key, []).append((b, chunks))
         groups = []
-        for key, entries in members.items():
+        for key, entries in sorted(members.items(), key=lambda item: item[0]):  # stable order: stacks reused
             group = _Group(torch.tensor([b for b, _ in entries]))
             parts = rows[entries[0][0]][0].parts
             for i, (payload, weight) in enumerate(parts):
@@ -714,7 +745,7 @@ class MultiAdapterModel:
                     positions = {g: torch.tensor([chunks[i][g] for _, chunks in entries]) for g in key[1][i]}
                     group.refts.append((payload, weight, positions))
             groups.append(group)
-        plan = _Plan(groups)
+        plan = _Plan(groups, stacks=self._stacks.get(tuple(lora for g in groups for lora, _ in g.loras)))
         plan.forwards_seen = 0  # the forward's pre-hook makes it 1: the ReFT edits of this chunk apply
         if decoding:
             self._decode_plan = (signature, plan)

@@ -57,8 +57,12 @@ class RaggedStep:
 
 
 class SlotCache:
-    """Keys and values of up to ``slots`` sequences of at most ``max_len`` tokens, per decoder layer."""
+    """Keys and values of up to ``slots`` sequences of at most ``max_len`` tokens, per decoder layer.
 
+    The tensors are inference tensors, and every method writes them in inference mode: whichever thread
+    or caller (a forward, a release between steps) touches the cache, the tensors are of one kind."""
+
+    @torch.inference_mode()
     def __init__(self, layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype) -> None:  # fmt: skip
         self.slots, self.max_len = slots, max_len
@@ -70,6 +74,7 @@ class SlotCache:
         # must be zeroed first. Each position is zeroed at most once.
         self.ready = [0] * slots
 
+    @torch.inference_mode()
     def prepare(self, slot: int, span: int) -> None:
         """Make positions ``[0, span)`` of ``slot`` finite, so that masked keys contribute exactly nothing."""
         if self.ready[slot] >= span:
@@ -80,6 +85,7 @@ class SlotCache:
                 layer[slot, :, self.ready[slot] : end] = 0
         self.ready[slot] = end
 
+    @torch.inference_mode()
     def move(self, source: int, target: int, length: int) -> None:
         """Copy a sequence's first ``length`` cached tokens from one slot to another (compaction)."""
         for tensors in (self.keys, self.values):
