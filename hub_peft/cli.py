@@ -225,6 +225,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .chat import prompt_template
     from .errors import InvalidInputError
     from .examples import check_rows, read_table
+    from .hf_trainer import is_main_process
     from .reft.model import find_decoder_layers
     from .training import TrainSettings, planned_steps, save_trained, token_counter, train_adapter
 
@@ -237,22 +238,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     settings = TrainSettings(method=args.method, base=args.base, load_in_4bit=args.load_in_4bit, rank=args.rank,
                              lr=args.lr, epochs=args.epochs, layers=layers, positions=args.positions,
-                             target_loss=args.target_loss)  # fmt: skip
+                             target_loss=args.target_loss, batch_size=args.batch_size,
+                             trainer=args.trainer)  # fmt: skip
+    main = is_main_process()  # under accelerate launch only rank 0 prints, writes and pushes
     model, tokenizer = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
     preview = check_rows(rows, count_tokens=token_counter(tokenizer, prompt_template(tokenizer)))
-    for problem in preview.problems:
+    for problem in preview.problems if main else ():
         print(f"{'error' if problem.blocking else 'note'}: {problem.message}", file=sys.stderr)
-    print(preview.summary())
+    if main:
+        print(preview.summary())
     if not preview.ok:
         raise InvalidInputError("Fix the rows above (or remove them) and run again.")
     resolved = settings.resolved(len(find_decoder_layers(model)))
-    with tqdm(total=planned_steps(len(preview.rows), resolved), desc=f"training {args.method}", unit="step") as bar:
+    with tqdm(total=planned_steps(len(preview.rows), resolved), desc=f"training {args.method}", unit="step",
+              disable=not main) as bar:  # fmt: skip
 
         def on_step(entry: dict) -> None:
             bar.set_postfix(loss=f"{entry['loss']:.3f}")
             bar.update(1)
 
         trained = train_adapter(preview.rows, settings, base=(model, tokenizer), on_step=on_step)
+    if not main:
+        return 0
     out = save_trained(trained, args.out, overwrite=args.overwrite, dataset_name=path.name)
     first, last = trained.result.history[0]["loss"], trained.result.history[-1]["loss"]
     print(f"trained {trained.result.steps} steps in {trained.result.seconds:.1f} s, loss {first:.3f} -> {last:.3f}")
@@ -327,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", default=None, help="ReFT layers, e.g. 8,16 (default: by depth).")
     train.add_argument("--positions", default="l1", help="ReFT prompt positions (default: l1).")
     train.add_argument("--target-loss", type=float, default=None, help="Stop once a step's loss is this low.")
+    train.add_argument("--batch-size", type=int, default=10, help="Global batch (split over accelerate's processes).")
+    train.add_argument("--trainer", choices=["auto", "transformers"], default="auto",
+                       help="auto: hub_peft's cached trainer for ReFT in one process, transformers' Trainer "
+                            "otherwise; transformers: always Trainer.")  # fmt: skip
     train.add_argument("--prompt-column", default=None)
     train.add_argument("--response-column", default=None)
     train.set_defaults(func=_cmd_train)
