@@ -56,9 +56,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .base_model import load_base_model
+    from .errors import InvalidInputError
     from .serving import MultiAdapterModel, create_app
 
     adapters = [_parse_adapter_spec(spec) for spec in args.adapter or []]
+    if args.engine == "vllm":
+        return _serve_on_vllm(args, adapters)
+    if args.vllm_args or args.print_command:
+        raise InvalidInputError(f"{' '.join(args.vllm_args) or '--print-command'}: only with --engine vllm.")
     base = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
     engine = MultiAdapterModel(base, memory_budget=int(args.memory_budget_mb * 2**20))
     for name, source, revision in tqdm(adapters, desc="loading adapters", unit="adapter", disable=not adapters):
@@ -72,6 +77,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"Serving {base_name} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _serve_on_vllm(args: argparse.Namespace, adapters: list[tuple[str, str, str | None]]) -> int:
+    """vLLM's OpenAI server with the same adapters, each checked with ``validate --for vllm`` first."""
+    import subprocess
+
+    from .serving.vllm_launch import plan_vllm
+
+    launch = plan_vllm(args.base, adapters, python=args.vllm_python, host=args.host, port=args.port,
+                       extra=args.vllm_args, check_installed=not args.print_command)  # fmt: skip
+    if args.print_command:
+        print(launch.printable())
+        return 0
+    print(f"Starting vLLM with {len(launch.adapters)} LoRA adapter(s), --max-lora-rank {launch.max_lora_rank}: "
+          f"{launch.printable()}", flush=True)  # fmt: skip
+    try:
+        return subprocess.run(launch.command).returncode  # the environment (HF_ENDPOINT, HF_TOKEN) passes through
+    except KeyboardInterrupt:
+        return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -225,7 +249,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .chat import prompt_template
     from .errors import InvalidInputError
     from .examples import check_rows, read_table
-    from .hf_trainer import is_main_process
+    from .hf_trainer import is_main_process, single_cpu_launch_warning
     from .reft.model import find_decoder_layers
     from .training import TrainSettings, planned_steps, save_trained, token_counter, train_adapter
 
@@ -241,6 +265,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                              target_loss=args.target_loss, batch_size=args.batch_size,
                              trainer=args.trainer)  # fmt: skip
     main = is_main_process()  # under accelerate launch only rank 0 prints, writes and pushes
+    if warning := single_cpu_launch_warning():
+        print(f"warning: {warning}", file=sys.stderr)
     model, tokenizer = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
     preview = check_rows(rows, count_tokens=token_counter(tokenizer, prompt_template(tokenizer)))
     for problem in preview.problems if main else ():
@@ -382,7 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_api.add_argument("--request-timeout", type=float, default=600.0, help="Seconds before a request is ended.")
     serve_api.add_argument("--memory-budget-mb", type=float, default=256.0, help="Adapter cache budget (MiB).")
     serve_api.add_argument("--log-level", default="warning")
-    serve_api.set_defaults(func=_cmd_serve)
+    serve_api.add_argument("--engine", choices=["hub_peft", "vllm"], default="hub_peft",
+                           help="vllm: start vLLM's OpenAI server with these (LoRA) adapters instead; options this "
+                                "command does not know are passed to vLLM.")  # fmt: skip
+    serve_api.add_argument("--vllm-python", default=sys.executable, help="A Python that has vLLM (default: this one).")
+    serve_api.add_argument("--print-command", action="store_true", help="With --engine vllm: print vLLM's command.")
+    serve_api.set_defaults(func=_cmd_serve, vllm_args=[])
 
     demo = sub.add_parser("demo", help="Start the local Hub and chat with the 4-bit default base model.")
     demo.add_argument("--prompt", default="What is the capital of France?")
@@ -396,7 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and getattr(args, "engine", None) != "vllm":  # only serve --engine vllm passes options on
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:
+        args.vllm_args = unknown
     try:
         return args.func(args)
     except HubPeftError as e:

@@ -38,6 +38,16 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def single_cpu_launch_warning() -> str | None:
+    """accelerate (1.16) runs ``launch --cpu --num_processes N`` as ONE process unless an MPI hostfile is given
+    (it only sets ``MASTER_ADDR``); say so instead of silently training alone."""
+    asked = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in os.environ
+    if asked and "WORLD_SIZE" not in os.environ:
+        return ("accelerate launch --cpu started a single process. For several processes on this machine use "
+                "`accelerate launch --multi_gpu --num_processes N ...` (torchrun underneath; gloo on CPUs).")
+    return None
+
+
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, examples: list[Example]) -> None:
         self.examples = examples

@@ -12,7 +12,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 MAX_SANE_BYTES = 4 * 2**30
 VLLM_MAX_RANK = 512
-VLLM_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"}
+# vLLM 0.32: the linear layers of its decoder models (packed and unpacked names) and their embedding_modules
+VLLM_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
+                "embed_tokens", "lm_head"}  # fmt: skip
+VLLM_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # inits that leave the base as it is
+VLLM_BASE_EMBEDDINGS = (".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")
+VLLM_TENSOR = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(?:(?:lora_A|lora_B)\.weight|lora_embedding_[AB])$")
 
 
 @dataclass
@@ -197,28 +202,55 @@ def _check_reft(report: Report, config: Any, base_config: Any, base_name: str) -
 
 
 def _check_vllm(report: Report) -> None:
+    """vLLM's LoRA contract, rule for rule as vLLM 0.32 decides it: ``PEFTHelper.validate_legal`` (config
+    features) and ``LoRAModel.from_local_checkpoint`` (every tensor name must parse as a LoRA weight of a
+    module vLLM can wrap). Decided by the tensors present, not by ``target_modules`` (vLLM's "source of
+    truth"). ``tests/test_vllm.py`` checks these verdicts against vLLM itself."""
     c = report.config
     if c.get("peft_type") != "LORA":
-        report.add(f"peft_type is {c.get('peft_type')}, vLLM serves only LoRA", "train a LoRA adapter instead")
+        report.add(f"peft_type is {c.get('peft_type')}; vLLM serves only LoRA adapters",
+                   "serve it with `hub-peft serve`, which runs every adapter type")  # fmt: skip
         return
-    if c.get("use_dora"):
-        report.add("use_dora is true; vLLM does not support DoRA", "retrain without DoRA (use_dora=False)")
-    if c.get("modules_to_save"):
-        report.add(f"modules_to_save is {c['modules_to_save']}; vLLM needs null", "retrain without modules_to_save")
+    retrain = "serve it with `hub-peft serve`, or retrain it as a plain LoRA"
+    unsupported_features = {
+        "use_dora": "DoRA (use_dora)", "lora_bias": "LoRA bias (lora_bias)", "use_qalora": "QALoRA (use_qalora)",
+        "alora_invocation_tokens": "Activated LoRA (alora_invocation_tokens)",
+        "layer_replication": "layer_replication", "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    }  # fmt: skip
+    for key, what in unsupported_features.items():
+        if c.get(key):
+            report.add(f"vLLM does not support {what}", retrain)
+    init = c.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in VLLM_INITS:
+        report.add(f"init_lora_weights is {init!r}: PEFT changes the base weights when it loads this adapter, "
+                   "vLLM does not", "convert it to a plain LoRA with PEFT's "
+                   "path_initial_model_for_weight_conversion, or serve it with `hub-peft serve`")  # fmt: skip
+    extra = [m for m in c.get("modules_to_save") or [] if m not in ("classifier", "score")]
+    if extra:
+        report.add(f"modules_to_save is {extra}; vLLM takes only classifier/score heads there", retrain)
     if c.get("bias", "none") != "none":
         report.add(f"bias is {c.get('bias')!r}; vLLM needs 'none'", "retrain with bias='none'")
     ranks = [c.get("r", 0), *(c.get("rank_pattern") or {}).values()]
-    if max(ranks) > VLLM_MAX_RANK:
+    if any(not isinstance(r, int) or r <= 0 for r in ranks):
+        report.add(f"ranks {ranks} include one that is not a positive integer", "fix r / rank_pattern")
+    elif max(ranks) > VLLM_MAX_RANK:
         report.add(f"rank {max(ranks)} exceeds vLLM's maximum {VLLM_MAX_RANK}", f"retrain with r <= {VLLM_MAX_RANK}")
-    if (
-        c.get("trainable_token_indices")
-        or (report.folder / "added_tokens.json").is_file()
-        or any("embed_tokens" in t or "lm_head" in t for t in report.tensors)
-    ):
-        report.add("the adapter adds or trains tokens/embeddings", "vLLM LoRA needs an unchanged vocabulary")
-    targets = c.get("target_modules")
-    names = set(targets) if isinstance(targets, list) else {t.split(".")[-3] for t in report.tensors if "lora_" in t}
-    unsupported = sorted(names - VLLM_TARGETS)
-    if unsupported or isinstance(targets, str):
-        report.add(f"target modules {unsupported or targets} are not ones vLLM's LoRA supports",
-                   f"target only {sorted(VLLM_TARGETS)}")  # fmt: skip
+    if c.get("trainable_token_indices") or any("trainable_tokens" in t for t in report.tensors):
+        report.add("the adapter trains token embeddings (trainable_token_indices), which vLLM cannot load",
+                   "serve it with `hub-peft serve`")  # fmt: skip
+    modules, odd = set(), []
+    for name in report.tensors:
+        if name.endswith(VLLM_BASE_EMBEDDINGS) or "base_layer" in name or "trainable_tokens" in name:
+            continue  # vLLM skips these (the last is reported above)
+        m = VLLM_TENSOR.match(name)
+        if m:
+            modules.add(m.group(1).rsplit(".", 1)[-1])
+        else:
+            odd.append(name)
+    if odd:
+        report.add(f"tensors {odd[:3]} are not LoRA weights vLLM can parse", "keep only lora_A/lora_B weights")
+    unsupported = sorted(modules - VLLM_TARGETS)
+    if unsupported:
+        report.add(f"LoRA on {unsupported}: not modules vLLM's LoRA wraps", f"target only {sorted(VLLM_TARGETS)}")
+    if (report.folder / "added_tokens.json").is_file():
+        report.warnings.append("vLLM ignores added_tokens.json: serve it with a base tokenizer that has those tokens")

@@ -8,7 +8,7 @@ import torch
 from test_peft_methods import load_tiny, tiny_base_repo, tiny_tokenizer  # noqa: F401 - shared session fixture
 
 from hub_peft import load_adapter, push_adapter, save_adapter
-from hub_peft.errors import IncompatibleAdapterError, InvalidInputError, NotFoundError
+from hub_peft.errors import InvalidInputError, NotFoundError
 from hub_peft.reft import ReftConfig, get_reft_model
 from hub_peft.serving import MultiAdapterModel
 
@@ -298,10 +298,12 @@ def test_what_cannot_share_a_batch_runs_in_a_sub_batch_of_its_own(engine, adapte
             get_peft_model(load_tiny(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
             tmp_path / "prefix",
         ),
+        "head": save_adapter(get_peft_model(load_tiny(), LoraConfig(target_modules=["lm_head", "q_proj"],
+                                                                    init_lora_weights=False)), tmp_path / "head"),
     }
     for name, folder in folders.items():
         assert engine.add(name, folder)["mixable"] is False
-    rows = ["dora", "lora", "prefix", None, "dora", "reft"]
+    rows = ["dora", "lora", "prefix", None, "head", "reft"]
     streamed: dict[int, list[int]] = {}
 
     def on_token(row: int, token: int) -> None:
@@ -327,9 +329,6 @@ def test_what_cannot_share_a_batch_runs_in_a_sub_batch_of_its_own(engine, adapte
         engine.generate(["a"], [{"dora": 0.5, "lora": 0.5}])
     loha = save_adapter(get_peft_model(load_tiny(), LoHaConfig(target_modules=["k_proj"])), tmp_path / "loha")
     assert engine.add("loha", loha)["mixable"] is False
-    lm_head = save_adapter(get_peft_model(load_tiny(), LoraConfig(target_modules=["lm_head"])), tmp_path / "head")
-    with pytest.raises(IncompatibleAdapterError, match="lm_head"):
-        engine.add("head", lm_head)
     with pytest.raises(InvalidInputError, match="2 prompts but 1 adapter"):
         engine.generate(["a", "b"], ["lora"])
     with pytest.raises(InvalidInputError, match="Mix weight"):

@@ -11,6 +11,7 @@ download cache on next use. The weights are kept in the form the engine's per-ro
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -234,9 +235,19 @@ def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
             blockers.append("it trains biases or whole modules")
         if config.get("fan_in_fan_out"):
             blockers.append("it uses fan_in_fan_out")
+        if _adapts_outside_blocks(config.get("target_modules")) or config.get("trainable_token_indices"):
+            blockers.append("it adapts the embeddings or the output head, outside the decoder blocks")
     if blockers:
         return "solo", f"{source} cannot share a batch with other adapters ({'; '.join(blockers)})"
     return peft_type.lower(), None
+
+
+def _adapts_outside_blocks(targets: Any) -> bool:
+    """Whether LoRA ``target_modules`` (a list or PEFT's full-match regex) name the embeddings or the head."""
+    outside = ("embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings")
+    if isinstance(targets, str):
+        return any(re.fullmatch(targets, name) or re.fullmatch(targets, f"model.{name}") for name in outside)
+    return any(str(t).rsplit(".", 1)[-1] in outside for t in targets or [])
 
 
 def _load_lora(folder: Path, targets: set[str]) -> _Lora:
