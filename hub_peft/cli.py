@@ -81,8 +81,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_on_vllm(args: argparse.Namespace, adapters: list[tuple[str, str, str | None]]) -> int:
     """vLLM's OpenAI server with the same adapters, each checked with ``validate --for vllm`` first."""
-    import subprocess
-
     from .serving.vllm_launch import plan_vllm
 
     launch = plan_vllm(args.base, adapters, python=args.vllm_python, host=args.host, port=args.port,
@@ -92,10 +90,9 @@ def _serve_on_vllm(args: argparse.Namespace, adapters: list[tuple[str, str, str 
         return 0
     print(f"Starting vLLM with {len(launch.adapters)} LoRA adapter(s), --max-lora-rank {launch.max_lora_rank}: "
           f"{launch.printable()}", flush=True)  # fmt: skip
-    try:
-        return subprocess.run(launch.command).returncode  # the environment (HF_ENDPOINT, HF_TOKEN) passes through
-    except KeyboardInterrupt:
-        return 0
+    # vLLM replaces this process: signals (Ctrl+C, a supervisor's SIGTERM) reach it and its workers directly,
+    # and the environment (HF_ENDPOINT, HF_TOKEN) passes through unchanged.
+    os.execv(launch.command[0], launch.command)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -111,7 +108,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     hub = start_local_hub(root, tokens={args.user: token}, port=args.port)
     try:
         print(f"Local Hub started: {hub.endpoint}  (storage: {root}, log: {hub.log_path})")
-        print(f"  use it with: HF_ENDPOINT={hub.endpoint}  user '{args.user}' (token kept in {root}/.tokens)")
+        print(f"  use it with: HF_ENDPOINT={hub.endpoint}  user '{args.user}' (its token is in this process only)")
         started = time.perf_counter()
         print(f"Loading base model {DEFAULT_BASE} in 4-bit (NF4, bitsandbytes, CPU)...", flush=True)
         model, tokenizer = load_base_model(None, load_in_4bit=True)

@@ -304,3 +304,39 @@ def test_tokens_never_reach_the_server_log(local_hub, api, alice, bob, repo_name
     log = local_hub.log_path.read_text()
     assert "POST /api/repos/create" in log
     assert alice not in log and bob not in log
+
+
+def test_a_started_hub_leaves_its_tokens_nowhere_on_disk_or_in_ps(tmp_path, monkeypatch):
+    """The tokens file lives in a private folder of its own for as long as the child takes to read it."""
+    import secrets
+    import stat
+    import tempfile
+
+    from hub_peft.hub import start_local_hub
+    from hub_peft.hub.process import runtime_dir
+
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert runtime_dir() == runtime
+    root, token = tmp_path / "hub", secrets.token_urlsafe(24)
+    root.mkdir()
+    (root / ".tokens").write_text("me=an-old-token\n")  # what an older version left in a shared folder
+    seen: list[tuple[Path, int]] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def watched_mkdtemp(*args, **kwargs):
+        path = real_mkdtemp(*args, **kwargs)
+        seen.append((Path(path), stat.S_IMODE(os.stat(path).st_mode)))
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", watched_mkdtemp)
+    with start_local_hub(root, tokens={"me": token}) as hub:
+        assert token not in Path(f"/proc/{hub.process.pid}/cmdline").read_text()
+        assert [(p.parent, mode) for p, mode in seen] == [(runtime, 0o700)] and not seen[0][0].exists()
+        for path in [*root.rglob("*"), *runtime.rglob("*")]:
+            assert not path.is_file() or token.encode() not in path.read_bytes(), path
+        assert not (root / ".tokens").exists()
+        from huggingface_hub import HfApi
+
+        assert HfApi(endpoint=hub.endpoint, token=token).whoami()["name"] == "me"  # the child did read it

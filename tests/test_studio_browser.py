@@ -19,7 +19,7 @@ from hub_peft.base_model import DEFAULT_BASE
 from hub_peft.hub.process import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-ARTIFACTS = Path(__file__).parent / "artifacts"
+ARTIFACTS = Path(__file__).parent / "artifacts" / "studio"
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -88,6 +88,14 @@ def test_train_chat_and_push_in_the_browser(studio):
         expect(page.locator("#pushed")).to_contain_text("Pushed", timeout=120_000)
         expect(page.locator("#card")).to_contain_text("Loads with")
         page.screenshot(path=ARTIFACTS / "4-pushed.png", full_page=True)
+        link = page.locator("#pushed a").first.get_attribute("href")  # the "Pushed: me/emoji-studio" link
+        assert link == f"{hub}/me/emoji-studio"
+        page.goto(link)  # opens the local Hub's page of the repo, not a JSON 404
+        expect(page.locator("main > h1")).to_contain_text("me/emoji-studio")
+        expect(page.locator("#files")).to_contain_text("adapter_model.safetensors")
+        expect(page.locator("#card")).to_contain_text("Loads with")
+        assert page.evaluate("document.querySelector('img[alt=\"loss curve\"]').naturalWidth") > 100
+        page.screenshot(path=ARTIFACTS / "5-hub-page.png", full_page=True)
         browser.close()
 
     files = HfApi(endpoint=hub).list_repo_files("me/emoji-studio")

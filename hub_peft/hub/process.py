@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -71,32 +73,57 @@ def start_local_hub(
 ) -> LocalHubProcess:
     """Start ``hub-peft hub serve`` in a child process; ``tokens`` maps user → token.
 
-    Tokens travel in a private file (mode 600), never on the command line where ``ps`` shows them.
+    Tokens never touch the command line (``ps`` shows it to every user) nor a shared path: they are
+    written to a file created exclusively (mode 600) in a fresh private directory (mode 700) under the
+    user's runtime directory, and that directory is removed as soon as the child has read it (it
+    answers only after reading), or when it fails to start.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
     tokens = dict(tokens or {})
-    tokens_file = root / ".tokens"
-    fd = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.writelines(f"{user}={token}\n" for user, token in tokens.items())
-    log_path = root / "server.log"
-    cmd = [sys.executable, "-m", "hub_peft.cli", "hub", "serve", "--root", str(root), "--host", host,
-           "--port", str(port), "--tokens-file", str(tokens_file)]  # fmt: skip
-    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child
-    process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    log_file.close()
-    hub = LocalHubProcess(root=root, host=host, port=port, process=process, log_path=log_path, tokens=tokens)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise HubPeftError(f"The local hub exited at start (code {process.returncode}); see {log_path}.")
+    stale = root / ".tokens"  # where versions before 0.2 left the tokens, in a shared folder: remove ours
+    if stale.is_file() and stale.stat().st_uid == os.getuid():
+        stale.unlink()
+    secrets_dir = Path(tempfile.mkdtemp(prefix="hub_peft-", dir=runtime_dir()))  # mode 700, only ours
+    try:
+        tokens_file = secrets_dir / "tokens"
+        fd = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(f"{user}={token}\n" for user, token in tokens.items())
+        log_path = root / "server.log"
+        cmd = [sys.executable, "-m", "hub_peft.cli", "hub", "serve", "--root", str(root), "--host", host,
+               "--port", str(port), "--tokens-file", str(tokens_file)]  # fmt: skip
+        log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child
+        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        log_file.close()
+        hub = LocalHubProcess(root=root, host=host, port=port, process=process, log_path=log_path, tokens=tokens)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise HubPeftError(f"The local hub exited at start (code {process.returncode}); see {log_path}.")
+            try:
+                with urllib.request.urlopen(f"{hub.endpoint}/api/health", timeout=1) as r:
+                    if r.status == 200:
+                        return hub
+            except OSError:
+                time.sleep(0.1)
+        hub.stop()
+        raise HubPeftError(f"The local hub did not answer within {timeout:.0f}s; see {log_path}.")
+    finally:
+        shutil.rmtree(secrets_dir, ignore_errors=True)
+
+
+def runtime_dir() -> Path:
+    """Where per-run secrets go: ``$XDG_RUNTIME_DIR`` when it is ours and private, else the temp directory
+    (``mkdtemp`` makes each run's own mode-700 folder there either way)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        path = Path(xdg)
         try:
-            with urllib.request.urlopen(f"{hub.endpoint}/api/health", timeout=1) as r:
-                if r.status == 200:
-                    return hub
+            info = path.stat()
+            if path.is_dir() and info.st_uid == os.getuid() and not info.st_mode & 0o077:
+                return path
         except OSError:
-            time.sleep(0.1)
-    hub.stop()
-    raise HubPeftError(f"The local hub did not answer within {timeout:.0f}s; see {log_path}.")
+            pass
+    return Path(tempfile.gettempdir())

@@ -29,9 +29,10 @@ import yaml
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .pages import SESSION_COOKIE, Pages, cookie_session, safe_next
 from .storage import (
     REPO_TYPES,
     AddFile,
@@ -98,6 +99,7 @@ class LocalHub:
         self.storage = Storage(root)
         self.tokens = tokens
         self.max_commit_bytes = max_commit_bytes
+        self.pages = Pages(self.storage, self._visible_repo, self._card_text)
         self.app = Starlette(
             routes=[Route("/{rest:path}", self._dispatch, methods=["GET", "HEAD", "POST", "PUT", "DELETE"])]
         )
@@ -160,13 +162,71 @@ class LocalHub:
         if len(seg) >= 4 and seg[0] == "api" and seg[1][:-1] in REPO_TYPES and seg[1].endswith("s"):
             repo_type, repo_id, rest = seg[1][:-1], f"{seg[2]}/{seg[3]}", seg[4:]
             return self._repo_api(request, base, user, body, repo_type, repo_id, rest)
+        if seg and seg[0] in ("login", "logout") and len(seg) == 1:
+            return self._login(request, user, body) if seg[0] == "login" else self._logout(request)
         # File downloads: /{ns}/{name}/resolve/{rev}/{path} (models), /{type}s/{ns}/{name}/resolve/...
         repo_type = "model"
         if seg and seg[0] in ("datasets", "spaces"):
             repo_type, seg = seg[0][:-1], seg[1:]
         if len(seg) >= 5 and seg[2] == "resolve" and method in ("GET", "HEAD"):
             return self._resolve(request, user, repo_type, f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:]))
+        if method == "GET":
+            page = self._page(request, user, repo_type, seg)
+            if page is not None:
+                return page
         raise HTTPError(404, f"Route not found: {method} /{'/'.join(seg)}")
+
+    # -- pages for people (see pages.py) -----------------------------------------------------------
+    def _page(self, request: Request, user: str | None, repo_type: str, seg: list[str]) -> Response | None:
+        user = user or self.pages.sessions.user(cookie_session(request))
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        query = request.query_params
+        try:
+            if not seg and repo_type == "model":
+                page = self.pages.index(user, query.get("search", "").strip(), query.get("author", "").strip(), here)
+            elif len(seg) == 2:
+                page = self.pages.repo(user, repo_type, f"{seg[0]}/{seg[1]}", here)
+            elif len(seg) >= 3 and seg[2] == "tree":
+                revision = seg[3] if len(seg) > 3 else "main"
+                page = self.pages.tree(user, repo_type, f"{seg[0]}/{seg[1]}", revision, "/".join(seg[4:]), here)
+            elif len(seg) in (3, 4) and seg[2] == "commits":
+                page = self.pages.commits(user, repo_type, f"{seg[0]}/{seg[1]}", seg[3] if len(seg) > 3 else "main",
+                                          here)  # fmt: skip
+            elif len(seg) == 4 and seg[2] == "commit":
+                page = self.pages.commit(user, repo_type, f"{seg[0]}/{seg[1]}", seg[3], here)
+            else:
+                return None
+        except StorageError as e:  # not found, or private and not the viewer's: the same 404 as the API
+            page = self.pages.error(e.status, str(e), user=user, here=here)
+        return HTMLResponse(page.html, status_code=page.status)
+
+    def _login(self, request: Request, user: str | None, body: bytes) -> Response:
+        from urllib.parse import parse_qs
+
+        viewer = user or self.pages.sessions.user(cookie_session(request))
+        if request.method == "GET":
+            page = self.pages.login_form(viewer, request.query_params.get("next", "/"))
+            return HTMLResponse(page.html, status_code=page.status)
+        if request.method != "POST":
+            raise HTTPError(405, "Use GET or POST /login.")
+        form = parse_qs(body.decode("utf-8", errors="replace"))
+        token, target = (form.get("token") or [""])[0].strip(), safe_next((form.get("next") or ["/"])[0])
+        known = next((u for t, u in self.tokens.items() if hmac.compare_digest(t.encode(), token.encode())), None)
+        if not token or known is None:
+            page = self.pages.login_form(viewer, target, "That token is not valid here.", status=401)
+            return HTMLResponse(page.html, status_code=page.status)
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(SESSION_COOKIE, self.pages.sessions.start(known), httponly=True, samesite="strict",
+                            path="/")  # fmt: skip
+        return response
+
+    def _logout(self, request: Request) -> Response:
+        if request.method != "POST":
+            raise HTTPError(405, "Log out with POST /logout.")
+        self.pages.sessions.end(cookie_session(request))
+        response = RedirectResponse("/", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+        return response
 
     def _visible_repo(self, user: str | None, repo_type: str, repo_id: str) -> Repo:
         repo = self.storage.get_repo(repo_type, repo_id)
@@ -314,12 +374,15 @@ class LocalHub:
             ]
         return info
 
-    def _card_data(self, commit: Commit) -> dict:
+    def _card_text(self, commit: Commit) -> str:
         entry = commit.tree.get("README.md")
         if entry is None or entry.size > 1 << 20:
-            return {}
+            return ""
         with self.storage.open_blob(entry) as f:
-            text = f.read().decode("utf-8", errors="replace")
+            return f.read().decode("utf-8", errors="replace")
+
+    def _card_data(self, commit: Commit) -> dict:
+        text = self._card_text(commit)
         match = _FRONT_MATTER.match(text)
         if not match:
             return {}
