@@ -95,6 +95,14 @@ def _serve_on_vllm(args: argparse.Namespace, adapters: list[tuple[str, str, str 
     os.execv(launch.command[0], launch.command)
 
 
+def _cmd_space_push(args: argparse.Namespace) -> int:
+    from .space import push_space
+
+    print(f"Building the hub_peft wheel and pushing the Adapter Studio to the Space {args.repo_id}...", flush=True)
+    print(push_space(args.repo_id, private=args.private, hardware=args.hardware))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Start the local Hub and show the default base model, in 4-bit, answering a chat prompt."""
     import secrets
@@ -382,6 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     studio.add_argument("--user", default="me", help="Local Hub user the Studio pushes as (default: me).")
     studio.add_argument("--no-local-hub", action="store_true", help="Use HF_ENDPOINT/HF_TOKEN as they are.")
     studio.set_defaults(func=_cmd_studio)
+
+    space = sub.add_parser("space", help="The Adapter Studio on a Hugging Face Space.").add_subparsers(
+        dest="space_command", required=True)  # fmt: skip
+    space_push = space.add_parser("push", help="Create or update a Space with the Studio and a built hub_peft.")
+    space_push.add_argument("repo_id", help="namespace/name of the Space")
+    space_push.add_argument("--private", action="store_true")
+    space_push.add_argument("--hardware", default="cpu-basic", help="Suggested Space hardware (default: cpu-basic).")
+    space_push.set_defaults(func=_cmd_space_push)
 
     serve_api = sub.add_parser("serve", help="Serve many adapters over one base model (OpenAI-compatible API).")
     serve_api.add_argument("--base", default=None, help="Base model (default: the embedded SmolLM2-135M-Instruct).")

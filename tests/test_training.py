@@ -176,3 +176,24 @@ def test_the_space_is_laid_out_like_a_hub_space():
     assert f"gradio=={gr.__version__}" in requirements and "hub-peft" in requirements
     pyproject = (APP.parents[2] / "pyproject.toml").read_text()
     assert f'"gradio=={gr.__version__}"' in pyproject
+
+
+def test_on_a_space_push_uses_the_oauth_login(app, alice, repo_name, tmp_path, monkeypatch, tiny_base_repo):  # noqa: F811
+    """On a Space the "Sign in with Hugging Face" button hands the push handler a gr.OAuthToken; with neither
+    a login nor a typed token (nor HF_TOKEN) the push fails with a message saying what to do."""
+    from huggingface_hub import HfApi
+    from peft import LoraConfig, get_peft_model
+
+    from hub_peft import save_adapter
+
+    model = get_peft_model(load_tiny(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    state = {"adapter": str(save_adapter(model, tmp_path / "lora"))}
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored login either
+    login = gr.OAuthToken(token=alice, scope="openid profile write-repos", expires_at=2**31)
+    message = app.push(f"alice/{repo_name}", False, "", state, oauth_token=login)
+    assert message.startswith(f"Pushed: [alice/{repo_name}]") and alice not in message
+    assert "adapter_model.safetensors" in HfApi().list_repo_files(f"alice/{repo_name}")
+    with pytest.raises(gr.Error) as refused:
+        app.push(f"alice/{repo_name}-2", False, "", state, oauth_token=None)
+    assert "Paste a write token (or set HF_TOKEN) to push." in str(refused.value), str(refused.value)

@@ -11,6 +11,7 @@ as hub_peft's own engine on the same fp32 base.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -136,6 +137,15 @@ print(json.dumps(out))
 """
 
 
+def _vllm_workers() -> int:
+    """vLLM's engine and worker processes still alive on this machine (they name themselves VLLM::...)."""
+    count = 0
+    for p in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            count += p.name.isdigit() and (p / "cmdline").read_bytes().startswith(b"VLLM::")
+    return count
+
+
 def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 900) -> None:
     import httpx
 
@@ -204,8 +214,12 @@ def test_vllm_itself_agrees_and_serves_the_same_tokens(tmp_path, local_hub, alic
         print("runtime loads of the refused variants:", refusals)
         assert all(status >= 400 for status in refusals.values()), refusals
     finally:
-        process.terminate()
+        process.terminate()  # hub-peft serve became vLLM's server (exec): its workers stop with it
         process.wait(60)
+    deadline = time.time() + 60
+    while _vllm_workers() and time.time() < deadline:
+        time.sleep(1)
+    assert not _vllm_workers(), "vLLM left worker processes behind"
     engine = MultiAdapterModel(load_base_model(None), max_running=8)
     for name in accepted:
         engine.add(name, folders[name])

@@ -19,6 +19,7 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
+from huggingface_hub import get_token
 
 from hub_peft.adapters import check_repo_id, load_adapter, push_adapter
 from hub_peft.base_model import DEFAULT_BASE, load_base_model
@@ -287,6 +288,9 @@ def push(repo_id: str, private: bool, token: str, state: dict | None, oauth_toke
     try:
         check_repo_id((repo_id or "").strip())
         token = (token or "").strip() or (oauth_token.token if oauth_token else None) or None
+        if token is None and get_token() is None:  # no login, no typed token, no HF_TOKEN
+            raise gr.Error("Sign in with Hugging Face (the button above) or paste a write token to push."
+                           if ON_SPACE else "Paste a write token (or set HF_TOKEN) to push.")  # fmt: skip
         url = push_adapter(state["adapter"], repo_id.strip(), private=bool(private), token=token)
     except HubPeftError as e:
         raise gr.Error(str(e)) from None
