@@ -340,3 +340,76 @@ def test_a_started_hub_leaves_its_tokens_nowhere_on_disk_or_in_ps(tmp_path, monk
         from huggingface_hub import HfApi
 
         assert HfApi(endpoint=hub.endpoint, token=token).whoami()["name"] == "me"  # the child did read it
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
+def test_a_one_gib_commit_streams_through_the_server_in_bounded_memory(local_hub, alice, repo_name):
+    """The commit body (1.33 GiB of NDJSON) is parsed as it arrives: the server's peak memory grows by far
+    less than the body, and the stored file has the hashes of the bytes that were sent."""
+    import hashlib
+
+    import httpx
+
+    repo_id = f"alice/{repo_name}"
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=local_hub.endpoint, token=alice).create_repo(repo_id)
+    size, piece = 1 << 30, 3 << 20  # 1 GiB, sent 3 MiB (4 MiB of base64) at a time
+    sha256, git = hashlib.sha256(), hashlib.sha1(f"blob {size}\0".encode())
+
+    def body():
+        header = {"key": "header", "value": {"summary": "one GiB", "description": ""}}
+        yield json.dumps(header).encode() + b"\n" + b'{"key": "file", "value": {"content": "'
+        block = bytes(range(256)) * (piece // 256)
+        for i in range(size // piece + 1):
+            data = (block if i % 2 else block[::-1])[: min(piece, size - i * piece)]
+            if not data:
+                break
+            sha256.update(data)
+            git.update(data)
+            yield base64.b64encode(data)
+        yield b'", "path": "big.bin", "encoding": "base64"}}\n'
+
+    before = _peak_rss(local_hub.process.pid)
+    response = httpx.post(f"{local_hub.endpoint}/api/models/{repo_id}/commit/main", content=body(), timeout=600,
+                          headers={"authorization": f"Bearer {alice}", "content-type": "application/x-ndjson"})
+    assert response.status_code == 200, response.text
+    growth = _peak_rss(local_hub.process.pid) - before
+    print(f"1 GiB commit: the server's peak memory grew by {growth / 2**20:.0f} MiB")
+    assert growth < 200 * 2**20, f"the server's peak memory grew by {growth / 2**20:.0f} MiB for a 1 GiB file"
+    head = httpx.head(f"{local_hub.endpoint}/{repo_id}/resolve/main/big.bin")
+    assert int(head.headers["content-length"]) == size and head.headers["etag"] == f'"{git.hexdigest()}"'
+    blob = local_hub.root / "blobs" / sha256.hexdigest()[:2] / sha256.hexdigest()[2:]
+    assert blob.stat().st_size == size
+    assert not list((local_hub.root / "tmp").glob("upload-*")), "a staged upload was left behind"
+
+
+def test_commit_bodies_are_limited_while_read_and_bad_ones_leave_nothing(tmp_path):
+    from starlette.testclient import TestClient
+
+    from hub_peft.hub.server import LocalHub
+
+    hub = LocalHub(tmp_path / "hub", {"tok": "alice"}, max_commit_bytes=3 << 20)
+    client = TestClient(hub.app)
+    auth = {"authorization": "Bearer tok"}
+    assert client.post("/api/repos/create", json={"name": "r", "type": "model"}, headers=auth).status_code == 200
+
+    def commit(content: bytes):
+        line = b'{"key": "header", "value": {"summary": "s"}}\n{"key": "file", "value": {"content": "' + content
+        return client.post("/api/models/alice/r/commit/main", content=line + b'", "path": "f.bin"}}\n',
+                           headers=auth)  # fmt: skip
+
+    too_big = commit(base64.b64encode(os.urandom(3 << 20)))  # 4 MiB of base64 against a 3 MiB limit
+    assert too_big.status_code == 413 and "limit" in too_big.json()["error"]
+    not_base64 = commit(b"A" * (2 << 20) + b"!!!!")  # a large (streamed) line with a bad character
+    assert not_base64.status_code == 400 and "base64" in not_base64.json()["error"]
+    good = commit(base64.b64encode(b"x" * (2 << 20)))
+    assert good.status_code == 200, good.text
+    assert client.get("/alice/r/resolve/main/f.bin").content == b"x" * (2 << 20)
+    assert not list((tmp_path / "hub" / "tmp").glob("upload-*"))
+    assert client.post("/api/models/alice/r/commit/main", content=b"x", headers={}).status_code == 401

@@ -11,8 +11,6 @@ as ``refs/pr/1`` as one path segment and a decoded path could not tell it apart 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import fcntl
 import hmac
 import json
@@ -32,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .commit_stream import CommitStream
 from .pages import SESSION_COOKIE, Pages, cookie_session, safe_next
 from .storage import (
     REPO_TYPES,
@@ -39,7 +38,6 @@ from .storage import (
     BadRequest,
     Commit,
     Conflict,
-    DeletePath,
     EntryNotFound,
     Repo,
     RepoNotFound,
@@ -53,6 +51,7 @@ from .storage import (
 log = logging.getLogger("hub_peft.hub")
 
 CHUNK = 1 << 20
+_FEED_BYTES = 4 << 20  # body bytes handed to the commit parser per thread hop
 DEFAULT_MAX_COMMIT_BYTES = 2 << 30
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.S)
 
@@ -124,10 +123,11 @@ class LocalHub:
         segments = [unquote(s) for s in raw_path.strip("/").split("/")] if raw_path.strip("/") else []
         try:
             user = self._user(request)
-            body = await request.body() if request.method in ("POST", "PUT", "DELETE") else b""
-            if len(body) > self.max_commit_bytes:
-                raise HTTPError(413, f"Payload too large (limit {self.max_commit_bytes} bytes).")
-            response = await run_in_threadpool(self._route, request, segments, user, body)
+            if _is_commit(request.method, segments):
+                response = await self._streamed_commit(request, segments, user)
+            else:
+                body = await self._small_body(request) if request.method in ("POST", "PUT", "DELETE") else b""
+                response = await run_in_threadpool(self._route, request, segments, user, body)
         except HTTPError as e:
             response = _error_response(e.status, e.message, e.code)
         except StorageError as e:
@@ -139,6 +139,43 @@ class LocalHub:
             "%s %s %d %.1fms", request.method, raw_path, response.status_code, 1000 * (time.perf_counter() - started)
         )
         return response
+
+    async def _small_body(self, request: Request) -> bytes:
+        """A request body other than a commit's, refused past the limit while it is read."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_commit_bytes:
+                raise HTTPError(413, f"Payload too large (limit {self.max_commit_bytes} bytes).")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _streamed_commit(self, request: Request, seg: list[str], user: str | None) -> Response:
+        """POST /api/{type}s/{ns}/{name}/commit/{rev}: rights checked before a byte of the body is read, then
+        the body parsed as it arrives (see commit_stream.py), the size limit enforced while reading."""
+        repo_type, repo_id, revision = seg[1][:-1], f"{seg[2]}/{seg[3]}", seg[5]
+        repo = await run_in_threadpool(self._writable_repo, user, repo_type, repo_id)
+        if request.query_params.get("create_pr") in ("1", "true"):
+            raise HTTPError(400, "Pull requests are not supported by the local hub; commit to a branch.")
+        stream = CommitStream(self.storage.root / "tmp")
+        try:
+            pending, pending_size, size = [], 0, 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_commit_bytes:
+                    raise HTTPError(413, f"Payload too large (limit {self.max_commit_bytes} bytes).")
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= _FEED_BYTES:  # decode and hash off the event loop, a few MiB at a time
+                    await run_in_threadpool(stream.feed, b"".join(pending))
+                    pending, pending_size = [], 0
+            if pending:
+                await run_in_threadpool(stream.feed, b"".join(pending))
+            base = str(request.base_url).rstrip("/")
+            return await run_in_threadpool(self._commit, base, repo, revision, user, stream)
+        except BaseException:
+            await run_in_threadpool(stream.discard)  # no staged file outlives a commit that did not happen
+            raise
 
     def _route(self, request: Request, seg: list[str], user: str | None, body: bytes) -> Response:
         method = request.method
@@ -320,11 +357,6 @@ class LocalHub:
         if len(rest) == 2 and rest[0] == "preupload" and method == "POST":
             repo = self._writable_repo(user, repo_type, repo_id)
             return self._preupload(repo, rest[1], _json(body))
-        if len(rest) == 2 and rest[0] == "commit" and method == "POST":
-            repo = self._writable_repo(user, repo_type, repo_id)
-            if request.query_params.get("create_pr") in ("1", "true"):
-                raise HTTPError(400, "Pull requests are not supported by the local hub; commit to a branch.")
-            return self._commit(base, repo, rest[1], user, body)
         if len(rest) >= 2 and rest[0] == "tree" and method == "GET":
             repo = self._visible_repo(user, repo_type, repo_id)
             recursive = request.query_params.get("recursive") in ("1", "true", "True")
@@ -414,11 +446,11 @@ class LocalHub:
             )
         return JSONResponse({"files": out, "commitOid": head.id})
 
-    def _commit(self, base: str, repo: Repo, revision: str, user: str, body: bytes) -> Response:
-        header, ops = _parse_commit_payload(body)
+    def _commit(self, base: str, repo: Repo, revision: str, user: str, stream: CommitStream) -> Response:
+        header, ops = stream.finish()
         for op in ops:
             if isinstance(op, AddFile) and op.path == "README.md":
-                errors = card_metadata_errors(op.data.decode("utf-8", errors="replace"))
+                errors = card_metadata_errors(op.head(1 << 20).decode("utf-8", errors="replace"))
                 if errors:
                     raise BadRequest("Invalid metadata in README.md: " + "; ".join(errors))
         commit = self.storage.commit(
@@ -579,45 +611,9 @@ def _json(body: bytes) -> dict:
     return data
 
 
-def _parse_commit_payload(body: bytes) -> tuple[dict, list[AddFile | DeletePath]]:
-    """Parse and fully validate the NDJSON commit payload before anything is written."""
-    header: dict | None = None
-    ops: list[AddFile | DeletePath] = []
-    for number, line in enumerate(body.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            key, value = item["key"], item["value"]
-            if not isinstance(value, dict):
-                raise TypeError("'value' must be an object")
-        except (ValueError, KeyError, TypeError) as e:
-            raise BadRequest(f"Malformed commit payload at line {number}: {e}") from None
-        if key == "header":
-            header = value
-        elif key == "file":
-            path = check_path(value.get("path"))
-            if value.get("encoding", "base64") != "base64" or not isinstance(value.get("content"), str):
-                raise BadRequest(f"File {path!r}: content must be a base64 string.")
-            try:
-                data = base64.b64decode(value["content"], validate=True)
-            except (binascii.Error, ValueError):
-                raise BadRequest(f"File {path!r}: content is not valid base64.") from None
-            ops.append(AddFile(path, data))
-        elif key in ("deletedFile", "deletedFolder"):
-            ops.append(DeletePath(check_path(str(value.get("path", "")).rstrip("/")), folder=key == "deletedFolder"))
-        elif key == "lfsFile":
-            raise BadRequest("LFS pointers are not supported by the local hub: upload files as 'regular'.")
-        else:
-            raise BadRequest(f"Malformed commit payload at line {number}: unknown key {key!r}.")
-    if header is None:
-        raise BadRequest("Malformed commit payload: the first line must be the 'header'.")
-    if not ops:
-        raise BadRequest("Empty commit: no file to add or delete.")
-    paths = [op.path for op in ops]
-    if len(set(paths)) != len(paths):
-        raise BadRequest("The same path appears twice in one commit.")
-    return header, ops
+def _is_commit(method: str, seg: list[str]) -> bool:
+    return (method == "POST" and len(seg) == 6 and seg[0] == "api" and seg[1].endswith("s")
+            and seg[1][:-1] in REPO_TYPES and seg[4] == "commit")  # fmt: skip
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:

@@ -150,9 +150,27 @@ class Repo:
 
 
 @dataclass(frozen=True)
+class StagedBlob:
+    """A file's bytes already written to the storage's ``tmp`` folder, with their hashes (a streamed upload)."""
+
+    path: Path
+    sha256: str
+    oid: str
+    size: int
+
+
+@dataclass(frozen=True)
 class AddFile:
     path: str
-    data: bytes
+    data: bytes | None = None
+    staged: StagedBlob | None = None  # instead of ``data``: moved into the blob store, never read back
+
+    def head(self, limit: int) -> bytes:
+        """The file's first ``limit`` bytes (for checks such as the card's metadata)."""
+        if self.data is not None:
+            return self.data[:limit]
+        with open(self.staged.path, "rb") as f:
+            return f.read(limit)
 
 
 @dataclass(frozen=True)
@@ -292,7 +310,16 @@ class Storage:
     ) -> Commit:
         new_tree = dict(tree)
         for op in ops:
-            if isinstance(op, AddFile):
+            if isinstance(op, AddFile) and op.staged is not None:
+                staged = op.staged
+                target = self.blob_path(staged.sha256)
+                if target.exists():
+                    staged.path.unlink(missing_ok=True)
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(staged.path, target)  # same file system: one atomic rename
+                new_tree[op.path] = FileEntry(op.path, staged.sha256, staged.oid, staged.size)
+            elif isinstance(op, AddFile):
                 sha256, oid = self._store_blob(op.data)
                 new_tree[op.path] = FileEntry(op.path, sha256, oid, len(op.data))
             elif op.folder:
