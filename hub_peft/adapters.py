@@ -194,6 +194,7 @@ def push_adapter(
         if not report.ok:
             raise InvalidInputError(f"Refusing to push an invalid adapter: {report.problems[0]}")
         write_card(stage, repo_id=repo_id)
+        _check_card_with_the_hub(stage / "README.md")
         api = HfApi(token=token)
         created = False
         try:
@@ -220,6 +221,21 @@ def push_adapter(
                 ) from None
             raise
     return info.commit_url
+
+
+def _check_card_with_the_hub(card: Path) -> None:
+    """The card's YAML metadata checked by the Hub's own ``validate-yaml`` route (``ModelCard.validate``;
+    the local Hub implements it) before anything is created or uploaded."""
+    from huggingface_hub import ModelCard
+
+    try:
+        ModelCard(card.read_text()).validate(repo_type="model")
+    except ValueError as e:
+        detail = str(e)
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            detail = "; ".join(m["message"] for m in json.loads(detail)["errors"])
+        raise InvalidInputError(f"The Hub refused the model card's metadata ({detail}); nothing was pushed. Fix "
+                                "the metadata (for example the license or tags given to save_adapter).") from None
 
 
 @dataclass(frozen=True)

@@ -343,3 +343,22 @@ def test_cli_chat_with_an_adapter_from_the_hub(saved_lora, alice, repo_name, loc
     decoded = tiny_tokenizer().decode(expected[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert with_adapter.strip() == decoded
     assert chat().strip() != with_adapter.strip()
+
+
+def test_a_card_the_hub_refuses_is_never_pushed(saved_lora, alice, repo_name, tmp_path):
+    """push_adapter asks the Hub's own validate-yaml route first: refused metadata is a clear error, no repo."""
+    import json
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    folder = tmp_path / "bad"
+    shutil.copytree(saved_lora, folder)
+    info = json.loads((folder / "hub_peft_card.json").read_text())
+    info["license"] = ["apache-2.0", "mit"]  # the Hub wants one string there
+    (folder / "hub_peft_card.json").write_text(json.dumps(info))
+    repo_id = f"alice/{repo_name}"
+    with pytest.raises(InvalidInputError, match=r"refused the model card's metadata \('license' must be a string"):
+        push_adapter(folder, repo_id, token=alice)
+    assert not HfApi().repo_exists(repo_id, token=alice)
+    assert push_adapter(saved_lora, repo_id, token=alice)  # the same push with valid metadata goes through
