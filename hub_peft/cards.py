@@ -252,7 +252,12 @@ def plot_loss_curve(history: list[dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o", markersize=3)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o", markersize=3, label="train")
+    validated = [h for h in history if "val_loss" in h]
+    if validated:  # one point per epoch, at the epoch's last step
+        ax.plot([h["step"] for h in validated], [h["val_loss"] for h in validated], marker="s", markersize=4,
+                label="validation")  # fmt: skip
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("Training loss")

@@ -246,6 +246,15 @@ def _cmd_import_pyreft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_rows(path: Path, args: argparse.Namespace) -> list[dict[str, str]]:
+    from .errors import InvalidInputError
+    from .examples import read_table
+
+    if not path.is_file():
+        raise InvalidInputError(f"{path} does not exist.")
+    return read_table(path.read_bytes(), path.name).rows(args.prompt_column, args.response_column)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -253,7 +262,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .base_model import load_base_model
     from .chat import prompt_template
     from .errors import InvalidInputError
-    from .examples import check_rows, read_table
+    from .examples import check_rows, split_validation, without
     from .hf_trainer import is_main_process, single_cpu_launch_warning
     from .reft.model import find_decoder_layers
     from .training import TrainSettings, planned_steps, save_trained, token_counter, train_adapter
@@ -261,13 +270,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.push:
         check_repo_id(args.push)
     path = Path(args.examples)
-    if not path.is_file():
-        raise InvalidInputError(f"{path} does not exist.")
-    rows = read_table(path.read_bytes(), path.name).rows(args.prompt_column, args.response_column)
+    rows = _read_rows(path, args)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     settings = TrainSettings(method=args.method, base=args.base, load_in_4bit=args.load_in_4bit, rank=args.rank,
                              lr=args.lr, epochs=args.epochs, layers=layers, positions=args.positions,
-                             target_loss=args.target_loss, batch_size=args.batch_size,
+                             target_loss=args.target_loss, batch_size=args.batch_size, seed=args.seed,
                              trainer=args.trainer)  # fmt: skip
     main = is_main_process()  # under accelerate launch only rank 0 prints, writes and pushes
     if warning := single_cpu_launch_warning():
@@ -280,20 +287,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(preview.summary())
     if not preview.ok:
         raise InvalidInputError("Fix the rows above (or remove them) and run again.")
+    rows, held_out = preview.rows, []
+    if args.validation:
+        held_out = check_rows(_read_rows(Path(args.validation), args)).rows
+        rows = without(rows, held_out)
+        if main and len(rows) < len(preview.rows):
+            print(f"note: {len(preview.rows) - len(rows)} training row(s) also in {args.validation} were left out")
+    elif not args.no_validation:
+        rows, held_out = split_validation(rows, seed=args.seed)
+    if main and held_out:
+        print(f"validation: {len(held_out)} rows held out, {len(rows)} to train on")
     resolved = settings.resolved(len(find_decoder_layers(model)))
-    with tqdm(total=planned_steps(len(preview.rows), resolved), desc=f"training {args.method}", unit="step",
+    with tqdm(total=planned_steps(len(rows), resolved), desc=f"training {args.method}", unit="step",
               disable=not main) as bar:  # fmt: skip
 
         def on_step(entry: dict) -> None:
             bar.set_postfix(loss=f"{entry['loss']:.3f}")
             bar.update(1)
 
-        trained = train_adapter(preview.rows, settings, base=(model, tokenizer), on_step=on_step)
+        trained = train_adapter(rows, settings, base=(model, tokenizer), on_step=on_step, validation_rows=held_out)
     if not main:
         return 0
     out = save_trained(trained, args.out, overwrite=args.overwrite, dataset_name=path.name)
     first, last = trained.result.history[0]["loss"], trained.result.history[-1]["loss"]
     print(f"trained {trained.result.steps} steps in {trained.result.seconds:.1f} s, loss {first:.3f} -> {last:.3f}")
+    validated = [h["val_loss"] for h in trained.result.history if "val_loss" in h]
+    if validated:
+        print(f"validation loss by epoch: {' '.join(f'{v:.3f}' for v in validated)}")
     print(f"saved {out}")
     if args.push:
         print(push_adapter(out, args.push, private=args.private))
@@ -365,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", default=None, help="ReFT layers, e.g. 8,16 (default: by depth).")
     train.add_argument("--positions", default="l1", help="ReFT prompt positions (default: l1).")
     train.add_argument("--target-loss", type=float, default=None, help="Stop once a step's loss is this low.")
+    train.add_argument("--validation", metavar="FILE", default=None,
+                       help="Validation rows (default: 10%% of the rows held out when there are 20 or more).")
+    train.add_argument("--no-validation", action="store_true", help="Train on every row, no validation split.")
+    train.add_argument("--seed", type=int, default=0, help="Seed of the training order and the validation split.")
     train.add_argument("--batch-size", type=int, default=10, help="Global batch (split over accelerate's processes).")
     train.add_argument("--trainer", choices=["auto", "transformers"], default="auto",
                        help="auto: hub_peft's cached trainer for ReFT in one process, transformers' Trainer "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,20 @@ def check_rows(rows: list[dict[str, str]], *, count_tokens=None, max_tokens: int
                 problems.append(Problem(i, "too_long", f"row {i}: {n} tokens, the limit is {max_tokens}; shorten it"))
         kept.append(clean)
     return Preview(kept, problems, total if count_tokens is not None else None)
+
+
+def split_validation(rows: list[dict[str, str]], *, fraction: float = 0.1, min_rows: int = 20,
+                     seed: int = 0) -> tuple[list[dict[str, str]], list[dict[str, str]]]:  # fmt: skip
+    """``(train, validation)``: a seeded ``fraction`` of ``rows`` held out (at least 2 rows) when there are
+    ``min_rows`` or more, else no validation. ``rows`` are distinct (:func:`check_rows` drops duplicates),
+    so no row is in both."""
+    if len(rows) < min_rows:
+        return list(rows), []
+    held = set(random.Random(seed).sample(range(len(rows)), max(2, round(len(rows) * fraction))))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def without(rows: list[dict[str, str]], held_out: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``rows`` less those that also appear (same prompt and response) in ``held_out``."""
+    taken = {(r["prompt"], r["response"]) for r in held_out}
+    return [r for r in rows if (r["prompt"], r["response"]) not in taken]

@@ -94,7 +94,7 @@ def _trainer_class():
     return ResponseLossTrainer
 
 
-def _callback(result: TrainResult, started: float, target_loss: float | None, on_step, should_stop):
+def _callback(result: TrainResult, started: float, target_loss: float | None, on_step, should_stop, on_epoch_end):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -121,6 +121,10 @@ def _callback(result: TrainResult, started: float, target_loss: float | None, on
                 result.stopped = "target_loss"
                 control.should_training_stop = True
 
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if on_epoch_end is not None and result.history and result.stopped == "completed":  # not cancelled
+                on_epoch_end(result.history[-1])
+
     return Progress()
 
 
@@ -135,6 +139,7 @@ def train_with_trainer(
     seed: int = 0,
     on_step: Callable[[dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
     reft: bool = False,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters (a PEFT model, or a ReftModel with ``reft=True``) with
@@ -164,7 +169,7 @@ def train_with_trainer(
         seed=seed, data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0, use_cpu=on_cpu,
         average_tokens_across_devices=True, ddp_find_unused_parameters=False,
     )  # fmt: skip
-    progress = _callback(result, started, target_loss, on_step, should_stop)
+    progress = _callback(result, started, target_loss, on_step, should_stop, on_epoch_end)
     trainer = _trainer_class()(model=model, args=args, train_dataset=_Rows(examples), data_collator=_collate(reft),
                                callbacks=[progress])  # fmt: skip
     trainer.remove_callback(PrinterCallback)  # progress is the caller's (tqdm in the CLI, gr.Progress in the Space)

@@ -86,13 +86,15 @@ def fit(
     on_step: Callable[[dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     started: float | None = None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """AdamW over shuffled mini-batches of example indices; ``loss_of(indices)`` returns a batch's loss.
 
     The learning rate decays linearly to 0 over all planned steps (like transformers' Trainer) or
     stays constant. Stops after ``epochs``, once a step's loss is at most ``target_loss``, or when
     ``should_stop()`` returns true (checked before each step). ``on_step`` gets each history entry.
-    ``frozen_decay`` are trained without weight decay. Times count from ``started`` (a
+    ``frozen_decay`` are trained without weight decay. ``on_epoch_end`` gets the epoch's last history entry
+    (it may add to it, e.g. a validation loss). Times count from ``started`` (a
     ``time.perf_counter()`` value, e.g. taken before the caller's own preparation) or from this call.
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:
@@ -138,6 +140,8 @@ def fit(
                 if target_loss is not None and entry["loss"] <= target_loss:
                     result.stopped = "target_loss"
                     return result
+            if on_epoch_end is not None:
+                on_epoch_end(result.history[-1])
         return result
     finally:
         result.seconds = time.perf_counter() - started

@@ -14,7 +14,7 @@ from ._bnb import keep_4bit_trainable
 from .errors import InvalidInputError
 from .examples import MAX_TOKENS
 from .hf_trainer import train_with_trainer, world_size
-from .optimize import Example, TrainResult, encode_examples
+from .optimize import Example, TrainResult, encode_examples, pad_batch
 
 METHODS = ("reft", "lora")
 DEFAULTS = {
@@ -72,6 +72,7 @@ class Trained:
     settings: TrainSettings
     template: str
     rows: list[dict[str, str]] = field(default_factory=list)
+    validation_rows: list[dict[str, str]] = field(default_factory=list)
 
     def release(self) -> Any:
         """Detach the adapter and return the untouched base model (so it can be shared again)."""
@@ -105,8 +106,11 @@ def train_adapter(
     base: tuple[Any, Any] | None = None,
     on_step=None,
     should_stop=None,
+    validation_rows: list[dict[str, str]] | None = None,
 ) -> Trained:
-    """Train an adapter on ``rows``; ``base=(model, tokenizer)`` reuses a loaded base model."""
+    """Train an adapter on ``rows``; ``base=(model, tokenizer)`` reuses a loaded base model. With
+    ``validation_rows``, each epoch's last history entry also gets ``val_loss``: the mean cross-entropy over
+    those rows' response tokens, computed without gradients."""
     from .base_model import load_base_model
     from .chat import prompt_template
     from .reft.model import find_decoder_layers
@@ -116,9 +120,16 @@ def train_adapter(
     settings = settings.resolved(len(find_decoder_layers(model)))
     template = prompt_template(tokenizer)
     examples = encode_examples(tokenizer, rows, template, max_length=settings.max_tokens)
+    held_out = encode_examples(tokenizer, validation_rows, template, max_length=settings.max_tokens) \
+        if validation_rows else []  # fmt: skip
+    adapter = None
+
+    def on_epoch_end(entry: dict) -> None:
+        entry["val_loss"] = validation_loss(adapter, held_out, reft=settings.method == "reft")
+
     common = {"epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size,
               "target_loss": settings.target_loss, "seed": settings.seed, "on_step": on_step,
-              "should_stop": should_stop}  # fmt: skip
+              "should_stop": should_stop, "on_epoch_end": on_epoch_end if held_out else None}  # fmt: skip
     torch.manual_seed(settings.seed)
     if settings.method == "reft":
         from .reft import ReftConfig, get_reft_model
@@ -144,7 +155,31 @@ def train_adapter(
         except BaseException:
             adapter.unload()
             raise
-    return Trained(adapter, tokenizer, result, settings, template, list(rows))
+    return Trained(adapter, tokenizer, result, settings, template, list(rows), list(validation_rows or []))
+
+
+def validation_loss(model: nn.Module, examples: list[Example], *, reft: bool = False, batch_size: int = 16) -> float:
+    """Mean cross-entropy over the response tokens of ``examples`` (no gradients; every module's train/eval
+    mode is put back as it was)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch = examples[start : start + batch_size]
+                ids, mask, labels = pad_batch(batch)
+                ids, mask, targets = ids[:, :-1], mask[:, :-1], labels[:, 1:]
+                keep = targets != -100
+                extra = {"prompt_lengths": torch.tensor([len(ex.prompt_ids) for ex in batch])} if reft else {}
+                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, **extra).logits
+                total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                           targets[keep], reduction="sum"))  # fmt: skip
+                count += int(keep.sum())
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return total / max(count, 1)
 
 
 def train_lora(model: nn.Module, examples: list[Example], **kwargs: Any) -> TrainResult:
@@ -187,6 +222,11 @@ def save_trained(trained: Trained, out_dir: str | Path, *, overwrite: bool = Fal
         args.update(layers=trained.settings.layers, positions=trained.settings.positions)
     else:
         args.update(target_modules=LORA_TARGETS)
+    evaluation = {}
+    validated = [h["val_loss"] for h in trained.result.history if "val_loss" in h]
+    if validated:
+        args["validation_rows"] = len(trained.validation_rows)
+        evaluation["validation_loss"] = round(validated[-1], 4)
     return save_adapter(
         trained.model,
         out_dir,
@@ -197,6 +237,7 @@ def save_trained(trained: Trained, out_dir: str | Path, *, overwrite: bool = Fal
         history=trained.result.history,
         training_args=args,
         training_seconds=trained.result.seconds,
+        evaluation=evaluation or None,
         example_prompt=trained.rows[0]["prompt"] if trained.rows else None,
         prompt_template=trained.template,
     )

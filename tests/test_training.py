@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import torch
+import yaml
 from test_peft_methods import load_tiny, tiny_base_repo, tiny_tokenizer  # noqa: F401 - shared session fixture
 
 from hub_peft import load_adapter
@@ -197,3 +198,49 @@ def test_on_a_space_push_uses_the_oauth_login(app, alice, repo_name, tmp_path, m
     with pytest.raises(gr.Error) as refused:
         app.push(f"alice/{repo_name}-2", False, "", state, oauth_token=None)
     assert "Paste a write token (or set HF_TOKEN) to push." in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize("method", ["reft", "lora"])
+def test_train_holds_out_a_validation_split_and_reports_its_loss(method, tiny_base_repo, tmp_path):  # noqa: F811
+    """20+ rows: 10% held out (never also trained on), a validation loss per epoch in the history, the card's
+    evaluation (and model-index) and the loss curve; --validation FILE instead; below 20 rows, none."""
+    rows = [{"prompt": f"w{i} w{i + 1}", "response": f"w{i + 2} w{i} w{i + 3}"} for i in range(30)]
+    examples = tmp_path / "rows.jsonl"
+    examples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["--method", method, "--base", "alice/tiny-llama", "--epochs", "3", "--batch-size", "4", "--lr", "0.05"]
+    if method == "reft":
+        base += ["--layers", "1"]
+
+    def train(out: str, *extra: str):
+        cmd = [sys.executable, "-m", "hub_peft.cli", "train", "--examples", str(examples), "--out",
+               str(tmp_path / out), *base, *extra]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((tmp_path / out / "hub_peft_card.json").read_text()), done.stdout
+
+    card, stdout = train("split")
+    assert "validation: 3 rows held out, 27 to train on" in stdout
+    assert card["data"]["count"] == 27 and card["training_args"]["validation_rows"] == 3
+    validated = [h for h in card["history"] if "val_loss" in h]
+    assert [h["epoch"] for h in validated] == [1, 2, 3] and all(h["val_loss"] > 0 for h in validated)
+    assert card["evaluation"] == {"validation_loss": round(validated[-1]["val_loss"], 4)}
+    printed = " ".join(f"{h['val_loss']:.3f}" for h in validated)
+    assert f"validation loss by epoch: {printed}" in stdout
+    readme = (tmp_path / "split" / "README.md").read_text()
+    assert "validation_loss" in readme
+    from hub_peft.cards import render_card
+
+    pushed = yaml.safe_load(render_card(tmp_path / "split", repo_id="alice/x").split("---")[1])  # as pushed
+    metric = pushed["model-index"][0]["results"][0]["metrics"][0]
+    assert metric == {"type": "validation_loss", "value": card["evaluation"]["validation_loss"]}
+
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    card, stdout = train("file", "--validation", str(held))
+    assert "5 training row(s) also in" in stdout and card["data"]["count"] == 25
+    assert card["training_args"]["validation_rows"] == 5
+
+    examples.write_text("".join(json.dumps(r) + "\n" for r in rows[:12]))
+    card, stdout = train("small")
+    assert "validation:" not in stdout and card["data"]["count"] == 12 and not card["evaluation"]
+    assert not any("val_loss" in h for h in card["history"])

@@ -57,6 +57,7 @@ def train_reft(
     method: str = "cached",
     on_step: Callable[[dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``model``'s interventions (see :func:`hub_peft.optimize.fit` for the loop and stopping rules).
 
@@ -94,6 +95,7 @@ def train_reft(
             frozen_decay=[p for n, p in named if "parametrizations" in n],
             epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
             target_loss=target_loss, seed=seed, on_step=on_step, should_stop=should_stop, started=started,
+            on_epoch_end=on_epoch_end,
         )  # fmt: skip
         result.args["method"] = method
         return result
