@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError
-from .optimize import Example, TrainResult, pad_batch
+from .optimize import Example, TrainResult, pad_batch, prompt_lengths, response_loss_sum
 
 
 def world_size() -> int:
@@ -64,7 +64,7 @@ def _collate(with_prompt_lengths: bool) -> Callable[[list[Example]], dict[str, t
         ids, mask, labels = pad_batch(batch)
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         if with_prompt_lengths:  # ReFT: where each row's prompt ends (its intervened positions)
-            out["prompt_lengths"] = torch.tensor([len(ex.prompt_ids) for ex in batch])
+            out["prompt_lengths"] = prompt_lengths(batch)
         return out
 
     return collate
@@ -77,17 +77,11 @@ def _trainer_class():
         """Mean cross-entropy over the global batch's response tokens (see the module docstring)."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-            # position t predicts token t+1; the last column (a final EOS at most) predicts nothing
-            ids, mask, targets = ids[:, :-1], mask[:, :-1], labels[:, 1:]
-            keep = targets != -100
-            extra = {"prompt_lengths": inputs["prompt_lengths"]} if "prompt_lengths" in inputs else {}
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, **extra).logits
-            total = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[keep],
-                                                reduction="sum")  # fmt: skip
-            self.step_loss = (total.detach(), keep.sum() if num_items_in_batch is None else num_items_in_batch)
+            total, count = response_loss_sum(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
+                                             inputs.get("prompt_lengths"))  # fmt: skip
+            self.step_loss = (total.detach(), count if num_items_in_batch is None else num_items_in_batch)
             if num_items_in_batch is None:
-                return total / keep.sum()
+                return total / count
             # Trainer averages gradients over processes: scale back up so the sum of all tokens is divided once
             return total / num_items_in_batch * self.accelerator.num_processes
 

@@ -70,6 +70,27 @@ def pad_batch(batch: list[Example], pad_id: int = 0) -> tuple[torch.Tensor, torc
     return ids, mask, labels
 
 
+def prompt_lengths(batch: list[Example]) -> torch.Tensor:
+    """Where each row's prompt ends in :func:`pad_batch`'s layout (a ReftModel's intervened positions)."""
+    return torch.tensor([len(ex.prompt_ids) for ex in batch])
+
+
+def response_loss_sum(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                      lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(summed cross-entropy, token count)`` over the response tokens of a :func:`pad_batch` batch.
+
+    Position t predicts token t+1 (the last column, a final EOS at most, predicts nothing), and logits are
+    computed only where a response token is predicted (``logits_to_keep``). ``lengths`` (see
+    :func:`prompt_lengths`) goes to a ReftModel, which intervenes on the prompt positions."""
+    ids, mask, targets = ids[:, :-1], mask[:, :-1], labels[:, 1:]
+    keep = targets != -100
+    extra = {"prompt_lengths": lengths} if lengths is not None else {}
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, **extra).logits
+    total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[keep],
+                                              reduction="sum")  # fmt: skip
+    return total, keep.sum()
+
+
 def fit(
     params: list[torch.nn.Parameter],
     loss_of: Callable[[list[int]], torch.Tensor],

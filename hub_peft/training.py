@@ -14,7 +14,7 @@ from ._bnb import keep_4bit_trainable
 from .errors import InvalidInputError
 from .examples import MAX_TOKENS
 from .hf_trainer import train_with_trainer, world_size
-from .optimize import Example, TrainResult, encode_examples, pad_batch
+from .optimize import Example, TrainResult, encode_examples, pad_batch, prompt_lengths, response_loss_sum
 
 METHODS = ("reft", "lora")
 DEFAULTS = {
@@ -168,14 +168,8 @@ def validation_loss(model: nn.Module, examples: list[Example], *, reft: bool = F
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 batch = examples[start : start + batch_size]
-                ids, mask, labels = pad_batch(batch)
-                ids, mask, targets = ids[:, :-1], mask[:, :-1], labels[:, 1:]
-                keep = targets != -100
-                extra = {"prompt_lengths": torch.tensor([len(ex.prompt_ids) for ex in batch])} if reft else {}
-                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, **extra).logits
-                total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                           targets[keep], reduction="sum"))  # fmt: skip
-                count += int(keep.sum())
+                loss, tokens = response_loss_sum(model, *pad_batch(batch), prompt_lengths(batch) if reft else None)
+                total, count = total + float(loss), count + int(tokens)
     finally:
         for module, mode in modes.items():
             module.training = mode

@@ -16,7 +16,6 @@ VLLM_MAX_RANK = 512
 VLLM_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
                 "embed_tokens", "lm_head"}  # fmt: skip
 VLLM_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # inits that leave the base as it is
-VLLM_BASE_EMBEDDINGS = (".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")
 VLLM_TENSOR = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(?:(?:lora_A|lora_B)\.weight|lora_embedding_[AB])$")
 
 
@@ -201,6 +200,11 @@ def _check_reft(report: Report, config: Any, base_config: Any, base_name: str) -
         report.problems[-1].incompatible_base = True
 
 
+def lora_ranks(config: dict) -> list:
+    """A LoRA config's ranks: ``r`` and every ``rank_pattern`` override."""
+    return [config.get("r", 0), *(config.get("rank_pattern") or {}).values()]
+
+
 def _check_vllm(report: Report) -> None:
     """vLLM's LoRA contract, rule for rule as vLLM 0.32 decides it: ``PEFTHelper.validate_legal`` (config
     features) and ``LoRAModel.from_local_checkpoint`` (every tensor name must parse as a LoRA weight of a
@@ -230,7 +234,7 @@ def _check_vllm(report: Report) -> None:
         report.add(f"modules_to_save is {extra}; vLLM takes only classifier/score heads there", retrain)
     if c.get("bias", "none") != "none":
         report.add(f"bias is {c.get('bias')!r}; vLLM needs 'none'", "retrain with bias='none'")
-    ranks = [c.get("r", 0), *(c.get("rank_pattern") or {}).values()]
+    ranks = lora_ranks(c)
     if any(not isinstance(r, int) or r <= 0 for r in ranks):
         report.add(f"ranks {ranks} include one that is not a positive integer", "fix r / rank_pattern")
     elif max(ranks) > VLLM_MAX_RANK:
@@ -240,8 +244,8 @@ def _check_vllm(report: Report) -> None:
                    "serve it with `hub-peft serve`")  # fmt: skip
     modules, odd = set(), []
     for name in report.tensors:
-        if name.endswith(VLLM_BASE_EMBEDDINGS) or "base_layer" in name or "trainable_tokens" in name:
-            continue  # vLLM skips these (the last is reported above)
+        if "base_layer" in name or "trainable_tokens" in name:  # saved base embeddings: vLLM skips them
+            continue  # (trainable tokens are reported above)
         m = VLLM_TENSOR.match(name)
         if m:
             modules.add(m.group(1).rsplit(".", 1)[-1])

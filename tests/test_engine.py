@@ -303,20 +303,21 @@ def test_what_cannot_share_a_batch_runs_in_a_sub_batch_of_its_own(engine, adapte
     }
     for name, folder in folders.items():
         assert engine.add(name, folder)["mixable"] is False
-    rows = ["dora", "lora", "prefix", None, "head", "reft"]
+    rows = ["dora", "lora", "prefix", None, "dora", "reft", "head"]  # two DoRA rows share their sub-batch
+    prompts = [*PROMPTS, "c d"]
     streamed: dict[int, list[int]] = {}
 
     def on_token(row: int, token: int) -> None:
         streamed.setdefault(row, []).append(token)
 
-    completions = engine.generate_tokens(PROMPTS, rows, max_new_tokens=5, on_token=on_token)
-    logits = engine.next_token_logits(PROMPTS, rows)
+    completions = engine.generate_tokens(prompts, rows, max_new_tokens=5, on_token=on_token)
+    logits = engine.next_token_logits(prompts, rows)
     for i, name in enumerate(rows):
         assert streamed.get(i, []) == completions[i].tokens
         if name not in folders:  # the mixed rows are compared in the mixed-batch tests
             continue
         model = PeftModel.from_pretrained(load_tiny(), folders[name]).eval()  # the ordinary PEFT way, one row
-        ids = torch.tensor([encode_prompt(tiny_tokenizer(), PROMPTS[i], prompt_template(tiny_tokenizer()))])
+        ids = torch.tensor([encode_prompt(tiny_tokenizer(), prompts[i], prompt_template(tiny_tokenizer()))])
         with torch.inference_mode():
             expected = model(input_ids=ids).logits[0, -1]
             tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,

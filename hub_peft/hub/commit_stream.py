@@ -102,7 +102,7 @@ class CommitStream:
             line, staged = self._prefix + b'""' + bytes(self._after), self._blob
             self._blob, self._after, self._prefix = None, None, b""
             try:
-                value = self._item(line)
+                _, value = self._item(line)  # the key is "file": the prefix matched _CONTENT_PREFIX
                 path = check_path(value.get("path"))
                 if value.get("encoding", "base64") != "base64":
                     raise BadRequest(f"File {path!r}: content must be a base64 string.")
@@ -114,8 +114,7 @@ class CommitStream:
         line, self._line = bytes(self._line), bytearray()
         if not line.strip():
             return
-        value = self._item(line)
-        key = self._key
+        key, value = self._item(line)
         if key == "header":
             self.header = value
         elif key == "file":
@@ -134,15 +133,15 @@ class CommitStream:
         else:
             raise BadRequest(f"Malformed commit payload at line {self._number}: unknown key {key!r}.")
 
-    def _item(self, line: bytes) -> dict:
+    def _item(self, line: bytes) -> tuple[str, dict]:
         try:
             item = json.loads(line)
-            self._key, value = item["key"], item["value"]
+            key, value = item["key"], item["value"]
             if not isinstance(value, dict):
                 raise TypeError("'value' must be an object")
         except (ValueError, KeyError, TypeError) as e:
             raise BadRequest(f"Malformed commit payload at line {self._number}: {e}") from None
-        return value
+        return key, value
 
 
 class _Staging:

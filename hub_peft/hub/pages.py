@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
 
 SESSION_COOKIE = "hub_session"
+FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.S)  # a card's YAML header
 _MARKDOWN = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
 _BADGE_FIELDS = ("base_model", "library_name", "pipeline_tag", "license", "tags", "datasets", "language")
 
@@ -109,12 +110,12 @@ _ENV = Environment(loader=DictLoader(_TEMPLATES), autoescape=select_autoescape(d
 _ENV.filters["urlencode"] = lambda value: quote(str(value), safe="")
 
 
-def human_size(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
+def human_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
-    return f"{size} B"
+    return f"{size:.1f} GiB"
 
 
 def repo_url(repo: Repo) -> str:
@@ -126,8 +127,6 @@ def repo_url(repo: Repo) -> str:
 class Page:
     status: int
     html: str
-    set_cookie: tuple[str, str] | None = None  # (name, value); value "" clears it
-    redirect: str | None = None
 
 
 class Sessions:
@@ -190,7 +189,7 @@ class Pages:
         commit = self.storage.resolve(repo, None)
         base = repo_url(repo)
         card = self.card_text(commit)
-        meta, body = _split_front_matter(card)
+        meta, body = split_front_matter(card)
         badges = []
         for key in _BADGE_FIELDS:
             value = meta.get(key)
@@ -266,18 +265,18 @@ def cookie_session(request: Request) -> str | None:
     return request.cookies.get(SESSION_COOKIE)
 
 
-def _split_front_matter(text: str) -> tuple[dict, str]:
+def split_front_matter(text: str) -> tuple[dict, str]:
+    """A card's ``(YAML metadata, Markdown body)``; ``{}`` when there is no front matter or it does not parse."""
     import yaml
 
-    if text.startswith("---"):
-        end = text.find("\n---", 3)
-        if end > 0:
-            try:
-                meta = yaml.safe_load(text[3:end]) or {}
-            except yaml.YAMLError:
-                meta = {}
-            return (meta if isinstance(meta, dict) else {}), text[end + 4 :].lstrip("-\n")
-    return {}, text
+    match = FRONT_MATTER.match(text)
+    if not match:
+        return {}, text
+    try:
+        meta = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        meta = None
+    return (meta if isinstance(meta, dict) else {}), text[match.end() :]
 
 
 def _listing(repo: Repo, commit: Commit, revision: str, path: str) -> list[dict]:

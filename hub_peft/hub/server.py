@@ -31,7 +31,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from .commit_stream import CommitStream
-from .pages import SESSION_COOKIE, Pages, cookie_session, safe_next
+from .pages import FRONT_MATTER, SESSION_COOKIE, Pages, cookie_session, safe_next, split_front_matter
 from .storage import (
     REPO_TYPES,
     AddFile,
@@ -53,7 +53,6 @@ log = logging.getLogger("hub_peft.hub")
 CHUNK = 1 << 20
 _FEED_BYTES = 4 << 20  # body bytes handed to the commit parser per thread hop
 DEFAULT_MAX_COMMIT_BYTES = 2 << 30
-_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.S)
 
 
 class HTTPError(Exception):
@@ -109,12 +108,30 @@ class LocalHub:
         if not header:
             return None
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        user = self._token_user(token.strip()) if scheme.lower() == "bearer" else None
+        if user is None:
             raise HTTPError(401, "Invalid credentials in Authorization header")
-        for known, user in self.tokens.items():
-            if hmac.compare_digest(known.encode(), token.strip().encode()):
-                return user
-        raise HTTPError(401, "Invalid credentials in Authorization header")
+        return user
+
+    def _token_user(self, token: str) -> str | None:
+        """The user a token belongs to (compared in constant time), or None."""
+        if not token:
+            return None
+        return next((u for known, u in self.tokens.items() if hmac.compare_digest(known.encode(), token.encode())),
+                    None)  # fmt: skip
+
+    def _viewer(self, request: Request, user: str | None) -> str | None:
+        """Who reads a page: the Authorization header's user, else the browser session's."""
+        return user or self.pages.sessions.user(cookie_session(request))
+
+    async def _body_chunks(self, request: Request):
+        """The request body as it arrives, refused past ``max_commit_bytes`` while it is read."""
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_commit_bytes:
+                raise HTTPError(413, f"Payload too large (limit {self.max_commit_bytes} bytes).")
+            yield chunk
 
     async def _dispatch(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -126,7 +143,8 @@ class LocalHub:
             if _is_commit(request.method, segments):
                 response = await self._streamed_commit(request, segments, user)
             else:
-                body = await self._small_body(request) if request.method in ("POST", "PUT", "DELETE") else b""
+                body = b"".join([c async for c in self._body_chunks(request)]) \
+                    if request.method in ("POST", "PUT", "DELETE") else b""  # fmt: skip
                 response = await run_in_threadpool(self._route, request, segments, user, body)
         except HTTPError as e:
             response = _error_response(e.status, e.message, e.code)
@@ -140,15 +158,6 @@ class LocalHub:
         )
         return response
 
-    async def _small_body(self, request: Request) -> bytes:
-        """A request body other than a commit's, refused past the limit while it is read."""
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_commit_bytes:
-                raise HTTPError(413, f"Payload too large (limit {self.max_commit_bytes} bytes).")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     async def _streamed_commit(self, request: Request, seg: list[str], user: str | None) -> Response:
         """POST /api/{type}s/{ns}/{name}/commit/{rev}: rights checked before a byte of the body is read, then
@@ -159,11 +168,8 @@ class LocalHub:
             raise HTTPError(400, "Pull requests are not supported by the local hub; commit to a branch.")
         stream = CommitStream(self.storage.root / "tmp")
         try:
-            pending, pending_size, size = [], 0, 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > self.max_commit_bytes:
-                    raise HTTPError(413, f"Payload too large (limit {self.max_commit_bytes} bytes).")
+            pending, pending_size = [], 0
+            async for chunk in self._body_chunks(request):
                 pending.append(chunk)
                 pending_size += len(chunk)
                 if pending_size >= _FEED_BYTES:  # decode and hash off the event loop, a few MiB at a time
@@ -215,7 +221,7 @@ class LocalHub:
 
     # -- pages for people (see pages.py) -----------------------------------------------------------
     def _page(self, request: Request, user: str | None, repo_type: str, seg: list[str]) -> Response | None:
-        user = user or self.pages.sessions.user(cookie_session(request))
+        user = self._viewer(request, user)
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         query = request.query_params
         try:
@@ -240,16 +246,16 @@ class LocalHub:
     def _login(self, request: Request, user: str | None, body: bytes) -> Response:
         from urllib.parse import parse_qs
 
-        viewer = user or self.pages.sessions.user(cookie_session(request))
+        viewer = self._viewer(request, user)
         if request.method == "GET":
             page = self.pages.login_form(viewer, request.query_params.get("next", "/"))
             return HTMLResponse(page.html, status_code=page.status)
         if request.method != "POST":
             raise HTTPError(405, "Use GET or POST /login.")
         form = parse_qs(body.decode("utf-8", errors="replace"))
-        token, target = (form.get("token") or [""])[0].strip(), safe_next((form.get("next") or ["/"])[0])
-        known = next((u for t, u in self.tokens.items() if hmac.compare_digest(t.encode(), token.encode())), None)
-        if not token or known is None:
+        known = self._token_user((form.get("token") or [""])[0].strip())
+        target = safe_next((form.get("next") or ["/"])[0])
+        if known is None:
             page = self.pages.login_form(viewer, target, "That token is not valid here.", status=401)
             return HTMLResponse(page.html, status_code=page.status)
         response = RedirectResponse(target, status_code=303)
@@ -414,15 +420,7 @@ class LocalHub:
             return f.read().decode("utf-8", errors="replace")
 
     def _card_data(self, commit: Commit) -> dict:
-        text = self._card_text(commit)
-        match = _FRONT_MATTER.match(text)
-        if not match:
-            return {}
-        try:
-            data = yaml.safe_load(match.group(1))
-        except yaml.YAMLError:
-            return {}
-        return data if isinstance(data, dict) else {}
+        return split_front_matter(self._card_text(commit))[0]
 
     def _preupload(self, repo: Repo, revision: str, payload: dict) -> Response:
         files = payload.get("files")
@@ -573,7 +571,7 @@ _STRING_LIST_FIELDS = ("tags", "datasets", "language", "metrics", "base_model")
 
 def card_metadata_errors(text: str) -> list[str]:
     """What the Hub would refuse in a model card's YAML front matter (empty list when valid)."""
-    match = _FRONT_MATTER.match(text)
+    match = FRONT_MATTER.match(text)
     if not match:
         return []
     try:

@@ -35,7 +35,7 @@ from torch import nn
 
 from .._bnb import keep_4bit_trainable
 from ..errors import InvalidInputError
-from ..optimize import Example, TrainResult, fit, pad_batch
+from ..optimize import Example, TrainResult, fit, pad_batch, prompt_lengths, response_loss_sum
 from ._kernels import OneDnnLinears, is_frozen_float32_linear, linear_cross_entropy, onednn_is_faster
 from ._lean_layer import LeanLayer
 from .model import ReftModel, find_decoder, innermost_model, prompt_positions, text_config
@@ -155,13 +155,8 @@ class _FullSteps:
 
     def loss(self, rows: list[int]) -> torch.Tensor:
         batch = [self.examples[i] for i in rows]
-        ids, mask, labels = pad_batch(batch)
-        lengths = torch.tensor([len(ex.prompt_ids) for ex in batch])
-        # position t predicts token t+1; the last column (a final EOS at most) predicts nothing
-        ids, mask, targets = ids[:, :-1], mask[:, :-1], labels[:, 1:]
-        keep = targets != -100
-        logits = self.model(input_ids=ids, attention_mask=mask, prompt_lengths=lengths, logits_to_keep=keep).logits
-        return nn.functional.cross_entropy(logits.float(), targets[keep])
+        total, count = response_loss_sum(self.model, *pad_batch(batch), prompt_lengths(batch))
+        return total / count
 
 
 @dataclass

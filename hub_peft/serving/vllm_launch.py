@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..adapters import resolve_adapter
 from ..errors import IncompatibleAdapterError, NotFoundError
-from ..validate import validate_adapter
+from ..validate import lora_ranks, validate_adapter
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (vLLM 0.32)
 INSTALL_HINT = (
@@ -55,10 +55,6 @@ def has_vllm(python: str) -> bool:
     return check.returncode == 0
 
 
-def lora_rank(config: dict) -> int:
-    return max([config.get("r", 0), *(config.get("rank_pattern") or {}).values()])
-
-
 def plan_vllm(
     base: str | None,
     adapters: list[tuple[str, str, str | None]],
@@ -83,7 +79,7 @@ def plan_vllm(
             refused.append(f"  {name} ({source}): " + "; ".join(p.point for p in report.problems))
             continue
         folders[name] = folder
-        ranks.append(lora_rank(report.config))
+        ranks.append(max(lora_ranks(report.config)))
     if refused:
         raise IncompatibleAdapterError("vLLM cannot serve these adapters:\n" + "\n".join(refused) + "\nServe them "
                                        "with `hub-peft serve` (without --engine vllm), which runs every adapter "
