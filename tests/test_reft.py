@@ -210,7 +210,11 @@ def test_generate_uses_the_kv_cache_and_equals_a_no_cache_greedy_decode():
 # --- training ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("onednn", [True, False], ids=["onednn-gemm", "default-gemm"])
+@pytest.mark.parametrize(
+    "onednn",
+    [(True, True), (False, False), (True, False), (False, True)],
+    ids=["onednn-gemm", "default-gemm", "onednn-forward-only", "onednn-backward-only"],
+)
 @pytest.mark.parametrize(
     ("kwargs", "shared"),
     [
@@ -251,24 +255,31 @@ def test_the_cached_trainer_gives_the_plain_loops_losses(kwargs, shared, onednn,
         torch.testing.assert_close(cached_state[name], full_state[name], rtol=0, atol=1e-4)
 
 
-def force_gemm(monkeypatch, onednn: bool) -> None:
-    """Make the cached trainer pick oneDNN (where this torch build has it) or the default GEMM everywhere."""
+def force_gemm(monkeypatch, onednn: tuple[bool, bool]) -> None:
+    """Make the cached trainer pick oneDNN (where this torch build has it) or the default GEMM everywhere,
+    for the forward and the backward products as ``onednn`` says."""
     from hub_peft.reft import _kernels, trainer
 
-    pick = (lambda weight, rows: _kernels.onednn_available()) if onednn else (lambda weight, rows: False)
-    monkeypatch.setattr(_kernels, "onednn_is_faster", pick)
-    monkeypatch.setattr(trainer, "onednn_is_faster", pick)
+    available = _kernels.onednn_available()
+    gemms = _kernels.Gemms(forward=onednn[0] and available, backward=onednn[1] and available)
+    monkeypatch.setattr(_kernels, "faster_gemms", lambda weight, rows: gemms)
+    monkeypatch.setattr(trainer, "faster_gemms", lambda weight, rows: gemms)
 
 
 def test_the_gemm_choice_is_timed_on_the_real_shape_and_cached_per_shape(monkeypatch):
     from hub_peft.reft import _kernels
 
     weights = torch.randn(96, HIDDEN)
-    assert isinstance(_kernels.onednn_is_faster(weights, rows=17), bool)  # timed here, either may win
-    assert not _kernels.onednn_is_faster(weights.double(), rows=17)  # oneDNN is used for float32 only
+    gemms = _kernels.faster_gemms(weights, rows=17)  # timed here, either may win, each way
+    assert isinstance(gemms.forward, bool) and isinstance(gemms.backward, bool)
+    assert not _kernels.faster_gemms(weights.double(), rows=17)  # oneDNN is used for float32 only
 
     timed = []
-    monkeypatch.setattr(_kernels, "onednn_is_faster", lambda w, rows: timed.append((w.shape, rows)) or w.shape[0] == 96)
+    monkeypatch.setattr(
+        _kernels,
+        "faster_gemms",
+        lambda w, rows: timed.append((w.shape, rows)) or _kernels.Gemms(forward=w.shape[0] == 96, backward=False),
+    )
     layers = [torch.nn.Sequential(torch.nn.Linear(HIDDEN, 96), torch.nn.Linear(96, HIDDEN)) for _ in range(3)]
     layers[2][0].weight.requires_grad_(True)  # trainable: never swapped
     for layer in layers[:2]:
@@ -276,6 +287,8 @@ def test_the_gemm_choice_is_timed_on_the_real_shape_and_cached_per_shape(monkeyp
     linears = _kernels.OneDnnLinears(layers, rows=23)
     assert timed == ([((96, HIDDEN), 23), ((HIDDEN, 96), 23)] if _kernels.onednn_available() else [])
     assert [c for _, _, c, _ in linears.swaps] == ([layers[0][0], layers[1][0]] if _kernels.onednn_available() else [])
+    assert linears.gemms == ({id(layers[i][0].weight): _kernels.Gemms(True, False) for i in (0, 1)}
+                             if _kernels.onednn_available() else {})  # fmt: skip
     with linears.active():
         assert all(isinstance(layer[0], _kernels.OneDnnLinear) for layer in layers[:2])
         assert isinstance(layers[1][1], torch.nn.Linear) and isinstance(layers[2][0], torch.nn.Linear)
@@ -293,7 +306,8 @@ def test_the_cached_trainers_kernels_compute_what_plain_torch_computes(monkeypat
         head = torch.nn.Linear(HIDDEN, 128, bias=False).requires_grad_(False)
         hidden = torch.randn(37, HIDDEN, generator=g, requires_grad=True)
         targets = torch.randint(0, 128, (37,), generator=g)
-        fused = _kernels.linear_cross_entropy(hidden, head, targets, onednn=chunk == 48)
+        gemms = _kernels.Gemms(forward=chunk == 48, backward=chunk == 8192)  # each product on each GEMM once
+        fused = _kernels.linear_cross_entropy(hidden, head, targets, gemms=gemms)
         (fused_grad,) = torch.autograd.grad(fused * 3, hidden)
         plain = torch.nn.functional.cross_entropy(head(hidden), targets)
         (plain_grad,) = torch.autograd.grad(plain * 3, hidden)
@@ -304,12 +318,14 @@ def test_the_cached_trainers_kernels_compute_what_plain_torch_computes(monkeypat
 
     linear = torch.nn.Linear(HIDDEN, 96).requires_grad_(False)
     x = torch.randn(2, 11, HIDDEN, generator=g, requires_grad=True)
-    fast = _kernels.OneDnnLinear(linear) if _kernels.onednn_available() else linear
-    out = fast(x.transpose(0, 1))  # a non-contiguous input
-    torch.testing.assert_close(out, linear(x.transpose(0, 1)), rtol=1e-5, atol=1e-5)
-    (grad,) = torch.autograd.grad(out.square().sum(), x)
     (expected,) = torch.autograd.grad(linear(x.transpose(0, 1)).square().sum(), x)
-    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
+    for forward, backward in [(True, True), (True, False), (False, True)]:
+        gemms = _kernels.Gemms(forward, backward)
+        fast = _kernels.OneDnnLinear(linear, gemms) if _kernels.onednn_available() else linear
+        out = fast(x.transpose(0, 1))  # a non-contiguous input
+        torch.testing.assert_close(out, linear(x.transpose(0, 1)), rtol=1e-5, atol=1e-5)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_the_cached_trainer_checks_its_shortcuts_against_the_model(monkeypatch):
@@ -325,10 +341,10 @@ def test_the_cached_trainer_checks_its_shortcuts_against_the_model(monkeypatch):
     steps = _CachedSteps(model, random_examples(), batch_size=4)
     assert steps.fused_loss
 
-    force_gemm(monkeypatch, True)
+    force_gemm(monkeypatch, (True, True))
     steps = _CachedSteps(model, random_examples(), batch_size=4)
     assert len(steps.linears.swaps) == (7 * 2 if _kernels.onednn_available() else 0)  # the 7 linears of layers 2, 3
-    assert steps.head_on_onednn
+    assert steps.head_gemms == _kernels.Gemms(_kernels.onednn_available(), _kernels.onednn_available())
     torch.manual_seed(0)
     config = Gemma2Config(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,

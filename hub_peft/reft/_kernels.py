@@ -6,7 +6,8 @@ Both compute the same float32 math as ``nn.Linear`` / ``F.cross_entropy`` (up to
 They exist because a step of the cached trainer multiplies few rows (the response tokens) by every
 weight of the upper layers, forward and backward. At that shape (e.g. 174 x 576 by 576 x 1536) which
 of oneDNN and the MKL GEMM behind ``nn.Linear`` wins depends on the CPU: on one of our VMs oneDNN was
-1.3-1.5x faster, on another 10% slower, so :func:`onednn_is_faster` times both on the real shape once.
+1.3-1.5x faster, on another 10% slower, and on an AVX2 EPYC faster forward but slower backward, so
+:func:`faster_gemms` times both, each way, on the real shape once.
 And on a CPU every fresh allocation of tens of MB costs more in page faults than the arithmetic done on it.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -53,16 +55,43 @@ def _runs_on_onednn(module: nn.Module) -> bool:
     return is_frozen_float32_linear(module) and module.weight.device.type == "cpu" and onednn_available()
 
 
-def onednn_is_faster(weight: torch.Tensor, rows: int) -> bool:
-    """Whether oneDNN computes ``x @ weight.T`` and the input gradient ``g @ weight`` for ``rows`` rows
+@dataclass(frozen=True)
+class Gemms:
+    """Which of a frozen linear layer's two products run on oneDNN rather than torch's default GEMM:
+    the forward ``x @ weight.T`` and the backward's input gradient ``g @ weight``. They are separate
+    choices: on an AVX2 EPYC oneDNN was 20% faster than MKL for one and 20-35% slower for the other."""
+
+    forward: bool = False
+    backward: bool = False
+
+    def __bool__(self) -> bool:
+        return self.forward or self.backward
+
+
+def faster_gemms(weight: torch.Tensor, rows: int) -> Gemms:
+    """For ``rows`` rows, whether oneDNN computes ``x @ weight.T`` and, separately, ``g @ weight``
     faster than torch's default GEMM, timed on this CPU (best of two, alternating; a few ms). An
     output layer is timed on one vocabulary chunk, the width :func:`linear_cross_entropy` multiplies by."""
     if not onednn_available() or weight.dtype != torch.float32 or weight.device.type != "cpu":
-        return False
+        return Gemms()
     w = weight.detach()[:_VOCAB_CHUNK]
     x, g = torch.full((rows, w.shape[1]), 0.5), torch.full((rows, w.shape[0]), 0.5)  # values do not matter
-    onednn, default = _best_of(lambda: (_linear(x, w), _linear(g, w.T)), lambda: (x @ w.T, g @ w))
-    return onednn < default
+    forward, forward_default, backward, backward_default = _best_of(
+        lambda: _linear(x, w), lambda: x @ w.T, lambda: _linear(g, w.T), lambda: g @ w
+    )
+    return Gemms(forward=forward < forward_default, backward=backward < backward_default)
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
+    """``x @ weight.T + bias``, by oneDNN if ``onednn``."""
+    if onednn:
+        return _linear(x, weight, bias)
+    return nn.functional.linear(x, weight, bias)
+
+
+def matmul_back(grad: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:
+    """``grad @ weight`` (the input gradient of :func:`matmul`), by oneDNN if ``onednn``."""
+    return _linear(grad, weight.T) if onednn else grad @ weight
 
 
 def _best_of(*candidates: Callable[[], object], repeats: int = 2) -> list[float]:
@@ -82,39 +111,42 @@ class _FrozenMatmul(torch.autograd.Function):
     """``x @ weight.T + bias`` and its gradient for ``x`` only (the weight is frozen)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.weight = weight
-        return _linear(x, weight, bias)
+    def forward(ctx, x, weight, bias, gemms):
+        ctx.weight, ctx.gemms = weight, gemms
+        return matmul(x, weight, bias, gemms.forward)
 
     @staticmethod
     def backward(ctx, grad):
-        return _linear(grad.contiguous(), ctx.weight.T), None, None
+        return matmul_back(grad.contiguous(), ctx.weight, ctx.gemms.backward), None, None, None
 
 
 class OneDnnLinear(nn.Module):
-    """A frozen float32 ``nn.Linear`` computed by oneDNN (same weight tensor, nothing copied)."""
+    """A frozen float32 ``nn.Linear`` with its forward and/or backward product computed by oneDNN
+    (``gemms``; same weight tensor, nothing copied)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, gemms: Gemms = Gemms(forward=True, backward=True)) -> None:
         super().__init__()
-        self.linear = linear
+        self.linear, self.gemms = linear, gemms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _FrozenMatmul.apply(x.contiguous(), self.linear.weight, self.linear.bias)
+        return _FrozenMatmul.apply(x.contiguous(), self.linear.weight, self.linear.bias, self.gemms)
 
 
 class OneDnnLinears:
-    """The frozen float32 ``nn.Linear`` layers under ``modules`` that oneDNN multiplies faster than
-    torch's default GEMM at ``rows`` rows (:func:`onednn_is_faster`, timed once per weight shape),
-    swapped for :class:`OneDnnLinear` inside :meth:`active`."""
+    """The frozen float32 ``nn.Linear`` layers under ``modules`` with a product that oneDNN computes
+    faster than torch's default GEMM at ``rows`` rows (:func:`faster_gemms`, timed once per weight
+    shape), swapped for :class:`OneDnnLinear` inside :meth:`active`."""
 
     def __init__(self, modules: list[nn.Module], rows: int) -> None:
         found = [(parent, name, child) for m in modules for parent in m.modules()
                  for name, child in parent.named_children() if _runs_on_onednn(child)]  # fmt: skip
-        faster: dict[tuple[int, ...], bool] = {}
+        faster: dict[tuple[int, ...], Gemms] = {}
         for _, _, child in found:
             if child.weight.shape not in faster:
-                faster[child.weight.shape] = onednn_is_faster(child.weight, rows)
-        self.swaps = [(p, n, c, OneDnnLinear(c)) for p, n, c in found if faster[c.weight.shape]]
+                faster[child.weight.shape] = faster_gemms(child.weight, rows)
+        self.swaps = [(p, n, c, OneDnnLinear(c, faster[c.weight.shape])) for p, n, c in found
+                      if faster[c.weight.shape]]  # fmt: skip
+        self.gemms = {id(c.weight): fast.gemms for _, _, c, fast in self.swaps}
 
     @contextmanager
     def active(self) -> Iterator[None]:
@@ -136,17 +168,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     into the logits' gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, onednn):
+    def forward(ctx, hidden, weight, targets, gemms):
         starts = range(0, weight.shape[0], _VOCAB_CHUNK)
-        chunks = [_linear(hidden, part) if onednn else hidden @ part.T
-                  for part in (weight[a : a + _VOCAB_CHUNK] for a in starts)]  # fmt: skip
+        chunks = [matmul(hidden, part, None, gemms.forward) for part in (weight[a : a + _VOCAB_CHUNK] for a in starts)]
         in_chunk = [c.gather(1, (targets - a).clamp(0, c.shape[1] - 1)[:, None])[:, 0]
                     for a, c in zip(starts, chunks, strict=True)]  # fmt: skip
         picked = torch.stack(in_chunk).gather(0, (targets // _VOCAB_CHUNK)[None])[0]  # from the target's own chunk
         top = torch.stack([c.amax(1) for c in chunks]).amax(0, keepdim=True).T
         total = sum(c.sub_(top).exp_().sum(1) for c in chunks)
         ctx.save_for_backward(weight, targets, total)
-        ctx.onednn, ctx.chunks = onednn, chunks  # not in saved_tensors: the backward overwrites them in place
+        ctx.gemms, ctx.chunks = gemms, chunks  # not in saved_tensors: the backward overwrites them in place
         return (top[:, 0] + total.log() - picked).mean()
 
     @staticmethod
@@ -158,18 +189,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = ((targets >= a) & (targets < a + probs.shape[1])).nonzero()[:, 0]
             probs[rows, targets[rows] - a] -= 1
             probs.mul_(grad / len(targets))
-            part = weight[a : a + probs.shape[1]]
-            part = _linear(probs, part.T) if ctx.onednn else probs @ part
+            part = matmul_back(probs, weight[a : a + probs.shape[1]], ctx.gemms.backward)
             grad_hidden = part if grad_hidden is None else grad_hidden.add_(part)
         ctx.chunks = None
         return grad_hidden, None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, linear: nn.Linear, targets: torch.Tensor, *, onednn: bool = False
+    hidden: torch.Tensor, linear: nn.Linear, targets: torch.Tensor, *, gemms: Gemms = Gemms()
 ) -> torch.Tensor:
     """``F.cross_entropy(linear(hidden), targets)`` for a frozen bias-free ``linear`` (see the module
-    doc), its matrix products by oneDNN if ``onednn`` and this torch build has it, else by torch's GEMM."""
+    doc), its forward and backward products by oneDNN where ``gemms`` says so and this torch build
+    has it, else by torch's GEMM."""
     if linear.bias is not None or linear.weight.requires_grad:
         raise ValueError("linear_cross_entropy needs a frozen linear layer without bias.")
-    return _LinearCrossEntropy.apply(hidden, linear.weight, targets, onednn and _runs_on_onednn(linear))
+    return _LinearCrossEntropy.apply(hidden, linear.weight, targets, gemms if _runs_on_onednn(linear) else Gemms())

@@ -20,16 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._kernels import _linear, is_frozen_float32_linear
+from ._kernels import Gemms, is_frozen_float32_linear, matmul, matmul_back
 
 _LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _ATTENTION_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
 _MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LeanLayer:
-    """One decoder layer's weights, and the GEMM each linear layer runs on (``onednn``: by weight id)."""
+    """One decoder layer's weights, and the GEMMs each linear layer runs on (``gemms``: by weight id;
+    torch's default GEMM for a weight not there)."""
 
     norm1: nn.Module
     norm2: nn.Module
@@ -45,10 +46,10 @@ class LeanLayer:
     head_dim: int
     scaling: float
     layer_idx: int
-    onednn: frozenset[int]
+    gemms: dict[int, Gemms]
 
     @classmethod
-    def of(cls, layer: nn.Module, onednn: frozenset[int] = frozenset()) -> LeanLayer | None:
+    def of(cls, layer: nn.Module, gemms: dict[int, Gemms] | None = None) -> LeanLayer | None:
         """The lean version of ``layer``, or None unless it is built exactly like a Llama decoder layer
         with frozen float32 weights and an attention without extras (sliding window, soft-capping)."""
         parts = dict(layer.named_children())
@@ -74,7 +75,7 @@ class LeanLayer:
             return None
         heads, kv_heads = linears[0].out_features // head_dim, linears[1].out_features // head_dim
         return cls(*norms, *linears, heads=heads, kv_heads=kv_heads, head_dim=head_dim, scaling=attention.scaling,
-                   layer_idx=attention.layer_idx, onednn=onednn)  # fmt: skip
+                   layer_idx=attention.layer_idx, gemms=gemms or {})  # fmt: skip
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Any) -> torch.Tensor:
         """The layer on packed ``hidden`` [n, d] (``cos``/``sin`` [n, head_dim]; ``batch``: the trainer's
@@ -82,15 +83,11 @@ class LeanLayer:
         return _LayerFunction.apply(hidden.contiguous(), self, cos, sin, batch)
 
     def project(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-        if id(linear.weight) in self.onednn:
-            return _linear(x, linear.weight, linear.bias)
-        return nn.functional.linear(x, linear.weight, linear.bias)
+        return matmul(x, linear.weight, linear.bias, self.gemms.get(id(linear.weight), Gemms()).forward)
 
     def project_back(self, grad: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
         """The gradient of :meth:`project`'s input."""
-        if id(linear.weight) in self.onednn:
-            return _linear(grad, linear.weight.T)
-        return grad @ linear.weight
+        return matmul_back(grad, linear.weight, self.gemms.get(id(linear.weight), Gemms()).backward)
 
 
 def _is_rms_norm(norm: nn.Module) -> bool:

@@ -36,7 +36,7 @@ from torch import nn
 from .._bnb import keep_4bit_trainable
 from ..errors import InvalidInputError
 from ..optimize import Example, TrainResult, fit, pad_batch, prompt_lengths, response_loss_sum
-from ._kernels import OneDnnLinears, is_frozen_float32_linear, linear_cross_entropy, onednn_is_faster
+from ._kernels import Gemms, OneDnnLinears, faster_gemms, is_frozen_float32_linear, linear_cross_entropy
 from ._lean_layer import LeanLayer
 from .model import ReftModel, find_decoder, innermost_model, prompt_positions, text_config
 
@@ -214,12 +214,11 @@ class _CachedSteps:
         # The GEMMs for a step's rows (a batch's suffixes): oneDNN where it is faster here than the default.
         rows = max(1, sum(len(c.ids) for c in self.cached) * min(batch_size, len(examples)) // len(examples))
         self.linears = OneDnnLinears(list(self.layers[self.first_layer :]), rows)
-        self.head_on_onednn = bool(self.fused_loss) and onednn_is_faster(self.head.weight, rows)
+        self.head_gemms = faster_gemms(self.head.weight, rows) if self.fused_loss else Gemms()
         # Llama-family layers run as one Function each (see _lean_layer), unless an intervention sits inside
         # them; they are used once the first batch shows that they give the model's own outputs.
-        onednn = frozenset(id(c.weight) for _, _, c, _ in self.linears.swaps)
         inside = {layer for layer, component in model._by_site if component in ("attention_output", "mlp_output")}
-        lean = {j: LeanLayer.of(self.layers[j], onednn) for j in range(self.first_layer, len(self.layers))}
+        lean = {j: LeanLayer.of(self.layers[j], self.linears.gemms) for j in range(self.first_layer, len(self.layers))}
         self.lean_layers = {j: layer for j, layer in lean.items() if layer is not None and j not in inside}
         self.lean = bool(self.lean_layers)
         self._check_against_the_plain_model(examples[0])
@@ -297,7 +296,7 @@ class _CachedSteps:
         with self._running(batch, lean=self.lean):
             if self.fused_loss:
                 hidden = self.decoder(**batch.inputs).last_hidden_state[0, batch.keep]
-                return linear_cross_entropy(hidden, self.head, batch.targets, onednn=self.head_on_onednn)
+                return linear_cross_entropy(hidden, self.head, batch.targets, gemms=self.head_gemms)
             logits = self.core(**batch.inputs, logits_to_keep=batch.keep).logits  # logits only where the loss counts
         return nn.functional.cross_entropy(logits[0].float(), batch.targets)
 
