@@ -90,6 +90,8 @@ def save_adapter(
     training_args: dict[str, Any] | None = None,
     training_seconds: float | None = None,
     evaluation: dict[str, float] | None = None,
+    evaluation_details: dict[str, Any] | None = None,
+    comparisons: list[dict[str, Any]] | None = None,
     license: str | None = None,
     example_prompt: str | None = None,
     prompt_template: str | None = None,
@@ -99,6 +101,8 @@ def save_adapter(
 
     ``dataset_name`` names the training data in the card's text (a file name is fine); ``datasets`` lists
     Hub dataset ids (``"squad"``, ``"org/name"``) for the card's metadata, which the Hub links to.
+    ``evaluation`` (metric -> value), ``evaluation_details`` and ``comparisons`` are a
+    :class:`hub_peft.evaluation.Evaluation`'s metrics, ``details()`` and ``table()``.
     """
     from peft import PeftModel
 
@@ -128,6 +132,8 @@ def save_adapter(
         training_args=dict(training_args or {}),
         training_seconds=training_seconds,
         evaluation=dict(evaluation or {}),
+        evaluation_details=dict(evaluation_details or {}),
+        comparisons=list(comparisons or []),
         license=license,
         datasets=[check_dataset_id(d) for d in datasets or []],
     )
@@ -187,6 +193,7 @@ def push_adapter(
             src = Path(model_or_dir)
             if not src.is_dir():
                 raise NotFoundError(f"{src} is not a folder; save the adapter first or pass a model.")
+            # pickles stay behind; so do hidden files (write_card below rewrites .eval_results/ for this repo)
             shutil.copytree(src, stage, ignore=shutil.ignore_patterns(*[f"*{s}" for s in PICKLE_SUFFIXES], ".*"))
         else:
             save_adapter(model_or_dir, stage)

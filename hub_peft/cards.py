@@ -20,6 +20,12 @@ from ._atomic import write_text
 
 CARD_INFO_NAME = "hub_peft_card.json"
 LOSS_CURVE_NAME = "loss_curve.png"
+EVAL_RESULTS_PATH = ".eval_results/hub_peft.yaml"
+METRIC_NAMES = {
+    "validation_loss": "Validation loss (mean cross-entropy per response token)",
+    "exact_match": "Exact match, with the adapter",
+    "base_exact_match": "Exact match, base model alone",
+}
 EMBEDDED_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
 
 _SUMMARIES = {
@@ -56,7 +62,9 @@ class CardInfo:
     history: list[dict[str, float]] = field(default_factory=list)  # [{"step": 1, "loss": 2.3}, ...]
     training_args: dict[str, Any] = field(default_factory=dict)
     training_seconds: float | None = None
-    evaluation: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, float] = field(default_factory=dict)  # metric -> value
+    evaluation_details: dict[str, Any] = field(default_factory=dict)  # source, rows, evaluated, date
+    comparisons: list[dict[str, Any]] = field(default_factory=list)  # [{"prompt", "base", "adapter", "reference"}]
     license: str | None = None
     datasets: list[str] = field(default_factory=list)  # Hub dataset ids only (card metadata links to them)
     example_prompt: str = "Hello! What can you do?"
@@ -149,18 +157,11 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool
     meta = metadata.to_dict()
     meta["base_model_relation"] = "adapter"
     if info.evaluation and repo_id:
-        meta["model-index"] = [
-            {
-                "name": repo_id,
-                "results": [
-                    {
-                        "task": {"type": "text-generation"},
-                        "dataset": {"name": (info.datasets or ["evaluation"])[0], "type": "custom"},
-                        "metrics": [{"type": k, "value": v} for k, v in sorted(info.evaluation.items())],
-                    }
-                ],
-            }
-        ]
+        dataset = {"name": _data_name(info) + ", validation split", "type": (info.datasets or ["custom"])[0],
+                   "split": "validation"}  # fmt: skip
+        metrics = [{"type": k, "value": v, "name": METRIC_NAMES.get(k, k)} for k, v in sorted(info.evaluation.items())]
+        result = {"task": {"type": "text-generation"}, "dataset": dataset, "metrics": metrics}
+        meta["model-index"] = [{"name": repo_id, "results": [result]}]
     meta.pop("model_name", None)
     citations = _citations()
     cite_keys = list(dict.fromkeys([*(v for v in variants if v in citations), "PEFT" if family == "peft" else "REFT"]))
@@ -207,7 +208,13 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool
             "seconds": info.training_seconds,
             "args": info.training_args,
         },
-        "evaluation": info.evaluation,
+        "evaluation": {
+            "metrics": info.evaluation,
+            "names": METRIC_NAMES,
+            "details": info.evaluation_details,
+            "comparisons": info.comparisons,
+            "has_references": any(c.get("reference") is not None for c in info.comparisons),
+        },
         "serving": serving,
         "limitations": info.limitations
         or (
@@ -235,14 +242,47 @@ def _reft_summary(config: dict) -> str:
 
 
 def write_card(folder: str | Path, *, repo_id: str | None = None) -> Path:
-    """Write (or refresh) ``folder/README.md``; also draws the loss curve when a history is known."""
+    """Write (or refresh) ``folder/README.md`` and, when the run was evaluated, ``.eval_results/``;
+    also draws the loss curve when a history is known."""
     folder = Path(folder)
     info = CardInfo.load(folder)
     if info.history and not (folder / LOSS_CURVE_NAME).is_file():
         plot_loss_curve(info.history, folder / LOSS_CURVE_NAME)
+    entries = eval_result_entries(info, repo_id=repo_id)
+    if entries:
+        from huggingface_hub import eval_result_entries_to_yaml
+
+        (folder / EVAL_RESULTS_PATH).parent.mkdir(exist_ok=True)
+        write_text(folder / EVAL_RESULTS_PATH, yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False))
     path = folder / "README.md"
     write_text(path, render_card(folder, repo_id=repo_id))
     return path
+
+
+def _data_name(info: CardInfo) -> str:
+    return (info.data or {}).get("name") or "the training examples"
+
+
+def eval_result_entries(info: CardInfo, *, repo_id: str | None = None) -> list:
+    """The run's metrics as ``.eval_results/`` entries (huggingface_hub's ``EvalResultEntry``), one per
+    metric (its ``task_id``). The dataset is the Hub dataset the examples came from when known; a
+    held-out split of a local file has no Hub id, so the entry names the adapter's own repo and says so
+    in ``notes``. Without a repo id (a folder not pushed yet) only a Hub dataset can be named."""
+    from huggingface_hub import EvalResultEntry, constants
+
+    dataset = (info.datasets or [repo_id])[0]
+    if not info.evaluation or dataset is None:
+        return []
+    details = info.evaluation_details
+    split = f"{details.get('rows', '?')}-row validation split of {_data_name(info)}, never trained on"
+    source = {"source_url": f"{constants.ENDPOINT}/{repo_id}", "source_name": "hub_peft training run"}
+    entries = []
+    for name, value in sorted(info.evaluation.items()):
+        answered = f"; {details.get('evaluated')} rows answered, greedy" if "exact_match" in name else ""
+        entries.append(EvalResultEntry(dataset_id=dataset, task_id=name, value=value, date=details.get("date"),
+                                       notes=f"{METRIC_NAMES.get(name, name)}; {split}{answered}",
+                                       **(source if repo_id else {})))  # fmt: skip
+    return entries
 
 
 def plot_loss_curve(history: list[dict[str, float]], path: Path) -> None:

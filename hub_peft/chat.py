@@ -66,6 +66,24 @@ def generate_reply(
     The prompt is formatted with ``template`` (a :func:`prompt_template`) if given, else the one the
     model's adapter was trained with (recorded in its config), else the tokenizer's chat template.
     """
+    return generate_replies(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, sample=sample, raw=raw,
+                            template=template, temperature=temperature, top_p=top_p)[0]  # fmt: skip
+
+
+def generate_replies(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    sample: bool = False,
+    raw: bool = False,
+    template: str | None = None,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    batch_size: int = 8,
+) -> list[str]:
+    """:func:`generate_reply` for several prompts, ``batch_size`` at a time (left-padded batches)."""
     import torch
 
     if max_new_tokens < 1:
@@ -74,17 +92,19 @@ def generate_reply(
         template = trained_prompt_template(model)
     if template is None:
         template = prompt_template(tokenizer, raw=raw)
-    ids = torch.tensor([encode_prompt(tokenizer, prompt, template)])
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": sample,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample, "pad_token_id": pad}
     if sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    with torch.inference_mode():
-        output = model.generate(**inputs, **kwargs)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_prompt(tokenizer, p, template) for p in prompts[start : start + batch_size]]
+        width = max(map(len, encoded))
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        with torch.inference_mode():
+            output = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        replies += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+    return replies

@@ -262,6 +262,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .base_model import load_base_model
     from .chat import prompt_template
     from .errors import InvalidInputError
+    from .evaluation import evaluate_trained
     from .examples import check_rows, split_validation, without
     from .hf_trainer import is_main_process, single_cpu_launch_warning
     from .reft.model import find_decoder_layers
@@ -308,12 +309,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         trained = train_adapter(rows, settings, base=(model, tokenizer), on_step=on_step, validation_rows=held_out)
     if not main:
         return 0
-    out = save_trained(trained, args.out, overwrite=args.overwrite, dataset_name=path.name)
     first, last = trained.result.history[0]["loss"], trained.result.history[-1]["loss"]
     print(f"trained {trained.result.steps} steps in {trained.result.seconds:.1f} s, loss {first:.3f} -> {last:.3f}")
     validated = [h["val_loss"] for h in trained.result.history if "val_loss" in h]
     if validated:
         print(f"validation loss by epoch: {' '.join(f'{v:.3f}' for v in validated)}")
+    evaluation = evaluate_trained(trained) if held_out else None
+    if evaluation:
+        metrics = ", ".join(f"{k} {v}" for k, v in sorted(evaluation.metrics.items()))
+        print(f"evaluation on {len(evaluation.comparisons)} of {evaluation.rows} held-out rows (greedy): {metrics}")
+    out = save_trained(trained, args.out, overwrite=args.overwrite, dataset_name=path.name, evaluation=evaluation)
     print(f"saved {out}")
     if args.push:
         print(push_adapter(out, args.push, private=args.private))

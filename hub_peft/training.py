@@ -12,6 +12,7 @@ from torch import nn
 
 from ._bnb import keep_4bit_trainable
 from .errors import InvalidInputError
+from .evaluation import Evaluation
 from .examples import MAX_TOKENS
 from .hf_trainer import train_with_trainer, world_size
 from .optimize import Example, TrainResult, encode_examples, pad_batch, prompt_lengths, response_loss_sum
@@ -206,8 +207,9 @@ def _train_reft(model: Any, examples: list[Example], *, trainer: str = "auto", *
 
 
 def save_trained(trained: Trained, out_dir: str | Path, *, overwrite: bool = False, dataset_name: str | None = None,
-                 description: str | None = None) -> Path:  # fmt: skip
-    """Write the adapter folder with its card (data summary, loss curve, settings)."""
+                 description: str | None = None, evaluation: Evaluation | None = None) -> Path:  # fmt: skip
+    """Write the adapter folder with its card (data summary, loss curve, settings, and ``evaluation``:
+    see :func:`hub_peft.evaluation.evaluate_trained`)."""
     from .adapters import save_adapter
 
     args = {**trained.result.args, "method": trained.settings.method, "rank": trained.settings.rank,
@@ -216,11 +218,12 @@ def save_trained(trained: Trained, out_dir: str | Path, *, overwrite: bool = Fal
         args.update(layers=trained.settings.layers, positions=trained.settings.positions)
     else:
         args.update(target_modules=LORA_TARGETS)
-    evaluation = {}
+    metrics = dict(evaluation.metrics) if evaluation else {}
     validated = [h["val_loss"] for h in trained.result.history if "val_loss" in h]
     if validated:
         args["validation_rows"] = len(trained.validation_rows)
-        evaluation["validation_loss"] = round(validated[-1], 4)
+        metrics.setdefault("validation_loss", round(validated[-1], 4))
+    details = (evaluation or Evaluation("validation", [], rows=len(trained.validation_rows))).details()
     return save_adapter(
         trained.model,
         out_dir,
@@ -231,7 +234,9 @@ def save_trained(trained: Trained, out_dir: str | Path, *, overwrite: bool = Fal
         history=trained.result.history,
         training_args=args,
         training_seconds=trained.result.seconds,
-        evaluation=evaluation or None,
+        evaluation=metrics or None,
+        evaluation_details=details if metrics or evaluation else None,
+        comparisons=evaluation.table() if evaluation else None,
         example_prompt=trained.rows[0]["prompt"] if trained.rows else None,
         prompt_template=trained.template,
     )

@@ -3,6 +3,7 @@ handlers for bad input, on the tiny model served by the local Hub."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -201,9 +202,10 @@ def test_on_a_space_push_uses_the_oauth_login(app, alice, repo_name, tmp_path, m
 
 
 @pytest.mark.parametrize("method", ["reft", "lora"])
-def test_train_holds_out_a_validation_split_and_reports_its_loss(method, tiny_base_repo, tmp_path):  # noqa: F811
+def test_train_holds_out_a_validation_split_and_reports_its_loss(method, tiny_base_repo, tmp_path, alice, repo_name):  # noqa: F811
     """20+ rows: 10% held out (never also trained on), a validation loss per epoch in the history, the card's
-    evaluation (and model-index) and the loss curve; --validation FILE instead; below 20 rows, none."""
+    evaluation (metrics, before/after table, model-index, .eval_results/) and the loss curve; pushed, the
+    repo has all of it and passed the Hub's YAML check; --validation FILE instead; below 20 rows, none."""
     rows = [{"prompt": f"w{i} w{i + 1}", "response": f"w{i + 2} w{i} w{i + 3}"} for i in range(30)]
     examples = tmp_path / "rows.jsonl"
     examples.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -223,16 +225,41 @@ def test_train_holds_out_a_validation_split_and_reports_its_loss(method, tiny_ba
     assert card["data"]["count"] == 27 and card["training_args"]["validation_rows"] == 3
     validated = [h for h in card["history"] if "val_loss" in h]
     assert [h["epoch"] for h in validated] == [1, 2, 3] and all(h["val_loss"] > 0 for h in validated)
-    assert card["evaluation"] == {"validation_loss": round(validated[-1]["val_loss"], 4)}
+    assert card["evaluation"]["validation_loss"] == round(validated[-1]["val_loss"], 4)
+    assert set(card["evaluation"]) == {"validation_loss", "exact_match", "base_exact_match"}
+    assert card["evaluation_details"]["rows"] == card["evaluation_details"]["evaluated"] == 3
+    table = card["comparisons"]
+    assert len(table) == 3 and all(c["reference"] == next(r["response"] for r in rows if r["prompt"] == c["prompt"])
+                                   for c in table)  # fmt: skip
+    answers = [c["adapter"].strip() == c["reference"] for c in table]
+    assert card["evaluation"]["exact_match"] == round(sum(answers) / 3, 4)
     printed = " ".join(f"{h['val_loss']:.3f}" for h in validated)
     assert f"validation loss by epoch: {printed}" in stdout
+    assert "evaluation on 3 of 3 held-out rows (greedy): base_exact_match" in stdout
     readme = (tmp_path / "split" / "README.md").read_text()
-    assert "validation_loss" in readme
-    from hub_peft.cards import render_card
+    assert "### Before / after" in readme and "| Prompt | Reference | Base model | With the adapter |" in readme
+    assert f"| {table[0]['prompt']} | {table[0]['reference']} |" in readme
+    assert "3 rows held out of training, the first 3 answered by both models" in readme
+    assert not (tmp_path / "split" / ".eval_results").exists()  # a local folder has no Hub id to name
 
-    pushed = yaml.safe_load(render_card(tmp_path / "split", repo_id="alice/x").split("---")[1])  # as pushed
-    metric = pushed["model-index"][0]["results"][0]["metrics"][0]
-    assert metric == {"type": "validation_loss", "value": card["evaluation"]["validation_loss"]}
+    from huggingface_hub import HfApi, ModelCard, hf_hub_download
+
+    env = {**os.environ, "HF_TOKEN": alice}
+    done = subprocess.run([sys.executable, "-m", "hub_peft.cli", "push", str(tmp_path / "split"), f"alice/{repo_name}"],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = HfApi(token=alice).list_repo_files(f"alice/{repo_name}")
+    assert ".eval_results/hub_peft.yaml" in files
+    pushed_card = ModelCard.load(f"alice/{repo_name}", token=alice)
+    pushed_card.validate()  # the Hub's validate-yaml route, as push did before committing
+    index = pushed_card.data.to_dict()["model-index"][0]["results"][0]
+    assert index["dataset"]["split"] == "validation"
+    assert {m["type"]: m["value"] for m in index["metrics"]} == card["evaluation"]
+    entries = yaml.safe_load(Path(hf_hub_download(f"alice/{repo_name}", ".eval_results/hub_peft.yaml",
+                                                  token=alice)).read_text())  # fmt: skip
+    assert {e["dataset"]["task_id"]: e["value"] for e in entries} == card["evaluation"]
+    assert all(e["dataset"]["id"] == f"alice/{repo_name}" and e["date"] == card["evaluation_details"]["date"]
+               and "3-row validation split of rows.jsonl, never trained on" in e["notes"] for e in entries)  # fmt: skip
 
     held = tmp_path / "held.jsonl"
     held.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
@@ -243,4 +270,40 @@ def test_train_holds_out_a_validation_split_and_reports_its_loss(method, tiny_ba
     examples.write_text("".join(json.dumps(r) + "\n" for r in rows[:12]))
     card, stdout = train("small")
     assert "validation:" not in stdout and card["data"]["count"] == 12 and not card["evaluation"]
-    assert not any("val_loss" in h for h in card["history"])
+    assert not any("val_loss" in h for h in card["history"]) and not card["comparisons"]
+    assert "No evaluation metric was computed for this adapter." in (tmp_path / "small" / "README.md").read_text()
+
+
+def test_the_evaluation_compares_the_base_and_the_adapter_on_held_out_rows():
+    """Before / after: the base column is the base model's own greedy answer (the adapter switched off
+    only while it answers), the adapter column the adapter's; exact match counts the answers equal to the
+    references: here half the references are the adapter's own answers, so its exact match is 0.5."""
+    from hub_peft.chat import generate_replies
+    from hub_peft.evaluation import evaluate_trained
+
+    base = load_tiny()
+    prompts = [f"w{i} w{i + 1}" for i in range(4)]
+    for method in ("reft", "lora"):
+        settings = TrainSettings(method=method, epochs=2, lr=0.05, layers=[1] if method == "reft" else None)
+        trained = train_adapter(ROWS, settings, base=(base, tiny_tokenizer()))
+        tokenizer, template = trained.tokenizer, trained.template
+        own = generate_replies(trained.model, tokenizer, prompts, template=template, max_new_tokens=48)
+        trained.validation_rows = [{"prompt": p, "response": own[i] if i % 2 else "not this"}
+                                   for i, p in enumerate(prompts)]  # fmt: skip
+        evaluation = evaluate_trained(trained)
+        prompts_only = evaluate_trained(dataclasses.replace(trained, validation_rows=[]), prompts=prompts)
+        trained.release()
+        plain = generate_replies(base, tokenizer, prompts, template=template, max_new_tokens=48)
+        table = evaluation.comparisons
+        assert [c.prompt for c in table] == prompts and evaluation.rows == 4 and evaluation.source == "validation"
+        # answers stop one token after the longest reference: a prefix of the 48-token ones, whole for the odd rows
+        assert [c.adapter for c in table][1::2] == own[1::2] and own != plain, method
+        assert all(o.startswith(c.adapter) and p.startswith(c.base) for o, p, c in zip(own, plain, table, strict=True))
+        assert evaluation.metrics["exact_match"] == 0.5
+        assert evaluation.metrics["base_exact_match"] == sum(c.base == r["response"] for c, r in
+                                                             zip(table, trained.validation_rows, strict=True)) / 4
+        assert "validation_loss" not in evaluation.metrics  # this run had no validation epochs
+        assert prompts_only.source == "held-out prompts" and not prompts_only.metrics
+        assert [(c.base, c.adapter) for c in prompts_only.comparisons] == list(zip(plain, own, strict=True))
+    trained.validation_rows = []
+    assert evaluate_trained(trained) is None
