@@ -17,6 +17,7 @@ from test_reft_smollm import emoji_only
 
 from hub_peft.base_model import DEFAULT_BASE
 from hub_peft.hub.process import free_port
+from hub_peft.presets import held_out_prompts
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ARTIFACTS = Path(__file__).parent / "artifacts" / "studio"
@@ -72,6 +73,9 @@ def test_train_chat_and_push_in_the_browser(studio):
         page.click("#train")
         expect(page.locator("#status")).to_contain_text("Done:", timeout=300_000)
         expect(page.locator("#loss-curve canvas, #loss-curve svg").first).to_be_visible()
+        table = page.locator("#before-after")  # the preset's held-out prompts, base vs adapter
+        for prompt in held_out_prompts():
+            expect(table).to_contain_text(prompt)
         page.screenshot(path=ARTIFACTS / "2-trained.png", full_page=True)
 
         page.fill("#prompt textarea", "Write a poem about the sea")
@@ -102,3 +106,47 @@ def test_train_chat_and_push_in_the_browser(studio):
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "loss_curve.png"} <= set(files)
     card = ModelCard.load(hf_hub_download("me/emoji-studio", "README.md", endpoint=hub, cache_dir=ARTIFACTS / "hf"))
     assert card.data.base_model == DEFAULT_BASE
+
+
+def test_one_trains_another_chats_meanwhile_and_a_third_waits_in_the_queue(studio):
+    """Three browsers at once. A trains; B chats with the base model and gets its answer while A's
+    training runs (chat has its own model instance and core); C queues a training and sees its position;
+    A closes the page, which stops A's training, and C's starts; C cancels it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = studio
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        a, b, c = (browser.new_context(viewport={"width": 1280, "height": 2200}).new_page() for _ in range(3))
+        for page in (a, b, c):
+            page.goto(url)
+        for page in (a, c):
+            page.click("#preset")
+            expect(page.locator("#preview")).to_contain_text("10 examples to train on", timeout=120_000)
+        a.get_by_text("Advanced").click()
+        a.locator("#epochs input").fill("300")  # long enough to still run while B chats and C queues
+        a.click("#train")
+        a_status = a.locator("#status")
+        expect(a_status).to_contain_text("Training REFT: step", timeout=120_000)
+
+        b.fill("#prompt textarea", "What is the capital of France?")
+        b.click("#ask")
+        expect(b.locator("#base-answer textarea")).not_to_have_value("", timeout=60_000)
+        assert "train an adapter" in b.locator("#adapter-answer textarea").input_value()
+        assert "Training REFT: step" in a_status.inner_text(), a_status.inner_text()  # A's training still runs
+        b.screenshot(path=ARTIFACTS / "6-chat-during-training.png", full_page=True)
+
+        c.click("#train")
+        c_status = c.locator("#status")
+        expect(c_status).to_contain_text("Queued: position 1 in the training queue", timeout=60_000)
+        expect(c_status).to_contain_text("starts in about")  # the first test's training timed the steps
+        c.screenshot(path=ARTIFACTS / "7-queued.png", full_page=True)
+        assert "Training REFT: step" in a_status.inner_text()
+
+        a.context.close()  # A leaves: its training stops within a step, and C's starts
+        expect(c_status).to_contain_text("Training REFT: step", timeout=120_000)
+        c.click("#cancel")
+        expect(c_status).to_contain_text("Cancelled:", timeout=120_000)
+        c.screenshot(path=ARTIFACTS / "8-cancelled.png", full_page=True)
+        browser.close()

@@ -146,6 +146,34 @@ def test_the_space_preview_flags_long_prompts(app, tiny_base_repo):  # noqa: F81
     assert "⛔ row 1: 302 tokens, the limit is 256; shorten it" in text
 
 
+def test_the_space_holds_out_validation_rows_and_shows_both_curves_and_the_before_after_table(app, tiny_base_repo,  # noqa: F811
+                                                                                                    tmp_path):
+    """The Studio's training handler: 24 rows, so 10% are held out; the last update has the train and the
+    validation curve in one plot and the before/after table with the held-out rows' references. A
+    second upload replaces the split (and its rows are never trained on)."""
+    import pandas as pd
+
+    rows = pd.DataFrame([{"prompt": f"w{i} w{i + 1}", "response": f"w{i + 2} w{i}"} for i in range(24)])
+    request = type("Request", (), {"session_hash": "validation-test", "username": None})()
+    args = (rows, [], "LoRA", "alice/tiny-llama", False, 4, "", "l1", 0.05, 2, {})
+    *_, last = app.train(*args, request=request, progress=lambda *a, **k: None)
+    status, curve, _, card, _, table = last
+    assert status.startswith("Done:") and "validation_loss" in status and "exact_match" in status
+    assert set(curve["series"]) == {"train", "validation"} and (curve["series"] == "validation").sum() == 2
+    assert len(table) == 2 and set(table["prompt"]) <= set(rows["prompt"])
+    assert list(table["reference"]) == [rows.set_index("prompt").loc[p, "response"] for p in table["prompt"]]
+    assert "### Before / after" in card and "Validation loss" in card
+
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows.to_dict("records")[:5]))
+    validation, note = app.on_validation_upload(str(held))
+    assert len(validation) == 5 and "5 rows from held.jsonl, never trained on" in note
+    *_, last = app.train(rows, validation, *args[2:], request=request, progress=lambda *a, **k: None)
+    info = json.loads((Path(last[2]["adapter"]) / "hub_peft_card.json").read_text())
+    assert info["data"]["count"] == 19 and info["evaluation_details"]["rows"] == 5
+    assert not {r["prompt"] for r in info["data"]["samples"]} & {r["prompt"] for r in validation}
+
+
 def test_the_space_refuses_bad_pushes_without_leaving_a_repo(app, tiny_base_repo, tmp_path, alice, bob, repo_name):  # noqa: F811
     from huggingface_hub import HfApi
 
@@ -162,8 +190,8 @@ def test_the_space_refuses_bad_pushes_without_leaving_a_repo(app, tiny_base_repo
     assert not HfApi(token=alice).repo_exists(f"alice/{repo_name}")
     assert "Pushed" in app.push(f"alice/{repo_name}", True, alice, state)
     assert HfApi(token=alice).model_info(f"alice/{repo_name}").private
-    with pytest.raises(gr.Error, match="Train an adapter first"):
-        app.chat("hello", {})
+    with pytest.raises(gr.Error, match="Type a prompt first"):
+        app.chat(" ", {})
 
 
 def test_the_space_is_laid_out_like_a_hub_space():

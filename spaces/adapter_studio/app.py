@@ -8,12 +8,14 @@ SmolLM2-135M-Instruct, local Hub). The work itself lives in hub_peft (``examples
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,8 @@ from hub_peft.base_model import DEFAULT_BASE, load_base_model
 from hub_peft.cards import render_card
 from hub_peft.chat import generate_reply, prompt_template
 from hub_peft.errors import HubPeftError
-from hub_peft.examples import MAX_FILE_BYTES, MAX_ROWS, Table, check_rows, read_table
+from hub_peft.evaluation import Evaluation, evaluate_trained
+from hub_peft.examples import MAX_FILE_BYTES, MAX_ROWS, Table, check_rows, read_table, split_validation, without
 from hub_peft.presets import held_out_prompts, load_preset
 from hub_peft.training import (
     DEFAULTS,
@@ -37,30 +40,58 @@ from hub_peft.training import (
     token_counter,
     train_adapter,
 )
+from hub_peft.training_queue import CANCELLED, FAILED, WAITING, Cores, Job, TrainingQueue
 
 WORK = Path(os.environ.get("HUB_PEFT_STUDIO_DIR") or tempfile.mkdtemp(prefix="adapter_studio_"))
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
 MAX_NEW_TOKENS = 24
 EMPTY_TABLE = pd.DataFrame({"prompt": [""], "response": [""]})
+BEFORE_AFTER_COLUMNS = ["prompt", "reference", "base model", "with the adapter"]
 
 
 class Models:
-    """Base models shared by every session. One lock: adapters attach to the shared base while a
-    request runs (ReFT hooks, LoRA layers) and are detached before the next one."""
+    """Base models shared by every session, one instance per role, so that a chat never waits for a
+    training: ``"train"`` is used only by the training queue's worker (one job at a time), ``"chat"``
+    under :data:`CHAT_LOCK` (adapters are attached for one request and detached after it), and
+    ``"preview"`` is a copy of the tokenizer for counting tokens (Rust tokenizers are not shared across
+    threads here)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self._loaded: dict[tuple[str, bool], tuple[Any, Any]] = {}
+        self._lock = threading.RLock()
+        self._loaded: dict[tuple[str, bool, str], tuple[Any, Any]] = {}
 
-    def get(self, name: str, four_bit: bool) -> tuple[Any, Any]:
-        key = (name or DEFAULT_BASE, bool(four_bit))
-        if key not in self._loaded:
-            self._loaded[key] = load_base_model(key[0], load_in_4bit=key[1])
-        return self._loaded[key]
+    def get(self, name: str | None, four_bit: bool, role: str) -> tuple[Any, Any]:
+        key = (name or DEFAULT_BASE, bool(four_bit), role)
+        with self._lock:  # one load at a time (the first one converts the embedded GGUF)
+            if key not in self._loaded:
+                if role == "preview":
+                    self._loaded[key] = (None, copy.deepcopy(self.get(name, four_bit, "chat")[1]))
+                else:
+                    self._loaded[key] = load_base_model(key[0], load_in_4bit=key[1])
+            return self._loaded[key]
 
 
 MODELS = Models()
-CANCEL: dict[str, threading.Event] = {}  # session -> cancel flag of its running training
+CHAT_LOCK = threading.Lock()  # one chat at a time on the chat instance (a few seconds each)
+PREVIEW_LOCK = threading.Lock()
+CORES = Cores()  # a chat next to a training: one core each on two, never both on every core
+QUEUE = TrainingQueue()
+
+
+def _user(request: gr.Request | None) -> str:
+    """Who a training belongs to: the signed-in Hub user on a Space, else the browser session."""
+    return getattr(request, "username", None) or getattr(request, "session_hash", None) or "local"
+
+
+def _count_tokens(base_name: str | None, four_bit: bool):
+    _, tokenizer = MODELS.get(base_name, four_bit, "preview")
+    count = token_counter(tokenizer, prompt_template(tokenizer))
+
+    def locked(row: dict[str, str]) -> int:
+        with PREVIEW_LOCK:
+            return count(row)
+
+    return locked
 
 
 def _table_from(rows: list[dict[str, str]]) -> pd.DataFrame:
@@ -127,8 +158,7 @@ def preview(table: pd.DataFrame, base_name: str, four_bit: bool) -> str:
     if not any(r["prompt"].strip() or r["response"].strip() for r in rows):
         return "No examples yet: upload a file, paste rows into the table, or load the emoji preset."
     try:
-        _, tokenizer = MODELS.get(base_name, four_bit)
-        result = check_rows(rows, count_tokens=token_counter(tokenizer, prompt_template(tokenizer)))
+        result = check_rows(rows, count_tokens=_count_tokens(base_name, four_bit))
     except HubPeftError as e:
         return f"**Problem:** {e}"
     lines = [f"**{result.summary()}**"]
@@ -156,86 +186,138 @@ def _settings(method, base_name, four_bit, rank, layers, positions, lr, epochs) 
         raise gr.Error(str(e)) from None
 
 
-def train(table, method, base_name, four_bit, rank, layers, positions, lr, epochs, state,
-          request: gr.Request, progress=gr.Progress()):  # noqa: B008 - Gradio's way  # fmt: skip
-    """Train in a worker thread and stream progress, the loss curve, elapsed time and ETA."""
-    session = request.session_hash or "local"
-    if session in CANCEL:
-        raise gr.Error("A training is already running in this session.")
-    settings = _settings(method, base_name, four_bit, rank, layers, positions, lr, epochs)
-    rows = _rows_from(table)
-    cancel = threading.Event()
-    CANCEL[session] = cancel
+def on_validation_upload(path: str | None) -> tuple[list[dict[str, str]], str]:
+    """Held-out rows from a second upload (prompt/response columns); none clears them."""
+    if not path:
+        return [], "No validation file: with 20 or more examples, 10% of them are held out."
+    file = Path(path)
     try:
-        progress(0, desc="Waiting for the model…")
-        with MODELS.lock:
-            model, tokenizer = MODELS.get(settings.base, settings.load_in_4bit)
-            checked = check_rows(rows, count_tokens=token_counter(tokenizer, prompt_template(tokenizer)))
-            if not checked.ok:
-                raise gr.Error(checked.summary() + " " + "; ".join(p.message for p in checked.problems if p.blocking))
-            from hub_peft.reft.model import find_decoder_layers
+        table = read_table(file.read_bytes(), file.name)
+        prompt_col, response_col = table.guess_mapping()
+        if not (prompt_col and response_col):
+            raise gr.Error(f"{file.name} needs prompt and response columns, it has {table.columns}.")
+        rows = check_rows(table.rows(prompt_col, response_col)).rows
+    except HubPeftError as e:
+        raise gr.Error(str(e)) from None
+    return rows, f"Validation: {len(rows)} rows from {file.name}, never trained on."
 
-            resolved = settings.resolved(len(find_decoder_layers(model)))
-            total = planned_steps(len(checked.rows), resolved)
-            updates: queue.Queue = queue.Queue()
-            outcome: dict[str, Any] = {}
 
-            def work() -> None:
-                try:
-                    outcome["trained"] = train_adapter(checked.rows, settings, base=(model, tokenizer),
-                                                       on_step=updates.put, should_stop=cancel.is_set)  # fmt: skip
-                except BaseException as e:  # reported in the UI below
-                    outcome["error"] = e
-                finally:
-                    updates.put(None)
+def _curve(history: list[dict]) -> pd.DataFrame:
+    """Train and validation loss in one long table, for one LinePlot with a line per series."""
+    points = [{"step": h["step"], "loss": h["loss"], "series": "train"} for h in history]
+    points += [{"step": h["step"], "loss": h["val_loss"], "series": "validation"} for h in history if "val_loss" in h]
+    return pd.DataFrame(points, columns=["step", "loss", "series"])
 
-            started = time.perf_counter()
-            worker = threading.Thread(target=work, daemon=True)
-            worker.start()
-            history: list[dict] = []
+
+def _before_after(evaluation: Evaluation | None) -> pd.DataFrame:
+    rows = [[c.prompt, c.reference or "—", c.base, c.adapter] for c in (evaluation.comparisons if evaluation else [])]
+    return pd.DataFrame(rows or [["", "", "", ""]], columns=BEFORE_AFTER_COLUMNS)
+
+
+def _training_job(rows, held_out, settings: TrainSettings, folder: Path, prompts: list[str] | None):
+    """The work of one queued training, run by the queue's worker on the "train" model instance."""
+
+    def run(job: Job) -> tuple[Any, Evaluation | None]:
+        with CORES.train() as share:
+            model, tokenizer = MODELS.get(settings.base, settings.load_in_4bit, "train")
+
+            def on_step(entry: dict) -> None:
+                share()  # fewer threads while someone chats
+                job.report(entry)
+
+            trained = train_adapter(rows, settings, base=(model, tokenizer), on_step=on_step,
+                                    should_stop=job.cancelled.is_set, validation_rows=held_out)  # fmt: skip
             try:
-                entries = iter(updates.get, None)
-                entry = next(entries, None)
-            except BaseException:
-                cancel.set()
-                worker.join()
-                raise
-            while entry is not None:
-                history.append(entry)
-                elapsed = time.perf_counter() - started
-                eta = elapsed / entry["step"] * (total - entry["step"])
-                progress((entry["step"], total), desc=f"step {entry['step']}/{total}, loss {entry['loss']:.3f}")
-                status = (f"Training {resolved.method.upper()}: step {entry['step']}/{total}, "
-                          f"loss {entry['loss']:.3f}, {elapsed:.0f} s elapsed, about {eta:.0f} s left")  # fmt: skip
-                try:
-                    yield status, pd.DataFrame(history)[["step", "loss"]], state, gr.update(), gr.update()
-                    entry = next(entries, None)
-                except BaseException:  # the page went away: stop training before freeing the shared model
-                    cancel.set()
-                    worker.join()
-                    raise
-            worker.join()
-            if "error" in outcome:
-                error = outcome["error"]
-                raise gr.Error(str(error) if isinstance(error, HubPeftError) else f"Training failed: {error!r}")
-            trained = outcome["trained"]
-            folder = WORK / session / "adapter"
-            try:
-                save_trained(trained, folder, overwrite=True, dataset_name="adapter-studio-examples")
+                evaluation = None if job.cancelled.is_set() else evaluate_trained(trained, prompts=prompts)
+                save_trained(trained, folder, overwrite=True, dataset_name="adapter-studio-examples",
+                             evaluation=evaluation)  # fmt: skip
             finally:
                 trained.release()
-    finally:
-        CANCEL.pop(session, None)
+        return trained, evaluation
+
+    return run
+
+
+def _waiting_status(job: Job) -> str:
+    position, eta = QUEUE.position(job), QUEUE.eta(job)
+    when = f"starts in about {eta:.0f} s" if eta is not None else "starts when the running training ends"
+    return f"Queued: position {position} in the training queue; {when}. Cancel leaves the queue."
+
+
+def train(table, validation_rows, method, base_name, four_bit, rank, layers, positions, lr, epochs, state,
+          request: gr.Request, progress=gr.Progress()):  # noqa: B008 - Gradio's way  # fmt: skip
+    """Queue a training (one per user, run in arrival order) and stream its place in the queue, then
+    its progress, the train/validation loss curve, elapsed time and ETA."""
+    user = _user(request)
+    settings = _settings(method, base_name, four_bit, rank, layers, positions, lr, epochs)
+    checked = check_rows(_rows_from(table), count_tokens=_count_tokens(settings.base, settings.load_in_4bit))
+    if not checked.ok:
+        raise gr.Error(checked.summary() + " " + "; ".join(p.message for p in checked.problems if p.blocking))
+    if validation_rows:
+        rows, held_out = without(checked.rows, validation_rows), list(validation_rows)
+    else:
+        rows, held_out = split_validation(checked.rows)
+    if not rows:
+        raise gr.Error("Every example is also in the validation file: nothing is left to train on.")
+    preset = [dict(r) for r in load_preset()]
+    prompts = held_out_prompts() if not held_out and checked.rows == preset else None
+    epochs_ = settings.epochs or DEFAULTS[settings.method]["epochs"]
+    total = planned_steps(len(rows), dataclasses.replace(settings, epochs=epochs_))
+    folder = WORK / re.sub(r"[^A-Za-z0-9_-]", "_", user) / "adapter"
+    try:
+        job = QUEUE.submit(user, _training_job(rows, held_out, settings, folder, prompts), total)
+    except HubPeftError as e:
+        raise gr.Error(str(e)) from None
+    history: list[dict] = []
+    keep = gr.update()
+    try:
+        shown = None
+        while True:
+            try:
+                entry = job.updates.get(timeout=0.5)
+            except queue.Empty:
+                entry = {}
+            if entry is None:
+                break
+            if not entry:  # no new step: show the place in the queue, or that it has started
+                if history:
+                    continue
+                started = f"Training {settings.method.upper()}: starting…"
+                status = _waiting_status(job) if job.state == WAITING else started
+                if status != shown:
+                    progress(0, desc=status)
+                    yield status, keep, state, keep, keep, keep
+                    shown = status
+                continue
+            history.append(entry)
+            eta = QUEUE.eta(job)
+            progress((entry["step"], total), desc=f"step {entry['step']}/{total}, loss {entry['loss']:.3f}")
+            shown = (f"Training {settings.method.upper()}: step {entry['step']}/{total}, loss {entry['loss']:.3f}"
+                     + (f", validation loss {entry['val_loss']:.3f}" if "val_loss" in entry else "")
+                     + (f", about {eta:.0f} s left" if eta is not None else ""))  # fmt: skip
+            yield shown, _curve(history), state, keep, keep, keep
+    except BaseException:  # the page went away: leave the queue, or stop after the current step
+        QUEUE.cancel(user)
+        raise
+    if job.state == FAILED:
+        error = job.error
+        raise gr.Error(str(error) if isinstance(error, HubPeftError) else f"Training failed: {error!r}")
+    if job.result is None:
+        yield "Cancelled before it started.", keep, state, keep, keep, keep
+        return
+    trained, evaluation = job.result
     result = trained.result
     verb = "Cancelled" if result.stopped == "cancelled" else "Done"
     status = f"{verb}."
     if result.history:
         first, last = result.history[0]["loss"], result.history[-1]["loss"]
         status = f"{verb}: {result.steps} steps in {result.seconds:.1f} s, loss {first:.3f} → {last:.3f}"
+    if evaluation and evaluation.metrics:
+        status += "; " + ", ".join(f"{k} {v}" for k, v in sorted(evaluation.metrics.items()))
     state = {**(state or {}), "adapter": str(folder), "base": settings.base or DEFAULT_BASE,
-             "four_bit": settings.load_in_4bit, "method": resolved.method}  # fmt: skip
+             "four_bit": settings.load_in_4bit, "method": settings.method}  # fmt: skip
     card = card_preview(render_card(folder))
-    yield status, pd.DataFrame(history)[["step", "loss"]] if history else None, state, card, _zip(folder)
+    yield status, _curve(result.history), state, card, _zip(folder), _before_after(evaluation)
 
 
 def card_preview(card: str) -> str:
@@ -248,11 +330,10 @@ def card_preview(card: str) -> str:
 
 
 def cancel_training(request: gr.Request) -> str:
-    event = CANCEL.get(request.session_hash or "local")
-    if event is None:
-        return "Nothing is training in this session."
-    event.set()
-    return "Cancelling after the current step…"
+    job = QUEUE.cancel(_user(request))
+    if job is None:
+        return "You have no training in the queue."
+    return "Left the queue." if job.state == CANCELLED else "Cancelling after the current step…"
 
 
 def _zip(folder: Path) -> str:
@@ -264,13 +345,16 @@ def _zip(folder: Path) -> str:
 
 
 def chat(prompt: str, state: dict | None) -> tuple[str, str]:
+    """The base model's answer and, once this session has trained one, the adapter's. Runs on the chat
+    model instance, so it never waits for a training, on its share of the cores."""
     if not prompt or not prompt.strip():
         raise gr.Error("Type a prompt first.")
-    if not state or "adapter" not in state:
-        raise gr.Error("Train an adapter first (step 2).")
-    with MODELS.lock:
-        model, tokenizer = MODELS.get(state["base"], state["four_bit"])
+    state = state or {}
+    with CHAT_LOCK, CORES.chat():
+        model, tokenizer = MODELS.get(state.get("base"), state.get("four_bit", False), "chat")
         plain = generate_reply(model, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKENS)
+        if "adapter" not in state:
+            return plain, "(train an adapter in step 2 to see its answer here)"
         adapted = load_adapter(model, state["adapter"])
         try:
             tuned = generate_reply(adapted, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKENS)
@@ -307,6 +391,7 @@ def build() -> gr.Blocks:
     with gr.Blocks(title="Adapter Studio") as demo:
         state = gr.State({})
         pending = gr.State(None)
+        validation_rows = gr.State([])
         gr.Markdown(
             "# 🧪 Adapter Studio\nTrain a small **ReFT** or **LoRA** adapter from a few examples, chat with it next to "
             f"the base model, and push it to the Hub with a generated model card. Default base: `{DEFAULT_BASE}`."
@@ -326,6 +411,12 @@ def build() -> gr.Blocks:
                                  interactive=True, wrap=True, label="Examples (editable)",
                                  elem_id="examples")  # fmt: skip
             summary = gr.Markdown(elem_id="preview")
+            with gr.Row():
+                validation_upload = gr.File(
+                    label="Validation rows (optional; else 10% held out at 20+ examples)",
+                    file_types=[".csv", ".jsonl", ".json"], elem_id="validation-upload",
+                )  # fmt: skip
+                validation_note = gr.Markdown(elem_id="validation-note")
         with gr.Group():
             gr.Markdown("## 2. Train")
             with gr.Row():
@@ -338,7 +429,7 @@ def build() -> gr.Blocks:
                         None, label=f"Rank (default ReFT {reft['rank']}, LoRA {lora['rank']})", precision=0
                     )
                     epochs = gr.Number(None, label=f"Epochs (default ReFT {reft['epochs']}, LoRA {lora['epochs']})",
-                                       precision=0)  # fmt: skip
+                                       precision=0, elem_id="epochs")  # fmt: skip
                     lr = gr.Number(None, label=f"Learning rate (default {reft['lr']})")
                 with gr.Row():
                     layers = gr.Textbox("", label="ReFT layers (default: 8,16 on a 30-layer model)")
@@ -347,7 +438,13 @@ def build() -> gr.Blocks:
                 train_button = gr.Button("Train", variant="primary", elem_id="train")
                 cancel_button = gr.Button("Cancel", elem_id="cancel")
             status = gr.Markdown(elem_id="status")
-            curve = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, elem_id="loss-curve")
+            curve = gr.LinePlot(x="step", y="loss", color="series", title="Training and validation loss", height=260,
+                                elem_id="loss-curve")  # fmt: skip
+            gr.Markdown("**Before / after**: the base model and your adapter on prompts it was not trained on "
+                        "(the validation rows, or the preset's held-out prompts), greedy decoding.")  # fmt: skip
+            before_after = gr.Dataframe(value=_before_after(None), headers=BEFORE_AFTER_COLUMNS, interactive=False,
+                                        wrap=True, column_widths=["22%", "14%", "32%", "32%"],
+                                        elem_id="before-after")  # fmt: skip
         with gr.Group():
             gr.Markdown("## 3. Chat: base model vs your adapter")
             prompt = gr.Textbox(label="Prompt", value=held_out_prompts()[0], elem_id="prompt")
@@ -382,11 +479,14 @@ def build() -> gr.Blocks:
         preset.click(lambda: (_table_from(load_preset()), "Loaded the emoji preset (10 rows)."), None,
                      [table, load_note]).then(preview, preview_inputs, summary)  # fmt: skip
         table.input(preview, preview_inputs, summary)
-        train_button.click(train, [table, method, base_name, four_bit, rank, layers, positions, lr, epochs, state],
-                           [status, curve, state, card, download], concurrency_limit=1,
-                           concurrency_id="train")  # fmt: skip
+        validation_upload.change(on_validation_upload, validation_upload, [validation_rows, validation_note])
+        # Many handlers may wait at once: the training queue, not Gradio's, runs them one at a time and shows
+        # each its position.
+        train_button.click(train, [table, validation_rows, method, base_name, four_bit, rank, layers, positions, lr,
+                                   epochs, state], [status, curve, state, card, download, before_after],
+                           concurrency_limit=16, concurrency_id="train")  # fmt: skip
         cancel_button.click(cancel_training, None, status, queue=False)
-        ask.click(chat, [prompt, state], [plain_answer, tuned_answer], concurrency_limit=2)
+        ask.click(chat, [prompt, state], [plain_answer, tuned_answer], concurrency_limit=4)
         push_button.click(push, [repo_id, private, token, state], pushed)
     return demo
 
