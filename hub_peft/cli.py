@@ -276,7 +276,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(method=args.method, base=args.base, load_in_4bit=args.load_in_4bit, rank=args.rank,
                              lr=args.lr, epochs=args.epochs, layers=layers, positions=args.positions,
                              target_loss=args.target_loss, batch_size=args.batch_size, seed=args.seed,
-                             trainer=args.trainer)  # fmt: skip
+                             trainer=args.trainer, early_stop=args.early_stop)  # fmt: skip
     main = is_main_process()  # under accelerate launch only rank 0 prints, writes and pushes
     if warning := single_cpu_launch_warning():
         print(f"warning: {warning}", file=sys.stderr)
@@ -311,6 +311,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     first, last = trained.result.history[0]["loss"], trained.result.history[-1]["loss"]
     print(f"trained {trained.result.steps} steps in {trained.result.seconds:.1f} s, loss {first:.3f} -> {last:.3f}")
+    if trained.result.stopped == "early_stop":
+        print(f"early stop: no lower validation loss for {settings.early_stop} epoch(s); "
+              f"kept epoch {trained.result.args['restored_epoch']}'s weights")  # fmt: skip
     validated = [h["val_loss"] for h in trained.result.history if "val_loss" in h]
     if validated:
         print(f"validation loss by epoch: {' '.join(f'{v:.3f}' for v in validated)}")
@@ -393,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--validation", metavar="FILE", default=None,
                        help="Validation rows (default: 10%% of the rows held out when there are 20 or more).")
     train.add_argument("--no-validation", action="store_true", help="Train on every row, no validation split.")
+    train.add_argument("--early-stop", type=int, default=None, metavar="EPOCHS",
+                       help="Stop after EPOCHS epochs without a lower validation loss; keep the best epoch's weights.")
     train.add_argument("--seed", type=int, default=0, help="Seed of the training order and the validation split.")
     train.add_argument("--batch-size", type=int, default=10, help="Global batch (split over accelerate's processes).")
     train.add_argument("--trainer", choices=["auto", "transformers"], default="auto",

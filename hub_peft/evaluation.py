@@ -109,9 +109,8 @@ def evaluate_trained(trained: Any, *, prompts: list[str] | None = None, limit: i
             "exact_match": round(exact_match([c.adapter for c in comparisons], references), 4),
             "base_exact_match": round(exact_match([c.base for c in comparisons], references), 4),
         }
-        validated = [h["val_loss"] for h in trained.result.history if "val_loss" in h]
-        if validated:
-            metrics["validation_loss"] = round(validated[-1], 4)
+        if (loss := trained.result.final_validation_loss()) is not None:
+            metrics["validation_loss"] = round(loss, 4)
         return Evaluation("validation", comparisons, metrics, rows=len(rows))
     comparisons = compare_with_base(trained.model, tokenizer, list(prompts or [])[:limit], template=trained.template)
     return Evaluation("held-out prompts", comparisons)

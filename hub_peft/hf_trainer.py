@@ -97,7 +97,8 @@ def _callback(result: TrainResult, started: float, target_loss: float | None, on
 
         trainer = None
 
-        def on_step_begin(self, args, state, control, **kwargs):
+        def _stop_if_asked(self, control) -> None:
+            # Trainer looks at should_training_stop after a step and after an epoch, never before a step
             if should_stop is not None and should_stop():
                 result.stopped = "cancelled"
                 control.should_training_stop = True
@@ -114,10 +115,12 @@ def _callback(result: TrainResult, started: float, target_loss: float | None, on
             if target_loss is not None and entry["loss"] <= target_loss:
                 result.stopped = "target_loss"
                 control.should_training_stop = True
+            self._stop_if_asked(control)
 
         def on_epoch_end(self, args, state, control, **kwargs):
             if on_epoch_end is not None and result.history and result.stopped == "completed":  # not cancelled
                 on_epoch_end(result.history[-1])
+            self._stop_if_asked(control)
 
     return Progress()
 

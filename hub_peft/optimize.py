@@ -50,9 +50,18 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # [{"step", "epoch", "loss", "seconds"}]
     seconds: float = 0.0
     steps: int = 0
-    stopped: str = "completed"  # completed | target_loss | cancelled
+    stopped: str = "completed"  # completed | target_loss | cancelled | early_stop
     args: dict[str, Any] = field(default_factory=dict)
     planned_steps: int = 0
+
+    def final_validation_loss(self) -> float | None:
+        """The validation loss of the weights training ended with: the last epoch's, or the best epoch's
+        when early stopping put that epoch's weights back (``args["restored_epoch"]``)."""
+        validated = [h for h in self.history if "val_loss" in h]
+        if not validated:
+            return None
+        restored = self.args.get("restored_epoch")
+        return next((h["val_loss"] for h in validated if h.get("epoch") == restored), validated[-1]["val_loss"])
 
 
 def pad_batch(batch: list[Example], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

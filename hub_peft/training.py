@@ -42,6 +42,7 @@ class TrainSettings:
     seed: int = 0
     max_tokens: int = MAX_TOKENS
     trainer: str = "auto"  # auto: the cached ReFT trainer in one process, transformers' Trainer otherwise
+    early_stop: int | None = None  # with validation rows: stop after this many epochs without a better val loss
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -50,6 +51,8 @@ class TrainSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}.")
+        if self.early_stop is not None and (not isinstance(self.early_stop, int) or self.early_stop < 1):
+            raise InvalidInputError(f"early_stop must be a positive number of epochs, got {self.early_stop!r}.")
         if self.trainer not in ("auto", "transformers"):
             raise InvalidInputError(f"trainer must be 'auto' or 'transformers', got {self.trainer!r}.")
         if self.lr is not None and not 0 < self.lr < 1:
@@ -123,14 +126,22 @@ def train_adapter(
     examples = encode_examples(tokenizer, rows, template, max_length=settings.max_tokens)
     held_out = encode_examples(tokenizer, validation_rows, template, max_length=settings.max_tokens) \
         if validation_rows else []  # fmt: skip
+    if settings.early_stop and not held_out:
+        raise InvalidInputError("early_stop needs validation rows: pass a validation file, or 20+ rows to split.")
     adapter = None
+    early = EarlyStop(settings.early_stop) if settings.early_stop else None
 
     def on_epoch_end(entry: dict) -> None:
         entry["val_loss"] = validation_loss(adapter, held_out, reft=settings.method == "reft")
+        if early is not None:
+            early.update(adapter, entry)
+
+    def stop() -> bool:
+        return (should_stop is not None and should_stop()) or (early is not None and early.stop)
 
     common = {"epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size,
               "target_loss": settings.target_loss, "seed": settings.seed, "on_step": on_step,
-              "should_stop": should_stop, "on_epoch_end": on_epoch_end if held_out else None}  # fmt: skip
+              "should_stop": stop, "on_epoch_end": on_epoch_end if held_out else None}  # fmt: skip
     torch.manual_seed(settings.seed)
     if settings.method == "reft":
         from .reft import ReftConfig, get_reft_model
@@ -156,7 +167,39 @@ def train_adapter(
         except BaseException:
             adapter.unload()
             raise
+    if early is not None:
+        early.finish(adapter, result, cancelled=should_stop is not None and should_stop())
     return Trained(adapter, tokenizer, result, settings, template, list(rows), list(validation_rows or []))
+
+
+class EarlyStop:
+    """Stop once the validation loss has not improved for ``patience`` epochs, then put back the
+    adapter's weights from its best epoch (as transformers' ``load_best_model_at_end`` does)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.best, self.best_epoch, self.waited = patience, float("inf"), None, 0
+        self.weights: dict[str, torch.Tensor] = {}
+        self.stop = False
+
+    def update(self, model: nn.Module, entry: dict) -> None:
+        if entry["val_loss"] < self.best:
+            self.best, self.best_epoch, self.waited = entry["val_loss"], entry.get("epoch"), 0
+            self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        else:
+            self.waited += 1
+            self.stop = self.waited >= self.patience
+
+    def finish(self, model: nn.Module, result: TrainResult, *, cancelled: bool) -> None:
+        """Record the outcome; the best epoch's weights are put back whenever a later epoch was worse."""
+        result.args["early_stop"] = self.patience
+        if self.stop and not cancelled:
+            result.stopped = "early_stop"
+        if self.weights and self.waited:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, weight in self.weights.items():
+                    params[name].copy_(weight)
+            result.args["restored_epoch"] = self.best_epoch
 
 
 def validation_loss(model: nn.Module, examples: list[Example], *, reft: bool = False, batch_size: int = 16) -> float:
@@ -219,10 +262,9 @@ def save_trained(trained: Trained, out_dir: str | Path, *, overwrite: bool = Fal
     else:
         args.update(target_modules=LORA_TARGETS)
     metrics = dict(evaluation.metrics) if evaluation else {}
-    validated = [h["val_loss"] for h in trained.result.history if "val_loss" in h]
-    if validated:
+    if (loss := trained.result.final_validation_loss()) is not None:
         args["validation_rows"] = len(trained.validation_rows)
-        metrics.setdefault("validation_loss", round(validated[-1], 4))
+        metrics.setdefault("validation_loss", round(loss, 4))
     details = (evaluation or Evaluation("validation", [], rows=len(trained.validation_rows))).details()
     return save_adapter(
         trained.model,

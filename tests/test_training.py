@@ -302,7 +302,7 @@ def test_train_holds_out_a_validation_split_and_reports_its_loss(method, tiny_ba
     assert "No evaluation metric was computed for this adapter." in (tmp_path / "small" / "README.md").read_text()
 
 
-def test_the_evaluation_compares_the_base_and_the_adapter_on_held_out_rows():
+def test_the_evaluation_compares_the_base_and_the_adapter_on_held_out_rows(tiny_base_repo):  # noqa: F811
     """Before / after: the base column is the base model's own greedy answer (the adapter switched off
     only while it answers), the adapter column the adapter's; exact match counts the answers equal to the
     references: here half the references are the adapter's own answers, so its exact match is 0.5."""
@@ -335,3 +335,31 @@ def test_the_evaluation_compares_the_base_and_the_adapter_on_held_out_rows():
         assert [(c.base, c.adapter) for c in prompts_only.comparisons] == list(zip(plain, own, strict=True))
     trained.validation_rows = []
     assert evaluate_trained(trained) is None
+
+
+def test_early_stop_ends_training_and_keeps_the_best_epochs_weights(monkeypatch, tiny_base_repo):  # noqa: F811
+    """Validation losses 3.0, 2.0, 2.5, 2.7 with patience 2: training stops after epoch 4 (of 10) and the
+    adapter gets back exactly the weights it had after epoch 2; its validation loss is epoch 2's."""
+    from hub_peft import training
+
+    for method in ("reft", "lora"):
+        losses, seen = iter([3.0, 2.0, 2.5, 2.7, 1.0]), []
+
+        def scripted(model, examples, seen=seen, losses=losses, **_):
+            seen.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+            return next(losses)
+
+        monkeypatch.setattr(training, "validation_loss", scripted)
+        settings = TrainSettings(method=method, epochs=10, lr=0.05, batch_size=8, early_stop=2,
+                                 layers=[1] if method == "reft" else None)  # fmt: skip
+        trained = train_adapter(ROWS, settings, base=(load_tiny(), tiny_tokenizer()), validation_rows=ROWS[:2])
+        result = trained.result
+        assert result.stopped == "early_stop" and len(seen) == 4 and result.steps == 4, method
+        assert result.args["restored_epoch"] == 2 and result.final_validation_loss() == 2.0
+        params = dict(trained.model.named_parameters())
+        for name, weight in seen[1].items():
+            torch.testing.assert_close(params[name].detach(), weight, rtol=0, atol=0)
+        assert any(not torch.equal(params[n].detach(), w) for n, w in seen[3].items())  # not the last epoch's
+        trained.release()
+    with pytest.raises(InvalidInputError, match="early_stop needs validation rows"):
+        train_adapter(ROWS, TrainSettings(early_stop=2, epochs=1), base=(load_tiny(), tiny_tokenizer()))
