@@ -49,25 +49,10 @@ def encode_prompt(tokenizer: Any, prompt: str, template: str) -> list[int]:
     return tokenizer(text, add_special_tokens=template == PLACEHOLDER)["input_ids"]
 
 
-def generate_reply(
-    model: Any,
-    tokenizer: Any,
-    prompt: str,
-    *,
-    max_new_tokens: int = 64,
-    sample: bool = False,
-    raw: bool = False,
-    template: str | None = None,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-) -> str:
-    """Generate an answer to ``prompt`` (greedy unless ``sample``) and return only the new text.
-
-    The prompt is formatted with ``template`` (a :func:`prompt_template`) if given, else the one the
-    model's adapter was trained with (recorded in its config), else the tokenizer's chat template.
-    """
-    return generate_replies(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, sample=sample, raw=raw,
-                            template=template, temperature=temperature, top_p=top_p)[0]  # fmt: skip
+def generate_reply(model: Any, tokenizer: Any, prompt: str, **options: Any) -> str:
+    """Generate an answer to ``prompt`` and return only the new text (``options``: those of
+    :func:`generate_replies`; greedy unless ``sample=True``)."""
+    return generate_replies(model, tokenizer, [prompt], **options)[0]
 
 
 def generate_replies(
@@ -83,7 +68,12 @@ def generate_replies(
     top_p: float = 0.9,
     batch_size: int = 8,
 ) -> list[str]:
-    """:func:`generate_reply` for several prompts, ``batch_size`` at a time (left-padded batches)."""
+    """Answers to ``prompts`` (greedy unless ``sample``), only the new text, ``batch_size`` prompts at a
+    time (left-padded batches).
+
+    Each prompt is formatted with ``template`` (a :func:`prompt_template`) if given, else the one the
+    model's adapter was trained with (recorded in its config), else the tokenizer's chat template.
+    """
     import torch
 
     if max_new_tokens < 1:
