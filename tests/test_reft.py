@@ -489,7 +489,9 @@ def test_the_cached_trainer_runs_other_architectures_exactly_or_not_at_all(name)
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(config).eval()
     losses, ran = plain_and_cached_losses(base, random_examples(shared=[5, 6]), epochs=2)
-    assert ran == ("cached" if cached else "full")
+    # An architecture marked cached must run cached. Falcon (marked not) fell back in every run but one: in a
+    # fresh clone on an AVX2 EPYC its one-example check passed, and then its losses must still be the plain loop's.
+    assert ran == "cached" or not cached
     torch.testing.assert_close(losses["cached"], losses["full"], rtol=0, atol=1e-5)
 
 

@@ -286,6 +286,12 @@ def test_train_holds_out_a_validation_split_and_reports_its_loss(method, tiny_ba
     entries = yaml.safe_load(Path(hf_hub_download(f"alice/{repo_name}", ".eval_results/hub_peft.yaml",
                                                   token=alice)).read_text())  # fmt: skip
     assert {e["dataset"]["task_id"]: e["value"] for e in entries} == card["evaluation"]
+    from huggingface_hub import parse_eval_result_entries
+
+    parsed = parse_eval_result_entries(entries)  # huggingface_hub's own reader of the format
+    assert {(e.task_id, e.value, e.source_url) for e in parsed} == {
+        (k, v, f"{HfApi().endpoint}/alice/{repo_name}") for k, v in card["evaluation"].items()
+    }
     assert all(e["dataset"]["id"] == f"alice/{repo_name}" and e["date"] == card["evaluation_details"]["date"]
                and "3-row validation split of rows.jsonl, never trained on" in e["notes"] for e in entries)  # fmt: skip
 
