@@ -100,7 +100,8 @@ def token_counter(tokenizer: Any, template: str):
 
 
 def planned_steps(n_rows: int, settings: TrainSettings) -> int:
-    return settings.epochs * -(-n_rows // settings.batch_size)
+    """Steps a training of ``n_rows`` rows plans (the method's default epochs where ``settings`` has none)."""
+    return (settings.epochs or DEFAULTS[settings.method]["epochs"]) * -(-n_rows // settings.batch_size)
 
 
 def train_adapter(

@@ -105,10 +105,6 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
-    @property
-    def active(self) -> bool:
-        return self.state in (WAITING, RUNNING)
-
     def seconds_per_step(self) -> float | None:
         if self.started is None or not self.step:
             return None
@@ -118,13 +114,13 @@ class Job:
 class TrainingQueue:
     """Trainings one at a time in arrival order, one per user (see the module docstring)."""
 
-    def __init__(self, default_seconds_per_step: float | None = None) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiting: list[Job] = []
         self.running: Job | None = None
         self._ids = itertools.count(1)
         self._wake = threading.Condition(self._lock)
-        self._seconds_per_step = default_seconds_per_step  # the last finished job's, once there is one
+        self._seconds_per_step: float | None = None  # the last finished job's, once there is one
         threading.Thread(target=self._work, name="hub_peft-training-queue", daemon=True).start()
 
     def submit(self, user: str, run: Callable[[Job], Any], planned_steps: int) -> Job:

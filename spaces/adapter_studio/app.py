@@ -9,7 +9,6 @@ SmolLM2-135M-Instruct, local Hub). The work itself lives in hub_peft (``examples
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import queue
 import re
@@ -113,20 +112,25 @@ def _rows_from(table: pd.DataFrame | None) -> list[dict[str, str]]:
 # --- 1. examples ---------------------------------------------------------------------------------
 
 
-def on_upload(path: str | None):
-    """Read an uploaded file; if its columns are not obviously prompt/response, ask for a mapping."""
-    hidden = gr.update(visible=False)
-    if not path:
-        return gr.update(), hidden, hidden, None, "Upload a CSV, JSONL or JSON file, or load the preset."
+def _read_upload(path: str) -> tuple[Path, Table]:
+    """An uploaded file, size-checked and parsed (CSV, JSONL or JSON); problems as a ``gr.Error``."""
     file = Path(path)
     if file.stat().st_size > MAX_FILE_BYTES:
         raise gr.Error(
             f"{file.name} is {file.stat().st_size / 2**20:.1f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB."
         )
     try:
-        table = read_table(file.read_bytes(), file.name)
+        return file, read_table(file.read_bytes(), file.name)
     except HubPeftError as e:
         raise gr.Error(str(e)) from None
+
+
+def on_upload(path: str | None):
+    """Read an uploaded file; if its columns are not obviously prompt/response, ask for a mapping."""
+    hidden = gr.update(visible=False)
+    if not path:
+        return gr.update(), hidden, hidden, None, "Upload a CSV, JSONL or JSON file, or load the preset."
+    file, table = _read_upload(path)
     prompt_col, response_col = table.guess_mapping()
     if prompt_col and response_col:
         rows = table.rows(prompt_col, response_col)
@@ -190,12 +194,11 @@ def on_validation_upload(path: str | None) -> tuple[list[dict[str, str]], str]:
     """Held-out rows from a second upload (prompt/response columns); none clears them."""
     if not path:
         return [], "No validation file: with 20 or more examples, 10% of them are held out."
-    file = Path(path)
+    file, table = _read_upload(path)
+    prompt_col, response_col = table.guess_mapping()
+    if not (prompt_col and response_col):
+        raise gr.Error(f"{file.name} needs prompt and response columns, it has {table.columns}.")
     try:
-        table = read_table(file.read_bytes(), file.name)
-        prompt_col, response_col = table.guess_mapping()
-        if not (prompt_col and response_col):
-            raise gr.Error(f"{file.name} needs prompt and response columns, it has {table.columns}.")
         rows = check_rows(table.rows(prompt_col, response_col)).rows
     except HubPeftError as e:
         raise gr.Error(str(e)) from None
@@ -261,8 +264,7 @@ def train(table, validation_rows, method, base_name, four_bit, rank, layers, pos
         raise gr.Error("Every example is also in the validation file: nothing is left to train on.")
     preset = [dict(r) for r in load_preset()]
     prompts = held_out_prompts() if not held_out and checked.rows == preset else None
-    epochs_ = settings.epochs or DEFAULTS[settings.method]["epochs"]
-    total = planned_steps(len(rows), dataclasses.replace(settings, epochs=epochs_))
+    total = planned_steps(len(rows), settings)
     folder = WORK / re.sub(r"[^A-Za-z0-9_-]", "_", user) / "adapter"
     try:
         job = QUEUE.submit(user, _training_job(rows, held_out, settings, folder, prompts), total)
