@@ -353,6 +353,49 @@ def test_continuous_batching_with_admission_waves_and_early_finishers(adapters):
     assert engine.running() == []  # every slot was given back
 
 
+def test_every_step_is_one_forward_over_prompt_chunks_and_decode_tokens_together(adapters):
+    """Requests arrive while others decode: each step is a single forward of the model whose rows mix prompt
+    chunks (a long one chunked) of LoRA, ReFT, IA3 and mixes with one token of every decoding request, and every
+    request still gets exactly the tokens it gets alone."""
+    from hub_peft.reft.model import find_decoder
+    from hub_peft.serving.sampling import SamplingParams
+    from hub_peft.serving.scheduler import Request, Scheduler
+
+    engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()), max_running=8, max_model_len=256)  # rotary: any length
+    for name, folder in adapters.items():
+        engine.add(name, folder)
+    forwards, layouts = [0], []
+    find_decoder(engine.core).register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    original = engine.forward_ragged
+
+    def spy(rows):
+        layouts.append(sorted(n for _, n in rows))
+        return original(rows)
+
+    engine.forward_ragged = spy
+    scheduler = Scheduler(engine, prefill_budget=128)
+    long_prompt = " ".join(f"w{i % 90}" for i in range(200))
+    waves = [[("lora", PROMPTS[1]), ("ia3", PROMPTS[3])],
+             [("reft", PROMPTS[4]), (None, long_prompt), ({"lora": 0.6, "reft": 0.4}, PROMPTS[0])],
+             [("rslora", PROMPTS[5]), ({"ia3": 0.5, "rslora": 0.5}, PROMPTS[2])]]  # fmt: skip
+    requests = []
+    for wave in waves:
+        batch = [Request(prompt, name, SamplingParams(max_tokens=6, ignore_eos=True)) for name, prompt in wave]
+        scheduler.submit(*batch)
+        requests += batch
+        for _ in range(2):
+            before = forwards[0]
+            scheduler.step()
+            assert forwards[0] - before == 1  # one forward of the model per step
+    scheduler.run_until_done()
+    mixed = [layout for layout in layouts if layout[0] == 1 and layout[-1] > 1]
+    assert len(mixed) >= 3 and any(layout[-1] == 128 for layout in mixed)  # decode tokens beside prompt chunks
+    for request in requests:
+        alone_tokens = engine.generate_tokens([request.prompt], [request.adapter], max_new_tokens=6,
+                                              ignore_eos=True)[0].tokens  # fmt: skip
+        assert request.tokens == alone_tokens, request.adapter
+
+
 def test_a_chunked_prefill_keeps_reft_positions_and_matches_the_plain_model(tmp_path):
     """A prompt longer than the step's token budget is fed in chunks; the ReFT edits of its first and last
     tokens land in the chunks that hold them, and the logits equal one plain forward of the ReftModel."""

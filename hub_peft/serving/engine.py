@@ -15,6 +15,7 @@ is one forward over admitted sequences, each feeding its own number of new token
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 from collections import OrderedDict
@@ -51,7 +52,8 @@ _LINEARS = ("Linear", "Linear4bit", "Linear8bitLt")
 
 @dataclass
 class _Group:
-    rows: torch.Tensor  # batch row indices (ascending) of the rows that share one adapter spec
+    rows: torch.Tensor  # indices (ascending) of the batch rows, or packed tokens, that share one adapter spec
+    span: tuple[int, int] | None = None  # packed: the group is the one prompt chunk at tokens [start, end)
     loras: list[tuple[_Lora, float]] = field(default_factory=list)
     ia3s: list[tuple[_Ia3, float]] = field(default_factory=list)
     refts: list[tuple[_Reft, float, dict[str, torch.Tensor]]] = field(default_factory=list)  # + positions
@@ -130,7 +132,7 @@ class _LoraPack:
 
 
 def _pack_loras(plan: _Plan, name: str) -> _LoraPack | None:
-    members = [(g, lora.weights[name], w) for g, group in enumerate(plan.groups)
+    members = [(g, lora.weights[name], w) for g, group in enumerate(plan.groups) if group.span is None
                for lora, w in group.loras if name in lora.weights]  # fmt: skip
     if not members:
         return None
@@ -186,6 +188,12 @@ class _Plan:
     packs: dict[str, _LoraPack | None] = field(default_factory=dict)
     layouts: dict[tuple, tuple] = field(default_factory=dict)
     stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (A, B)
+    packed: bool = False  # rows are packed tokens of one row (forward_ragged), not batch rows (generate)
+
+    @functools.cached_property
+    def own_work(self) -> list[_Group]:
+        """The groups a layer handles one by one (IA3, a prompt chunk's LoRA); the rest are in the LoRA packs."""
+        return [g for g in self.groups if g.ia3s or (g.span is not None and g.loras)]
 
     def lora_pack(self, name: str) -> _LoraPack | None:
         if name not in self.packs:  # built at the first forward, reused by every later one with this plan
@@ -211,25 +219,37 @@ class _RowDeltas(nn.Module):
         plan = self.engine._plan
         if plan is None:
             return out
+        # rows of the plan's groups: packed tokens ([1, tokens, in] seen as [tokens, 1, in]) or batch rows
+        rows_of = (lambda t: t.reshape(-1, 1, t.shape[-1])) if plan.packed else (lambda t: t.reshape(t.shape[0], -1,
+                                                                                                    t.shape[-1]))
+        xs, outs = rows_of(x), rows_of(out)  # views: writing outs writes out
         pack = plan.lora_pack(self.name)
         if pack is not None:
             slots, fan_in = pack.A.shape[:2]
-            rows = x.reshape(x.shape[0], -1, fan_in).index_select(0, pack.rows)  # [slots * m, T, in]
+            rows = xs.index_select(0, pack.rows)  # [slots * m, T, in]
             hidden = torch.bmm(rows.reshape(slots, -1, fan_in).float(), pack.A)
             delta = torch.bmm(hidden, pack.B)
             if pack.weights is not None:
                 delta = delta * pack.weights
-            delta = delta.reshape(rows.shape[0], *out.shape[1:])
+            delta = delta.reshape(rows.shape[0], *outs.shape[1:])
             if pack.keep is None:
-                out.index_add_(0, pack.rows, delta.to(out.dtype))
+                outs.index_add_(0, pack.rows, delta.to(out.dtype))
             else:
-                out.index_add_(0, pack.rows[pack.keep], delta[pack.keep].to(out.dtype))
-        for group in plan.groups:
+                outs.index_add_(0, pack.rows[pack.keep], delta[pack.keep].to(out.dtype))
+        for group in plan.own_work:
+            if group.span is not None and group.loras:  # a prompt chunk: plain matmuls on its contiguous tokens
+                start, end = group.span
+                chunk = xs[start:end, 0].float()
+                for lora, w in group.loras:
+                    if self.name in lora.weights:
+                        A, B = lora.weights[self.name]
+                        delta = (chunk @ A) @ B
+                        outs[start:end, 0] += (delta if w == 1 else w * delta).to(out.dtype)
             scales = [(ia3.scales[self.name], w) for ia3, w in group.ia3s if self.name in ia3.scales]
             if not scales:
                 continue
-            rows = x[group.rows]
-            delta = torch.zeros(out[group.rows].shape, dtype=torch.float32)
+            rows = xs[group.rows]
+            delta = torch.zeros(outs[group.rows].shape, dtype=torch.float32)
             for feed_forward in (False, True):
                 parts = [w * s for (s, ff), w in scales if ff == feed_forward]
                 if not parts:
@@ -240,8 +260,8 @@ class _RowDeltas(nn.Module):
                     scaled = self.base_layer((rows * s.to(rows.dtype)).to(rows.dtype))
                     delta += (scaled if bias is None else scaled - bias).float()
                 else:
-                    delta += out[group.rows].float() * s
-            out[group.rows] += delta.to(out.dtype)
+                    delta += outs[group.rows].float() * s
+            outs[group.rows] += delta.to(out.dtype)
         return out
 
 
@@ -326,7 +346,7 @@ class MultiAdapterModel:
         for group in plan.groups:
             if not group.refts:
                 continue
-            rows = hidden[group.rows]
+            rows = hidden if plan.packed else hidden[group.rows]  # packed: positions index the one row
             total = torch.zeros_like(rows)
             touched = False
             for reft, weight, positions in group.refts:
@@ -338,8 +358,11 @@ class MultiAdapterModel:
                         touched = True
                 total = total + weight * (edited - rows)
             if touched:
-                hidden = hidden.clone()
-                hidden[group.rows] = rows + total
+                if plan.packed:
+                    hidden = rows + total
+                else:
+                    hidden = hidden.clone()
+                    hidden[group.rows] = rows + total
         return hidden
 
     # --- the adapter cache (see cache.py) -----------------------------------------------------------
@@ -689,63 +712,69 @@ class MultiAdapterModel:
 
     @torch.inference_mode()
     def forward_ragged(self, rows: list[tuple[Generation, int]]) -> torch.Tensor:
-        """One forward over admitted sequences, each feeding its next ``n`` tokens (prompt chunk or the
+        """One forward over admitted sequences, each feeding its next ``n`` tokens (a prompt chunk, or the
         last sampled token), with every row's own adapters; the logits after each row's last new token
-        ``[rows, vocab]``. Rows must be in slot order."""
+        ``[rows, vocab]``. Rows must be in slot order. The new tokens are packed into one row without
+        padding (see :mod:`.kv_cache`): prefill chunks and decode tokens share the forward, and each weight
+        matrix is read once for all of them."""
         if self.ragged_reason is not None:
             raise IncompatibleAdapterError(f"This base cannot run on the engine's KV cache: {self.ragged_reason}.")
         slots = [seq.slot for seq, _ in rows]
         if any(b <= a for a, b in itertools.pairwise(slots)) or slots[0] < 0:
             raise InvalidInputError("forward_ragged needs admitted sequences in slot order.")
-        width = max(n for _, n in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        positions = torch.zeros_like(ids)
+        new: list[int] = []
         for b, (seq, n) in enumerate(rows):
-            new = seq.tokens[seq.cached : seq.cached + n]
-            if len(new) != n or n < 1:
-                raise InvalidInputError(f"row {b} has {len(new)} tokens to feed, not {n}.")
-            ids[b, :n] = torch.tensor(new)
-            positions[b] = seq.cached + torch.arange(width).clamp(max=n - 1)
+            feed = seq.tokens[seq.cached : seq.cached + n]
+            if len(feed) != n or n < 1:
+                raise InvalidInputError(f"row {b} has {len(feed)} tokens to feed, not {n}.")
+            new += feed
         step = kv_cache.RaggedStep.build(self._kv, slots, [seq.cached for seq, _ in rows], [n for _, n in rows])
-        keep = torch.tensor([[n - 1] for _, n in rows])
+        ids = torch.tensor([new])
         with self._lock, kv_cache.running(self.core, step):
             self._plan = self._ragged_plan(rows)
             try:
-                logits = self.core(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
+                logits = self.core(input_ids=ids, position_ids=step.token_positions[None], use_cache=False,
+                                   logits_to_keep=step.last).logits  # fmt: skip
             finally:
                 self._plan = None
         for seq, n in rows:
             seq.cached += n
-        return logits[:, 0]
+        return logits[0]
 
     def _ragged_plan(self, rows: list[tuple[Generation, int]]) -> _Plan:
-        """Groups of rows with one adapter spec (and, in a prefill, the same ReFT position groups in this chunk)."""
-        decoding = all(not seq.prefilling for seq, _ in rows)
+        """Groups of packed tokens with one adapter spec: the decoding rows of each spec together, each prompt
+        chunk on its own (a contiguous span; its ReFT positions in this chunk, as packed indices)."""
+        decoding = all(n == 1 and not seq.prefilling for seq, n in rows)
         signature = tuple(tuple((id(p), w) for p, w in seq.parts) for seq, _ in rows)
         if decoding and self._decode_plan is not None and self._decode_plan[0] == signature:
             plan = self._decode_plan[1]  # the same rows and adapters as the last decode step: reuse its LoRA packs
             plan.forwards_seen = 1
             return plan
-        members: dict[tuple, list[tuple[int, list[dict[str, list[int]]]]]] = {}
+        members: dict[tuple, list[int]] = {}
+        offsets = [0]
         for b, (seq, n) in enumerate(rows):
-            chunks = [_chunk_positions(seq, n, payload.config.first_last) if isinstance(payload, _Reft) else {}
-                      for payload, _ in seq.parts]  # fmt: skip
-            key = (tuple((id(p), w) for p, w in seq.parts), tuple(tuple(sorted(c)) for c in chunks))
-            members.setdefault(key, []).append((b, chunks))
+            offsets.append(offsets[-1] + n)
+            key = (tuple((id(p), w) for p, w in seq.parts), b if seq.prefilling else -1)
+            members.setdefault(key, []).append(b)
         groups = []
-        for key, entries in sorted(members.items(), key=lambda item: item[0]):  # stable order: stacks reused
-            group = _Group(torch.tensor([b for b, _ in entries]))
-            parts = rows[entries[0][0]][0].parts
-            for i, (payload, weight) in enumerate(parts):
+        for _, entries in sorted(members.items(), key=lambda item: item[0]):  # stable order: stacks reused
+            tokens = torch.cat([torch.arange(offsets[b], offsets[b + 1]) for b in entries])
+            seq, n = rows[entries[0]]
+            group = _Group(tokens, span=(offsets[entries[0]], offsets[entries[0]] + n) if seq.prefilling else None)
+            for payload, weight in seq.parts:
                 if isinstance(payload, _Lora):
                     group.loras.append((payload, weight))
                 elif isinstance(payload, _Ia3):
                     group.ia3s.append((payload, weight))
-                elif key[1][i]:
-                    positions = {g: torch.tensor([chunks[i][g] for _, chunks in entries]) for g in key[1][i]}
-                    group.refts.append((payload, weight, positions))
+                else:
+                    chunks = [_chunk_positions(rows[b][0], rows[b][1], payload.config.first_last) for b in entries]
+                    if chunks[0]:  # prompt chunks only: decode tokens are never edited
+                        positions = {g: torch.tensor([[offsets[b] + p for b, c in zip(entries, chunks, strict=True)
+                                                       for p in c[g]]]) for g in chunks[0]}  # fmt: skip
+                        group.refts.append((payload, weight, positions))
             groups.append(group)
-        plan = _Plan(groups, stacks=self._stacks.get(tuple(lora for g in groups for lora, _ in g.loras)))
+        batched = tuple(lora for g in groups if g.span is None for lora, _ in g.loras)  # what _pack_loras stacks
+        plan = _Plan(groups, stacks=self._stacks.get(batched), packed=True)
         plan.forwards_seen = 0  # the forward's pre-hook makes it 1: the ReFT edits of this chunk apply
         if decoding:
             self._decode_plan = (signature, plan)

@@ -1,13 +1,14 @@
 """The engine's own KV cache: one slot per running sequence, and the attention that reads it.
 
 Every decoder layer keeps keys and values as ``[slots, kv_heads, max_len, head_dim]`` (allocated
-lazily: untouched pages cost no memory). A forward of the engine runs a ragged batch (one row per
-sequence, each with its own number of new tokens and its own cached length) through transformers'
-own model code with ``attn_implementation="hub_peft_ragged"``: the attention function below writes
-each row's new keys/values into its slot and attends over that slot's tokens, with no per-batch
-cache object and no padding of the cached part. Rows are ordered by slot, and each run of
-consecutive slots is one ``scaled_dot_product_attention`` call on a view of the cache (grouped
-query heads are folded into the query length, so keys are never repeated).
+lazily: untouched pages cost no memory). A forward of the engine is one *packed* sequence: the new
+tokens of every running sequence (a prompt chunk of a prefilling one, the last sampled token of a
+decoding one) side by side in one row ``[1, tokens]``, with no padding, through transformers' own model
+code with ``attn_implementation="hub_peft_ragged"``. The attention function below writes each token's
+key/value into its sequence's slot (one indexed write for the whole step) and attends over that slot:
+each run of decoding sequences in consecutive slots is one ``scaled_dot_product_attention`` call on a
+view of the cache, each prompt chunk one causal call of its own (grouped query heads are folded into
+the query length, so keys are never repeated).
 """
 
 from __future__ import annotations
@@ -23,37 +24,62 @@ _STEP: ContextVar[RaggedStep] = ContextVar("hub_peft_ragged_step")
 
 
 @dataclass
+class _Run:
+    """One attention call: ``count`` sequences in consecutive slots from ``slot``, whose new tokens are
+    ``tokens`` of the packed row (one each for decoding sequences; a chunk for a single prefilling one)."""
+
+    slot: int
+    count: int
+    tokens: torch.Tensor | slice
+    span: int  # key positions read
+    mask: torch.Tensor | None  # [count, 1, q, span] (q: new tokens per sequence); None: every key visible
+
+
+@dataclass
 class RaggedStep:
-    """One forward's layout: row ``b`` is slot ``slots[b]``, has ``starts[b]`` cached tokens and
-    ``lengths[b]`` new ones (the rest of its query columns are padding)."""
+    """One forward's layout: sequence ``b`` is slot ``slots[b]``, has ``starts[b]`` cached tokens and
+    ``lengths[b]`` new ones, packed in that order into one row of ``sum(lengths)`` tokens."""
 
     cache: SlotCache
     slots: list[int]
     starts: list[int]
     lengths: list[int]
-    runs: list[tuple[int, int, int]]  # (first row, row count, key span) of each run of consecutive slots
-    mask: torch.Tensor | None  # [rows, 1, q, span]: which cached/new key each query may see; None when q == 1
-    span: int  # max(starts + lengths): the key positions a forward can read
+    runs: list[_Run]
+    token_slots: torch.Tensor  # [tokens] the slot of each packed token
+    token_positions: torch.Tensor  # [tokens] its position in its sequence (also its rotary position)
+    last: torch.Tensor  # [sequences] the packed index of each sequence's last new token
 
     @classmethod
     def build(cls, cache: SlotCache, slots: list[int], starts: list[int], lengths: list[int]) -> RaggedStep:
-        ends = [s + n for s, n in zip(starts, lengths, strict=True)]
-        runs, first = [], 0
-        for b in range(1, len(slots) + 1):
-            if b == len(slots) or slots[b] != slots[b - 1] + 1:
-                runs.append((first, b - first, max(ends[first:b])))
-                first = b
-        span = max(ends)
-        for first, count, run_span in runs:
-            for slot in slots[first : first + count]:
-                cache.prepare(slot, run_span)
-        width = max(lengths)
-        keys = torch.arange(span)
-        start = torch.tensor(starts)[:, None, None]
-        last = torch.tensor(lengths)[:, None, None] - 1
-        # query i of row b sees keys up to its own position (padding queries: up to the row's last token)
-        visible = keys[None, None, :] <= start + torch.minimum(torch.arange(width)[None, :, None], last)
-        return cls(cache, slots, starts, lengths, runs, visible[:, None], span)
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        runs: list[_Run] = []
+        b = 0
+        while b < len(slots):
+            if lengths[b] > 1:  # a prompt chunk: causal over its own new tokens, after all its cached ones
+                start, n = starts[b], lengths[b]
+                span = start + n
+                mask = torch.arange(span)[None, :] <= start + torch.arange(n)[:, None]
+                runs.append(_Run(slots[b], 1, slice(offsets[b], offsets[b + 1]), span, mask[None, None]))
+                b += 1
+                continue
+            end = b + 1  # a run of single new tokens in consecutive slots
+            while end < len(slots) and lengths[end] == 1 and slots[end] == slots[end - 1] + 1:
+                end += 1
+            ends = torch.tensor(starts[b:end]) + 1
+            span = int(ends.max())
+            mask = None
+            if end - b > 1 or int(ends[0]) < span:
+                mask = (torch.arange(span)[None, :] < ends[:, None])[:, None, None, :]
+            runs.append(_Run(slots[b], end - b, torch.tensor(offsets[b:end]), span, mask))
+            b = end
+        for run in runs:
+            for slot in range(run.slot, run.slot + run.count):
+                cache.prepare(slot, run.span)
+        token_slots = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths))
+        token_positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+        return cls(cache, slots, starts, lengths, runs, token_slots, token_positions, torch.tensor(offsets[1:]) - 1)
 
 
 class SlotCache:
@@ -102,37 +128,35 @@ class SlotCache:
 def ragged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      **_: object) -> tuple[torch.Tensor, None]:  # fmt: skip
-    """transformers' attention interface over the engine's slots (see the module docstring)."""
+    """transformers' attention interface over the engine's slots (see the module docstring): ``query``
+    ``[1, heads, tokens, dim]`` of the packed row; returns ``[1, tokens, heads, dim]``."""
     step = _STEP.get()
     layer = module.layer_idx
     keys, values = step.cache.keys[layer], step.cache.values[layer]
-    rows, heads, width, dim = query.shape
+    _, heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    if width == 1:
-        slots, positions = torch.tensor(step.slots), torch.tensor(step.starts)
-        keys[slots, :, positions] = key[:, :, 0].to(keys.dtype)
-        values[slots, :, positions] = value[:, :, 0].to(values.dtype)
-    else:
-        for b, (slot, start, length) in enumerate(zip(step.slots, step.starts, step.lengths, strict=True)):
-            keys[slot, :, start : start + length] = key[b, :, :length].to(keys.dtype)
-            values[slot, :, start : start + length] = value[b, :, :length].to(values.dtype)
-    # [rows, kv_heads, group * width, dim]: the query heads of one kv head side by side along the length
-    folded = query.reshape(rows, kv_heads, group * width, dim).to(keys.dtype)
-    out = torch.empty_like(folded)
-    for first, count, span in step.runs:
-        slot = step.slots[first]
-        mask = None
-        if step.mask is not None:
-            mask = step.mask[first : first + count, :, :, :span].repeat(1, 1, group, 1)
-        elif count > 1 or step.starts[first] + 1 < span:
-            mask = (torch.arange(span)[None, :] <= torch.tensor(step.starts[first : first + count])[:, None])
-            mask = mask[:, None, None, :]
-        out[first : first + count] = nn.functional.scaled_dot_product_attention(
-            folded[first : first + count], keys[slot : slot + count, :, :span], values[slot : slot + count, :, :span],
-            attn_mask=mask, scale=scaling,
-        )  # fmt: skip
-    return out.reshape(rows, heads, width, dim).transpose(1, 2).to(query.dtype), None
+    keys[step.token_slots, :, step.token_positions] = key[0].transpose(0, 1).to(keys.dtype)
+    values[step.token_slots, :, step.token_positions] = value[0].transpose(0, 1).to(values.dtype)
+    # [tokens, kv_heads, group, dim]: the query heads of one kv head side by side
+    queries = query[0].transpose(0, 1).reshape(tokens, kv_heads, group, dim).to(keys.dtype)
+    out = torch.empty_like(queries)
+    for run in step.runs:
+        cached_keys = keys[run.slot : run.slot + run.count, :, : run.span]
+        cached_values = values[run.slot : run.slot + run.count, :, : run.span]
+        mask = run.mask
+        if isinstance(run.tokens, slice):  # one prompt chunk: [1, kv_heads, group * n, dim], query-major per head
+            q = queries[run.tokens].permute(1, 2, 0, 3).reshape(1, kv_heads, -1, dim)
+            if group > 1:
+                mask = mask.repeat(1, 1, group, 1)
+            attended = nn.functional.scaled_dot_product_attention(q, cached_keys, cached_values, attn_mask=mask,
+                                                                  scale=scaling)  # fmt: skip
+            out[run.tokens] = attended.reshape(kv_heads, group, -1, dim).permute(2, 0, 1, 3)
+        else:  # one new token per sequence: [count, kv_heads, group, dim]
+            attended = nn.functional.scaled_dot_product_attention(queries[run.tokens], cached_keys, cached_values,
+                                                                  attn_mask=mask, scale=scaling)  # fmt: skip
+            out[run.tokens] = attended
+    return out.reshape(1, tokens, heads, dim).to(query.dtype), None
 
 
 def register() -> None:

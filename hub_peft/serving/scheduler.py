@@ -1,8 +1,8 @@
 """Iteration-level (continuous) batching over :class:`MultiAdapterModel`.
 
 Each :meth:`Scheduler.step` admits waiting requests into free cache slots (first come, first
-served), runs one forward over the prompt chunks of newly admitted requests (at most
-``prefill_budget`` tokens, long prompts chunked), then one forward over one token of every decoding
+served), runs **one** forward over the prompt chunks of newly admitted requests (at most
+``prefill_budget`` prompt tokens, long prompts chunked) together with one token of every decoding
 request, samples each row's next token, and retires the requests that ended: their slots are reused
 at the next step. A request therefore joins at the step after it arrives and leaves at the step it
 ends, whatever else runs. Cancelled and timed-out requests leave at the next step.
@@ -161,8 +161,7 @@ class Scheduler:
             self._run_solo(solo)
         ragged = [r for r in self.running if not r.solo]
         try:
-            self._prefill([r for r in ragged if r.generation.prefilling])
-            self._decode([r for r in ragged if not r.generation.prefilling and r.finish_reason is None])
+            self._forward(ragged)
         except Exception as error:  # a failure in a shared forward: find the culprits one by one
             logger.exception("a batched step failed; retrying its requests one at a time")
             self._isolate(ragged, error)
@@ -187,31 +186,27 @@ class Scheduler:
                 self.waiting.popleft()
                 self.running.append(request)
 
-    def _prefill(self, requests: list[Request]) -> None:
+    def _forward(self, requests: list[Request]) -> None:
+        """One forward: the next prompt chunks (``prefill_budget`` tokens at most, first come first served)
+        and one token of every decoding request; then each row whose prompt is all in samples a token."""
         budget, rows = self.prefill_budget, []
-        for r in sorted(requests, key=lambda r: r.generation.slot):
-            remaining = len(r.generation.prompt_ids) - r.generation.cached
-            if budget < 128 and remaining > budget:
+        for r in requests:  # admission order
+            gen = r.generation
+            if r.finish_reason is not None:
                 continue
-            n = self.engine.next_chunk(r.generation, budget)
-            rows.append((r, n))
-            budget -= n
-            if budget <= 0:
-                break
+            if not gen.prefilling:
+                rows.append((r, 1))
+            elif budget > 0 and (budget >= 128 or len(gen.prompt_ids) - gen.cached <= budget):
+                n = self.engine.next_chunk(gen, budget)
+                rows.append((r, n))
+                budget -= n
         if not rows:
             return
+        rows.sort(key=lambda row: row[0].generation.slot)
         logits = self.engine.forward_ragged([(r.generation, n) for r, n in rows])
         for (r, _), row in zip(rows, logits, strict=True):
-            if not r.generation.prefilling:  # its whole prompt is in: the first token
+            if not r.generation.prefilling:  # its whole prompt is in: its next token
                 self._sampled(r, self.engine.sample(r.generation, row))
-
-    def _decode(self, requests: list[Request]) -> None:
-        if not requests:
-            return
-        requests = sorted(requests, key=lambda r: r.generation.slot)
-        logits = self.engine.forward_ragged([(r.generation, 1) for r in requests])
-        for r, row in zip(requests, logits, strict=True):
-            self._sampled(r, self.engine.sample(r.generation, row))
 
     def _isolate(self, requests: list[Request], error: Exception) -> None:
         """After a failed shared forward, each of its requests runs alone from where it was. Keys/values a
