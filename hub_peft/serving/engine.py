@@ -220,9 +220,8 @@ class _RowDeltas(nn.Module):
         if plan is None:
             return out
         # rows of the plan's groups: packed tokens ([1, tokens, in] seen as [tokens, 1, in]) or batch rows
-        rows_of = (lambda t: t.reshape(-1, 1, t.shape[-1])) if plan.packed else (lambda t: t.reshape(t.shape[0], -1,
-                                                                                                    t.shape[-1]))
-        xs, outs = rows_of(x), rows_of(out)  # views: writing outs writes out
+        shape = (-1, 1) if plan.packed else (x.shape[0], -1)
+        xs, outs = x.reshape(*shape, x.shape[-1]), out.view(*shape, out.shape[-1])  # a view: writing outs writes out
         pack = plan.lora_pack(self.name)
         if pack is not None:
             slots, fan_in = pack.A.shape[:2]
@@ -744,7 +743,7 @@ class MultiAdapterModel:
     def _ragged_plan(self, rows: list[tuple[Generation, int]]) -> _Plan:
         """Groups of packed tokens with one adapter spec: the decoding rows of each spec together, each prompt
         chunk on its own (a contiguous span; its ReFT positions in this chunk, as packed indices)."""
-        decoding = all(n == 1 and not seq.prefilling for seq, n in rows)
+        decoding = all(not seq.prefilling for seq, _ in rows)
         signature = tuple(tuple((id(p), w) for p, w in seq.parts) for seq, _ in rows)
         if decoding and self._decode_plan is not None and self._decode_plan[0] == signature:
             plan = self._decode_plan[1]  # the same rows and adapters as the last decode step: reuse its LoRA packs
