@@ -13,46 +13,18 @@ And on a CPU every fresh allocation of tens of MB costs more in page faults than
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 from torch import nn
 
+from .._onednn import best_of, is_frozen_float32_linear, onednn_available, runs_on_onednn
+from .._onednn import linear as _linear
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` by oneDNN; ``weight`` may be a transposed view (no copy is made)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-@cache
-def onednn_available() -> bool:
-    """Whether this torch build runs float32 linear layers through oneDNN, and gets them right."""
-    try:
-        x, w = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)), torch.randn(4, 5)
-        return (
-            torch.backends.mkldnn.is_available()
-            and torch.allclose(_linear(x, w), x @ w.T, atol=1e-5)
-            and (torch.allclose(_linear(x @ w.T, w.T), x @ w.T @ w, atol=1e-4))
-        )
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def is_frozen_float32_linear(module: nn.Module | None) -> bool:
-    return (
-        type(module) is nn.Linear
-        and module.weight.dtype == torch.float32
-        and not module.weight.requires_grad
-        and (module.bias is None or not module.bias.requires_grad)
-    )
-
-
-def _runs_on_onednn(module: nn.Module) -> bool:
-    return is_frozen_float32_linear(module) and module.weight.device.type == "cpu" and onednn_available()
+__all__ = ["Gemms", "OneDnnLinear", "OneDnnLinears", "faster_gemms", "is_frozen_float32_linear", "linear_cross_entropy",
+           "matmul", "matmul_back", "onednn_available"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,7 +48,7 @@ def faster_gemms(weight: torch.Tensor, rows: int) -> Gemms:
         return Gemms()
     w = weight.detach()[:_VOCAB_CHUNK]
     x, g = torch.full((rows, w.shape[1]), 0.5), torch.full((rows, w.shape[0]), 0.5)  # values do not matter
-    forward, forward_default, backward, backward_default = _best_of(
+    forward, forward_default, backward, backward_default = best_of(
         lambda: _linear(x, w), lambda: x @ w.T, lambda: _linear(g, w.T), lambda: g @ w
     )
     return Gemms(forward=forward < forward_default, backward=backward < backward_default)
@@ -92,19 +64,6 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, one
 def matmul_back(grad: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:
     """``grad @ weight`` (the input gradient of :func:`matmul`), by oneDNN if ``onednn``."""
     return _linear(grad, weight.T) if onednn else grad @ weight
-
-
-def _best_of(*candidates: Callable[[], object], repeats: int = 2) -> list[float]:
-    """Each candidate's best time over ``repeats`` alternating rounds, after one warm-up round."""
-    for run in candidates:
-        run()
-    best = [float("inf")] * len(candidates)
-    for _ in range(repeats):
-        for i, run in enumerate(candidates):
-            started = time.perf_counter()
-            run()
-            best[i] = min(best[i], time.perf_counter() - started)
-    return best
 
 
 class _FrozenMatmul(torch.autograd.Function):
@@ -139,7 +98,7 @@ class OneDnnLinears:
 
     def __init__(self, modules: list[nn.Module], rows: int) -> None:
         found = [(parent, name, child) for m in modules for parent in m.modules()
-                 for name, child in parent.named_children() if _runs_on_onednn(child)]  # fmt: skip
+                 for name, child in parent.named_children() if runs_on_onednn(child)]  # fmt: skip
         faster: dict[tuple[int, ...], Gemms] = {}
         for _, _, child in found:
             if child.weight.shape not in faster:
@@ -203,4 +162,4 @@ def linear_cross_entropy(
     has it, else by torch's GEMM."""
     if linear.bias is not None or linear.weight.requires_grad:
         raise ValueError("linear_cross_entropy needs a frozen linear layer without bias.")
-    return _LinearCrossEntropy.apply(hidden, linear.weight, targets, gemms if _runs_on_onednn(linear) else Gemms())
+    return _LinearCrossEntropy.apply(hidden, linear.weight, targets, gemms if runs_on_onednn(linear) else Gemms())
