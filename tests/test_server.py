@@ -399,7 +399,7 @@ def test_two_hundred_concurrent_requests_over_sixteen_adapters(adapters, tmp_pat
     assert not wrong, wrong[:3]
 
 
-def test_the_serve_command(adapters, alice, tiny_base_repo, tmp_path):  # noqa: F811
+def test_the_serve_command(adapters, alice, tiny_base_repo, tmp_path, engine):  # noqa: F811
     import os
     import subprocess
     import sys
@@ -423,8 +423,9 @@ def test_the_serve_command(adapters, alice, tiny_base_repo, tmp_path):  # noqa: 
             assert {m["id"]: m.get("commit") for m in models}["reft"] == commit
             answer = chat(client, "reft", PROMPTS[1])
             assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+            assert answer.json()["choices"][0]["message"]["content"].strip() == reference(engine, PROMPTS[1], "reft")
     finally:
-        process.terminate()
-        process.wait(20)
+        process.terminate()  # SIGTERM: the steps stop on the main thread, HTTP shuts down, exit status 0
+        assert process.wait(20) == 0, process.stdout.read()
     bad = subprocess.run([*command[:4], "--adapter", "no-equals-sign"], capture_output=True, text=True, env=os.environ)
     assert bad.returncode == 2 and "--adapter takes NAME=REPO_ID[@REVISION]" in bad.stderr

@@ -56,10 +56,12 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: str | None = None,
                max_prompt_tokens: int = 1024, max_waiting: int = 256, max_running: int | None = None,
                default_max_tokens: int = 256, request_timeout: float = 600.0,
-               admin_token: str | None = None):  # fmt: skip
+               admin_token: str | None = None, start_scheduler: bool = True):  # fmt: skip
     """The FastAPI app. ``allow_hub_pattern`` (fnmatch, e.g. ``"me/*"``) lets ``model`` name Hub repos,
     loaded on demand and through the admin routes; off by default. ``max_running`` caps the sequences
-    decoding at once (the engine's cache slots), ``max_waiting`` the queue behind them."""
+    decoding at once (the engine's cache slots), ``max_waiting`` the queue behind them. The scheduler
+    (``app.state.scheduler``) runs in a thread of its own unless ``start_scheduler`` is False: then call its
+    ``serve_forever()`` from the thread that should do the model's work (see there; ``hub-peft serve`` does)."""
     if max_running is not None:
         if engine._kv is not None and max_running != engine.max_running:
             raise InvalidInputError("max_running must be set before the engine runs its first request.")
@@ -67,7 +69,8 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
     scheduler = Scheduler(engine, max_waiting=max_waiting, max_prompt_tokens=max_prompt_tokens)
     metrics = Metrics(engine, scheduler)
     scheduler.on_step = metrics.step
-    scheduler.run_forever()
+    if start_scheduler:
+        scheduler.run_forever()
     tokenizer = engine.tokenizer
     load_lock = asyncio.Lock()
     app = FastAPI(title="hub_peft", description=__doc__.split("\n\n")[0], version="1")

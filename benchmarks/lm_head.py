@@ -1,0 +1,93 @@
+"""The serving engine's LM head on a oneDNN-reordered weight vs torch's ``nn.Linear`` (MKL), side by side in one run.
+
+1. The product alone: SmolLM2-135M-Instruct's head (49152 words x 576) by 1-256 rows, the rows a decode step
+   sends it (one per running request), best of five each way, alternating.
+2. The engine: the same requests (all at once, greedy, 16 rank-8 LoRAs on all linear layers, fp32 base)
+   through the continuous-batching scheduler with the packed head and with the plain one, alternating
+   twice; tokens/s, the ratio, and whether every request's tokens are equal.
+
+Run: .venv/bin/python benchmarks/lm_head.py [--requests 4,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import cpu_description
+from online import workload
+from serving import make_adapters
+
+
+def product(head) -> None:
+    import torch
+
+    from hub_peft._onednn import best_of, linear, reorder
+
+    packed = reorder(head.weight)
+    print(f"\n1. the head's product, {head.out_features} x {head.in_features}, ms (best of 5):")
+    print(f"  {'rows':>5} {'nn.Linear':>10} {'oneDNN reordered':>17} {'speed-up':>9}")
+    with torch.inference_mode():
+        for rows in (1, 4, 16, 64, 256):
+            x = torch.randn(rows, head.in_features)
+            ours, theirs = best_of(lambda: linear(x, packed), lambda: head(x), repeats=5)  # noqa: B023
+            print(f"  {rows:>5} {theirs * 1e3:>10.2f} {ours * 1e3:>17.2f} {theirs / ours:>8.2f}x")
+
+
+def engine_runs(engine, counts: list[int]) -> None:
+    from hub_peft.serving import SamplingParams
+    from hub_peft.serving.scheduler import Request, Scheduler
+
+    def run(n: int):
+        jobs = workload(n, 16, float("inf"))
+        scheduler = Scheduler(engine)
+        requests = [Request([{"role": "user", "content": j["prompt"]}], j["model"],
+                            SamplingParams(max_tokens=j["max_tokens"], temperature=0)) for j in jobs]  # fmt: skip
+        scheduler.submit(*requests)
+        start = time.perf_counter()
+        scheduler.run_until_done()
+        seconds = time.perf_counter() - start
+        return sum(len(r.tokens) for r in requests) / seconds, [r.tokens for r in requests]
+
+    packed = engine._head
+    print("\n2. the engine, requests all at once (max_tokens 8-64, greedy), tok/s:")
+    print(f"  {'requests':>8} {'plain head':>11} {'packed head':>12} {'ratio':>6}  tokens equal")
+    run(4)  # warm-up
+    for n in [*counts, *counts]:
+        result = {}
+        for head in (None, packed):
+            engine._head = head
+            result[head is not None] = run(n)
+        (plain, plain_tokens), (ours, our_tokens) = result[False], result[True]
+        same = sum(a == b for a, b in zip(plain_tokens, our_tokens, strict=True))
+        print(f"  {n:>8} {plain:>11.1f} {ours:>12.1f} {ours / plain:>5.2f}x  {same}/{n}")
+    engine._head = packed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", default="4,64", help="Request counts of the engine runs.")
+    args = parser.parse_args()
+
+    import torch
+
+    from hub_peft.base_model import load_base_model
+    from hub_peft.serving import MultiAdapterModel
+
+    print(f"cpu: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    base, tokenizer = load_base_model(None, load_in_4bit=False)
+    product(base.lm_head)
+    root = Path(tempfile.mkdtemp(prefix="hub_peft_lm_head_"))
+    folders = make_adapters(base, root, 16)
+    engine = MultiAdapterModel((base, tokenizer), max_running=64, max_model_len=1024, packed_head=True)
+    for i, folder in enumerate(folders):
+        engine.add(f"lora{i:02d}", folder)
+    engine_runs(engine, [int(n) for n in args.requests.split(",")])
+
+
+if __name__ == "__main__":
+    main()
