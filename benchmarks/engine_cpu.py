@@ -1,12 +1,16 @@
-"""The serving engine's LM head on a oneDNN-reordered weight vs torch's ``nn.Linear`` (MKL), side by side in one run.
+"""Two CPU facts the serving engine is built on, each measured side by side in one run.
 
+The LM head on a oneDNN-reordered weight vs torch's ``nn.Linear`` (MKL):
 1. The product alone: SmolLM2-135M-Instruct's head (49152 words x 576) by 1-256 rows, the rows a decode step
    sends it (one per running request), best of five each way, alternating.
 2. The engine: the same requests (all at once, greedy, 16 rank-8 LoRAs on all linear layers, fp32 base)
    through the continuous-batching scheduler with the packed head and with the plain one, alternating
    twice; tokens/s, the ratio, and whether every request's tokens are equal.
+One thread for the model's work:
+3. A decode step (32 requests, 16 LoRAs) alone, while another thread that once ran a parallel torch op is
+   alive (libgomp then sleeps instead of spinning between parallel regions), and after that thread ended.
 
-Run: .venv/bin/python benchmarks/lm_head.py [--requests 4,64]
+Run: .venv/bin/python benchmarks/engine_cpu.py [--requests 4,64]
 """
 
 from __future__ import annotations
@@ -68,6 +72,54 @@ def engine_runs(engine, counts: list[int]) -> None:
     engine._head = packed
 
 
+def decode_step_ms(engine, rows: int = 32, steps: int = 8) -> float:
+    from hub_peft.serving import SamplingParams
+
+    jobs = workload(rows, 16, float("inf"))
+    gens = [engine.generation([{"role": "user", "content": j["prompt"]}], j["model"],
+                              SamplingParams(max_tokens=64, ignore_eos=True)) for j in jobs]  # fmt: skip
+    for gen in gens:
+        engine.admit(gen)
+    gens.sort(key=lambda g: g.slot)
+    try:
+        for _ in range(steps + 1):  # the first is the prefill
+            fed = [(g, len(g.prompt_ids) if g.prefilling else 1) for g in gens]
+            for gen, row in zip(gens, engine.forward_ragged(fed), strict=True):
+                engine.sample(gen, row)
+        start = time.perf_counter()
+        for _ in range(steps):
+            for gen, row in zip(gens, engine.forward_ragged([(g, 1) for g in gens]), strict=True):
+                engine.sample(gen, row)
+        return (time.perf_counter() - start) / steps * 1e3
+    finally:
+        for gen in gens:
+            engine.release(gen)
+
+
+def threads(engine) -> None:
+    import threading
+
+    import torch
+
+    print("\n3. a decode step of 32 requests over 16 LoRAs, ms:")
+    alone = decode_step_ms(engine)
+    done = threading.Event()
+
+    def other() -> None:
+        torch.randn(512, 512) @ torch.randn(512, 512)  # one parallel region: this thread keeps OpenMP threads
+        done.wait()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    time.sleep(0.5)
+    beside = decode_step_ms(engine)
+    done.set()
+    thread.join()
+    after = decode_step_ms(engine)
+    print(f"  alone {alone:.0f}; another OpenMP thread alive {beside:.0f} ({beside / alone:.2f}x); "
+          f"after it ended {after:.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", default="4,64", help="Request counts of the engine runs.")
@@ -81,12 +133,13 @@ def main() -> None:
     print(f"cpu: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     base, tokenizer = load_base_model(None, load_in_4bit=False)
     product(base.lm_head)
-    root = Path(tempfile.mkdtemp(prefix="hub_peft_lm_head_"))
+    root = Path(tempfile.mkdtemp(prefix="hub_peft_engine_cpu_"))
     folders = make_adapters(base, root, 16)
     engine = MultiAdapterModel((base, tokenizer), max_running=64, max_model_len=1024, packed_head=True)
     for i, folder in enumerate(folders):
         engine.add(f"lora{i:02d}", folder)
     engine_runs(engine, [int(n) for n in args.requests.split(",")])
+    threads(engine)
 
 
 if __name__ == "__main__":
