@@ -1,10 +1,11 @@
 """oneDNN for frozen float32 linear layers on the CPU: the plain call, and a weight reordered once.
 
 torch's ``nn.Linear`` on a CPU calls MKL's GEMM, which is slow when few rows meet a wide weight: an
-LM head (49152 x 576 for SmolLM2) by 1-64 rows, the shape of every decode step, ran 1.6-3.6x faster
+LM head (49152 x 576 for SmolLM2) by 1-64 rows, the shape of every decode step, ran 1.5-3.2x faster
 through oneDNN with the weight reordered once into its blocked layout, on an AVX2 EPYC (the same
 product vLLM's CPU backend runs for its linear layers). The reorder is a copy of the weight, so
-:class:`PackedLinear` is made only where :func:`packed_is_faster` measured a gain on this CPU.
+:class:`PackedLinear` is made only where :func:`packed_is_faster` measured a gain on this CPU
+(figures: ``benchmarks/engine_cpu.py``).
 Results equal ``nn.Linear``'s up to float32 rounding (a different summation order).
 """
 
@@ -69,16 +70,16 @@ def is_frozen_float32_linear(module: nn.Module | None) -> bool:
     )
 
 
-def runs_on_onednn(module: nn.Module | None) -> bool:
-    """A frozen float32 ``nn.Linear`` on the CPU, with oneDNN in this torch build."""
-    return is_frozen_float32_linear(module) and module.weight.device.type == "cpu" and onednn_available()
-
-
 def packable(module: nn.Module | None) -> bool:
     """A float32 ``nn.Linear`` on the CPU, with oneDNN in this torch build (:class:`PackedLinear` sends
     products that need a gradient through the layer itself)."""
     return (type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
             and onednn_available())  # fmt: skip
+
+
+def runs_on_onednn(module: nn.Module | None) -> bool:
+    """A frozen float32 ``nn.Linear`` on the CPU, with oneDNN in this torch build."""
+    return packable(module) and is_frozen_float32_linear(module)
 
 
 def packed_is_faster(module: nn.Linear, rows: Sequence[int]) -> bool:

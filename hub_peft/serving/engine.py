@@ -271,8 +271,9 @@ class MultiAdapterModel:
     ``base`` is ``(model, tokenizer)``; by default the embedded SmolLM2-135M-Instruct in NF4 4-bit.
     ``memory_budget`` bounds the bytes of loaded adapter weights (pinned ones always stay).
     ``packed_head``: the LM head's products in the engine's steps run on a copy of its weight reordered for
-    oneDNN (:class:`~hub_peft._onednn.PackedLinear`: 1.6-3.6x faster at 1-64 rows on an AVX2 EPYC; 113 MB
-    for SmolLM2's head); ``None`` (the default) does so where that was timed faster on this CPU.
+    oneDNN (:class:`~hub_peft._onednn.PackedLinear`: 1.5-3.2x faster at 1-64 rows on an AVX2 EPYC; 113 MB
+    for SmolLM2's head); ``None`` (the default) does so where that was timed faster on this CPU, timed at the
+    first step, on the thread that runs the steps (see :meth:`~.scheduler.Scheduler.serve_forever`).
     """
 
     def __init__(self, base: tuple[Any, Any] | None = None, *, load_in_4bit: bool = True,
@@ -296,7 +297,7 @@ class MultiAdapterModel:
         self._layers = find_decoder_layers(self.core)
         self._wrapped: list[tuple[nn.Module, str, _RowDeltas]] = []
         self._wrap_linears()
-        self._head = _packed_head(self.core, packed_head)
+        self._packed_head = packed_head
         self.cache = AdapterCache(memory_budget=memory_budget, targets={w.name for _, _, w in self._wrapped},
                                   base_config=self.core.config, base_name=_base_name(self.core))
         find_decoder(self.core).register_forward_pre_hook(self._count_forward)
@@ -744,6 +745,10 @@ class MultiAdapterModel:
         for seq, n in rows:
             seq.cached += n
         return logits[0]
+
+    @functools.cached_property
+    def _head(self) -> PackedLinear | None:
+        return _packed_head(self.core, self._packed_head)
 
     @contextmanager
     def _packed_head_in(self) -> Iterator[None]:
