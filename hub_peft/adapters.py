@@ -27,6 +27,7 @@ from .errors import (
     NotFoundError,
     UnsafeFileError,
 )
+from .tasks import labels_of
 from .validate import PICKLE_SUFFIXES, validate_adapter
 
 CONFIG_NAME = "adapter_config.json"
@@ -52,6 +53,54 @@ def check_dataset_id(dataset_id: str) -> str:
             "'namespace/name'. Describe local data with dataset_name= instead."
         )
     return dataset_id
+
+
+def check_subfolder(subfolder: str) -> str:
+    """A sub-folder of a repo or folder, as a relative POSIX path (``"checkpoint-final"``, ``"runs/best"``);
+    no ``..``, no absolute path, no backslash. Returns it without a trailing ``/``."""
+    text = subfolder.strip().rstrip("/") if isinstance(subfolder, str) else ""
+    parts = text.split("/")
+    if not text or text.startswith("/") or "\\" in text or any(p in ("", ".", "..") for p in parts):
+        raise InvalidInputError(
+            f"Invalid sub-folder {subfolder!r}: give a relative path inside the repo or folder, such as "
+            "'checkpoint-final' or 'runs/best' (no '..', no absolute path, no backslash)."
+        )
+    return text
+
+
+def parse_adapter_spec(text: str) -> tuple[str, str | None, str | None]:
+    """``(source, revision, subfolder)`` from the one adapter syntax every CLI argument and server field takes.
+
+    * ``namespace/name[@revision][:subfolder]``: a Hub repo, at a branch, tag or commit, with the adapter in a
+      sub-folder of the repo: ``me/runs``, ``me/runs@v2``, ``me/runs:checkpoint-final``,
+      ``me/runs@v2:checkpoint-final``. Revision first, then the sub-folder (a git ref has no ``:``).
+    * An existing local path is taken as it is (a sub-folder of a local folder is just a longer path:
+      ``./out/checkpoint-final``); ``FOLDER:subfolder`` also works when ``FOLDER`` exists. A path that starts
+      with ``.`` or ``/`` is never read as a repo.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInputError("An adapter needs a source: a folder or 'namespace/name[@revision][:subfolder]'.")
+    if Path(text).exists():
+        return text, None, None
+    folder, colon, subfolder = text.rpartition(":")
+    if colon and Path(folder).is_dir():  # FOLDER:SUBFOLDER
+        return folder, None, check_subfolder(subfolder)
+    if text.startswith((".", "/")):
+        return text, None, None
+    head, colon, subfolder = text.partition(":")
+    source, at, revision = head.partition("@")
+    if not source or (at and not revision) or (colon and not subfolder.strip("/")):
+        raise InvalidInputError(
+            f"Cannot read the adapter {text!r}: write 'namespace/name', optionally followed by '@REVISION' and then "
+            "':SUBFOLDER' (e.g. 'me/runs@v2:checkpoint-final'), or give an existing folder."
+        )
+    if colon and "@" in subfolder:
+        raise InvalidInputError(
+            f"Cannot read the adapter {text!r}: the revision comes before the sub-folder ('me/runs@v2:checkpoint')."
+        )
+    if at and Path(source).is_dir():
+        raise InvalidInputError(f"{source} is a local folder: '@{revision}' names a revision of a Hub repo only.")
+    return source, revision or None, check_subfolder(subfolder) if colon else None
 
 
 def _is_reft(model: Any) -> bool:
@@ -95,6 +144,7 @@ def save_adapter(
     license: str | None = None,
     example_prompt: str | None = None,
     prompt_template: str | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write ``model``'s adapter (a ``peft.PeftModel`` or a :class:`hub_peft.reft.ReftModel`) to ``out_dir``
     with its card, atomically (all or nothing).
@@ -103,6 +153,11 @@ def save_adapter(
     Hub dataset ids (``"squad"``, ``"org/name"``) for the card's metadata, which the Hub links to.
     ``evaluation`` (metric -> value), ``evaluation_details`` and ``comparisons`` are a
     :class:`hub_peft.evaluation.Evaluation`'s metrics, ``details()`` and ``table()``.
+
+    ``tokenizer`` is saved beside the adapter when the adapter stores rows of the vocabulary (LoRA or
+    ``modules_to_save`` on the input embeddings or the output head, as after adding tokens and
+    ``resize_token_embeddings``): those rows mean something only with that tokenizer (PEFT's
+    ``save_embedding_layers`` case). The card names ``out_dir``, the folder's final path.
     """
     from peft import PeftModel
 
@@ -124,7 +179,9 @@ def save_adapter(
         base={
             "hub_id": getattr(source, "hub_id", None) or base_name,
             "origin": f"converted from {source.converted_from}" if getattr(source, "converted_from", None) else None,
-            "quantization": getattr(source, "quantization", None) or _quantization_of(model),
+            # hub_peft's loader counted the 4-bit layers; for another model, its layers are counted here
+            "quantization": source.quantization if source is not None else _quantization_of(model),
+            "four_bit_layers": getattr(source, "four_bit_layers", None),
         },
         params={"trainable": trainable, "total": total},
         data=data_summary(training_rows, dataset_name) if training_rows else None,
@@ -136,6 +193,7 @@ def save_adapter(
         comparisons=list(comparisons or []),
         license=license,
         datasets=[check_dataset_id(d) for d in datasets or []],
+        labels=labels_of(model, adapter_name),  # a classifier's id2label, for the card's snippet
     )
     if example_prompt:
         info.example_prompt = example_prompt
@@ -154,17 +212,34 @@ def save_adapter(
             config = json.loads((tmp / CONFIG_NAME).read_text())
             config["base_model_name_or_path"] = source.hub_id  # not the local cache path
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if tokenizer is not None and _stores_vocabulary_rows(tmp, innermost_model(model).config):
+            tokenizer.save_pretrained(tmp)
         info.save(tmp)
-        write_card(tmp)
+        write_card(tmp, name=str(out_dir))
     return out_dir
 
 
+def _stores_vocabulary_rows(folder: Path, base_config: Any) -> bool:
+    """Whether the saved adapter holds tensors with one row per token of the vocabulary."""
+    from .validate import embedding_modules, read_safetensors_header, vocabulary_rows
+
+    if not (folder / WEIGHTS_NAME).is_file():
+        return False
+    layout = embedding_modules(base_config)
+    if layout is None:
+        return False
+    tensors = read_safetensors_header(folder / WEIGHTS_NAME)
+    return bool(vocabulary_rows(tensors, layout[0]))
+
+
 def _quantization_of(model: Any) -> str | None:
+    """The quantization a model's config names, if any of its layers really is quantized (a config can say
+    4-bit over layers bitsandbytes' loader skipped, e.g. Falcon's ``FalconLinear`` ones)."""
     from .reft.model import innermost_model
 
-    config = getattr(innermost_model(model), "config", None)
-    q = getattr(config, "quantization_config", None)
-    if q is None:
+    core = innermost_model(model)
+    q = getattr(getattr(core, "config", None), "quantization_config", None)
+    if q is None or not any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in core.modules()):
         return None
     q = q.to_dict() if hasattr(q, "to_dict") else dict(q)
     return q.get("bnb_4bit_quant_type") if q.get("load_in_4bit") else q.get("quant_method")
@@ -249,15 +324,17 @@ def _check_card_with_the_hub(card: Path) -> None:
 class ResolvedAdapter:
     """Where an adapter's files are, and what they are: a Hub repo at a resolved commit, or a local folder."""
 
-    folder: Path
+    folder: Path  # the folder holding adapter_config.json (the sub-folder's, when there is one)
     repo_id: str | None = None  # None for a local folder
     commit: str | None = None  # the resolved 40-hex commit of a Hub repo
+    subfolder: str | None = None  # where the adapter is inside the repo (or the given folder)
 
     @property
     def cache_key(self) -> str:
-        """``hub:{repo}@{commit}`` for a repo, ``sha256:{digest}`` of the adapter's files for a folder."""
+        """``hub:{repo}@{commit}[:{subfolder}]`` for a repo, ``sha256:{digest}`` of the adapter's files for a
+        folder."""
         if self.repo_id is not None and self.commit is not None:
-            return f"hub:{self.repo_id}@{self.commit}"
+            return f"hub:{self.repo_id}@{self.commit}" + (f":{self.subfolder}" if self.subfolder else "")
         return "sha256:" + content_digest(self.folder)
 
 
@@ -277,46 +354,114 @@ def content_digest(folder: Path) -> str:
 PICKLE_GLOBS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
 
 
+def _adapter_folders(paths: list[str]) -> list[str]:
+    """The folders (``""``: the root) holding an ``adapter_config.json``, from a repo's file paths."""
+    return sorted({p.rpartition("/")[0] for p in paths if p.rpartition("/")[2] == CONFIG_NAME})
+
+
+def _local_adapter_folders(folder: Path) -> list[str]:
+    """The adapter folders of a local folder: itself and sub-folders two levels deep (PEFT's and Trainer's)."""
+    found = [p.relative_to(folder).as_posix() for pattern in ("*/" + CONFIG_NAME, "*/*/" + CONFIG_NAME)
+             for p in folder.glob(pattern)]  # fmt: skip
+    return _adapter_folders(([CONFIG_NAME] if (folder / CONFIG_NAME).is_file() else []) + found)
+
+
+def _choose_subfolder(source: str, subfolder: str | None, adapter_name: str | None, adapters: list[str]) -> str:
+    """Where in ``source`` the adapter to load is (``""``: the root), among its ``adapters`` folders.
+
+    A given ``subfolder`` must hold one. Otherwise a multi-adapter save (PEFT writes the default adapter at the
+    root and each other one in a sub-folder named after it) gives the sub-folder named ``adapter_name``; an
+    ``adapter_name`` it does not hold is refused rather than loading the root's adapter under that name."""
+    listed = ", ".join("default (the root)" if a == "" else repr(a) for a in adapters) or "none"
+    if subfolder == "":  # the root's adapter, whatever adapter_name it is loaded under
+        if adapters and "" not in adapters:
+            raise NotFoundError(f"{source} has no adapter at its root. Adapters there: {listed}.")
+        return ""
+    if subfolder is not None:
+        subfolder = check_subfolder(subfolder)
+        if subfolder not in adapters:
+            raise NotFoundError(f"{source} has no adapter in its sub-folder {subfolder!r} ({subfolder}/{CONFIG_NAME} "
+                                f"is missing). Adapters there: {listed}.")  # fmt: skip
+        return subfolder
+    if adapter_name and adapter_name != "default" and adapter_name in adapters:
+        return adapter_name
+    named = [a for a in adapters if a and "/" not in a]
+    if adapter_name and adapter_name != "default" and named:
+        raise NotFoundError(
+            f"{source} holds several adapters ({listed}) and none named {adapter_name!r}. Pick one with "
+            "adapter_name= (a sub-folder's name, or 'default' for the root) or subfolder= (CLI: 'REPO:SUBFOLDER'; "
+            "subfolder='' loads the root's adapter under any name)."
+        )
+    if adapters and "" not in adapters:
+        raise NotFoundError(
+            f"{source} has no adapter at its root, only in sub-folders: {listed}. Name one with subfolder= "
+            f"(CLI and server: '{source}:{adapters[0]}')."
+        )
+    return ""
+
+
 def resolve_adapter(
-    repo_id_or_dir: str | Path, *, revision: str | None = None, token: str | None = None
+    repo_id_or_dir: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    subfolder: str | None = None,
+    adapter_name: str | None = None,
 ) -> ResolvedAdapter:
     """Find an adapter: an existing folder as is, or a Hub repo resolved to one commit and downloaded.
 
-    Pickle files (``adapter_model.bin``, ``*.pt``...) are never downloaded: a repo that also ships
-    ``adapter_model.safetensors`` loads from it (with a warning naming the skipped files); a repo
-    with pickles only is refused before anything is fetched.
+    ``subfolder`` is where the adapter is inside the repo or folder (``"checkpoint-final"``; ``""``: the root);
+    only that sub-folder's files are downloaded. Without one, ``adapter_name`` picks the sub-folder of that name in a
+    multi-adapter save (see :func:`_choose_subfolder`). Pickle files (``adapter_model.bin``, ``*.pt``...) are
+    never downloaded: a repo that also ships ``adapter_model.safetensors`` loads from it (with a warning
+    naming the skipped files); a repo with pickles only is refused before anything is fetched.
     """
+    if subfolder:  # "" is the root
+        subfolder = check_subfolder(subfolder)
     path = Path(repo_id_or_dir)
     if path.is_dir():
-        return ResolvedAdapter(path)
+        sub = _choose_subfolder(str(repo_id_or_dir), subfolder, adapter_name, _local_adapter_folders(path))
+        return ResolvedAdapter(path / sub if sub else path, subfolder=sub or None)
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     repo_id = str(repo_id_or_dir)
     if repo_id.startswith((".", "/")) or repo_id.count("/") != 1:
-        raise NotFoundError(f"{repo_id!r} is neither an existing folder nor a 'namespace/name' repo id.")
+        raise NotFoundError(
+            f"{repo_id!r} is neither an existing folder nor a 'namespace/name' repo id (a sub-folder of a local "
+            "folder is just a longer path)."
+        )
+    only = [f"{subfolder}/*"] if subfolder else None  # only the sub-folder's files are downloaded
     try:
         if constants.HF_HUB_OFFLINE:  # the local download cache only
-            folder = Path(snapshot_download(repo_id, revision=revision, token=token, ignore_patterns=PICKLE_GLOBS))
-            commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
-            return ResolvedAdapter(folder, repo_id, commit)
+            root = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=only,
+                                          ignore_patterns=PICKLE_GLOBS))  # fmt: skip
+            commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else None
+            sub = _choose_subfolder(repo_id, subfolder, adapter_name, _local_adapter_folders(root))
+            return ResolvedAdapter(root / sub if sub else root, repo_id, commit, sub or None)
         info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=False)
-        files = [s.rfilename for s in info.siblings or []]
-        pickles = sorted(f for f in files if Path(f).suffix in PICKLE_SUFFIXES)
+        all_files = [s.rfilename for s in info.siblings or []]
+        sub = _choose_subfolder(repo_id, subfolder, adapter_name, _adapter_folders(all_files))
+        prefix = f"{sub}/" if sub else ""
+        files = [f.removeprefix(prefix) for f in all_files if f.startswith(prefix)]
+        where = f"{repo_id}:{sub}" if sub else repo_id
+        pickles = sorted(prefix + f for f in files if Path(f).suffix in PICKLE_SUFFIXES)
         if pickles and WEIGHTS_NAME not in files:
             raise UnsafeFileError(
-                f"{repo_id} only has pickled weights ({', '.join(pickles)}), which hub_peft never downloads or "
+                f"{where} only has pickled weights ({', '.join(pickles)}), which hub_peft never downloads or "
                 "unpickles. If they are your own trusted files, convert them locally with `hub-peft convert-bin "
                 "DIR` and push the safetensors file."
             )
         if pickles:
             warnings.warn(
-                f"{repo_id} also holds pickle files ({', '.join(pickles)}); hub_peft loads {WEIGHTS_NAME} and "
+                f"{where} also holds pickle files ({', '.join(pickles)}); hub_peft loads {WEIGHTS_NAME} and "
                 "never downloads or opens them.",
                 UserWarning,
                 stacklevel=3,
             )
-        folder = Path(snapshot_download(repo_id, revision=info.sha, token=token, ignore_patterns=PICKLE_GLOBS))
+        only = [f"{sub}/*"] if sub else None
+        root = Path(snapshot_download(repo_id, revision=info.sha, token=token, allow_patterns=only,
+                                      ignore_patterns=PICKLE_GLOBS))  # fmt: skip
     except HFValidationError as e:
         raise InvalidInputError(f"{repo_id!r} is not a valid repo id: {e}") from None
     except RevisionNotFoundError:
@@ -325,17 +470,23 @@ def resolve_adapter(
         raise NotFoundError(
             f"Repo {repo_id} not found (or private: pass a token). Hub: the one HF_ENDPOINT names."
         ) from None
-    return ResolvedAdapter(folder, repo_id, info.sha)
+    return ResolvedAdapter(root / sub if sub else root, repo_id, info.sha, sub or None)
 
 
 def fetch_adapter(
-    repo_id_or_dir: str | Path, *, revision: str | None = None, token: str | None = None, check: bool = True
+    repo_id_or_dir: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    check: bool = True,
+    subfolder: str | None = None,
 ) -> Path:
-    """A local folder holding the adapter: the folder itself, or a Hub snapshot of the repo.
+    """A local folder holding the adapter: the folder itself (or its ``subfolder``), or a Hub snapshot of the
+    repo (of its ``subfolder`` only).
 
     With ``check`` (the default) the folder must hold a loadable adapter (see :func:`check_adapter_folder`).
     """
-    folder = resolve_adapter(repo_id_or_dir, revision=revision, token=token).folder
+    folder = resolve_adapter(repo_id_or_dir, revision=revision, token=token, subfolder=subfolder).folder
     if check:
         check_adapter_folder(folder)
     return folder
@@ -379,18 +530,30 @@ def load_adapter(
     revision: str | None = None,
     token: str | None = None,
     is_trainable: bool = False,
+    subfolder: str | None = None,
 ) -> Any:
     """Load an adapter onto ``base_model`` and make it active; call again to add more adapters.
 
     PEFT types give a ``PeftModel``; ReFT gives a :class:`hub_peft.reft.ReftModel` (over the base or
     over a ``PeftModel``, so LoRA and ReFT combine; one ReFT adapter per model here, many in the engine).
+    ``subfolder`` is where the adapter is inside the repo or folder (PEFT's ``subfolder=``; only its files
+    are downloaded; ``""``: the root). Without one, a folder saved by PEFT with several adapters (the default
+    one at the root, each other one in a sub-folder named after it) gives the one named ``adapter_name``; a
+    name it does not hold fails with :class:`NotFoundError` listing the adapters there.
     """
+    folder = resolve_adapter(repo_id_or_dir, revision=revision, token=token, subfolder=subfolder,
+                             adapter_name=adapter_name).folder  # fmt: skip
+    return _load_folder(base_model, folder, adapter_name=adapter_name, is_trainable=is_trainable,
+                        label=str(repo_id_or_dir))  # fmt: skip
+
+
+def _load_folder(base_model: Any, folder: Path, *, adapter_name: str, is_trainable: bool, label: str) -> Any:
+    """:func:`load_adapter` once the adapter's folder is known: ``folder`` holds the adapter itself."""
     from peft import PeftModel
 
     from .reft import ReftModel
     from .reft.model import innermost_model
 
-    folder = fetch_adapter(repo_id_or_dir, revision=revision, token=token, check=False)
     inner = innermost_model(base_model)
     config = check_adapter_folder(folder, base_config=inner.config, base_name=_name_of(inner))
     if config.get("peft_type") == "REFT":
@@ -401,8 +564,8 @@ def load_adapter(
             )
         return ReftModel.from_pretrained(base_model, folder, is_trainable=is_trainable)
     if isinstance(base_model, ReftModel):  # LoRA goes under the interventions, which keep their hooks
-        base_model.base_model = load_adapter(base_model.base_model, folder, adapter_name=adapter_name,
-                                             is_trainable=is_trainable)  # fmt: skip
+        base_model.base_model = _load_folder(base_model.base_model, folder, adapter_name=adapter_name,
+                                             is_trainable=is_trainable, label=label)  # fmt: skip
         return base_model
     try:
         if isinstance(base_model, PeftModel):
@@ -417,10 +580,11 @@ def load_adapter(
     except RuntimeError as e:
         if "size mismatch" not in str(e):
             raise
-        raise IncompatibleAdapterError(
-            f"{repo_id_or_dir} was made for {config.get('base_model_name_or_path')}, which does not fit "
-            f"{_name_of(inner)}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}"
-        ) from None
+        made_for, name = config.get("base_model_name_or_path"), _name_of(inner)
+        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        hint = (f"It was made for {made_for}: load it on that base." if made_for and made_for != name
+                else "Load it on the base it was trained on, with the same vocabulary and layer sizes.")  # fmt: skip
+        raise IncompatibleAdapterError(f"{label} does not fit {name}'s shapes ({detail}). {hint}") from None
 
 
 def _name_of(model: Any) -> str:
@@ -429,9 +593,12 @@ def _name_of(model: Any) -> str:
 
 
 def load_adapters(model: Any, sources: list[str]) -> Any:
-    """Load several adapters (repo ids or folders) onto ``model``; the last one is active."""
-    for i, source in enumerate(sources):
-        model = load_adapter(model, source, adapter_name=f"adapter_{i}")
+    """Load several adapters onto ``model``; the last one is active. Each is a folder or
+    ``namespace/name[@revision][:subfolder]`` (see :func:`parse_adapter_spec`)."""
+    for i, spec in enumerate(sources):
+        source, revision, subfolder = parse_adapter_spec(str(spec))
+        folder = resolve_adapter(source, revision=revision, subfolder=subfolder).folder  # the root or SUBFOLDER
+        model = _load_folder(model, folder, adapter_name=f"adapter_{i}", is_trainable=False, label=str(spec))
     return model
 
 

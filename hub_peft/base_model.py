@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ._atomic import atomic_dir
-from ._bnb import keep_4bit_trainable
+from ._bnb import four_bit_layers, keep_4bit_trainable, quantize_linear_subclasses
 from .errors import NotFoundError
 
 EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -34,8 +34,9 @@ class BaseModelSource:
     hub_id: str
     local_path: str
     converted_from: str | None = None
-    quantization: str | None = None  # "nf4" when loaded in 4-bit
+    quantization: str | None = None  # "nf4" when loaded in 4-bit (and at least one layer is)
     dtype: str = "float32"
+    four_bit_layers: str | None = None  # "k/n": k of the n linear layers of the decoder blocks are 4-bit
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,10 +187,14 @@ def load_base_model(
     """Load ``(model, tokenizer)``: full precision (default), ``dtype="bfloat16"``, or NF4 4-bit.
 
     4-bit uses bitsandbytes on the CPU (``device_map="cpu"``) with float32 compute. The returned
-    model carries ``model.hub_peft_source`` (a :class:`BaseModelSource`).
+    model carries ``model.hub_peft_source`` (a :class:`BaseModelSource`). Causal LMs only: a checkpoint
+    whose ``architectures`` names another head (``BertForSequenceClassification``, a seq2seq model...) is
+    refused, naming the transformers Auto class that loads it, instead of loading without that head.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from .tasks import check_causal_checkpoint
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -204,20 +209,47 @@ def load_base_model(
         )
         kwargs["device_map"] = "cpu"
     try:
+        check_causal_checkpoint(AutoConfig.from_pretrained(path), name_or_path or hub_id)  # keep its head
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise NotFoundError(f"Could not load base model {name_or_path!r}: {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    quantization, four_bit = None, None
     if load_in_4bit:
-        keep_4bit_trainable(model)
+        quantization, four_bit = _quantize_blocks(model, kwargs["quantization_config"], name_or_path or hub_id)
     model.eval()
     model.hub_peft_source = BaseModelSource(
         hub_id=hub_id,
         local_path=path,
         converted_from=converted_from,
-        quantization="nf4" if load_in_4bit else None,
+        quantization=quantization,
         dtype=dtype,
+        four_bit_layers=four_bit,
     )
     return model, tokenizer
+
+
+def _quantize_blocks(model: Any, config: Any, name: str) -> tuple[str | None, str | None]:
+    """After a 4-bit load: quantize the block linears bitsandbytes' loader skipped (subclasses of ``nn.Linear``,
+    see :func:`~hub_peft._bnb.quantize_linear_subclasses`), count what is 4-bit, and say so. Returns the
+    quantization to record ("nf4", or None when no layer is 4-bit) and "k/n" 4-bit decoder linears."""
+    import warnings
+
+    from .reft.model import find_decoder_layers
+
+    layers = find_decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers) + "."
+    quantize_linear_subclasses(model, compute_dtype=config.bnb_4bit_compute_dtype,
+                               double_quant=config.bnb_4bit_use_double_quant, only_under=prefix)  # fmt: skip
+    keep_4bit_trainable(model)
+    quantized, total = four_bit_layers(model, prefix)
+    if quantized == 0:
+        warnings.warn(f"{name}: none of its {total} decoder linear layers could be loaded in 4-bit, so it runs in "
+                      "full precision (and its cards say so).", UserWarning, stacklevel=3)  # fmt: skip
+        return None, f"0/{total}"
+    if quantized < total:
+        warnings.warn(f"{name}: {total - quantized} of its {total} decoder linear layers stay in full precision "
+                      "(bitsandbytes cannot quantize them).", UserWarning, stacklevel=3)  # fmt: skip
+    return "nf4", f"{quantized}/{total}"

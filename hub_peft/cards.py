@@ -8,6 +8,7 @@ A token is never an input here, so it can never reach a card.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 
 from . import __version__
 from ._atomic import write_text
+from .tasks import task_of
 
 CARD_INFO_NAME = "hub_peft_card.json"
 LOSS_CURVE_NAME = "loss_curve.png"
@@ -70,6 +72,7 @@ class CardInfo:
     example_prompt: str = "Hello! What can you do?"
     limitations: str | None = None
     prompt_template: str | None = None  # the text around "{prompt}" in training, so chat uses the same format
+    labels: dict[str, str] | None = None  # a classifier's id2label (SEQ_CLS/TOKEN_CLS), for the card's snippet
 
     @classmethod
     def load(cls, folder: Path) -> CardInfo:
@@ -126,13 +129,16 @@ def _size(folder: Path) -> str:
     return f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
-def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool | None = None) -> str:
-    """The full ``README.md`` text for the adapter in ``folder``."""
+def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool | None = None,
+                name: str | None = None) -> str:  # fmt: skip
+    """The full ``README.md`` text for the adapter in ``folder``. Its usage snippets load ``repo_id``, else
+    ``name`` (the path a folder not pushed yet will have, when ``folder`` is a staging copy), else ``folder``."""
     from huggingface_hub import ModelCardData, constants
 
     folder = Path(folder)
     config = json.loads((folder / "adapter_config.json").read_text())
     info = CardInfo.load(folder)
+    task = task_of(config)  # ReFT and task-less configs: causal LM
     variants = method_variants(config)
     reft = config if variants[0] == "REFT" else {}
     base_id = info.base.get("hub_id") or config.get("base_model_name_or_path") or "unknown"
@@ -147,7 +153,7 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool
     metadata = ModelCardData(
         base_model=base_id,
         library_name="peft" if family == "peft" else "hub_peft",
-        pipeline_tag="text-generation",
+        pipeline_tag=task.pipeline_tag,
         tags=tags,
         license=license_,
         datasets=info.datasets or None,
@@ -160,7 +166,7 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool
         dataset = {"name": _data_name(info) + ", validation split", "type": (info.datasets or ["custom"])[0],
                    "split": "validation"}  # fmt: skip
         metrics = [{"type": k, "value": v, "name": METRIC_NAMES.get(k, k)} for k, v in sorted(info.evaluation.items())]
-        result = {"task": {"type": "text-generation"}, "dataset": dataset, "metrics": metrics}
+        result = {"task": {"type": task.pipeline_tag}, "dataset": dataset, "metrics": metrics}
         meta["model-index"] = [{"name": repo_id, "results": [result]}]
     meta.pop("model_name", None)
     citations = _citations()
@@ -175,18 +181,21 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool
         if vllm_ok
         else "Loads with PEFT and `hub-peft serve`. Not vLLM-compatible (`hub-peft validate --for vllm` lists why)."
     )
+    if task.task_type != "CAUSAL_LM":  # chat and the engine generate with causal LMs
+        serving = (f"Loads with PEFT and `hub_peft.load_adapter` on `{task.auto_class}`. `hub-peft chat` and "
+                   f"`hub-peft serve` run causal LM adapters only, so they refuse this {task.task_type} adapter.")
     context = {
         "metadata_yaml": yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(),
         "title": repo_id or f"{variants[0]} adapter for {base_id}",
         "description": info.description
         or f"A {' + '.join(variants)} adapter for [`{base_id}`]({constants.ENDPOINT}/{base_id}), made with hub_peft.",
-        "repo_id": repo_id or str(folder),
+        "repo_id": repo_id or name or str(folder),
         "hub_url": constants.ENDPOINT,
         "base": {
             "hub_id": base_id,
             "revision": info.base.get("revision") or config.get("revision"),
             "origin": info.base.get("origin") or "the base model's own weights",
-            "quantization": {"nf4": "NF4 4-bit (bitsandbytes)"}.get(quantization, quantization),
+            "quantization": _quantization_label(quantization, info.base.get("four_bit_layers")),
         },
         "method": {
             "name": " + ".join(variants),
@@ -226,9 +235,40 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool
         "example_prompt": info.example_prompt,
         "reft": {"prompt_template": reft.get("prompt_template")},
         "prompt_template": info.prompt_template,
+        "task": task,
+        "head_kwargs": _head_kwargs(task, info, folder),
         "version": __version__,
     }
     return _env().get_template(f"{family}.md.j2").render(**context)
+
+
+def _head_kwargs(task: Any, info: CardInfo, folder: Path) -> str:
+    """``from_pretrained`` arguments that give a classifier's base the adapter's head size and labels."""
+    if task.call not in ("classify", "tag"):
+        return ""
+    labels = info.labels
+    if not labels:  # saved without hub_peft's card inputs: the head's size from its saved weight
+        from .validate import read_safetensors_header
+
+        try:
+            tensors = read_safetensors_header(folder / "adapter_model.safetensors")
+        except (OSError, ValueError, KeyError):
+            return ""
+        rows = [shape[0] for name, (_, shape) in tensors.items()
+                if re.search(r"\.(classifier|score)(\.out_proj)?\.weight$", name) and len(shape) == 2]  # fmt: skip
+        return f", num_labels={rows[0]}" if rows else ""
+    id2label = {int(k): v for k, v in labels.items()}
+    if all(v == f"LABEL_{k}" for k, v in id2label.items()):
+        return f", num_labels={len(id2label)}"
+    return f", num_labels={len(id2label)}, id2label={dict(sorted(id2label.items()))!r}"
+
+
+def _quantization_label(quantization: str | None, four_bit_layers: str | None) -> str | None:
+    label = {"nf4": "NF4 4-bit (bitsandbytes)"}.get(quantization, quantization)
+    if label and four_bit_layers:
+        done, total = four_bit_layers.split("/")
+        label += f", {done} of {total} decoder linear layers"
+    return label
 
 
 def _reft_summary(config: dict) -> str:
@@ -241,9 +281,9 @@ def _reft_summary(config: dict) -> str:
     )
 
 
-def write_card(folder: str | Path, *, repo_id: str | None = None) -> Path:
+def write_card(folder: str | Path, *, repo_id: str | None = None, name: str | None = None) -> Path:
     """Write (or refresh) ``folder/README.md`` and, when the run was evaluated, ``.eval_results/``;
-    also draws the loss curve when a history is known."""
+    also draws the loss curve when a history is known. ``name``: see :func:`render_card`."""
     folder = Path(folder)
     info = CardInfo.load(folder)
     if info.history and not (folder / LOSS_CURVE_NAME).is_file():
@@ -255,7 +295,7 @@ def write_card(folder: str | Path, *, repo_id: str | None = None) -> Path:
         (folder / EVAL_RESULTS_PATH).parent.mkdir(exist_ok=True)
         write_text(folder / EVAL_RESULTS_PATH, yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False))
     path = folder / "README.md"
-    write_text(path, render_card(folder, repo_id=repo_id))
+    write_text(path, render_card(folder, repo_id=repo_id, name=name))
     return path
 
 

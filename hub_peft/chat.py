@@ -98,3 +98,15 @@ def generate_replies(
             output = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         replies += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
     return replies
+
+
+def require_chat_adapters(specs: list[str], where: str = "hub-peft chat") -> None:
+    """Refuse adapters that are not causal LM adapters (a classifier's, a seq2seq model's...): chat generates
+    with a causal LM. ``specs`` are what ``load_adapters`` takes (folders or ``namespace/name[@rev][:sub]``)."""
+    from .adapters import parse_adapter_spec, resolve_adapter
+    from .tasks import require_causal_adapter
+
+    for spec in specs:
+        source, revision, subfolder = parse_adapter_spec(str(spec))
+        folder = resolve_adapter(source, revision=revision, subfolder=subfolder).folder
+        require_causal_adapter(folder, spec, where)

@@ -17,8 +17,9 @@ from .errors import HubPeftError
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .adapters import load_adapters
     from .base_model import load_base_model
-    from .chat import generate_reply
+    from .chat import generate_reply, require_chat_adapters
 
+    require_chat_adapters(args.adapter or [])  # before the base loads: chat runs causal LM adapters only
     model, tokenizer = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
     if args.adapter:
         model = load_adapters(model, args.adapter)
@@ -42,14 +43,16 @@ def _cmd_hub_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_adapter_spec(spec: str) -> tuple[str, str, str | None]:
+def _parse_adapter_spec(spec: str) -> tuple[str, str, str | None, str | None]:
+    """``NAME=SPEC`` -> ``(name, source, revision, subfolder)``, SPEC read by
+    :func:`hub_peft.adapters.parse_adapter_spec`."""
+    from .adapters import parse_adapter_spec
     from .errors import InvalidInputError
 
     name, sep, source = spec.partition("=")
     if not sep or not name or not source:
-        raise InvalidInputError(f"--adapter takes NAME=REPO_ID[@REVISION] (or NAME=FOLDER), got {spec!r}.")
-    source, _, revision = source.partition("@") if not Path(source).exists() else (source, "", "")
-    return name, source, revision or None
+        raise InvalidInputError(f"--adapter takes NAME=REPO_ID[@REVISION][:SUBFOLDER] (or NAME=FOLDER), got {spec!r}.")
+    return (name, *parse_adapter_spec(source))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -68,8 +71,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"{' '.join(args.vllm_args) or '--print-command'}: only with --engine vllm.")
     base = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
     engine = MultiAdapterModel(base, memory_budget=int(args.memory_budget_mb * 2**20))
-    for name, source, revision in tqdm(adapters, desc="loading adapters", unit="adapter", disable=not adapters):
-        engine.add(name, source, revision, pin=True)
+    for name, source, revision, subfolder in tqdm(adapters, desc="loading adapters", unit="adapter",
+                                                  disable=not adapters):  # fmt: skip
+        engine.add(name, source, revision, subfolder=subfolder, pin=True)
     base_name = args.base or "HuggingFaceTB/SmolLM2-135M-Instruct"
     app = create_app(engine, base_name=base_name, allow_hub_pattern=args.allow_hub_pattern,
                      max_running=args.max_running, max_waiting=args.max_waiting,
@@ -104,7 +108,7 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _serve_on_vllm(args: argparse.Namespace, adapters: list[tuple[str, str, str | None]]) -> int:
+def _serve_on_vllm(args: argparse.Namespace, adapters: list[tuple[str, str, str | None, str | None]]) -> int:
     """vLLM's OpenAI server with the same adapters, each checked with ``validate --for vllm`` first."""
     from .serving.vllm_launch import plan_vllm
 
@@ -195,10 +199,12 @@ def _cmd_studio(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_or_pulled(target: str, revision: str | None = None) -> Path:
-    from .adapters import fetch_adapter
+def _local_or_pulled(target: str) -> Path:
+    """The folder of ``target``: a folder, or ``REPO[@REVISION][:SUBFOLDER]`` downloaded."""
+    from .adapters import fetch_adapter, parse_adapter_spec
 
-    return fetch_adapter(target, revision=revision, check=False)
+    source, revision, subfolder = parse_adapter_spec(target)
+    return fetch_adapter(source, revision=revision, subfolder=subfolder, check=False)
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -210,9 +216,14 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     from ._atomic import atomic_dir
-    from .adapters import check_repo_id, fetch_adapter
+    from .adapters import check_repo_id, fetch_adapter, parse_adapter_spec
+    from .errors import InvalidInputError
 
-    folder = fetch_adapter(check_repo_id(args.repo_id), revision=args.revision)
+    repo_id, revision, subfolder = parse_adapter_spec(args.repo_id)
+    if revision and args.revision and revision != args.revision:
+        raise InvalidInputError(f"Two revisions given ({revision!r} in {args.repo_id!r}, --revision "
+                                f"{args.revision!r}); give one.")  # fmt: skip
+    folder = fetch_adapter(check_repo_id(repo_id), revision=revision or args.revision, subfolder=subfolder)
 
     with atomic_dir(args.to, overwrite=args.overwrite) as tmp:
         for p in folder.iterdir():
@@ -229,15 +240,34 @@ def _cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import validate_adapter
+def _base_config(name: str):
+    """Only the config of a base model (Hub id or local folder): ``config.json``, no weights."""
+    from transformers import AutoConfig
 
-    report = validate_adapter(_local_or_pulled(args.target), for_engine=args.engine)
+    from .base_model import resolve_base
+    from .errors import NotFoundError
+
+    try:
+        return AutoConfig.from_pretrained(resolve_base(name)[1])
+    except (OSError, ValueError) as e:
+        raise NotFoundError(f"Could not read the config of base model {name!r} ({e}). Give a Hub id or a folder "
+                            "with a transformers config.json.") from e  # fmt: skip
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import check_targets_in_base, validate_adapter
+
+    base_config = _base_config(args.base) if args.base else None
+    report = validate_adapter(_local_or_pulled(args.target), for_engine=args.engine, base_config=base_config,
+                              base_name=args.base or "the given base model")  # fmt: skip
+    if base_config is not None:
+        check_targets_in_base(report, base_config, args.base)
     for warning in report.warnings:
         print(f"WARN: {warning}")
     if report.ok:
         print(f"OK: {args.target} is a valid {report.config.get('peft_type')} adapter"
-              + (f" and {args.engine}-compatible" if args.engine else ""))  # fmt: skip
+              + (f" and {args.engine}-compatible" if args.engine else "")
+              + (f" that fits {args.base}" if args.base else ""))  # fmt: skip
         return 0
     for problem in report.problems:
         print(f"FAIL: {problem.point}\n      fix: {problem.fix}")
@@ -301,7 +331,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(method=args.method, base=args.base, load_in_4bit=args.load_in_4bit, rank=args.rank,
                              lr=args.lr, epochs=args.epochs, layers=layers, positions=args.positions,
                              target_loss=args.target_loss, batch_size=args.batch_size, seed=args.seed,
-                             trainer=args.trainer, early_stop=args.early_stop)  # fmt: skip
+                             trainer=args.trainer, early_stop=args.early_stop,
+                             target_modules=args.target_modules)  # fmt: skip
     main = is_main_process()  # under accelerate launch only rank 0 prints, writes and pushes
     if warning := single_cpu_launch_warning():
         print(f"warning: {warning}", file=sys.stderr)
@@ -361,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("prompt")
     chat.add_argument("--base", default=None, help="Hub id or local path (default: embedded SmolLM2-135M-Instruct).")
     chat.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="Load the base in NF4 4-bit.")
-    chat.add_argument("--adapter", action="append", help="Adapter repo id or folder (repeatable).")
+    chat.add_argument("--adapter", action="append", metavar="REPO_ID[@REVISION][:SUBFOLDER]",
+                      help="Adapter repo or folder (repeatable).")  # fmt: skip
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding.")
     chat.add_argument("--raw", action="store_true", help="Feed PROMPT as is, without the chat template.")
@@ -382,8 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true")
     push.set_defaults(func=_cmd_push)
-    pull = sub.add_parser("pull", help="Download an adapter repo into a folder.")
-    pull.add_argument("repo_id")
+    pull = sub.add_parser("pull", help="Download an adapter repo (or the adapter in one of its sub-folders) into a "
+                          "folder.")  # fmt: skip
+    pull.add_argument("repo_id", metavar="REPO_ID[@REVISION][:SUBFOLDER]")
     pull.add_argument("--revision", default=None)
     pull.add_argument("--to", required=True)
     pull.add_argument("--overwrite", action="store_true")
@@ -393,11 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--repo-id", default=None, help="Repo id the usage snippet should name.")
     card.set_defaults(func=_cmd_card)
     validate = sub.add_parser("validate", help="Check an adapter folder or repo (exit code 0 when valid).")
-    validate.add_argument("target", metavar="DIR_OR_REPO")
+    validate.add_argument("target", metavar="DIR_OR_REPO[@REVISION][:SUBFOLDER]")
     validate.add_argument("--for", dest="engine", choices=["vllm"], default=None)
+    validate.add_argument("--base", default=None, metavar="B",
+                          help="Also check it fits this base model (Hub id or folder; only its config is read): "
+                               "target modules present, weight shapes matching.")  # fmt: skip
     validate.set_defaults(func=_cmd_validate)
     info = sub.add_parser("info", help="Type, base model, parameters, size and files of an adapter.")
-    info.add_argument("target", metavar="DIR_OR_REPO")
+    info.add_argument("target", metavar="DIR_OR_REPO[@REVISION][:SUBFOLDER]")
     info.set_defaults(func=_cmd_info)
     convert = sub.add_parser("convert-bin", help="Convert your own trusted adapter_model.bin to safetensors.")
     convert.add_argument("dir")
@@ -417,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rank", type=int, default=None)
     train.add_argument("--layers", default=None, help="ReFT layers, e.g. 8,16 (default: by depth).")
     train.add_argument("--positions", default="l1", help="ReFT prompt positions (default: l1).")
+    train.add_argument("--target-modules", default=None, metavar="MODULES",
+                       help="LoRA: all-linear (default: every linear layer but the output head), peft-default "
+                            "(PEFT's per-architecture list), or module names such as c_attn,c_proj.")  # fmt: skip
     train.add_argument("--target-loss", type=float, default=None, help="Stop once a step's loss is this low.")
     train.add_argument("--validation", metavar="FILE", default=None,
                        help="Validation rows (default: 10%% of the rows held out when there are 20 or more).")
@@ -461,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_api = sub.add_parser("serve", help="Serve many adapters over one base model (OpenAI-compatible API).")
     serve_api.add_argument("--base", default=None, help="Base model (default: the embedded SmolLM2-135M-Instruct).")
     serve_api.add_argument("--load-in-4bit", action="store_true", help="Load the base in NF4 4-bit (bitsandbytes).")
-    serve_api.add_argument("--adapter", action="append", metavar="NAME=REPO_ID[@REVISION]",
+    serve_api.add_argument("--adapter", action="append", metavar="NAME=REPO_ID[@REVISION][:SUBFOLDER]",
                            help="An adapter to load at start (repeatable); a folder works too.")  # fmt: skip
     serve_api.add_argument(
         "--allow-hub-pattern",

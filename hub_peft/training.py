@@ -16,13 +16,13 @@ from .evaluation import Evaluation
 from .examples import MAX_TOKENS
 from .hf_trainer import train_with_trainer, world_size
 from .optimize import Example, TrainResult, encode_examples, pad_batch, prompt_lengths, response_loss_sum
+from .targets import ALL_LINEAR, describe, parse_target_modules, resolve_lora_targets
 
 METHODS = ("reft", "lora")
 DEFAULTS = {
     "reft": {"rank": 4, "lr": 1e-2, "epochs": 30},  # 15: the same emoji for every prompt; 60: words again
-    "lora": {"rank": 8, "lr": 1e-2, "epochs": 15},
+    "lora": {"rank": 8, "lr": 1e-2, "epochs": 15, "target_modules": ALL_LINEAR},
 }
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 @dataclass
@@ -43,6 +43,8 @@ class TrainSettings:
     max_tokens: int = MAX_TOKENS
     trainer: str = "auto"  # auto: the cached ReFT trainer in one process, transformers' Trainer otherwise
     early_stop: int | None = None  # with validation rows: stop after this many epochs without a better val loss
+    # LoRA: "all-linear" (default), "peft-default" (PEFT's per-architecture list) or module names ("c_attn,c_proj")
+    target_modules: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -57,6 +59,10 @@ class TrainSettings:
             raise InvalidInputError(f"trainer must be 'auto' or 'transformers', got {self.trainer!r}.")
         if self.lr is not None and not 0 < self.lr < 1:
             raise InvalidInputError(f"lr must be between 0 and 1, got {self.lr}.")
+        if self.target_modules is not None:
+            if self.method != "lora":
+                raise InvalidInputError("target_modules is a LoRA setting; ReFT intervenes on whole layers (layers).")
+            self.target_modules = parse_target_modules(self.target_modules)
 
     def resolved(self, n_layers: int) -> TrainSettings:
         """A copy with every default filled in for a base model with ``n_layers`` decoder layers."""
@@ -158,9 +164,10 @@ def train_adapter(
     else:
         from peft import LoraConfig, get_peft_model
 
+        targets, fan_in_fan_out = resolve_lora_targets(model, settings.target_modules)  # a clear error, before 4-bit
         keep_4bit_trainable(model)
-        config = LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank, target_modules=LORA_TARGETS,
-                            lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
+        config = LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank, target_modules=targets,
+                            fan_in_fan_out=fan_in_fan_out, lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
         adapter = get_peft_model(model, config)
         adapter.hub_peft_prompt_template = template
         try:
@@ -261,7 +268,7 @@ def save_trained(trained: Trained, out_dir: str | Path, *, overwrite: bool = Fal
     if trained.settings.method == "reft":
         args.update(layers=trained.settings.layers, positions=trained.settings.positions)
     else:
-        args.update(target_modules=LORA_TARGETS)
+        args.update(target_modules=describe(trained.settings.target_modules or ALL_LINEAR))
     metrics = dict(evaluation.metrics) if evaluation else {}
     if (loss := trained.result.final_validation_loss()) is not None:
         args["validation_rows"] = len(trained.validation_rows)
@@ -282,4 +289,5 @@ def save_trained(trained: Trained, out_dir: str | Path, *, overwrite: bool = Fal
         comparisons=evaluation.table() if evaluation else None,
         example_prompt=trained.rows[0]["prompt"] if trained.rows else None,
         prompt_template=trained.template,
+        tokenizer=trained.tokenizer,
     )

@@ -68,21 +68,99 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
     return out
 
 
-def _module_shapes(base_config: Any) -> dict[str, tuple[int, int]]:
-    """(in, out) features of every Linear in a model built from ``base_config`` on the meta device."""
+def _module_shapes(base_config: Any, auto_class: str = "AutoModelForCausalLM") -> dict[str, tuple[int, int]]:
+    """(in, out) features of every Linear in a model built by ``auto_class`` from ``base_config`` on the
+    meta device; raises ValueError when that Auto class cannot build this config."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(base_config)
+        model = getattr(transformers, auto_class).from_config(base_config)
     return {
         name: (m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
     }
 
 
+def embedding_modules(base_config: Any) -> tuple[tuple[str, ...], int] | None:
+    """The names of the input and output embedding modules of a causal LM built from ``base_config`` (on the
+    meta device) and its vocabulary size (rows of the input embeddings); None for a model it cannot build."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(base_config)
+    except Exception:  # not a causal LM transformers can build: nothing to compare
+        return None
+    names = {id(m): name for name, m in model.named_modules()}
+    found = [names[id(m)] for m in (model.get_input_embeddings(), model.get_output_embeddings())
+             if m is not None and id(m) in names]  # fmt: skip
+    embeddings = model.get_input_embeddings()
+    if not found or not hasattr(embeddings, "num_embeddings"):
+        return None
+    return tuple(found), int(embeddings.num_embeddings)
+
+
+def vocabulary_rows(tensors: dict[str, tuple[str, list[int]]], modules: tuple[str, ...]) -> dict[str, int]:
+    """Tensor name -> vocabulary size it was made for, for the adapter tensors of the embedding ``modules``
+    that hold one row (or column) per token: whole layers (``modules_to_save``, PEFT's saved base layers),
+    LoRA's ``lora_embedding_A`` on the input embeddings and ``lora_B`` on the output head."""
+    out = {}
+    for name, (_, shape) in tensors.items():
+        stem = name.removeprefix("base_model.model.")
+        module = next((m for m in modules if stem.startswith(f"{m}.")), None)
+        if module is None or len(shape) != 2:
+            continue
+        rest = stem[len(module) + 1 :].split(".")
+        if rest[0] == "lora_embedding_A":
+            out[name] = shape[1]  # [r, vocab]
+        elif rest[-1] == "weight" and rest[0] in ("weight", "lora_B", "modules_to_save", "base_layer",
+                                                  "original_module"):  # fmt: skip
+            out[name] = shape[0]  # [vocab, hidden] and lora_B [vocab, r]
+    return out
+
+
+def _check_vocabulary(report: Report, base_config: Any, base_name: str) -> bool:
+    """An adapter trained after tokens were added (and the embeddings resized) needs a base of that size;
+    True when it does not fit (a problem was added)."""
+    layout = embedding_modules(base_config)
+    if layout is None:
+        return False
+    modules, vocab = layout
+    wrong = {name: rows for name, rows in vocabulary_rows(report.tensors, modules).items() if rows != vocab}
+    if not wrong:
+        return False
+    tensor, rows = next(iter(sorted(wrong.items())))
+    saved = (report.folder / "tokenizer_config.json").is_file()
+    tokenizer = ("the tokenizer saved with the adapter (AutoTokenizer.from_pretrained on the adapter)" if saved
+                 else "the tokenizer it was trained with, which holds the added tokens")  # fmt: skip
+    made_for = report.config.get("base_model_name_or_path") or "its base model"
+    report.add(
+        f"{tensor} has {rows} token rows, but {base_name} has a vocabulary of {vocab}: this adapter was trained on "
+        f"{made_for} with its embeddings resized to {rows} tokens (tokens were added to the tokenizer)",
+        f"resize the base's embeddings to {rows} before loading it (base.resize_token_embeddings({rows})), and use "
+        f"{tokenizer}",
+    )
+    report.problems[-1].incompatible_base = True
+    return True
+
+
 def _check_shapes(report: Report, base_config: Any, base_name: str) -> None:
-    shapes = _module_shapes(base_config)
+    from .tasks import task_of
+
     expected_base = report.config.get("base_model_name_or_path") or "unknown"
+    task = task_of(report.config)
+    try:  # the model the adapter wraps: the Auto class of its task type
+        shapes = _module_shapes(base_config, task.auto_class)
+    except ValueError:  # transformers: "Unrecognized configuration class ... for this kind of AutoModel"
+        model_type = getattr(base_config, "model_type", None) or type(base_config).__name__
+        report.add(
+            f"this is a {task.task_type} adapter (a {task.what}, built with {task.auto_class}), but {base_name} is a "
+            f"{model_type} model, which {task.auto_class} cannot build: it was made for {expected_base}",
+            f"load it on {expected_base} with transformers.{task.auto_class}",
+        )
+        report.problems[-1].incompatible_base = True
+        return
     pattern = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
     for tensor, (_, shape) in report.tensors.items():
         m = pattern.match(tensor)
@@ -162,7 +240,8 @@ def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_
         if stray:
             report.add(f"{len(stray)} tensors match no target module, e.g. {stray[0]}",
                        "the config's target_modules must name the modules the weights belong to")  # fmt: skip
-    if base_config is not None and peft_type in ("LORA", "ADALORA"):
+    resized = base_config is not None and reft_config is None and _check_vocabulary(report, base_config, base_name)
+    if base_config is not None and peft_type in ("LORA", "ADALORA") and not resized:
         _check_shapes(report, base_config, base_name)
     if reft_config is not None:
         _check_reft(report, reft_config, base_config, base_name)
@@ -171,6 +250,33 @@ def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_
     elif for_engine not in (None, "vllm"):
         report.add(f"unknown engine {for_engine!r}", "use --for vllm")
     return report
+
+
+def check_targets_in_base(report: Report, base_config: Any, base_name: str) -> None:
+    """Add a problem when adapter weights belong to modules the base does not have (``hub-peft validate --base``):
+    each weight's module is the longest path before it that ``target_modules`` names (PEFT's rule). Names in
+    ``target_modules`` that match nothing but hold no weights are left alone, as PEFT loads those adapters.
+    The base is built from its config on the meta device, by the Auto class of the adapter's task type."""
+    from .targets import adapted_modules, base_module_names
+    from .tasks import task_of
+
+    targets = report.config.get("target_modules")
+    if str(report.config.get("peft_type")) == "REFT" or not targets or not isinstance(targets, (str, list)):
+        return
+    built = base_module_names(base_config, task_of(report.config).auto_class)
+    if built is None:
+        return  # _check_shapes says the base cannot be built for this task type
+    names, linear = built
+    absent = {path: target for path, target in adapted_modules(report.tensors, targets).items() if path not in names}
+    if absent:
+        made_for = report.config.get("base_model_name_or_path") or "unknown"
+        report.add(
+            f"target module(s) {', '.join(dict.fromkeys(absent.values()))} are not in {base_name} (its linear "
+            f"layers: {linear}): {len(absent)} adapted module(s) such as {next(iter(absent))} have nothing to "
+            f"load into; this adapter was made for {made_for}",
+            f"load it on {made_for}, or retrain it for {base_name} (hub-peft train --target-modules all-linear)",
+        )
+        report.problems[-1].incompatible_base = True
 
 
 def _check_reft(report: Report, config: Any, base_config: Any, base_name: str) -> None:

@@ -72,6 +72,8 @@ def _decoder_and_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
 
 def _child(layer: nn.Module, words: tuple[str, ...], what: str) -> nn.Module:
     for name, child in layer.named_children():
+        if "norm" in type(child).__name__.lower():  # Falcon's ln_attn, GPT-2's ln_1: a norm is never the component
+            continue
         label = (name + type(child).__name__).lower()
         if any(w in label for w in words):
             return child

@@ -136,5 +136,5 @@ def import_pyreft(
             base={"hub_id": base},
             params={"trainable": sum(t.numel() for t in state.values())},
         ).save(tmp)
-        write_card(tmp)
+        write_card(tmp, name=str(dst))
     return Path(dst)

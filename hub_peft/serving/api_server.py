@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
+from ..adapters import parse_adapter_spec
 from ..errors import HubPeftError, IncompatibleAdapterError, InvalidInputError, NotFoundError
 from .engine import MultiAdapterModel
 from .metrics import Metrics
@@ -105,20 +106,26 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
         known = {e["name"] for e in engine.loaded()}
         if model in known:
             return model, model
-        if hub_allowed(model):
+        if hub_allowed(model):  # REPO[@REVISION][:SUBFOLDER], loaded under that very name
             async with load_lock:
                 if model not in {e["name"] for e in engine.loaded()}:
-                    await load(model, model, None)
+                    await load(model, *parse_adapter_spec(model))
             return model, model
         raise ApiError(404, f"Unknown model {model!r}. Available: {sorted(known | {base_name})}.", "model",
                        "model_not_found")  # fmt: skip
 
-    def hub_allowed(source: str) -> bool:
-        return bool(allow_hub_pattern) and source.count("/") == 1 and fnmatch.fnmatch(source, allow_hub_pattern)
-
-    async def load(name: str, source: str, revision: str | None, pin: bool = False) -> dict:
+    def hub_allowed(spec: str) -> bool:
+        """Whether ``spec`` (``REPO[@REVISION][:SUBFOLDER]``) names a repo that ``allow_hub_pattern`` lets in."""
         try:
-            return await asyncio.to_thread(engine.add, name, source, revision, pin=pin)
+            repo = parse_adapter_spec(spec)[0]
+        except InvalidInputError:
+            return False
+        return bool(allow_hub_pattern) and repo.count("/") == 1 and fnmatch.fnmatch(repo, allow_hub_pattern)
+
+    async def load(name: str, source: str, revision: str | None, subfolder: str | None = None,
+                   pin: bool = False) -> dict:  # fmt: skip
+        try:
+            return await asyncio.to_thread(engine.add, name, source, revision, subfolder=subfolder, pin=pin)
         except NotFoundError as e:
             raise ApiError(404, str(e), "source") from None
         except HubPeftError as e:
@@ -208,10 +215,19 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
     @app.post("/admin/adapters")
     async def admin_load(body: AdapterLoad, http: HttpRequest):
         authorize(http)
-        if not Path(body.source).is_dir() and not hub_allowed(body.source):
+        try:
+            source, revision, subfolder = parse_adapter_spec(body.source)
+        except InvalidInputError as e:
+            raise ApiError(400, str(e), "source") from None
+        for field, given, in_source in (("revision", body.revision, revision), ("subfolder", body.subfolder,
+                                                                                 subfolder)):  # fmt: skip
+            if given is not None and in_source is not None and given != in_source:
+                raise ApiError(400, f"{field} is given twice ({in_source!r} in source, {given!r} as {field}); "
+                                    "give it once.", field)  # fmt: skip
+        if not Path(source).is_dir() and not hub_allowed(body.source):
             raise ApiError(403, f"{body.source!r} is not a folder on this server and does not match "
                                 f"--allow-hub-pattern ({allow_hub_pattern or 'off'}).", "source")  # fmt: skip
-        return await load(body.name, body.source, body.revision, pin=body.pin)
+        return await load(body.name, source, revision or body.revision, subfolder or body.subfolder, pin=body.pin)
 
     @app.delete("/admin/adapters/{name:path}")
     async def admin_unload(name: str, http: HttpRequest):

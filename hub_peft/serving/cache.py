@@ -14,6 +14,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from ..errors import IncompatibleAdapterError, InvalidInputError, NotFoundError
 from ..reft.config import ReftConfig
 from ..reft.interventions import Intervention
+from ..tasks import require_causal_adapter
 
 
 @dataclass
@@ -45,7 +47,7 @@ class _Reft:
 class _Cached:
     """One resident copy of an adapter's weights, shared by every name that resolves to the same files."""
 
-    key: str  # hub:{repo}@{commit} for a Hub repo, sha256:{digest of its files} for a folder
+    key: str  # hub:{repo}@{commit}[:{subfolder}] for a Hub repo, sha256:{digest of its files} for a folder
     kind: str  # lora | ia3 | reft | solo (runs in sub-batches of its own through PEFT)
     folder: Path
     nbytes: int = 0
@@ -66,6 +68,7 @@ class _Entry:
     pinned: bool = False
     solo_reason: str | None = None
     peft_type: str = ""
+    subfolder: str | None = None  # where the adapter is inside the repo or folder
 
     @property
     def kind(self) -> str:
@@ -87,37 +90,45 @@ class AdapterCache:
     ``base_config``/``base_name`` describe the base an adapter must fit.
     """
 
-    def __init__(self, *, memory_budget: int, targets: set[str], base_config: Any, base_name: str) -> None:
+    def __init__(self, *, memory_budget: int, targets: set[str], base_config: Any, base_name: str,
+                 prepare: Callable[[dict], None] | None = None) -> None:  # fmt: skip
         self.memory_budget, self.targets = memory_budget, targets
+        self.prepare = prepare  # called with an adapter's config before it is added; raises to refuse it
         self.base_config, self.base_name = base_config, base_name
         self.entries: dict[str, _Entry] = {}
         self.copies: dict[str, _Cached] = {}  # cache key -> the one copy all names of those files share
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
         self._lock = threading.RLock()
 
-    def add(self, name: str, source: str | Path, revision: str | None = None, *, pin: bool = False) -> dict:
-        """Load an adapter (folder or repo id) under ``name`` without touching the base or the others.
+    def add(self, name: str, source: str | Path, revision: str | None = None, *, subfolder: str | None = None,
+            pin: bool = False) -> dict:  # fmt: skip
+        """Load an adapter (folder or repo id, the adapter in its ``subfolder`` if given) under ``name`` without
+        touching the base or the others.
 
-        A Hub repo is resolved to one commit first; the weights are cached under that commit (a folder:
-        under the sha256 of its files), so names that resolve to the same files share one copy, and a
-        new revision is a new entry, never a stale one.
+        A Hub repo is resolved to one commit first; the weights are cached under that commit and sub-folder
+        (a folder: under the sha256 of its files), so names that resolve to the same files share one copy,
+        and a new revision is a new entry, never a stale one.
         """
         from ..adapters import check_adapter_folder, resolve_adapter
         from ..cards import CardInfo
 
         if not name or not isinstance(name, str):
             raise InvalidInputError("An adapter needs a non-empty name.")
-        resolved = resolve_adapter(source, revision=revision)
+        resolved = resolve_adapter(source, revision=revision, subfolder=subfolder)
         folder = resolved.folder
+        require_causal_adapter(folder, source, "the multi-adapter engine (hub-peft serve)")
         config = check_adapter_folder(folder, base_config=self.base_config, base_name=self.base_name)
         kind, solo_reason = _kind_of(config, source)
+        if self.prepare is not None:
+            self.prepare(config)
         template = config.get("prompt_template") if kind == "reft" else CardInfo.load(folder).prompt_template
         key = resolved.cache_key
         with self._lock:
             cached = self.copies.setdefault(key, _Cached(key, kind, folder))
             peft_type = str(config.get("peft_type", "")).lower()
             self.entries[name] = _Entry(name, str(source), revision, resolved.commit, cached, template, pinned=pin,
-                                         solo_reason=solo_reason, peft_type=peft_type)  # fmt: skip
+                                         solo_reason=solo_reason, peft_type=peft_type,
+                                         subfolder=resolved.subfolder)  # fmt: skip
             self.forget_unused()
             self.materialize(self.entries[name])
             self.evict()
@@ -136,8 +147,8 @@ class AdapterCache:
     def info(self, name: str) -> dict:
         e = self.get(name)
         return {"name": e.name, "type": e.peft_type, "source": e.source, "revision": e.revision, "commit": e.commit,
-                "key": e.cached.key, "bytes": e.cached.nbytes, "resident": e.payload is not None, "pinned": e.pinned,
-                "mixable": e.solo_reason is None}  # fmt: skip
+                "subfolder": e.subfolder, "key": e.cached.key, "bytes": e.cached.nbytes,
+                "resident": e.payload is not None, "pinned": e.pinned, "mixable": e.solo_reason is None}  # fmt: skip
 
     def loaded(self) -> list[dict]:
         return [self.info(n) for n in self.entries]
@@ -222,8 +233,8 @@ def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
         )
     blockers = []
     if peft_type == "IA3":
-        if config.get("fan_in_fan_out") or config.get("modules_to_save"):
-            blockers.append("it uses fan_in_fan_out or trains whole modules")
+        if config.get("modules_to_save"):
+            blockers.append("it trains whole modules")
     elif peft_type != "LORA":
         blockers.append(f"its type is {peft_type}")
     else:
@@ -233,8 +244,6 @@ def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
             blockers.append("it has per-module rank/alpha patterns")
         if config.get("bias", "none") != "none" or config.get("modules_to_save"):
             blockers.append("it trains biases or whole modules")
-        if config.get("fan_in_fan_out"):
-            blockers.append("it uses fan_in_fan_out")
         if _adapts_outside_blocks(config.get("target_modules")) or config.get("trainable_token_indices"):
             blockers.append("it adapts the embeddings or the output head, outside the decoder blocks")
     if blockers:

@@ -1,16 +1,20 @@
 """Many adapters over one base model, a different adapter (or a weighted mix) per row, batched continuously.
 
-The base is wrapped once: every linear layer inside the decoder blocks gets a :class:`_RowDeltas`
-(it adds each row group's LoRA/IA3 delta with small batched matmuls over that group's rows), and every
-decoder block gets ReFT hooks (they edit each row's prompt positions during its prefill). Nothing runs
+The base is wrapped once: every linear layer inside the decoder blocks (``nn.Linear`` and its subclasses,
+bitsandbytes' 4-bit and 8-bit layers included, and GPT-2's ``Conv1D``) gets a :class:`_RowDeltas` (it adds each
+row group's LoRA/IA3 delta with small batched matmuls over that group's rows); the components ReFT adapters
+intervene on get hooks when the first such adapter is added (they edit each row's prompt positions during its
+prefill), so a base whose blocks lack a component still serves everything else. Nothing runs
 per row in Python and no adapter runs on rows that are not its own. A mix ``{"a": 0.7, "b": 0.3}`` adds
 ``0.7·Δa + 0.3·Δb`` exactly (for LoRA ``Σ wᵢ·sᵢ·Bᵢ Aᵢ x``, never averaged A and B matrices).
 
 Sequences (:class:`Generation`) run on the engine's own KV cache (:mod:`.kv_cache`): :meth:`forward_ragged`
 is one forward over admitted sequences, each feeding its own number of new tokens; the
-:class:`~.scheduler.Scheduler` decides which, step by step. Adapters come from :class:`~.cache.AdapterCache`
-(names, resolved commits, LRU). Adapters that cannot share a forward run through ``generate`` instead
-(:meth:`generate_static`).
+:class:`~.scheduler.Scheduler` decides which, step by step. A base whose attention cannot run there (ALiBi
+biases, attention outside transformers' attention interface: ``ragged_reason`` says which) keeps the same
+steps, streaming and adapters, but each sequence runs its own forward on a transformers ``DynamicCache``.
+Adapters come from :class:`~.cache.AdapterCache` (names, resolved commits, LRU). Adapters that cannot share
+a forward run through ``generate`` instead (:meth:`generate_static`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import nn
 
 from .._bnb import keep_4bit_trainable
 from .._onednn import PackedLinear, packable, packed_is_faster
-from ..errors import IncompatibleAdapterError, InvalidInputError
+from ..errors import InvalidInputError
 from ..reft.model import (
     component_module,
     edit_positions,
@@ -48,7 +52,15 @@ from .sampling import Sampled, SamplingParams, sample_row
 
 AdapterSpec = str | dict[str, float] | None
 Prompt = str | Sequence[dict[str, str]]  # a prompt, or chat messages [{"role": ..., "content": ...}]
-_LINEARS = ("Linear", "Linear4bit", "Linear8bitLt")
+_REFT_COMPONENTS = ("block_input", "block_output", "attention_output", "mlp_output")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A layer LoRA/IA3 can adapt: ``nn.Linear`` or a subclass (FalconLinear, bitsandbytes' Linear4bit and
+    Linear8bitLt), or transformers' ``Conv1D`` (GPT-2: ``x @ W + b`` with W stored [in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 @dataclass
@@ -79,6 +91,7 @@ class Generation:
     samples: list[Sampled] = field(default_factory=list)
     slot: int = -1  # -1: holds no slot
     cached: int = 0  # tokens whose keys/values are in the slot
+    past: Any = None  # a per-sequence transformers cache, on bases that cannot use the slots (see ragged_reason)
     parts: tuple = ()  # ((payload, weight), ...) for spec, held even if the cache evicts them meanwhile
 
     @property
@@ -280,8 +293,10 @@ class MultiAdapterModel:
                  memory_budget: int = 256 * 2**20, max_running: int = 32,
                  max_model_len: int | None = None, packed_head: bool | None = None) -> None:  # fmt: skip
         from ..base_model import load_base_model
+        from ..tasks import require_causal_lm
 
         self.model, self.tokenizer = base or load_base_model(None, load_in_4bit=load_in_4bit)
+        require_causal_lm(self.model)  # a classifier or seq2seq base: say so, not fail in the wrapping
         self.core = innermost_model(self.model)
         keep_4bit_trainable(self.core)  # exact float32 dequantize-and-matmul, never bitsandbytes' bf16 CPU kernel
         config = text_config(self.core.config)
@@ -298,21 +313,24 @@ class MultiAdapterModel:
         self._wrapped: list[tuple[nn.Module, str, _RowDeltas]] = []
         self._wrap_linears()
         self._packed_head = packed_head
+        self._reft_sites: set[tuple[int, str]] = set()  # (layer, component) pairs with an edit hook
         self.cache = AdapterCache(memory_budget=memory_budget, targets={w.name for _, _, w in self._wrapped},
-                                  base_config=self.core.config, base_name=_base_name(self.core))
+                                  base_config=self.core.config, base_name=_base_name(self.core),
+                                  prepare=self._prepare_adapter)  # fmt: skip
         find_decoder(self.core).register_forward_pre_hook(self._count_forward)
-        for index, layer in enumerate(self._layers):
-            for component in ("block_output", "attention_output", "mlp_output"):
-                module = component_module(layer, component)
-                module.register_forward_hook(output_edit_hook(self._reft_edit, index, component))
-            layer.register_forward_pre_hook(input_edit_hook(self._reft_edit, index), with_kwargs=True)
+
+    @property
+    def batching(self) -> str:
+        """``"continuous"`` (one packed forward per step on the slot cache) or ``"per-sequence"`` (each
+        sequence its own forward on transformers' cache, same steps; see ``ragged_reason``)."""
+        return "continuous" if self.ragged_reason is None else "per-sequence"
 
     # --- wrapping --------------------------------------------------------------------------------
 
     def _wrap_linears(self) -> None:
         prefix = next(n for n, m in self.core.named_modules() if m is self._layers)
         for name, module in list(self.core.named_modules()):
-            if not name.startswith(prefix + ".") or type(module).__name__ not in _LINEARS:
+            if not name.startswith(prefix + ".") or not _is_linear(module):
                 continue
             parent, _, child = name.rpartition(".")
             wrapper = _RowDeltas(self, name, module)
@@ -339,6 +357,23 @@ class MultiAdapterModel:
         finally:
             for parent, child, wrapper in self._wrapped:
                 setattr(parent, child, wrapper)
+
+    def _prepare_adapter(self, config: dict) -> None:
+        """Before an adapter is added: hook the components its ReFT interventions edit (once per component;
+        a component this base's blocks lack refuses the adapter with the reason)."""
+        if config.get("peft_type") != "REFT":
+            return
+        from ..reft.config import ReftConfig
+
+        sites = {(layer, component) for layer, component, _ in ReftConfig.from_dict(dict(config)).sites()}
+        with self._lock:  # never while a forward runs: hooks are added between steps
+            modules = {site: component_module(self._layers[site[0]], site[1]) for site in sites - self._reft_sites}
+            for (layer, component), module in sorted(modules.items()):
+                if component == "block_input":
+                    module.register_forward_pre_hook(input_edit_hook(self._reft_edit, layer), with_kwargs=True)
+                else:
+                    module.register_forward_hook(output_edit_hook(self._reft_edit, layer, component))
+                self._reft_sites.add((layer, component))
 
     def _count_forward(self, module: nn.Module, args: Any) -> None:
         if self._plan is not None:
@@ -372,10 +407,11 @@ class MultiAdapterModel:
 
     # --- the adapter cache (see cache.py) -----------------------------------------------------------
 
-    def add(self, name: str, source: str | Path, revision: str | None = None, *, pin: bool = False) -> dict:
-        """Load an adapter (folder or repo id) under ``name`` without touching the base or the others; a Hub
-        repo is resolved to one commit first (see :class:`AdapterCache`)."""
-        return self.cache.add(name, source, revision, pin=pin)
+    def add(self, name: str, source: str | Path, revision: str | None = None, *, subfolder: str | None = None,
+            pin: bool = False) -> dict:  # fmt: skip
+        """Load an adapter (folder or repo id; the one in its ``subfolder`` if given) under ``name`` without
+        touching the base or the others; a Hub repo is resolved to one commit first (see :class:`AdapterCache`)."""
+        return self.cache.add(name, source, revision, subfolder=subfolder, pin=pin)
 
     def remove(self, name: str) -> None:
         self.cache.remove(name)
@@ -623,7 +659,7 @@ class MultiAdapterModel:
                     result[torch.tensor(rows)] = piece
                 return result
             solo = any(self.solo_names(spec) for spec in self._normalize(adapters, len(prompts)))
-            if self.ragged_reason is None and not solo and len(self._slots) + len(prompts) <= self.max_running:
+            if not solo and len(self._slots) + len(prompts) <= self.max_running:
                 return self._prefill_logits(prompts, adapters, raw)
             order, specs, ids, mask = self._batch(prompts, adapters, raw)
             with self._runner(specs, mask) as (model, extra):
@@ -677,7 +713,7 @@ class MultiAdapterModel:
         with self._lock:
             if len(self._slots) >= self.max_running:
                 return False
-            if self._kv is None:
+            if self._kv is None and self.ragged_reason is None:
                 config = text_config(self.core.config)
                 heads = config.num_attention_heads
                 head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -695,9 +731,11 @@ class MultiAdapterModel:
         with self._lock:
             if seq.slot < 0:
                 return
+            seq.past = None
             last = self._slots.pop()
             if last is not seq:
-                self._kv.move(last.slot, seq.slot, last.cached)
+                if self._kv is not None:
+                    self._kv.move(last.slot, seq.slot, last.cached)
                 last.slot = seq.slot
                 self._slots[seq.slot] = last
             seq.slot = -1
@@ -722,8 +760,6 @@ class MultiAdapterModel:
         ``[rows, vocab]``. Rows must be in slot order. The new tokens are packed into one row without
         padding (see :mod:`.kv_cache`): prefill chunks and decode tokens share the forward, and each weight
         matrix is read once for all of them."""
-        if self.ragged_reason is not None:
-            raise IncompatibleAdapterError(f"This base cannot run on the engine's KV cache: {self.ragged_reason}.")
         slots = [seq.slot for seq, _ in rows]
         if any(b <= a for a, b in itertools.pairwise(slots)) or slots[0] < 0:
             raise InvalidInputError("forward_ragged needs admitted sequences in slot order.")
@@ -733,6 +769,8 @@ class MultiAdapterModel:
             if len(feed) != n or n < 1:
                 raise InvalidInputError(f"row {b} has {len(feed)} tokens to feed, not {n}.")
             new += feed
+        if self.ragged_reason is not None:
+            return self._forward_each(rows)
         step = kv_cache.RaggedStep.build(self._kv, slots, [seq.cached for seq, _ in rows], [n for _, n in rows])
         ids = torch.tensor([new])
         with self._lock, kv_cache.running(self.core, step), self._packed_head_in():
@@ -745,6 +783,30 @@ class MultiAdapterModel:
         for seq, n in rows:
             seq.cached += n
         return logits[0]
+
+    def _forward_each(self, rows: list[tuple[Generation, int]]) -> torch.Tensor:
+        """:meth:`forward_ragged` on a base that cannot use the slot cache: each sequence feeds its new tokens
+        through transformers' own attention on a ``DynamicCache`` of its own (what ``generate`` does for one
+        prompt), with its adapters as in a packed step of one sequence. Streamed like any step, exact."""
+        from transformers import DynamicCache
+
+        out = []
+        with self._lock:
+            for seq, n in rows:
+                if seq.past is None:
+                    seq.past = DynamicCache(config=self.core.config)
+                elif seq.past.get_seq_length() > seq.cached:  # a failed step left keys/values past ``cached``
+                    seq.past.crop(seq.cached)
+                ids = torch.tensor([seq.tokens[seq.cached : seq.cached + n]])
+                self._plan = self._ragged_plan([(seq, n)], reuse=False)
+                try:
+                    logits = self.core(input_ids=ids, use_cache=True, logits_to_keep=1,
+                                       **{_cache_argument(type(self.core)): seq.past}).logits  # fmt: skip
+                finally:
+                    self._plan = None
+                seq.cached += n
+                out.append(logits[0, -1])
+        return torch.stack(out)
 
     @functools.cached_property
     def _head(self) -> PackedLinear | None:
@@ -763,10 +825,10 @@ class MultiAdapterModel:
         finally:
             self.core.lm_head = head.linear
 
-    def _ragged_plan(self, rows: list[tuple[Generation, int]]) -> _Plan:
+    def _ragged_plan(self, rows: list[tuple[Generation, int]], *, reuse: bool = True) -> _Plan:
         """Groups of packed tokens with one adapter spec: the decoding rows of each spec together, each prompt
         chunk on its own (a contiguous span; its ReFT positions in this chunk, as packed indices)."""
-        decoding = all(not seq.prefilling for seq, _ in rows)
+        decoding = reuse and all(not seq.prefilling for seq, _ in rows)
         signature = tuple(tuple((id(p), w) for p, w in seq.parts) for seq, _ in rows)
         if decoding and self._decode_plan is not None and self._decode_plan[0] == signature:
             plan = self._decode_plan[1]  # the same rows and adapters as the last decode step: reuse its LoRA packs
@@ -855,19 +917,38 @@ def _packed_head(core: nn.Module, wanted: bool | None) -> PackedLinear | None:
 
 
 def _ragged_blocker(core: nn.Module) -> str | None:
-    """Why this base cannot run on the engine's own KV cache (it then decodes batches with ``generate``)."""
+    """Why this base cannot run on the engine's slot cache (its sequences then run one by one, see
+    :meth:`MultiAdapterModel._forward_each`), or None. The slot cache replaces transformers' attention
+    function and mask, so each block's attention module must dispatch through the attention interface and
+    number itself (``layer_idx``), and no position information may ride on the mask (ALiBi)."""
     config = text_config(core.config)
-    if not getattr(type(core), "_supports_attention_backend", False):
-        return f"{type(core).__name__} does not dispatch attention through transformers' attention interface"
-    if getattr(config, "sliding_window", None) and (getattr(config, "layer_types", None) is None
-                                                     or "sliding_attention" in config.layer_types):  # fmt: skip
-        return "it has sliding-window attention layers"
-    if getattr(config, "attn_logit_softcapping", None):
-        return "it soft-caps attention logits"
-    layers = find_decoder_layers(core)
-    if not all(getattr(getattr(layer, "self_attn", None), "layer_idx", None) == i for i, layer in enumerate(layers)):
-        return "its decoder layers do not number their attention modules"
+    if getattr(config, "alibi", False) or getattr(getattr(config, "attn_config", None), "alibi", False):
+        return "it adds ALiBi position biases to the attention mask"
+    for i, layer in enumerate(find_decoder_layers(core)):
+        attention = [m for m in layer.modules() if "Attention" in type(m).__name__ and hasattr(m, "layer_idx")]
+        if len(attention) != 1 or attention[0].layer_idx != i:
+            return f"its decoder blocks ({type(layer).__name__}) do not hold one numbered attention module each"
+        if not _uses_attention_interface(type(attention[0])):
+            return f"{type(attention[0]).__name__} does not dispatch through transformers' attention interface"
     return None
+
+
+@functools.cache
+def _cache_argument(cls: type) -> str:
+    """The forward argument that takes a KV cache: ``cache`` (transformers 5.25+), else ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+@functools.cache
+def _uses_attention_interface(cls: type) -> bool:
+    import inspect
+
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
 
 
 def _pick(values: Any, rows: list[int]) -> Any:

@@ -9,12 +9,17 @@ key/value into its sequence's slot (one indexed write for the whole step) and at
 each run of decoding sequences in consecutive slots is one ``scaled_dot_product_attention`` call on a
 view of the cache, each prompt chunk one causal call of its own (grouped query heads are folded into
 the query length, so keys are never repeated).
+
+Layers with a sliding window (Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``) get the window the model
+passes for that layer (a key ``k`` is seen from position ``q`` when ``q - window < k <= q``, transformers'
+``sliding_window_overlay``); soft-capped attention logits (Gemma 2) take the explicit
+``softcap · tanh(scores / softcap)`` path of transformers' eager attention, since SDPA has no soft cap.
 """
 
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -33,6 +38,19 @@ class _Run:
     tokens: torch.Tensor | slice
     span: int  # key positions read
     mask: torch.Tensor | None  # [count, 1, q, span] (q: new tokens per sequence); None: every key visible
+    positions: torch.Tensor  # [count, q] the position of each new token in its sequence
+    windowed: dict[int, torch.Tensor] = field(default_factory=dict)  # sliding window -> its mask, built once
+
+    def mask_for(self, window: int | None) -> torch.Tensor | None:
+        """The run's mask, narrowed to a sliding window of ``window`` keys when given (one per step and size)."""
+        if not window or int(self.positions.max()) < window:  # no query reaches past its window yet
+            return self.mask
+        if window not in self.windowed:
+            keys = torch.arange(self.span)
+            inside = keys[None, None, :] > self.positions[:, :, None] - window  # [count, q, span]
+            causal = keys[None, None, :] <= self.positions[:, :, None]
+            self.windowed[window] = (inside & causal)[:, None]
+        return self.windowed[window]
 
 
 @dataclass
@@ -61,7 +79,8 @@ class RaggedStep:
                 start, n = starts[b], lengths[b]
                 span = start + n
                 mask = torch.arange(span)[None, :] <= start + torch.arange(n)[:, None]
-                runs.append(_Run(slots[b], 1, slice(offsets[b], offsets[b + 1]), span, mask[None, None]))
+                runs.append(_Run(slots[b], 1, slice(offsets[b], offsets[b + 1]), span, mask[None, None],
+                            (start + torch.arange(n))[None]))
                 b += 1
                 continue
             end = b + 1  # a run of single new tokens in consecutive slots
@@ -72,7 +91,7 @@ class RaggedStep:
             mask = None
             if end - b > 1 or int(ends[0]) < span:
                 mask = (torch.arange(span)[None, :] < ends[:, None])[:, None, None, :]
-            runs.append(_Run(slots[b], end - b, torch.tensor(offsets[b:end]), span, mask))
+            runs.append(_Run(slots[b], end - b, torch.tensor(offsets[b:end]), span, mask, (ends - 1)[:, None]))
             b = end
         for run in runs:
             for slot in range(run.slot, run.slot + run.count):
@@ -127,9 +146,11 @@ class SlotCache:
 
 def ragged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     sliding_window: int | None = None, softcap: float | None = None,
                      **_: object) -> tuple[torch.Tensor, None]:  # fmt: skip
     """transformers' attention interface over the engine's slots (see the module docstring): ``query``
-    ``[1, heads, tokens, dim]`` of the packed row; returns ``[1, tokens, heads, dim]``."""
+    ``[1, heads, tokens, dim]`` of the packed row; returns ``[1, tokens, heads, dim]``. ``sliding_window`` and
+    ``softcap`` are what the model passes for this layer."""
     step = _STEP.get()
     layer = module.layer_idx
     keys, values = step.cache.keys[layer], step.cache.values[layer]
@@ -144,19 +165,32 @@ def ragged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     for run in step.runs:
         cached_keys = keys[run.slot : run.slot + run.count, :, : run.span]
         cached_values = values[run.slot : run.slot + run.count, :, : run.span]
-        mask = run.mask
+        mask = run.mask_for(sliding_window)
         if isinstance(run.tokens, slice):  # one prompt chunk: [1, kv_heads, group * n, dim], query-major per head
             q = queries[run.tokens].permute(1, 2, 0, 3).reshape(1, kv_heads, -1, dim)
             if group > 1:
                 mask = mask.repeat(1, 1, group, 1)
-            attended = nn.functional.scaled_dot_product_attention(q, cached_keys, cached_values, attn_mask=mask,
-                                                                  scale=scaling)  # fmt: skip
+            attended = _attend(q, cached_keys, cached_values, mask, scaling, softcap)
             out[run.tokens] = attended.reshape(kv_heads, group, -1, dim).permute(2, 0, 1, 3)
         else:  # one new token per sequence: [count, kv_heads, group, dim]
-            attended = nn.functional.scaled_dot_product_attention(queries[run.tokens], cached_keys, cached_values,
-                                                                  attn_mask=mask, scale=scaling)  # fmt: skip
+            attended = _attend(queries[run.tokens], cached_keys, cached_values, mask, scaling, softcap)
             out[run.tokens] = attended
     return out.reshape(1, tokens, heads, dim).to(query.dtype), None
+
+
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+            scaling: float | None, softcap: float | None) -> torch.Tensor:
+    """Attention of ``query`` over ``keys``/``values`` (``mask`` True where a key is seen): SDPA, or with
+    ``softcap`` the soft-capped scores as transformers' eager attention computes them (softmax in float32)."""
+    if softcap is None:
+        return nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, values)
 
 
 def register() -> None:

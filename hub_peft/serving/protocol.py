@@ -115,6 +115,7 @@ class CompletionRequest(_Sampling):
 
 class AdapterLoad(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=200)]
-    source: Annotated[str, Field(min_length=1)]
+    source: Annotated[str, Field(min_length=1)]  # a folder or REPO[@REVISION][:SUBFOLDER]
     revision: str | None = None
+    subfolder: str | None = None
     pin: StrictBool = False

@@ -100,7 +100,7 @@ class Scheduler:
         engine = self.engine
         for request in requests:
             spec = engine._normalize([request.adapter], 1)[0]
-            request.solo = engine.ragged_reason is not None or bool(engine.solo_names(spec))
+            request.solo = bool(engine.solo_names(spec))
             if request.solo:
                 prompt_ids = engine._encode([request.prompt], [spec], [request.raw])[0]
             else:

@@ -57,7 +57,7 @@ def has_vllm(python: str) -> bool:
 
 def plan_vllm(
     base: str | None,
-    adapters: list[tuple[str, str, str | None]],
+    adapters: list[tuple[str, str, str | None] | tuple[str, str, str | None, str | None]],
     *,
     python: str = sys.executable,
     host: str = "127.0.0.1",
@@ -65,15 +65,16 @@ def plan_vllm(
     extra: list[str] = (),
     check_installed: bool = True,
 ) -> VllmLaunch:
-    """Resolve and check ``adapters`` (``(name, repo id or folder, revision)``) and build vLLM's command.
+    """Resolve and check ``adapters`` (``(name, repo id or folder, revision[, subfolder])``) and build vLLM's
+    command.
 
     Raises :class:`IncompatibleAdapterError` listing every adapter vLLM cannot serve, and
     :class:`NotFoundError` when ``python`` has no vLLM (with how to install it)."""
     from ..base_model import DEFAULT_BASE, embedded_model_dir
 
     refused, folders, ranks = [], {}, []
-    for name, source, revision in adapters:
-        folder = resolve_adapter(source, revision=revision).folder
+    for name, source, revision, *subfolder in adapters:
+        folder = resolve_adapter(source, revision=revision, subfolder=(subfolder or [None])[0]).folder
         report = validate_adapter(folder, for_engine="vllm")
         if not report.ok:
             refused.append(f"  {name} ({source}): " + "; ".join(p.point for p in report.problems))

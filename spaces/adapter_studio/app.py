@@ -30,6 +30,7 @@ from hub_peft.errors import HubPeftError
 from hub_peft.evaluation import Evaluation, evaluate_trained
 from hub_peft.examples import MAX_FILE_BYTES, MAX_ROWS, Table, check_rows, read_table, split_validation, without
 from hub_peft.presets import held_out_prompts, load_preset
+from hub_peft.targets import ALL_LINEAR
 from hub_peft.training import (
     DEFAULTS,
     TrainSettings,
@@ -175,8 +176,9 @@ def preview(table: pd.DataFrame, base_name: str, four_bit: bool) -> str:
 # --- 2. training ---------------------------------------------------------------------------------
 
 
-def _settings(method, base_name, four_bit, rank, layers, positions, lr, epochs) -> TrainSettings:
+def _settings(method, base_name, four_bit, rank, layers, positions, lr, epochs, target_modules=None) -> TrainSettings:
     method = "reft" if str(method).lower().startswith("reft") else "lora"
+    targets = (str(target_modules or "").strip() or None) if method == "lora" else None  # LoRA only
     try:
         parsed_layers = [int(x) for x in str(layers).replace(" ", "").split(",") if x] if layers else None
     except ValueError:
@@ -185,7 +187,7 @@ def _settings(method, base_name, four_bit, rank, layers, positions, lr, epochs) 
         return TrainSettings(method=method, base=base_name or None, load_in_4bit=bool(four_bit),
                              rank=int(rank) if rank else None, lr=float(lr) if lr else None,
                              epochs=int(epochs) if epochs else None, layers=parsed_layers,
-                             positions=positions or "l1")  # fmt: skip
+                             positions=positions or "l1", target_modules=targets)  # fmt: skip
     except HubPeftError as e:
         raise gr.Error(str(e)) from None
 
@@ -248,11 +250,12 @@ def _waiting_status(job: Job) -> str:
 
 
 def train(table, validation_rows, method, base_name, four_bit, rank, layers, positions, lr, epochs, state,
-          request: gr.Request, progress=gr.Progress()):  # noqa: B008 - Gradio's way  # fmt: skip
+          target_modules=ALL_LINEAR, request: gr.Request = None,
+          progress=gr.Progress()):  # noqa: B008 - Gradio's way  # fmt: skip
     """Queue a training (one per user, run in arrival order) and stream its place in the queue, then
     its progress, the train/validation loss curve, elapsed time and ETA."""
     user = _user(request)
-    settings = _settings(method, base_name, four_bit, rank, layers, positions, lr, epochs)
+    settings = _settings(method, base_name, four_bit, rank, layers, positions, lr, epochs, target_modules)
     checked = check_rows(_rows_from(table), count_tokens=_count_tokens(settings.base, settings.load_in_4bit))
     if not checked.ok:
         raise gr.Error(checked.summary() + " " + "; ".join(p.message for p in checked.problems if p.blocking))
@@ -436,6 +439,9 @@ def build() -> gr.Blocks:
                 with gr.Row():
                     layers = gr.Textbox("", label="ReFT layers (default: 8,16 on a 30-layer model)")
                     positions = gr.Textbox("l1", label="ReFT positions (l1 = last prompt token, f1+l1, ...)")
+                    target_modules = gr.Textbox(ALL_LINEAR, elem_id="target-modules",
+                                                label="LoRA target modules (all-linear, peft-default, or names "
+                                                      "such as q_proj,v_proj)")  # fmt: skip
             with gr.Row():
                 train_button = gr.Button("Train", variant="primary", elem_id="train")
                 cancel_button = gr.Button("Cancel", elem_id="cancel")
@@ -485,7 +491,7 @@ def build() -> gr.Blocks:
         # Many handlers may wait at once: the training queue, not Gradio's, runs them one at a time and shows
         # each its position.
         train_button.click(train, [table, validation_rows, method, base_name, four_bit, rank, layers, positions, lr,
-                                   epochs, state], [status, curve, state, card, download, before_after],
+                                   epochs, state, target_modules], [status, curve, state, card, download, before_after],
                            concurrency_limit=16, concurrency_id="train")  # fmt: skip
         cancel_button.click(cancel_training, None, status, queue=False)
         ask.click(chat, [prompt, state], [plain_answer, tuned_answer], concurrency_limit=4)
