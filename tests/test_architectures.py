@@ -280,8 +280,16 @@ def test_the_engine_serves_a_mixed_batch_exactly(arch, nf4, bases, adapters):
 def test_a_per_sequence_base_streams_and_shares_steps(bases, adapters):
     """On a base that cannot use the slot cache, requests still go through the scheduler's steps: tokens of
     different requests arrive interleaved, one per step each, not one whole completion after another."""
-    from hub_peft.serving import MultiAdapterModel
+    from transformers import AutoModelForCausalLM, FalconConfig
 
+    from hub_peft.serving import MultiAdapterModel
+    from hub_peft.serving.engine import _ragged_blocker
+
+    alibi = FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True, vocab_size=128)
+    assert (
+        _ragged_blocker(AutoModelForCausalLM.from_config(alibi))
+        == "it adds ALiBi position biases to the attention mask"
+    )
     engine = MultiAdapterModel(load_base_model(bases("bloom")), packed_head=False)
     assert engine.ragged_reason == "BloomAttention does not dispatch through transformers' attention interface"
     for name, folder in adapters("bloom").items():

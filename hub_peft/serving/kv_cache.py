@@ -10,7 +10,7 @@ each run of decoding sequences in consecutive slots is one ``scaled_dot_product_
 view of the cache, each prompt chunk one causal call of its own (grouped query heads are folded into
 the query length, so keys are never repeated).
 
-Layers with a sliding window (Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``) get the window the model
+Layers with a sliding window (Mistral, Gemma 2/3) get the window the model
 passes for that layer (a key ``k`` is seen from position ``q`` when ``q - window < k <= q``, transformers'
 ``sliding_window_overlay``); soft-capped attention logits (Gemma 2) take the explicit
 ``softcap · tanh(scores / softcap)`` path of transformers' eager attention, since SDPA has no soft cap.
