@@ -41,8 +41,9 @@ class Report:
     def ok(self) -> bool:
         return not self.problems
 
-    def add(self, point: str, fix: str) -> None:
-        self.problems.append(Problem(point, fix))
+    def add(self, point: str, fix: str, *, incompatible_base: bool = False) -> None:
+        """Record a problem; ``incompatible_base``: the adapter is fine, but made for another base."""
+        self.problems.append(Problem(point, fix, incompatible_base))
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
@@ -139,9 +140,8 @@ def _check_vocabulary(report: Report, base_config: Any, base_name: str) -> bool:
         f"{tensor} has {rows} token rows, but {base_name} has a vocabulary of {vocab}: this adapter was trained on "
         f"{made_for} with its embeddings resized to {rows} tokens (tokens were added to the tokenizer)",
         f"resize the base's embeddings to {rows} before loading it (base.resize_token_embeddings({rows})), and use "
-        f"{tokenizer}",
+        f"{tokenizer}", incompatible_base=True,
     )
-    report.problems[-1].incompatible_base = True
     return True
 
 
@@ -157,9 +157,8 @@ def _check_shapes(report: Report, base_config: Any, base_name: str) -> None:
         report.add(
             f"this is a {task.task_type} adapter (a {task.what}, built with {task.auto_class}), but {base_name} is a "
             f"{model_type} model, which {task.auto_class} cannot build: it was made for {expected_base}",
-            f"load it on {expected_base} with transformers.{task.auto_class}",
+            f"load it on {expected_base} with transformers.{task.auto_class}", incompatible_base=True,
         )
-        report.problems[-1].incompatible_base = True
         return
     pattern = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
     for tensor, (_, shape) in report.tensors.items():
@@ -172,9 +171,8 @@ def _check_shapes(report: Report, base_config: Any, base_name: str) -> None:
             report.add(
                 f"{tensor} has shape {shape}, but {base_name} needs {want} there: this adapter was made for "
                 f"{expected_base}, not {base_name}",
-                f"load it on {expected_base}, or retrain it for {base_name}",
+                f"load it on {expected_base}, or retrain it for {base_name}", incompatible_base=True,
             )
-            report.problems[-1].incompatible_base = True
             return
 
 
@@ -275,8 +273,8 @@ def check_targets_in_base(report: Report, base_config: Any, base_name: str) -> N
             f"layers: {linear}): {len(absent)} adapted module(s) such as {next(iter(absent))} have nothing to "
             f"load into; this adapter was made for {made_for}",
             f"load it on {made_for}, or retrain it for {base_name} (hub-peft train --target-modules all-linear)",
+            incompatible_base=True,
         )
-        report.problems[-1].incompatible_base = True
 
 
 def _check_reft(report: Report, config: Any, base_config: Any, base_name: str) -> None:
@@ -298,12 +296,11 @@ def _check_reft(report: Report, config: Any, base_config: Any, base_name: str) -
     made_for = config.base_model_name_or_path or "unknown"
     if hidden is not None and hidden != config.hidden_size:
         report.add(f"this ReFT adapter edits {config.hidden_size}-dim hidden states, but {base_name} has "
-                   f"hidden size {hidden}: it was made for {made_for}", f"load it on {made_for}")  # fmt: skip
-        report.problems[-1].incompatible_base = True
+                   f"hidden size {hidden}: it was made for {made_for}", f"load it on {made_for}",
+                   incompatible_base=True)  # fmt: skip
     elif n_layers is not None and config.layers[-1] >= n_layers:
         report.add(f"this ReFT adapter intervenes on layer {config.layers[-1]}, but {base_name} has {n_layers} "
-                   f"layers: it was made for {made_for}", f"load it on {made_for}")  # fmt: skip
-        report.problems[-1].incompatible_base = True
+                   f"layers: it was made for {made_for}", f"load it on {made_for}", incompatible_base=True)  # fmt: skip
 
 
 def lora_ranks(config: dict) -> list:
