@@ -231,7 +231,10 @@ def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_
     if bad and peft_type in ("LORA", "ADALORA", "IA3"):  # other methods also store index tensors
         report.add(f"unexpected tensor dtypes {bad}", "adapters store float32/float16/bfloat16 weights")
     targets = report.config.get("target_modules")
-    if isinstance(targets, list) and targets and peft_type in ("LORA", "ADALORA", "IA3"):
+    # target_parameters (LoRA on fused MoE expert weights) puts tensors under the modules holding those
+    # parameters, which only the model can name: PEFT checks those when it loads
+    if isinstance(targets, list) and targets and peft_type in ("LORA", "ADALORA", "IA3") \
+            and not report.config.get("target_parameters"):  # fmt: skip
         extra = set(report.config.get("modules_to_save") or [])
         wanted = [f".{t}." for t in [*targets, *extra]]  # names may be short ("q_proj") or dotted paths
         stray = [t for t in report.tensors if not any(w in f".{t}" for w in wanted)]

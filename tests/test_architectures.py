@@ -78,6 +78,7 @@ def _config(arch: str):
             word_embed_proj_dim=64,
             max_position_embeddings=256,
         ),
+        "gpt_bigcode": lambda: t.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, n_positions=256, multi_query=True),
         "falcon": lambda: t.FalconConfig(
             hidden_size=64,
             num_hidden_layers=2,
@@ -95,7 +96,7 @@ def _config(arch: str):
 
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "granite", "stablelm",
-         "gpt_neox", "gpt2", "opt", "falcon", "bloom"]  # fmt: skip
+         "gpt_neox", "gpt2", "gpt_bigcode", "opt", "falcon", "bloom"]  # fmt: skip
 PROMPTS = ["a b c d e f g h", "i j k", "l m n o p q r s t u v", "w x y z a b", "c d e f g h i j k l", "m n o p q r s"]
 ROWS = ["lora_a", "lora_b", "ia3", {"lora_a": 0.6, "lora_b": 0.4}, None, "reft"]
 NEW_TOKENS = 6
@@ -299,6 +300,91 @@ def test_a_per_sequence_base_streams_and_shares_steps(bases, adapters):
                                          on_token=lambda row, _: order.append(row))  # fmt: skip
     assert all(len(c.tokens) == 4 for c in completions)
     assert order[:3] == [0, 1, 2] and order[3:6] == [0, 1, 2], order
+
+
+def test_on_a_per_sequence_base_a_failing_request_fails_alone(bases, adapters):
+    """A request whose adapter breaks mid-step fails alone; the others, retried one by one from where they
+    were (their caches cropped back), answer what they answer alone and stream nothing twice."""
+    from hub_peft.serving import MultiAdapterModel
+    from hub_peft.serving.cache import _Cached
+    from hub_peft.serving.sampling import SamplingParams
+    from hub_peft.serving.scheduler import Request, Scheduler
+
+    engine = MultiAdapterModel(load_base_model(bases("bloom")), packed_head=False)
+    folders = adapters("bloom")
+    for name in ("lora_a", "ia3", "reft"):
+        engine.add(name, folders[name])
+    engine.add("broken", folders["lora_b"])
+    entry = engine._entries["broken"]
+    entry.cached = _Cached("damaged", entry.kind, entry.folder)  # its own copy of the weights, then damaged
+    engine._materialize(entry)
+    module = sorted(entry.payload.weights)[-1]  # the last layer's: the earlier layers' caches are written first
+    A, B = entry.payload.weights[module]
+    entry.payload.weights[module] = (A[:-1], B)  # a shape no matmul accepts
+    streamed: dict[int, list[int]] = {}
+
+    def update(request, samples, _):
+        streamed.setdefault(request.row, []).extend(s.token for s in samples)
+
+    names = ["lora_a", "reft", "broken", "ia3"]  # the broken one after two that ran in the same step
+    jobs = [Request(PROMPTS[i], name, SamplingParams(max_tokens=4, ignore_eos=True), raw=name != "reft", row=i,
+                    on_update=update) for i, name in enumerate(names)]  # fmt: skip
+    scheduler = Scheduler(engine)
+    scheduler.submit(*jobs)
+    scheduler.run_until_done()
+    assert jobs[2].finish_reason == "error" and "shapes cannot be multiplied" in str(jobs[2].error)
+    for job in (jobs[0], jobs[1], jobs[3]):
+        alone = engine.generate_tokens([job.prompt], [job.adapter], max_new_tokens=4, ignore_eos=True, raw=job.raw)
+        assert job.error is None and job.tokens == alone[0].tokens, job.adapter
+        assert streamed[job.row] == job.tokens
+
+
+def _sinks_or_multi_query(kind: str):
+    import transformers as t
+
+    if kind == "gpt_oss":  # attention sinks: a learned logit per head that every softmax includes
+        config = t.GptOssConfig(**LLAMA_LIKE, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    else:  # differential attention: two softmax maps per head, subtracted
+        config = t.DiffLlamaConfig(**LLAMA_LIKE)
+    for key, value in COMMON.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.mark.parametrize("kind", ["gpt_oss", "diffllama"])
+def test_what_the_slot_cache_cannot_reproduce_runs_per_sequence_exactly(kind, tmp_path):
+    """The static checks pass these (attention interface, numbered modules), but the slot cache's attention
+    would be wrong: GPT-OSS's attention sinks from the first token, DiffLlama's differential attention from the
+    first decode step. The one-time check at the first admission sends them to per-sequence mode, and every row
+    is then exactly its own."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hub_peft.serving import MultiAdapterModel
+    from hub_peft.serving.engine import _ragged_blocker
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(_sinks_or_multi_query(kind)).eval()
+    base.save_pretrained(tmp_path / "base")
+    assert _ragged_blocker(base) is None
+    torch.manual_seed(1)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
+    folder = save_adapter(lora, tmp_path / "lora")
+    engine = MultiAdapterModel((base, tiny_tokenizer()), packed_head=False)
+    engine.add("lora", folder)
+    got = engine.generate_tokens(PROMPTS[:3], ["lora", None, "lora"], max_new_tokens=NEW_TOKENS, raw=True)
+    step = "step 1" if kind == "gpt_oss" else "step 2"
+    assert engine.batching == "per-sequence" and "does not reproduce" in engine.ragged_reason, engine.ragged_reason
+    assert step in engine.ragged_reason
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), folder).eval()
+    for completion, prompt, row in zip(got, PROMPTS, ["lora", None, "lora"], strict=False):
+        ids = torch.tensor([tiny_tokenizer()(prompt)["input_ids"]])
+        with torch.no_grad(), plain.disable_adapter() if row is None else torch.no_grad():
+            out = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                 do_sample=False, pad_token_id=2)  # fmt: skip
+        assert completion.tokens == out[0, ids.shape[1] :].tolist(), (kind, row)
 
 
 def test_reft_hooks_are_attached_only_for_what_loaded_adapters_use(bases, tmp_path):

@@ -364,6 +364,8 @@ def test_every_step_is_one_forward_over_prompt_chunks_and_decode_tokens_together
     engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()), max_running=8, max_model_len=256)  # rotary: any length
     for name, folder in adapters.items():
         engine.add(name, folder)
+    engine.generate(["a"], max_new_tokens=1)  # the slot cache's one-time check runs at the first admission
+    assert engine.batching == "continuous"
     forwards, layouts = [0], []
     find_decoder(engine.core).register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     original = engine.forward_ragged
@@ -422,6 +424,7 @@ def test_a_chunked_prefill_keeps_reft_positions_and_matches_the_plain_model(tmp_
     plain.remove_hooks()
     engine = MultiAdapterModel((base, tiny_tokenizer()))
     engine.add("reft", folder)
+    engine.generate(["a"], max_new_tokens=1)  # the slot cache's one-time check runs at the first admission
     chunks = []
     original = engine.forward_ragged
 

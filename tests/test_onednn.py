@@ -41,6 +41,8 @@ def test_the_engines_packed_lm_head_gives_the_plain_heads_logits_and_tokens(adap
     plain = MultiAdapterModel((load_tiny(), tiny_tokenizer()), packed_head=False)
     packed = MultiAdapterModel((load_tiny(), tiny_tokenizer()), packed_head=True)
     assert plain._head is None and isinstance(packed._head, PackedLinear)
+    for engine in (plain, packed):  # the slot cache's one-time check runs at the first admission
+        engine.generate(["a"], max_new_tokens=1)
     calls = []
     packed._head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
     specs = ["lora", "reft", "ia3", {"lora": 0.5, "ia3": 0.5}, None, "rslora"]

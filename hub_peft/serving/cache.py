@@ -119,6 +119,9 @@ class AdapterCache:
         require_causal_adapter(folder, source, "the multi-adapter engine (hub-peft serve)")
         config = check_adapter_folder(folder, base_config=self.base_config, base_name=self.base_name)
         kind, solo_reason = _kind_of(config, source)
+        if kind in ("lora", "ia3") and (outside := _modules_outside(folder, self.targets)):
+            kind, solo_reason = "solo", (f"{source} cannot share a batch with other adapters (it adapts {outside}, "
+                                         "which is not a linear layer of the decoder blocks)")  # fmt: skip
         if self.prepare is not None:
             self.prepare(config)
         template = config.get("prompt_template") if kind == "reft" else CardInfo.load(folder).prompt_template
@@ -242,6 +245,8 @@ def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
             blockers.append("it uses DoRA (the magnitude vector rescales the whole merged weight)")
         if config.get("rank_pattern") or config.get("alpha_pattern"):
             blockers.append("it has per-module rank/alpha patterns")
+        if config.get("target_parameters"):
+            blockers.append("it adapts parameters of fused layers (target_parameters, e.g. MoE experts)")
         if config.get("bias", "none") != "none" or config.get("modules_to_save"):
             blockers.append("it trains biases or whole modules")
         if _adapts_outside_blocks(config.get("target_modules")) or config.get("trainable_token_indices"):
@@ -249,6 +254,19 @@ def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
     if blockers:
         return "solo", f"{source} cannot share a batch with other adapters ({'; '.join(blockers)})"
     return peft_type.lower(), None
+
+
+def _modules_outside(folder: Path, targets: set[str]) -> str | None:
+    """The first module a LoRA/IA3 adapter's weights adapt that is not one of ``targets`` (the linear layers
+    the engine wraps), from the safetensors header; None when all are."""
+    from ..validate import read_safetensors_header
+
+    for key in sorted(read_safetensors_header(folder / "adapter_model.safetensors")):
+        stem = key.rpartition(".lora_")[0] if ".lora_" in key else key.removesuffix(".ia3_l")
+        module = stem.removeprefix("base_model.model.")
+        if module not in targets:
+            return module
+    return None
 
 
 def _adapts_outside_blocks(targets: Any) -> bool:

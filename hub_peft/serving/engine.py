@@ -34,7 +34,7 @@ from torch import nn
 
 from .._bnb import keep_4bit_trainable
 from .._onednn import PackedLinear, packable, packed_is_faster
-from ..errors import InvalidInputError
+from ..errors import IncompatibleAdapterError, InvalidInputError
 from ..reft.model import (
     component_module,
     edit_positions,
@@ -52,7 +52,31 @@ from .sampling import Sampled, SamplingParams, sample_row
 
 AdapterSpec = str | dict[str, float] | None
 Prompt = str | Sequence[dict[str, str]]  # a prompt, or chat messages [{"role": ..., "content": ...}]
-_REFT_COMPONENTS = ("block_input", "block_output", "attention_output", "mlp_output")
+def _returns_a_tensor(module: nn.Module) -> bool:
+    """Whether a linear layer's forward returns its output tensor: a subclass may override it (Llama 4's and
+    PhiMoE's MoE routers return a tuple); such a layer is left unwrapped, and a LoRA on it runs solo through
+    PEFT. Subclasses that override ``forward`` are tried once per class on one zero row."""
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    plain = (nn.Linear.forward, Conv1D.forward, bnb.nn.Linear4bit.forward, bnb.nn.Linear8bitLt.forward)
+    if type(module).forward in plain:
+        return True
+    return _class_returns_a_tensor(type(module), module)
+
+
+_TRIED: dict[type, bool] = {}
+
+
+def _class_returns_a_tensor(cls: type, module: nn.Module) -> bool:
+    if cls not in _TRIED:
+        try:
+            with torch.no_grad():
+                _TRIED[cls] = isinstance(module(torch.zeros(1, module.in_features, dtype=module.weight.dtype)),
+                                         torch.Tensor)  # fmt: skip
+        except Exception:
+            _TRIED[cls] = False
+    return _TRIED[cls]
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -92,6 +116,7 @@ class Generation:
     slot: int = -1  # -1: holds no slot
     cached: int = 0  # tokens whose keys/values are in the slot
     past: Any = None  # a per-sequence transformers cache, on bases that cannot use the slots (see ragged_reason)
+    past_tokens: int = 0  # tokens ``past`` may hold: more than ``cached`` after a failed or retried step
     parts: tuple = ()  # ((payload, weight), ...) for spec, held even if the cache evicts them meanwhile
 
     @property
@@ -205,6 +230,12 @@ class _Plan:
     packed: bool = False  # rows are packed tokens of one row (forward_ragged), not batch rows (generate)
 
     @functools.cached_property
+    def touched(self) -> frozenset[str]:
+        """The layers some LoRA or IA3 of this plan changes (the others run as they are)."""
+        names = {n for g in self.groups for lora, _ in g.loras for n in lora.weights}
+        return frozenset(names | {n for g in self.groups for ia3, _ in g.ia3s for n in ia3.scales})
+
+    @functools.cached_property
     def own_work(self) -> list[_Group]:
         """The groups a layer handles one by one (IA3, a prompt chunk's LoRA); the rest are in the LoRA packs."""
         return [g for g in self.groups if g.ia3s or (g.span is not None and g.loras)]
@@ -228,11 +259,24 @@ class _RowDeltas(nn.Module):
         super().__init__()
         self.engine, self.name, self.base_layer = engine, name, base_layer
 
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped layer's attributes (``weight``, ``in_features``...), for model code that reads them, as
+        PEFT's layers do."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         plan = self.engine._plan
-        if plan is None:
+        if plan is None or self.name not in plan.touched:  # no adapter of this step changes this layer
             return out
+        if not isinstance(out, torch.Tensor):
+            raise IncompatibleAdapterError(f"{self.name} returns {type(out).__name__}, not a tensor: the engine adds "
+                                           "LoRA/IA3 deltas to plain linear outputs only.")  # fmt: skip
         # rows of the plan's groups: packed tokens ([1, tokens, in] seen as [tokens, 1, in]) or batch rows
         shape = (-1, 1) if plan.packed else (x.shape[0], -1)
         xs, outs = x.reshape(*shape, x.shape[-1]), out.view(*shape, out.shape[-1])  # a view: writing outs writes out
@@ -330,7 +374,7 @@ class MultiAdapterModel:
     def _wrap_linears(self) -> None:
         prefix = next(n for n, m in self.core.named_modules() if m is self._layers)
         for name, module in list(self.core.named_modules()):
-            if not name.startswith(prefix + ".") or not _is_linear(module):
+            if not name.startswith(prefix + ".") or not _is_linear(module) or not _returns_a_tensor(module):
                 continue
             parent, _, child = name.rpartition(".")
             wrapper = _RowDeltas(self, name, module)
@@ -722,16 +766,53 @@ class MultiAdapterModel:
                                               getattr(config, "num_key_value_heads", heads), head_dim,
                                               torch.float32 if not dtype.is_floating_point else dtype)  # fmt: skip
                 kv_cache.register()
+                self.ragged_reason = self._check_slot_cache()
+                if self.ragged_reason is not None:
+                    self._kv = None
             seq.slot, seq.cached = len(self._slots), 0
             self._slots.append(seq)
             return True
+
+    @torch.inference_mode()
+    def _check_slot_cache(self) -> str | None:
+        """Whether the slot cache reproduces this model's own attention, checked once before the first sequence
+        is admitted (so on the thread that runs the steps): two random sequences of 7 and 3 tokens in one packed
+        prefill step, then one decode step, against the model's own forward over each whole sequence. The
+        static checks of :func:`_ragged_blocker` cannot see everything an attention module may do (attention
+        sinks, a KV layout of its own...); a difference beyond float noise sends the base to per-sequence
+        mode, with the reason. Returns that reason, or None."""
+        vocab = self.core.get_input_embeddings().weight.shape[0]
+        generator = torch.Generator().manual_seed(0)
+        probes = [Generation(torch.randint(vocab, (n,), generator=generator).tolist(), (), SamplingParams(max_tokens=2))
+                  for n in (7, 3)]  # fmt: skip
+        for probe in probes:
+            probe.slot, probe.cached = len(self._slots), 0
+            self._slots.append(probe)
+        try:
+            worst = 0.0
+            for step in range(2):
+                rows = [(probe, len(probe.tokens) - probe.cached) for probe in probes]
+                got = self.forward_ragged(rows)
+                for probe, row in zip(probes, got, strict=True):
+                    expected = self.core(input_ids=torch.tensor([probe.tokens])).logits[0, -1]
+                    gap = (row.float() - expected.float()).abs().max() / (1 + expected.float().abs().max())
+                    worst = max(worst, gap.item())
+                    if worst > (1e-4 if row.dtype == torch.float32 else 3e-2):
+                        return (f"the slot cache's attention does not reproduce {type(self.core).__name__}'s own "
+                                f"(logits differ by {worst:.1e} of their size at step {step + 1} of a check)")
+                    probe.output.append(int(row.argmax()))
+            return None
+        except Exception as e:  # whatever the model's attention needs that the slot cache lacks
+            return f"the slot cache's attention fails on {type(self.core).__name__} ({type(e).__name__}: {e})"[:300]
+        finally:
+            del self._slots[-len(probes) :]
 
     def release(self, seq: Generation) -> None:
         """Free ``seq``'s slot; the last slot's sequence moves into it, so slots stay compact."""
         with self._lock:
             if seq.slot < 0:
                 return
-            seq.past = None
+            seq.past, seq.past_tokens = None, 0
             last = self._slots.pop()
             if last is not seq:
                 if self._kv is not None:
@@ -786,26 +867,33 @@ class MultiAdapterModel:
 
     def _forward_each(self, rows: list[tuple[Generation, int]]) -> torch.Tensor:
         """:meth:`forward_ragged` on a base that cannot use the slot cache: each sequence feeds its new tokens
-        through transformers' own attention on a ``DynamicCache`` of its own (what ``generate`` does for one
-        prompt), with its adapters as in a packed step of one sequence. Streamed like any step, exact."""
-        from transformers import DynamicCache
-
+        through the model's own attention and cache (the cache the model makes at its first forward, as in
+        ``generate`` for one prompt), with its adapters as in a packed step of one sequence. Streamed like any
+        step, exact. When a sequence is fed again from an earlier point (the scheduler retries a failed step
+        row by row), its cache is cropped back first; a cache that cannot be cropped (state-space layers)
+        fails that sequence, with the reason."""
         out = []
         with self._lock:
             for seq, n in rows:
-                if seq.past is None:
-                    seq.past = DynamicCache(config=self.core.config)
-                elif seq.past.get_seq_length() > seq.cached:  # a failed step left keys/values past ``cached``
-                    seq.past.crop(seq.cached)
+                if seq.past not in (None, _NO_CACHE) and seq.past_tokens > seq.cached:
+                    seq.past = _rolled_back(seq.past, seq.cached)
+                    seq.past_tokens = seq.cached
+                if seq.past is _NO_CACHE:  # a model without a KV cache (GPT-1): the whole sequence again
+                    seq.cached, n = 0, seq.cached + n
                 ids = torch.tensor([seq.tokens[seq.cached : seq.cached + n]])
+                cache = {} if seq.past in (None, _NO_CACHE) else {_cache_argument(type(self.core)): seq.past}
                 self._plan = self._ragged_plan([(seq, n)], reuse=False)
                 try:
-                    logits = self.core(input_ids=ids, use_cache=True, logits_to_keep=1,
-                                       **{_cache_argument(type(self.core)): seq.past}).logits  # fmt: skip
+                    result = self.core(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)
+                except Exception:
+                    seq.past_tokens = seq.cached + n  # some layers may hold the new tokens already
+                    raise
                 finally:
                     self._plan = None
+                seq.past = getattr(result, "cache", None) or getattr(result, "past_key_values", None) or _NO_CACHE
                 seq.cached += n
-                out.append(logits[0, -1])
+                seq.past_tokens = seq.cached
+                out.append(result.logits[0, -1])
         return torch.stack(out)
 
     @functools.cached_property
@@ -931,6 +1019,23 @@ def _ragged_blocker(core: nn.Module) -> str | None:
         if not _uses_attention_interface(type(attention[0])):
             return f"{type(attention[0]).__name__} does not dispatch through transformers' attention interface"
     return None
+
+
+_NO_CACHE = object()  # the model returned no KV cache: each step feeds the whole sequence
+
+
+def _rolled_back(past: Any, length: int) -> Any:
+    """``past`` cropped to its first ``length`` tokens, layer by layer (a failed forward may have written the new
+    tokens into its first layers only); ``crop(-k)`` removes a layer's last ``k`` tokens."""
+    try:
+        for layer in getattr(past, "layers", None) or [past]:
+            extra = layer.get_seq_length() - length
+            if extra > 0:
+                layer.crop(-extra)
+    except Exception as e:
+        raise RuntimeError(f"this request's cache cannot be rolled back after a failed step ({e}); send the "
+                           "request again.") from None  # a server-side failure of this request alone (HTTP 500)
+    return past
 
 
 @functools.cache
