@@ -14,6 +14,15 @@ from pathlib import Path
 from .errors import HubPeftError
 
 
+def _say_quantization(model) -> None:
+    """On stderr, after a 4-bit load: how many linear layers of the decoder blocks really are NF4."""
+    source = getattr(model, "hub_peft_source", None)
+    if source is not None and source.four_bit_layers is not None:
+        done, total = source.four_bit_layers.split("/")
+        state = "NF4 4-bit" if source.quantization else "full precision (none could be quantized)"
+        print(f"base: {done} of {total} decoder linear layers in 4-bit; recorded as {state}", file=sys.stderr)
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .adapters import load_adapters
     from .base_model import load_base_model
@@ -21,6 +30,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     require_chat_adapters(args.adapter or [])  # before the base loads: chat runs causal LM adapters only
     model, tokenizer = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
+    _say_quantization(model)
     if args.adapter:
         model = load_adapters(model, args.adapter)
     print(
@@ -70,6 +80,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.vllm_args or args.print_command:
         raise InvalidInputError(f"{' '.join(args.vllm_args) or '--print-command'}: only with --engine vllm.")
     base = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
+    _say_quantization(base[0])
     engine = MultiAdapterModel(base, memory_budget=int(args.memory_budget_mb * 2**20))
     for name, source, revision, subfolder in tqdm(adapters, desc="loading adapters", unit="adapter",
                                                   disable=not adapters):  # fmt: skip
@@ -337,6 +348,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if warning := single_cpu_launch_warning():
         print(f"warning: {warning}", file=sys.stderr)
     model, tokenizer = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
+    if main:
+        _say_quantization(model)
     preview = check_rows(rows, count_tokens=token_counter(tokenizer, prompt_template(tokenizer)))
     for problem in preview.problems if main else ():
         print(f"{'error' if problem.blocking else 'note'}: {problem.message}", file=sys.stderr)

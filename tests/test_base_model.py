@@ -70,6 +70,7 @@ def test_cli_chat_raw_and_templated():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+    assert "base: 210 of 210 decoder linear layers in 4-bit; recorded as NF4 4-bit" in out.stderr  # 30 layers x 7
     raw = subprocess.run(
         [sys.executable, "-m", "hub_peft.cli", "chat", "The capital of France is", "--raw", "--max-new-tokens", "5"],
         capture_output=True, text=True, env=env, timeout=300,
