@@ -5,7 +5,8 @@ against the model before training (``hub-peft train --target-modules``) and agai
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import InvalidInputError
@@ -48,23 +49,35 @@ def matches(path: str, target: str) -> bool:
 def missing_targets(module_names: Iterable[str], targets: str | list[str]) -> list[str]:
     """The entries of ``targets`` (a list, or a regex as PEFT reads a string) that name no module."""
     names = list(module_names)
-    if isinstance(targets, str):
-        return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    if isinstance(targets, str):  # bounded: a regex may come from an adapter (see expand_target_modules)
+        match = BoundedMatcher().matcher(targets, "target_modules", len(names))
+        return [] if any(match(n) for n in names) else [targets]
     return [t for t in targets if not any(matches(n, t) for n in names)]
 
 
 def adapted_modules(tensors: Iterable[str], targets: str | list[str]) -> dict[str, str]:
     """Module path -> the ``targets`` entry that names it, for the modules PEFT adapter ``tensors`` (saved as
-    ``base_model.model.<path>.<adapter weight>``) belong to: the longest dotted prefix ``targets`` matches."""
+    ``base_model.model.<path>.<adapter weight>``) belong to: the longest dotted prefix ``targets`` matches. A
+    regex ``targets`` is matched with a bound (InvalidInputError when too costly)."""
     out: dict[str, str] = {}
+    # bounded: the regex comes from an untrusted adapter (InvalidInputError when it is too costly)
+    if isinstance(targets, str):
+        fullmatch, known = BoundedMatcher().matcher(targets, "target_modules"), {}
+
+        def match(path: str) -> bool:  # each path once: tensors share their modules' paths
+            if path not in known:
+                known[path] = fullmatch(path)
+            return known[path]
+    else:
+        match = None
     for tensor in tensors:
         if not tensor.startswith("base_model.model."):
             continue
         parts = tensor.removeprefix("base_model.model.").split(".")
         for end in range(len(parts) - 1, 0, -1):
             path = ".".join(parts[:end])
-            if isinstance(targets, str):
-                target = path if re.fullmatch(targets, path) else None
+            if match is not None:
+                target = path if match(path) else None
             else:
                 target = next((t for t in targets if matches(path, t)), None)
             if target is not None:
@@ -153,3 +166,406 @@ def base_module_names(base_config: Any, auto_class: str = "AutoModelForCausalLM"
     except Exception:  # a config this Auto class cannot build: nothing to compare (validate says so elsewhere)
         return None
     return [n for n, _ in model.named_modules() if n], linear_names(model)
+
+
+# --- the regexes an adapter config holds, matched with a bound (adapters are untrusted data) ---------------
+
+MAX_REGEX_CHARS = 1000  # longer regexes are refused outright
+MAX_REGEX_SIZE = 20_000  # a regex with its counted repeats unrolled (`regex` unrolls x{n} when it compiles)
+REGEX_BUDGET_S = 1.0  # the time to match one config's regexes against all the module names, in all
+MAX_PATTERN_KEYS = 10_000  # entries of one rank_pattern-like map, modules_to_save or target_modules list
+MAX_REGEX_KEYS = 32  # of the entries PEFT pastes into its regexes, those that are regexes, not plain names
+MAX_ALTERNATIVES = 16  # ways the alternations of one such entry may match
+# PEFT re.fullmatch-es a string value of these, whole, against every module name: expand_target_modules resolves
+# them into lists of module names
+REGEX_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
+# PEFT pastes these entries into regexes of its own, e.g. re.match(rf"(.*\.)?({key})$", name) for the keys of
+# rank_pattern (and every other *_pattern map) and rf"(^|.*\.){m}($|\..*)" for modules_to_save: they are checked
+# by their shape (pasted_problem)
+PASTED_LIST_FIELDS = ("modules_to_save", "layers_pattern")
+# the PEFT types whose target_modules is no regex: adaption prompts name the attention modules' attribute
+NOT_REGEX_TYPES = ("ADAPTION_PROMPT",)
+_PLAIN_NAME = re.compile(r"[\w\-]+(?:\.[\w\-]+)*")
+_LIST_FIX = ('list the module names instead of a regex, e.g. ["q_proj", "v_proj"] or full names such as '
+             '"model.layers.0.self_attn.q_proj"')  # fmt: skip
+
+
+def _short(pattern: str, limit: int = 80) -> str:
+    return repr(pattern if len(pattern) <= limit else pattern[:limit] + "...")
+
+
+def _regex_tree(pattern: str, field: str) -> Any:
+    """The parse tree of ``pattern`` as Python's ``re`` (what PEFT matches with) reads it; InvalidInputError when
+    it is too long or not a regex. ``re.compile`` only compiles, it never backtracks."""
+    from re import _parser  # the parser re.compile uses
+
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise InvalidInputError(f"The {field} regex {_short(pattern)} is too costly to match: it has {len(pattern)} "
+                                f"characters (at most {MAX_REGEX_CHARS}). Fix: {_LIST_FIX}.")  # fmt: skip
+    try:
+        re.compile(pattern)
+        return _parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError, ValueError) as e:
+        raise InvalidInputError(f"{field} {_short(pattern)} is not a valid regular expression ({e}). Fix: "
+                                f"{_LIST_FIX}.") from None  # fmt: skip
+
+
+def _items(tree: Any) -> list[tuple[Any, Any]]:
+    return list(getattr(tree, "data", tree))
+
+
+def _parts(op: Any, av: Any) -> list[Any]:
+    """The sub-patterns inside one item of a parse tree."""
+    name = str(op)
+    if name.endswith("_REPEAT"):
+        return [av[2]]
+    if name == "SUBPATTERN":
+        return [av[3]]
+    if name == "BRANCH":
+        return list(av[1])
+    if name in ("ASSERT", "ASSERT_NOT"):
+        return [av[1]]
+    if name == "ATOMIC_GROUP":
+        return [av]
+    if name == "GROUPREF_EXISTS":
+        return [p for p in av[1:] if p is not None]
+    return []
+
+
+def _unrolled_size(tree: Any) -> int:
+    """How big a regex gets once every counted repeat is written out (``x{n}`` as n copies of x)."""
+    from re import _constants
+
+    total = 0
+    for op, av in _items(tree):
+        if str(op).endswith("_REPEAT"):
+            low, high, body = av
+            total += max(1, low + 1 if high == _constants.MAXREPEAT else high) * _unrolled_size(body)
+        else:
+            total += 1 + sum(_unrolled_size(p) for p in _parts(op, av))
+    return total
+
+
+def compile_bounded(pattern: str, field: str) -> Any:
+    """``pattern`` compiled by the third-party ``regex`` module, whose matches take a timeout: the syntax and the
+    matches of Python's ``re`` (``regex.VERSION0``); checked with ``re`` first. InvalidInputError when it is too
+    long, not a regex, or too big once unrolled."""
+    tree = _regex_tree(pattern, field)
+    try:
+        size = _unrolled_size(tree)
+    except RecursionError:
+        size = MAX_REGEX_SIZE + 1
+    if size > MAX_REGEX_SIZE:
+        # NOTE(security): `regex` unrolls counted repeats when it compiles: (?:a{1000}){1000} takes 270 MB
+        raise InvalidInputError(f"The {field} regex {_short(pattern)} is too costly to match: its counted repeats "
+                                f"unroll to over {MAX_REGEX_SIZE} items. Fix: {_LIST_FIX}.")  # fmt: skip
+    try:
+        import regex
+    except ImportError:  # a transformers dependency, so normally there
+        raise InvalidInputError(f"{field} is the regex {_short(pattern)}, which hub_peft matches only with the "
+                                f"`regex` package. Fix: pip install regex, or {_LIST_FIX}.") from None
+    try:
+        return regex.compile(pattern, flags=regex.VERSION0)
+    except (regex.error, RecursionError, OverflowError, ValueError) as e:
+        raise InvalidInputError(f"{field} {_short(pattern)} is not a valid regular expression ({e}). Fix: "
+                                f"{_LIST_FIX}.") from None  # fmt: skip
+
+
+class BoundedMatcher:
+    """Matches untrusted regexes against module names within one time budget for all of them: InvalidInputError
+    ("too costly") once it is spent, where Python's ``re`` would backtrack for ever (``(.|.)*!``), holding the
+    GIL, so that no thread or timer could stop it."""
+
+    def __init__(self, budget_s: float = REGEX_BUDGET_S) -> None:
+        self.budget_s = budget_s
+        self.deadline = time.monotonic() + budget_s
+
+    def _too_costly(self, field: str, pattern: str, n_names: int) -> InvalidInputError:
+        return InvalidInputError(
+            f"The {field} regex {_short(pattern)} is too costly to match: matching it against {n_names} module names "
+            f"took over {self.budget_s:g} s (PEFT matches it with Python's re, which can backtrack for ever on such "
+            f"a regex). Fix: {_LIST_FIX}."
+        )
+
+    def matcher(self, pattern: str, field: str, n_names: int = 1, *, before: str = "", after: str = "",
+                whole: bool = True) -> Callable[[str], bool]:  # fmt: skip
+        """``re.fullmatch(before + pattern + after, name)`` (``re.match`` when not ``whole``) as a function of
+        ``name``, on this budget; the regex is checked and compiled at once."""
+        compiled = compile_bounded(before + pattern + after, field)
+        method = compiled.fullmatch if whole else compiled.match
+
+        def match(name: str) -> bool:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise self._too_costly(field, pattern, n_names)
+            try:
+                return method(name, timeout=left) is not None
+            except TimeoutError:
+                raise self._too_costly(field, pattern, n_names) from None
+
+        return match
+
+    def fullmatches(self, pattern: str, names: Iterable[str], field: str) -> list[str]:
+        """The ``names`` that ``re.fullmatch(pattern, name)`` matches (PEFT's rule for a string target_modules)."""
+        names = list(names)
+        match = self.matcher(pattern, field, len(names))
+        return [n for n in names if match(n)]
+
+
+def list_matches(name: str, entries: set[str] | frozenset[str]) -> bool:
+    """PEFT's rule for a list of names (target_modules, exclude_modules): ``name`` is an entry or ends with
+    ``"." + entry``; one set lookup per dot of ``name`` instead of one ``endswith`` per entry."""
+    if name in entries:
+        return True
+    dot = name.find(".")
+    while dot != -1:
+        if name[dot + 1 :] in entries:
+            return True
+        dot = name.find(".", dot + 1)
+    return False
+
+
+def pattern_lookup(keys: Iterable[str], field: str = "rank_pattern",
+                   matcher: BoundedMatcher | None = None) -> Callable[[str], str | None]:  # fmt: skip
+    r"""PEFT's ``get_pattern_key`` for the keys of a ``rank_pattern``-like map, bounded: a function giving, for a
+    module name, the first of ``keys`` (in order) for which ``re.match(rf"(.*\.)?({key})$", name)``, or None.
+
+    NOTE: a plain key (a module name) is compared as text with the name and its dotted suffixes, where ``re``
+    reads its dots as any character; the same for module names, whose parts are separated by dots. Only regex
+    keys (at most MAX_REGEX_KEYS of them, see :func:`config_problems`) are matched, with a bound."""
+    keys = list(keys)
+    matcher = matcher or BoundedMatcher()
+    plain: dict[str, int] = {}
+    regexes: list[tuple[int, Callable[[str], bool]]] = []
+    for i, key in enumerate(keys):
+        if is_plain_name(key):
+            plain.setdefault(key, i)
+        else:
+            regexes.append((i, matcher.matcher(key, field, before=r"(.*\.)?(", after=")$", whole=False)))
+
+    def lookup(name: str) -> str | None:
+        best = plain.get(name)
+        dot = name.find(".")
+        while dot != -1:
+            found = plain.get(name[dot + 1 :])
+            best = found if best is None or (found is not None and found < best) else best
+            dot = name.find(".", dot + 1)
+        for i, match in regexes:
+            if best is not None and i > best:
+                break
+            if match(name):
+                best = i
+                break
+        return None if best is None else keys[best]
+
+    return lookup
+
+
+def is_plain_name(value: Any) -> bool:
+    """A dotted module name (``q_proj``, ``model.layers.0.mlp``): no regex syntax but its dots."""
+    return isinstance(value, str) and _PLAIN_NAME.fullmatch(value) is not None
+
+
+def pasted_problem(pattern: Any, field: str = "pattern") -> str | None:
+    """Why ``pattern`` is unsafe to hand to PEFT, which pastes it into regexes of its own and runs them with
+    Python's ``re`` (rank_pattern keys, modules_to_save entries, layers_pattern); None when it is safe.
+
+    NOTE(security): ``re`` takes no timeout, so these are judged by their shape, not timed. A module name always
+    passes; a regex may hold one quantifier, on a single character or class (``\\d+``, ``.*``, ``[0-9]+``), and
+    alternations or optional groups of up to MAX_ALTERNATIVES ways to match, but no backreference or conditional.
+    Nested or sequenced quantifiers (``(a+)+``, ``.*.*``) and repeated groups backtrack exponentially or
+    polynomially; one quantifier inside PEFT's ``(.*\\.)?(...)$`` stays about linear per dot of a name."""
+    if not isinstance(pattern, str) or not pattern:
+        return f"{pattern!r} is not a non-empty string"
+    if is_plain_name(pattern):
+        return None
+    try:
+        tree = _regex_tree(pattern, field)
+    except InvalidInputError as e:
+        return str(e).split(" Fix:")[0]
+    quantifiers, problems = 0, []
+
+    def ways(items: Any) -> int:
+        """How many ways ``items`` can match, quantifiers aside (those are counted in ``quantifiers``)."""
+        nonlocal quantifiers
+        count = 1
+        for op, av in _items(items):
+            name = str(op)
+            if name.startswith("GROUPREF"):
+                problems.append("a backreference or conditional")
+            elif name.endswith("_REPEAT"):
+                low, high, body = av
+                single = len(_items(body)) == 1 and not _parts(*_items(body)[0])
+                if low == high and not single:
+                    problems.append("a repeated group")
+                elif high == 1:  # x? and (...)? : one more way to match
+                    count *= 1 + ways(body)
+                elif low != high:
+                    quantifiers += 1
+                    if not single:
+                        problems.append("a quantifier on a group")
+            elif name == "BRANCH":
+                count *= sum(ways(p) for p in av[1])
+            else:
+                for part in _parts(op, av):
+                    count *= ways(part)
+        return count
+
+    try:
+        total = ways(tree)
+    except RecursionError:
+        problems.append("too deep a nesting of groups")
+        total = 0
+    if quantifiers > 1:
+        problems.append(f"{quantifiers} quantifiers (at most one)")
+    if total > MAX_ALTERNATIVES:
+        problems.append(f"alternations that can match {total} ways (at most {MAX_ALTERNATIVES})")
+    return f"the regex {_short(pattern)} has {problems[0]}" if problems else None
+
+
+def _string_list(config: dict, field: str) -> str | list[str] | None:
+    """The value of a target_modules-like ``field``: None, a string, or a list of strings; else InvalidInputError."""
+    value = config.get(field)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        if len(value) > MAX_PATTERN_KEYS:
+            raise InvalidInputError(f"{field} has {len(value)} entries (at most {MAX_PATTERN_KEYS}). Fix: name fewer "
+                                    'modules, e.g. by their last names such as "q_proj".')  # fmt: skip
+        return list(value)
+    raise InvalidInputError(
+        f"{field} must be a module name regex (a string) or a list of module names (strings), got "
+        f"{str(value)[:80]!r} ({type(value).__name__}). Fix: write it as a list of names, e.g. "
+        '["q_proj", "v_proj"].'
+    )
+
+
+def config_problems(config: dict) -> list[tuple[str, str]]:
+    """``(problem, fix)`` for each field of a PEFT config that PEFT reads as a regex, or pastes into one, and that
+    is of the wrong type or unsafe to hand to Python's ``re``. The fields PEFT full-matches whole
+    (``REGEX_FIELDS``) are only type-checked here: :func:`expand_target_modules` resolves them with a bound."""
+    problems: list[tuple[str, str]] = []
+    for field in REGEX_FIELDS:
+        try:
+            _string_list(config, field)
+        except InvalidInputError as e:
+            message, fix = str(e).split(" Fix: ")
+            problems.append((message.rstrip("."), fix.rstrip(".")))
+    pasted: list[tuple[str, Any]] = []
+    for field in PASTED_LIST_FIELDS:
+        value = config.get(field)
+        if isinstance(value, list):
+            pasted += [(field, v) for v in value]
+        elif value is not None and not (field == "layers_pattern" and isinstance(value, str)):
+            problems.append((f"{field} is a {type(value).__name__}, not a list of module names",
+                             f'write {field} as a list of module names, e.g. ["lm_head"]'))  # fmt: skip
+        elif value is not None:
+            pasted.append((field, value))
+    for field, value in config.items():
+        if not field.endswith("_pattern") or field == "layers_pattern" or value is None:
+            continue
+        if isinstance(value, dict):
+            pasted += [(field, key) for key in value]
+        else:
+            problems.append((f"{field} is a {type(value).__name__}, not a map of module names to values",
+                             f'write {field} as {{"module name": value}}'))  # fmt: skip
+    counts: dict[str, int] = {}
+    for field, _ in pasted:
+        counts[field] = counts.get(field, 0) + 1
+    problems += [(f"{field} has {n} entries (at most {MAX_PATTERN_KEYS})", "keep one entry per distinct value")
+                 for field, n in counts.items() if n > MAX_PATTERN_KEYS]  # fmt: skip
+    if any(n > MAX_PATTERN_KEYS for n in counts.values()):
+        return problems
+    regexes = [field for field, value in pasted if not is_plain_name(value)]
+    if len(regexes) > MAX_REGEX_KEYS:
+        problems.append((f"{len(regexes)} entries of {', '.join(sorted(set(regexes)))} are regexes (at most "
+                         f"{MAX_REGEX_KEYS})", "use module names for most of them"))  # fmt: skip
+        return problems
+    for field, value in pasted:
+        reason = pasted_problem(value, field)
+        if reason is not None:
+            problems.append((
+                f"{field} entry {reason}, which PEFT would run with Python's re, without a time limit",
+                'use module names ("q_proj", "model.layers.0.self_attn.q_proj"), or a regex with at most one '
+                'quantifier, on a single character, e.g. "layers\\\\.\\\\d+\\\\.self_attn\\\\.q_proj"',
+            ))  # fmt: skip
+    return problems
+
+
+def _all_linear(value: Any) -> bool:
+    return isinstance(value, str) and value.lower() == ALL_LINEAR  # PEFT compares it lower-cased
+
+
+def _check_exact(field: str, chosen: list[str], names: list[str]) -> None:
+    """PEFT matches a list entry by equality or as a dotted suffix: the full names ``chosen`` must not also pick,
+    as a suffix, a module the regex left out (``a.b`` chosen, ``x.a.b`` not); InvalidInputError when they do."""
+    entries = set(chosen)
+    extra = next((n for n in names if n not in entries and list_matches(n, entries)), None)
+    if extra is not None:
+        raise InvalidInputError(
+            f"The {field} regex cannot be handed to PEFT as module names on this base model: {extra}, which it does "
+            f"not match, ends with the name of a module it matches. Fix: list the module names in {field}."
+        )
+
+
+def expand_target_modules(config: dict, module_names: Iterable[str], *, budget_s: float = REGEX_BUDGET_S) -> dict:
+    """A copy of a PEFT adapter ``config`` (the adapter_config.json dict) where each field PEFT would
+    ``re.fullmatch`` as a regex (``target_modules`` other than ``"all-linear"``, ``exclude_modules``, IA3's
+    ``feedforward_modules``, when a string) is the explicit list of the ``module_names`` it full-matches, so PEFT
+    compares names by equality and never runs an adapter's regex. ``module_names`` are the names of
+    ``base.named_modules()``, what PEFT matches (the root's ``""`` is skipped, as PEFT does).
+
+    Bounded: regexes of at most ``MAX_REGEX_CHARS`` characters, matched with the ``regex`` module within
+    ``budget_s`` seconds for the whole config. Raises InvalidInputError for a regex that is too costly (too long,
+    too big once unrolled, over the budget) or invalid, a field of the wrong type, or an entry PEFT pastes into a
+    regex of its own (rank_pattern keys, modules_to_save...) that is unsafe (:func:`pasted_problem`);
+    IncompatibleAdapterError when a ``target_modules`` regex matches no module. A config without such a string
+    comes back as an equal copy, as does an adaption prompt's (its target_modules names an attribute, not a regex).
+    For IA3, a ``feedforward_modules`` left a list becomes full names too (PEFT wants it a subset of
+    ``target_modules``)."""
+    from .errors import IncompatibleAdapterError
+
+    if not isinstance(config, dict):
+        raise InvalidInputError(f"An adapter config is a JSON object, not a {type(config).__name__}.")
+    if problems := config_problems(config):
+        raise InvalidInputError(f"Invalid adapter config: {problems[0][0]}. Fix: {problems[0][1]}.")
+    out = dict(config)
+    values = {field: _string_list(config, field) for field in REGEX_FIELDS}
+    regexes = [f for f, v in values.items() if isinstance(v, str) and not (f == "target_modules" and _all_linear(v))]
+    if not regexes or str(config.get("peft_type", "")).upper() in NOT_REGEX_TYPES:
+        return out
+    if "target_modules" in regexes and (config.get("layers_to_transform") is not None
+                                        or config.get("layers_pattern") is not None):  # fmt: skip
+        raise InvalidInputError("target_modules is a regex while layers_to_transform or layers_pattern is set, which "
+                                "PEFT refuses. Fix: drop those two, or list the modules in target_modules.")
+    names = list(dict.fromkeys(n for n in module_names if n))
+    matcher = BoundedMatcher(budget_s)
+    targets = values["target_modules"]
+    if "target_modules" in regexes:
+        targets = out["target_modules"] = matcher.fullmatches(values["target_modules"], names, "target_modules")
+        if not targets and not config.get("target_parameters"):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise IncompatibleAdapterError(
+                f"target_modules {_short(values['target_modules'])} matches no module of the base model (its modules: "
+                f"{shown}): this adapter was made for another base. Fix: load it on "
+                f"{config.get('base_model_name_or_path') or 'the base it was trained on'}."
+            )
+        _check_exact("target_modules", targets, names)
+    if "exclude_modules" in regexes:
+        out["exclude_modules"] = matcher.fullmatches(values["exclude_modules"], names, "exclude_modules")
+        _check_exact("exclude_modules", out["exclude_modules"], names)
+    feedforward = values["feedforward_modules"]
+    ia3 = str(config.get("peft_type", "")).upper() == "IA3" and feedforward is not None
+    if ia3 and isinstance(targets, list) and ("target_modules" in regexes or "feedforward_modules" in regexes):
+        # NOTE: PEFT checks that feedforward_modules is a subset of target_modules once both are lists, so both
+        # become full names. PEFT's rule for a feedforward list is key.endswith(entry), without a dot.
+        if "target_modules" not in regexes:
+            targets = out["target_modules"] = [n for n in names if list_matches(n, set(targets))]
+        if isinstance(feedforward, str):
+            match = matcher.matcher(feedforward, "feedforward_modules", len(targets))
+            out["feedforward_modules"] = [n for n in targets if match(n)]
+        else:
+            out["feedforward_modules"] = [n for n in targets if any(n.endswith(f) for f in feedforward)]
+    elif "feedforward_modules" in regexes:
+        out["feedforward_modules"] = matcher.fullmatches(feedforward, names, "feedforward_modules")
+    return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +12,19 @@ from typing import Any
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-MAX_SANE_BYTES = 4 * 2**30
+MAX_SANE_BYTES = 4 * 2**30  # adapter_model.safetensors, and what load_adapter takes by default (max_bytes)
+# Limits on untrusted files (see SECURITY.md): safetensors itself allows a 100 MB header; 100k tensors of an
+# adapter (~150 bytes of header each) fit in 16 MiB
+MAX_HEADER_BYTES = 16 * 2**20
+MAX_TENSORS = 100_000
+MAX_CONFIG_BYTES = 16 * 2**20  # adapter_config.json (a big rank_pattern takes ~100 KB)
+MAX_RANK = 65_536  # r, rank_pattern values, ReFT's rank: a LoRA rank over a model's width buys nothing
+# bits per element of every dtype safetensors 0.8 reads (F4 and F6 pack several elements per byte)
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+              "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+              "C64": 64, "F64": 64, "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}  # fmt: skip
+# a LoRA weight as PEFT saves it: (module path, which matrix)
+LORA_TENSOR = re.compile(r"^base_model\.model\.(.+?)\.(?:(lora_A|lora_B)\.weight|(lora_embedding_A|lora_embedding_B))$")
 VLLM_MAX_RANK = 512
 # vLLM 0.32: the linear layers of its decoder models (packed and unpacked names) and their embedding_modules
 VLLM_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
@@ -46,26 +60,104 @@ class Report:
         self.problems.append(Problem(point, fix, incompatible_base))
 
 
-def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """Parse only the JSON header (no tensor data is read); raises ValueError if it is not safetensors."""
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """``value`` for a message, cut short (it comes from an untrusted file)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the JSON names {key!r} twice")
+        out[key] = value
+    return out
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"the JSON holds {constant}, which JSON does not allow")
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """Strict JSON of an untrusted file: UTF-8, no duplicate keys, no NaN/Infinity; ValueError naming ``what``."""
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_not_json)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{what} is not valid JSON ({str(e)[:200]})") from None
+
+
+def _check_tensor_entry(name: str, meta: Any, data_len: int) -> tuple[str, list[int], int, int]:
+    """``(dtype, shape, start, end)`` of one header entry; ValueError naming what is wrong with it."""
+    shown = _shown(name, 200)
+    if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+        raise ValueError(f"tensor {shown} is not an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise ValueError(f"tensor {shown} has the unknown dtype {_shown(dtype)} (known: {', '.join(DTYPE_BITS)})")
+    # NOTE(security): at most 16 dimensions below 2**64 (safetensors' own bound), so their product stays cheap
+    if not isinstance(shape, list) or len(shape) > 16 or not all(_is_int(d) and 0 <= d < 2**64 for d in shape):
+        raise ValueError(f"tensor {shown} has the shape {_shown(shape, 80)}, not a list of at most 16 non-negative "
+                         "integers")  # fmt: skip
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise ValueError(f"tensor {shown} has data_offsets {_shown(offsets, 80)}, not two integers")
+    start, end = offsets
+    if not 0 <= start <= end <= data_len:
+        raise ValueError(f"tensor {shown} points past the end of the file or before its data (truncated?)")
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8 or bits // 8 != end - start:
+        raise ValueError(f"tensor {shown} of shape {shape} and dtype {dtype} needs {bits // 8} bytes, but its "
+                         f"data_offsets hold {end - start}")  # fmt: skip
+    return dtype, shape, start, end
+
+
+def read_safetensors_header(path: Path, *, max_tensors: int = MAX_TENSORS) -> dict[str, tuple[str, list[int]]]:
+    """Name -> (dtype, shape) from the JSON header only (no tensor data is read), checked as safetensors checks
+    it and more: ValueError naming the problem unless the header is at most ``MAX_HEADER_BYTES`` of strict JSON;
+    holds at most ``max_tensors`` entries, each a known dtype, a shape of non-negative integers and two data
+    offsets whose span is exactly the bytes that shape and dtype need; the spans tile the data with no gap,
+    overlap or byte left over; and ``__metadata__`` maps strings to strings."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError("file is shorter than a safetensors header")
         n = int.from_bytes(raw, "little")
-        size = path.stat().st_size
-        if n <= 0 or n > min(size - 8, 100 * 2**20):
+        size = os.fstat(f.fileno()).st_size
+        if n <= 0 or n > size - 8:
             raise ValueError(f"header length {n} does not fit a {size}-byte file")
-        header = json.loads(f.read(n))
-    out = {}
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(f"its header takes {n} bytes, over hub_peft's limit of {MAX_HEADER_BYTES}")
+        header = parse_json(f.read(n), "its header")
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):  # fmt: skip
+        raise ValueError("its __metadata__ is not a map of strings to strings")
+    if len(header) > max_tensors:
+        raise ValueError(f"it holds {len(header)} tensors, over hub_peft's limit of {max_tensors}")
     data_len = size - 8 - n
+    out, spans = {}, []
     for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = meta["data_offsets"]
-        if not 0 <= start <= end <= data_len:
-            raise ValueError(f"tensor {name!r} points past the end of the file (truncated?)")
-        out[name] = (meta["dtype"], list(meta["shape"]))
+        dtype, shape, start, end = _check_tensor_entry(name, meta, data_len)
+        out[name] = (dtype, list(shape))
+        spans.append((start, end, name))
+    at = 0
+    for start, end, name in sorted(spans):
+        if start != at:
+            raise ValueError(f"tensor {_shown(name, 200)} " + ("overlaps the tensor before it" if start < at else
+                                                    f"starts {start - at} bytes after the end of the one before it"))
+        at = end
+    if at != data_len:
+        raise ValueError(f"{data_len - at} bytes after the last tensor belong to no tensor")
     return out
 
 
@@ -163,7 +255,7 @@ def _check_shapes(report: Report, base_config: Any, base_name: str) -> None:
     pattern = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
     for tensor, (_, shape) in report.tensors.items():
         m = pattern.match(tensor)
-        if not m or m.group(1) not in shapes:
+        if not m or m.group(1) not in shapes or len(shape) < 2:
             continue
         fan_in, fan_out = shapes[m.group(1)]
         got, want = (shape[1], fan_in) if m.group(2) == "lora_A" else (shape[0], fan_out)
@@ -177,8 +269,10 @@ def _check_shapes(report: Report, base_config: Any, base_name: str) -> None:
 
 
 def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_config: Any = None,
-                     base_name: str = "the given base model") -> Report:  # fmt: skip
-    """Validate an adapter folder; ``for_engine="vllm"`` also checks vLLM's LoRA contract."""
+                     base_name: str = "the given base model", max_bytes: int = MAX_SANE_BYTES) -> Report:  # fmt: skip
+    """Validate an adapter folder; ``for_engine="vllm"`` also checks vLLM's LoRA contract. The folder is
+    untrusted data: however malformed its files, each problem is a Problem of the report (with its fix), never
+    an exception. ``max_bytes``: the largest adapter_model.safetensors taken."""
     folder = Path(folder)
     report = Report(folder)
     config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
@@ -192,10 +286,7 @@ def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_
     if not config_path.is_file():
         report.add("adapter_config.json is missing", "save the adapter with hub_peft.save_adapter or PEFT")
         return report
-    try:
-        report.config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        report.add(f"adapter_config.json is not valid JSON ({e})", "re-save the adapter")
+    if not _read_config(report, config_path):
         return report
     peft_type = str(report.config.get("peft_type", ""))
     reft_config = None
@@ -205,42 +296,39 @@ def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_
 
         try:
             reft_config = ReftConfig.from_dict(report.config)
-        except (InvalidInputError, TypeError) as e:
+        except (InvalidInputError, TypeError, ValueError) as e:
             report.add(f"adapter_config.json is not a valid ReFT config ({e})", "re-save the adapter with hub_peft")
     else:
+        _check_peft_config(report, peft_type)
         try:
             from peft.config import PeftConfig
 
             PeftConfig.from_peft_type(**{k: v for k, v in report.config.items()})
         except Exception as e:  # peft raises KeyError/TypeError/ValueError for bad configs
-            report.add(f"adapter_config.json does not parse as a {peft_type or 'PEFT'} config ({e!r})",
+            report.add(f"adapter_config.json does not parse as a {peft_type or 'PEFT'} config ({e!r})"[:2000],
                        "check peft_type and the fields; known types: peft.PeftType and REFT")  # fmt: skip
     if not weights.is_file():
         report.add("adapter_model.safetensors is missing", "save the weights with safe_serialization (the default)")
         return report
+    size = weights.stat().st_size
+    if size > max_bytes:
+        report.add(f"adapter_model.safetensors takes {size / 2**20:.1f} MiB, over the limit of "
+                   f"{max_bytes / 2**20:.1f} MiB for one adapter", "use a smaller rank or fewer target modules, or "
+                   "raise the limit (max_bytes=) for an adapter you trust")  # fmt: skip
+        return report
     try:
         report.tensors = read_safetensors_header(weights)
-    except (ValueError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:
         report.add(f"adapter_model.safetensors is corrupt or truncated ({e})", "re-save or re-download the adapter")
         return report
-    size = weights.stat().st_size
-    if not report.tensors or size > MAX_SANE_BYTES:
-        report.add(f"adapter_model.safetensors holds {len(report.tensors)} tensors in {size} bytes",
-                   "an adapter should hold at least one tensor and be well under 4 GiB")  # fmt: skip
+    if not report.tensors:
+        report.add("adapter_model.safetensors holds no tensor", "an adapter holds at least one tensor: re-save it")
     bad = sorted({dt for dt, _ in report.tensors.values() if dt not in FLOAT_DTYPES})
     if bad and peft_type in ("LORA", "ADALORA", "IA3"):  # other methods also store index tensors
         report.add(f"unexpected tensor dtypes {bad}", "adapters store float32/float16/bfloat16 weights")
-    targets = report.config.get("target_modules")
-    # target_parameters (LoRA on fused MoE expert weights) puts tensors under the modules holding those
-    # parameters, which only the model can name: PEFT checks those when it loads
-    if isinstance(targets, list) and targets and peft_type in ("LORA", "ADALORA", "IA3") \
-            and not report.config.get("target_parameters"):  # fmt: skip
-        extra = set(report.config.get("modules_to_save") or [])
-        wanted = [f".{t}." for t in [*targets, *extra]]  # names may be short ("q_proj") or dotted paths
-        stray = [t for t in report.tensors if not any(w in f".{t}" for w in wanted)]
-        if stray:
-            report.add(f"{len(stray)} tensors match no target module, e.g. {stray[0]}",
-                       "the config's target_modules must name the modules the weights belong to")  # fmt: skip
+    _check_stray_tensors(report, peft_type)
+    if peft_type == "LORA":
+        _check_lora_ranks(report)
     resized = base_config is not None and reft_config is None and _check_vocabulary(report, base_config, base_name)
     if base_config is not None and peft_type in ("LORA", "ADALORA") and not resized:
         _check_shapes(report, base_config, base_name)
@@ -253,22 +341,187 @@ def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_
     return report
 
 
+def _read_config(report: Report, path: Path) -> bool:
+    """Read adapter_config.json into ``report.config``: strict JSON, a JSON object, at most MAX_CONFIG_BYTES;
+    False (with a problem) when it is not."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        report.add(f"adapter_config.json takes {size} bytes, over hub_peft's limit of {MAX_CONFIG_BYTES}",
+                   "an adapter config takes a few KB: re-save the adapter")  # fmt: skip
+        return False
+    try:
+        config = parse_json(path.read_bytes(), "adapter_config.json")
+    except (OSError, ValueError) as e:
+        report.add(str(e), "re-save the adapter")
+        return False
+    if not isinstance(config, dict):
+        report.add(f"adapter_config.json is a JSON {type(config).__name__}, not an object of settings",
+                   "re-save the adapter")  # fmt: skip
+        return False
+    report.config = config
+    return True
+
+
+def _check_peft_config(report: Report, peft_type: str) -> None:
+    """Types and bounds of the fields PEFT acts on without checking them (it fails later, with a TypeError, or
+    allocates whatever ``r`` says), and of the fields it reads as regexes or pastes into regexes."""
+    from .targets import config_problems
+
+    c = report.config
+    for point, fix in config_problems(c):
+        report.add(f"adapter_config.json: {point}", fix)
+    lora = peft_type in ("LORA", "ADALORA")
+    for name in ("r", "init_r", "target_r") if peft_type == "ADALORA" else ("r",):
+        value, low = c.get(name), 1 if lora else 0  # OFT, for one, takes r=0
+        if name in c and (value is not None or lora) and not (_is_int(value) and low <= value <= MAX_RANK):
+            report.add(f"adapter_config.json: {name} is {_shown(value)}, not an integer from {low} to {MAX_RANK}",
+                       f"set {name} to the rank the adapter was trained with")  # fmt: skip
+    patterns = c.get("rank_pattern")
+    if peft_type == "LORA" and isinstance(patterns, dict):
+        wrong = next(((k, v) for k, v in patterns.items() if not (_is_int(v) and 1 <= v <= MAX_RANK)), None)
+        if wrong:
+            report.add(f"adapter_config.json: rank_pattern gives {_shown(wrong[0], 200)} the rank "
+                       f"{_shown(wrong[1])}, not an integer from 1 to {MAX_RANK}",
+                       "set each rank_pattern entry to that module's rank")  # fmt: skip
+    elif peft_type == "ADALORA" and isinstance(patterns, dict) and not all(
+            isinstance(v, list) and len(v) <= MAX_RANK and all(isinstance(b, bool) for b in v)
+            for v in patterns.values()):  # fmt: skip  # AdaLoRA's: the ranks it kept, as lists of booleans
+        report.add("adapter_config.json: AdaLoRA's rank_pattern values are not lists of booleans",
+                   "re-save the adapter with PEFT")  # fmt: skip
+    if lora:
+        alpha = c.get("lora_alpha", 8)
+        if not _is_number(alpha):
+            report.add(f"adapter_config.json: lora_alpha is {_shown(alpha)}, not a finite number",
+                       "set lora_alpha to the value the adapter was trained with (the scale is lora_alpha / r)")
+        alphas = c.get("alpha_pattern")
+        if isinstance(alphas, dict) and (wrong := next(((k, v) for k, v in alphas.items() if not _is_number(v)),
+                                                       None)):  # fmt: skip
+            report.add(f"adapter_config.json: alpha_pattern gives {_shown(wrong[0], 200)} the alpha "
+                       f"{_shown(wrong[1])}, not a finite number",
+                       "set each alpha_pattern entry to a number")  # fmt: skip
+    layers = c.get("layers_to_transform")
+    if layers is not None and not ((_is_int(layers) and layers >= 0) or (
+            isinstance(layers, list) and all(_is_int(i) and i >= 0 for i in layers))):  # fmt: skip
+        report.add(f"adapter_config.json: layers_to_transform is {_shown(layers)}, not a layer index or a list "
+                   "of them", "write layers_to_transform as a list of layer indices, e.g. [0, 1]")  # fmt: skip
+
+
+def _check_stray_tensors(report: Report, peft_type: str) -> None:
+    """Weights that belong to no module ``target_modules`` names (LoRA, AdaLoRA, IA3): a module's path, or a
+    dotted part of it, must be an entry of the list (or of ``modules_to_save``), or the full path must
+    full-match the regex; that regex is matched with a bound (an untrusted adapter holds it)."""
+    from .errors import InvalidInputError
+    from .targets import ALL_LINEAR, BoundedMatcher, list_matches
+
+    c = report.config
+    targets, extra = c.get("target_modules"), c.get("modules_to_save") or []
+    # target_parameters (LoRA on fused MoE expert weights) puts tensors under the modules holding those
+    # parameters, which only the model can name: PEFT checks those when it loads
+    if peft_type not in ("LORA", "ADALORA", "IA3") or not targets or c.get("target_parameters"):
+        return
+    if not isinstance(extra, list) or not all(isinstance(m, str) for m in extra):
+        return  # reported by config_problems
+    entries, saved = set(), set(extra)
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        entries = set(targets) | saved  # names may be short ("q_proj") or dotted paths
+        match = None
+    elif isinstance(targets, str) and targets.lower() != ALL_LINEAR:
+        try:
+            match = BoundedMatcher().matcher(targets, "target_modules", len(report.tensors))
+        except InvalidInputError as e:
+            point, _, fix = str(e).partition(" Fix: ")
+            report.add(point, fix or "list the module names in target_modules")
+            return
+    else:
+        return
+    known: dict[str, bool] = {}
+
+    def targeted(path: str) -> bool:
+        if path not in known:
+            known[path] = list_matches(path, entries) if match is None else (
+                match(path) or list_matches(path, saved))  # fmt: skip
+        return known[path]
+
+    stray = []
+    try:
+        for tensor in report.tensors:
+            parts = tensor.removeprefix("base_model.model.").split(".")
+            if not any(targeted(".".join(parts[:end])) for end in range(len(parts) - 1, 0, -1)):
+                stray.append(tensor)
+    except InvalidInputError as e:
+        point, _, fix = str(e).partition(" Fix: ")
+        report.add(point, fix or "list the module names in target_modules")
+        return
+    if stray:
+        report.add(f"{len(stray)} tensors match no target module, e.g. {stray[0][:200]}",
+                   "the config's target_modules must name the modules the weights belong to")  # fmt: skip
+
+
+def _check_lora_ranks(report: Report) -> None:
+    """Each LoRA weight's rank (lora_A's rows, lora_B's columns) must be the rank the config gives its module: ``r``
+    or its ``rank_pattern`` entry, found as PEFT finds it. PEFT builds the config's rank before it loads the
+    weights: ``r: 3000000`` over rank-4 weights would take 768 MB per matrix of a 64-wide model before failing,
+    and the engine, which reads the weights, would serve it as a silent no-op."""
+    from .errors import InvalidInputError
+    from .targets import pattern_lookup
+
+    c = report.config
+    r, patterns = c.get("r", 8), c.get("rank_pattern") or {}
+    if not _is_int(r) or not isinstance(patterns, dict) or not all(_is_int(v) and v > 0 for v in patterns.values()):
+        return  # reported by _check_peft_config
+    fused = bool(c.get("target_parameters"))  # LoRA on MoE expert weights: r rows per expert
+    ranks: dict[str, tuple[int, str]] = {}
+    try:
+        lookup = pattern_lookup(list(patterns), "rank_pattern")
+        for tensor, (_, shape) in report.tensors.items():
+            m = LORA_TENSOR.match(tensor)
+            if not m:
+                continue
+            path, which = m.group(1), m.group(2) or m.group(3)
+            if len(shape) < 2:
+                report.add(f"{tensor[:200]} has shape {shape}; LoRA weights are matrices", "re-save the adapter")
+                return
+            if path not in ranks:
+                key = lookup(path)
+                ranks[path] = (patterns[key], f"rank_pattern[{key!r}]") if key is not None else (r, "r")
+            rank, source = ranks[path]
+            got = shape[0] if which.endswith("A") else shape[1]
+            # lora_B of a grouped convolution or a block-diagonal LoRA holds rank / groups columns
+            if got == rank or (fused and got % rank == 0) or (which.endswith("B") and got and rank % got == 0):
+                continue
+            report.add(f"{tensor[:200]} has rank {got} (shape {shape[:4]}), but adapter_config.json gives its module "
+                       f"rank {rank} ({source}): PEFT would build rank-{rank} matrices for it",
+                       f"set {source} to {got}, the rank the weights were trained with, or re-save the adapter")
+            return
+    except InvalidInputError as e:
+        point, _, fix = str(e).partition(" Fix: ")
+        report.add(point, fix or "use module names in rank_pattern")
+
+
 def check_targets_in_base(report: Report, base_config: Any, base_name: str) -> None:
     """Add a problem when adapter weights belong to modules the base does not have (``hub-peft validate --base``):
     each weight's module is the longest path before it that ``target_modules`` names (PEFT's rule). Names in
     ``target_modules`` that match nothing but hold no weights are left alone, as PEFT loads those adapters.
     The base is built from its config on the meta device, by the Auto class of the adapter's task type."""
+    from .errors import InvalidInputError
     from .targets import adapted_modules, base_module_names
     from .tasks import task_of
 
     targets = report.config.get("target_modules")
-    if str(report.config.get("peft_type")) == "REFT" or not targets or not isinstance(targets, (str, list)):
+    if str(report.config.get("peft_type")) == "REFT" or not targets or not isinstance(targets, (str, list)) \
+            or (isinstance(targets, list) and not all(isinstance(t, str) for t in targets)):  # fmt: skip
         return
     built = base_module_names(base_config, task_of(report.config).auto_class)
     if built is None:
         return  # _check_shapes says the base cannot be built for this task type
     names, linear = built
-    absent = {path: target for path, target in adapted_modules(report.tensors, targets).items() if path not in names}
+    try:  # a regex target_modules is matched with a bound
+        adapted = adapted_modules(report.tensors, targets)
+    except InvalidInputError as e:
+        if not any(p.point == str(e).partition(" Fix: ")[0] for p in report.problems):  # said once
+            report.add(str(e).partition(" Fix: ")[0], "list the module names in target_modules")
+        return
+    absent = {path: target for path, target in adapted.items() if path not in names}
     if absent:
         made_for = report.config.get("base_model_name_or_path") or "unknown"
         report.add(
@@ -308,7 +561,8 @@ def _check_reft(report: Report, config: Any, base_config: Any, base_name: str) -
 
 def lora_ranks(config: dict) -> list:
     """A LoRA config's ranks: ``r`` and every ``rank_pattern`` override."""
-    return [config.get("r", 0), *(config.get("rank_pattern") or {}).values()]
+    patterns = config.get("rank_pattern")
+    return [config.get("r", 0), *(patterns.values() if isinstance(patterns, dict) else [])]
 
 
 def _check_vllm(report: Report) -> None:

@@ -8,6 +8,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import InvalidInputError
+from ..validate import MAX_RANK
+
+MAX_LAYER = 10_000  # layer indices (models have at most a few hundred layers)
+MAX_HIDDEN = 2**20  # hidden_size
 
 PEFT_TYPE = "REFT"
 LOAD_NOTE = (
@@ -60,32 +64,53 @@ class ReftConfig:
     hub_peft_version: str | None = None
 
     def __post_init__(self) -> None:
+        # NOTE(security): a config comes from an untrusted adapter_config.json: every field's type is checked
+        # here, so a wrong one is an InvalidInputError, never a TypeError, and sizes are bounded
+        def is_int(value: Any, low: int, high: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+        def text(value: Any, limit: int = 80) -> str:
+            return repr(value if not isinstance(value, (str, list, dict)) or len(value) <= 8 else str(value)[:limit])
+
         problems = []
         if self.peft_type != PEFT_TYPE:
-            problems.append(f"peft_type must be {PEFT_TYPE!r}, got {self.peft_type!r}")
-        if self.intervention not in INTERVENTIONS:
-            problems.append(f"intervention {self.intervention!r} is not one of {list(INTERVENTIONS)}")
-        if not self.layers or not all(isinstance(n, int) and n >= 0 for n in self.layers):
-            problems.append(f"layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
+            problems.append(f"peft_type must be {PEFT_TYPE!r}, got {text(self.peft_type)}")
+        if not isinstance(self.intervention, str) or self.intervention not in INTERVENTIONS:
+            problems.append(f"intervention {text(self.intervention)} is not one of {list(INTERVENTIONS)}")
+        layers = self.layers
+        if not isinstance(layers, (list, tuple)) or not layers or not all(is_int(n, 0, MAX_LAYER) for n in layers):
+            problems.append(f"layers must be a non-empty list of layer indices from 0 to {MAX_LAYER}, got "
+                            f"{text(self.layers)}")  # fmt: skip
         elif len(set(self.layers)) != len(self.layers):
-            problems.append(f"layers {self.layers} repeat an index")
-        if not isinstance(self.rank, int) or self.rank < 1:
-            problems.append(f"rank must be a positive integer, got {self.rank!r}")
-        bad = [c for c in self.components if c not in COMPONENTS]
-        if bad or not self.components:
-            problems.append(f"components {bad or self.components} must be among {list(COMPONENTS)}")
-        if self.activation not in ACTIVATIONS:
-            problems.append(f"activation {self.activation!r} is not one of {list(ACTIVATIONS)}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype {self.dtype!r} is not one of {list(DTYPES)}")
-        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
-            problems.append("prompt_template must contain the placeholder '{prompt}'")
+            problems.append(f"layers {text(self.layers)} repeat an index")
+        if not is_int(self.rank, 1, MAX_RANK):
+            problems.append(f"rank must be an integer from 1 to {MAX_RANK}, got {text(self.rank)}")
+        if not isinstance(self.components, (list, tuple)) or not self.components or not all(
+                isinstance(c, str) and c in COMPONENTS for c in self.components):  # fmt: skip
+            problems.append(f"components {text(self.components)} must be a list of some of {list(COMPONENTS)}")
+        if not (self.activation is None or isinstance(self.activation, str)) or self.activation not in ACTIVATIONS:
+            problems.append(f"activation {text(self.activation)} is not one of {list(ACTIVATIONS)}")
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            problems.append(f"dropout must be a number in [0, 1), got {text(dropout)}")
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
+            problems.append(f"dtype {text(self.dtype)} is not one of {list(DTYPES)}")
+        if self.prompt_template is not None and (not isinstance(self.prompt_template, str)
+                                                 or "{prompt}" not in self.prompt_template):  # fmt: skip
+            problems.append("prompt_template must be a string with the placeholder '{prompt}'")
+        if self.hidden_size is not None and not is_int(self.hidden_size, 1, MAX_HIDDEN):
+            problems.append(f"hidden_size must be an integer from 1 to {MAX_HIDDEN}, got {text(self.hidden_size)}")
+        for name in ("share_weights", "proj_bias"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {text(getattr(self, name))}")
+        for name in ("base_model_name_or_path", "hub_peft_version", "loads_with", "load_note"):
+            value = getattr(self, name)
+            if not (value is None or isinstance(value, str)) or (value is None and name in ("loads_with", "load_note")):
+                problems.append(f"{name} must be a string, got {text(value)}")
         if problems:
             raise InvalidInputError("Invalid ReFT config: " + "; ".join(problems) + ".")
         parse_positions(self.positions)
-        self.layers = sorted(self.layers)
+        self.layers, self.components = sorted(self.layers), list(self.components)
 
     @property
     def first_last(self) -> tuple[int, int]:
@@ -124,7 +149,10 @@ class ReftConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReftConfig:
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        """The config of an adapter_config.json; InvalidInputError naming every problem (never a TypeError)."""
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"A ReFT config is a JSON object, not a {type(data).__name__}.")
+        unknown = sorted(str(k)[:80] for k in set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise InvalidInputError(
                 f"Unknown ReFT config fields {unknown}; this hub_peft may be older than the adapter."
