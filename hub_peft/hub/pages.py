@@ -7,29 +7,42 @@ and ``/{repo}/commit/{sha}`` browse revisions (datasets and Spaces under ``/data
 
 A browser logs in at ``/login`` with a token: the server keeps ``session id → user`` in memory and the
 browser only an HttpOnly, SameSite=Strict cookie holding the random session id (never the token, never in
-a URL). Private repos are 404 to everyone else, exactly as the API answers. Jinja2 autoescapes every value
-and Markdown is rendered with raw HTML disabled, so a card's ``<script>`` is shown as text.
+a URL). Sessions expire (idle and absolute limits, see :class:`Sessions`); failed log-ins are limited per
+client address (:class:`LoginLimiter`); every form POST must come from this server's own origin and, in
+a session, carry the session's CSRF token (see ``LocalHub._forged`` in server.py). Private repos are 404
+to everyone else, exactly as the API answers. Jinja2 autoescapes every value and Markdown is rendered
+with raw HTML disabled, so a card's ``<script>`` is shown as text.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
+import math
 import re
 import secrets
 import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from jinja2 import DictLoader, Environment, select_autoescape
 from markdown_it import MarkdownIt
 
+from ..errors import InvalidInputError
 from .storage import REPO_TYPES, Commit, Repo, Storage, StorageError
 
 if TYPE_CHECKING:
     from starlette.requests import Request
 
 SESSION_COOKIE = "hub_session"
-FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.S)  # a card's YAML header
+DEFAULT_SESSION_IDLE_S = 2 * 3600.0  # a session unused this long ends
+DEFAULT_SESSION_MAX_S = 12 * 3600.0  # and any session ends this long after its log-in
+DEFAULT_LOGIN_MAX_FAILURES = 5  # failed log-ins per client address...
+DEFAULT_LOGIN_WINDOW_S = 60.0  # ...in any window this long, then 429 until the oldest one ages out
 _MARKDOWN = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
 _BADGE_FIELDS = ("base_model", "library_name", "pipeline_tag", "license", "tags", "datasets", "language")
 
@@ -52,7 +65,8 @@ form.inline{display:inline}input[type=text],input[type=password]{padding:.3rem;m
 <form class="inline" action="/" method="get"><input type="text" name="search" placeholder="Search repos"
 value="{{ search or '' }}"></form>
 <span class="who">{% if user %}{{ user }} · <form class="inline" action="/logout" method="post">
-<button>Log out</button></form>{% else %}<a href="/login?next={{ here | urlencode }}">Log in</a>{% endif %}</span>
+<input type="hidden" name="csrf" value="{{ csrf or '' }}"><button>Log out</button></form>
+{%- else %}<a href="/login?next={{ here | urlencode }}">Log in</a>{% endif %}</span>
 </header><main>{% block main %}{% endblock %}</main></body></html>""",
     "index.html": """{% extends "base.html" %}{% block main %}
 <h1>Repositories</h1>
@@ -99,6 +113,7 @@ by {{ author }} (<a href="/">all</a>){% endif %}</p>
     "login.html": """{% extends "base.html" %}{% block main %}
 <h1>Log in</h1>{% if error %}<p style="color:#b00">{{ error }}</p>{% endif %}
 <form action="/login" method="post"><input type="hidden" name="next" value="{{ next }}">
+{% if csrf %}<input type="hidden" name="csrf" value="{{ csrf }}">{% endif %}
 <p><label>Access token <input type="password" name="token" autocomplete="off" required></label></p>
 <p><button>Log in</button></p></form>
 <p class="muted">The token is checked once; the browser keeps only a random session cookie (HttpOnly).</p>
@@ -129,34 +144,140 @@ class Page:
     html: str
 
 
-class Sessions:
-    """Browser sessions: random id -> user name, in memory (a restart logs everyone out)."""
+@dataclass
+class _Session:
+    user: str
+    csrf: str  # the token every form POST of this session must carry
+    started: float
+    seen: float
 
-    def __init__(self) -> None:
-        self._users: dict[str, str] = {}
+
+class Sessions:
+    """Browser sessions: random id -> user name and CSRF token, in memory (a restart logs everyone out).
+
+    A session ends ``idle_s`` seconds after its last request or ``max_s`` seconds after its log-in,
+    whichever comes first: an expired session is dropped when it is next presented, and all expired ones
+    are swept at each log-in. At most ``max_sessions`` live at once (the oldest are dropped first), so
+    a token holder logging in in a loop cannot grow the server's memory.
+    """
+
+    def __init__(
+        self,
+        idle_s: float = DEFAULT_SESSION_IDLE_S,
+        max_s: float = DEFAULT_SESSION_MAX_S,
+        *,
+        max_sessions: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not (idle_s > 0 and max_s > 0 and max_sessions > 0):
+            raise InvalidInputError("Session limits must be positive: pass idle_s > 0, max_s > 0 and max_sessions > 0.")
+        self.idle_s, self.max_s, self.max_sessions, self._clock = idle_s, max_s, max_sessions, clock
+        self._sessions: dict[str, _Session] = {}  # in log-in order: the first is the oldest
         self._lock = threading.Lock()
 
     def start(self, user: str) -> str:
-        session = secrets.token_urlsafe(32)
+        """A new session for ``user``; its random id goes in the cookie."""
+        session, now = secrets.token_urlsafe(32), self._clock()
         with self._lock:
-            self._users[session] = user
+            for sid in [sid for sid, s in self._sessions.items() if self._expired(s, now)]:
+                del self._sessions[sid]
+            while len(self._sessions) >= self.max_sessions:
+                del self._sessions[next(iter(self._sessions))]
+            self._sessions[session] = _Session(user, secrets.token_urlsafe(32), now, now)
         return session
 
     def user(self, session: str | None) -> str | None:
-        with self._lock:
-            return self._users.get(session) if session else None
+        """The session's user (and the session counts as used now), or None when unknown or expired."""
+        live = self._live(session, touch=True)
+        return live.user if live else None
+
+    def csrf(self, session: str | None) -> str | None:
+        """The CSRF token the session's forms carry, or None when there is no live session."""
+        live = self._live(session, touch=False)
+        return live.csrf if live else None
+
+    def check_csrf(self, session: str | None, token: str) -> bool:
+        """Whether ``token`` is the live session's CSRF token (compared in constant time)."""
+        expected = self.csrf(session)
+        return expected is not None and hmac.compare_digest(expected.encode(), token.encode())
 
     def end(self, session: str | None) -> None:
         with self._lock:
-            self._users.pop(session or "", None)
+            self._sessions.pop(session or "", None)
+
+    def _live(self, session: str | None, *, touch: bool) -> _Session | None:
+        if not session:
+            return None
+        now = self._clock()
+        with self._lock:
+            live = self._sessions.get(session)
+            if live is None:
+                return None
+            if self._expired(live, now):
+                del self._sessions[session]
+                return None
+            if touch:
+                live.seen = now
+            return live
+
+    def _expired(self, session: _Session, now: float) -> bool:
+        return now - session.seen >= self.idle_s or now - session.started >= self.max_s
+
+
+class LoginLimiter:
+    """At most ``max_failures`` failed log-ins per ``window_s`` seconds (sliding) from one client address.
+
+    NOTE(security): an attempt is counted *before* its token is checked and forgiven when it succeeds, so
+    concurrent requests cannot slip extra guesses past the limit; and once a client is over the limit every
+    attempt of it, a correct one included, gets 429 (letting a correct token through would tell the guesser
+    it is correct). Other addresses are never affected. There is no per-user limit: the form carries only a
+    token, so a failure names no user, and a per-user lock-out would let anyone lock its owner out.
+    """
+
+    def __init__(
+        self,
+        max_failures: int = DEFAULT_LOGIN_MAX_FAILURES,
+        window_s: float = DEFAULT_LOGIN_WINDOW_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not (max_failures > 0 and window_s > 0):
+            raise InvalidInputError("Log-in limits must be positive: pass max_failures > 0 and window_s > 0.")
+        self.max_failures, self.window_s, self._clock = max_failures, window_s, clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+        self._swept = clock()
+
+    def begin(self, client: str) -> tuple[float | None, int | None]:
+        """Count an attempt from ``client``: ``(stamp, None)`` to go on (pass ``stamp`` to :meth:`forgive`
+        when the token is right), or ``(None, retry_after_seconds)`` when the client is over the limit."""
+        now = self._clock()
+        with self._lock:
+            if now - self._swept > self.window_s:  # drop the clients that have not failed lately
+                self._failures = {c: q for c, q in self._failures.items() if q and now - q[-1] < self.window_s}
+                self._swept = now
+            failures = self._failures.setdefault(client, deque())
+            while failures and now - failures[0] >= self.window_s:
+                failures.popleft()
+            if len(failures) >= self.max_failures:
+                return None, max(1, math.ceil(failures[0] + self.window_s - now))
+            failures.append(now)
+            return now, None
+
+    def forgive(self, client: str, stamp: float) -> None:
+        """The attempt counted at ``stamp`` was a correct log-in: it is no failure."""
+        with self._lock:
+            failures = self._failures.get(client)
+            if failures and stamp in failures:
+                failures.remove(stamp)
 
 
 class Pages:
     """Renders the HTML routes for :class:`hub_peft.hub.server.LocalHub` (which checks tokens and visibility)."""
 
-    def __init__(self, storage: Storage, visible, card_text) -> None:
+    def __init__(self, storage: Storage, visible, card_text, sessions: Sessions | None = None) -> None:
         self.storage, self.visible, self.card_text = storage, visible, card_text
-        self.sessions = Sessions()
+        self.sessions = sessions or Sessions()
 
     def render(self, template: str, code: int = 200, **context) -> Page:
         return Page(code, _ENV.get_template(template).render(**context))
@@ -165,7 +286,7 @@ class Pages:
         return self.render("error.html", status, title=str(status), status=status, message=message, **context)
 
     # --- routes ----------------------------------------------------------------------------------
-    def index(self, user: str | None, search: str, author: str, here: str) -> Page:
+    def index(self, user: str | None, search: str, author: str, here: str, *, csrf: str = "") -> Page:
         rows = []
         for repo_type in REPO_TYPES:
             for repo in self.storage.list_repos(repo_type):
@@ -182,9 +303,9 @@ class Pages:
                 rows.append({"repo": repo, "url": repo_url(repo), "updated": updated})
         rows.sort(key=lambda r: r["updated"], reverse=True)
         return self.render("index.html", title="Repositories", repos=rows, search=search, author=author, user=user,
-                           here=here)  # fmt: skip
+                           here=here, csrf=csrf)  # fmt: skip
 
-    def repo(self, user: str | None, repo_type: str, repo_id: str, here: str) -> Page:
+    def repo(self, user: str | None, repo_type: str, repo_id: str, here: str, *, csrf: str = "") -> Page:
         repo = self.visible(user, repo_type, repo_id)
         commit = self.storage.resolve(repo, None)
         base = repo_url(repo)
@@ -200,27 +321,31 @@ class Pages:
         loss = "loss_curve.png" in commit.tree
         return self.render(
             "repo.html", title=repo.repo_id, repo=repo, commit=commit, base=base, badges=badges,
-            files=_listing(repo, commit, "main", ""), user=user, here=here,
+            files=_listing(repo, commit, "main", ""), user=user, here=here, csrf=csrf,
             loss_curve=f"{base}/resolve/{commit.id}/loss_curve.png" if loss else None,
             card_html=render_card(body, f"{base}/resolve/{commit.id}/") if body.strip() else "<p><em>No card.</em></p>",
         )  # fmt: skip
 
-    def tree(self, user: str | None, repo_type: str, repo_id: str, revision: str, path: str, here: str) -> Page:
+    def tree(
+        self, user: str | None, repo_type: str, repo_id: str, revision: str, path: str, here: str, *, csrf: str = ""
+    ) -> Page:
         repo = self.visible(user, repo_type, repo_id)
         commit = self.storage.resolve(repo, revision)
         files = _listing(repo, commit, revision, path)
         if path and not files:
-            return self.error(404, f"No folder {path!r} at {revision}.", user=user, here=here)
+            return self.error(404, f"No folder {path!r} at {revision}.", user=user, here=here, csrf=csrf)
         return self.render("tree.html", title=f"{repo.repo_id}/{path}", repo=repo, commit=commit, base=repo_url(repo),
-                           files=files, path=path, revision=revision, user=user, here=here)  # fmt: skip
+                           files=files, path=path, revision=revision, user=user, here=here, csrf=csrf)  # fmt: skip
 
-    def commits(self, user: str | None, repo_type: str, repo_id: str, revision: str, here: str) -> Page:
+    def commits(
+        self, user: str | None, repo_type: str, repo_id: str, revision: str, here: str, *, csrf: str = ""
+    ) -> Page:
         repo = self.visible(user, repo_type, repo_id)
         history = list(self.storage.history(self.storage.resolve(repo, revision)))
         return self.render("commits.html", title=f"{repo.repo_id} history", repo=repo, commits=history,
-                           base=repo_url(repo), revision=revision, user=user, here=here)  # fmt: skip
+                           base=repo_url(repo), revision=revision, user=user, here=here, csrf=csrf)  # fmt: skip
 
-    def commit(self, user: str | None, repo_type: str, repo_id: str, sha: str, here: str) -> Page:
+    def commit(self, user: str | None, repo_type: str, repo_id: str, sha: str, here: str, *, csrf: str = "") -> Page:
         repo = self.visible(user, repo_type, repo_id)
         commit = self.storage.resolve(repo, sha)
         parent = commit.parents[0] if commit.parents else None
@@ -235,11 +360,13 @@ class Pages:
             elif old.oid != new.oid:
                 changes.append(("modified", path, human_size(new.size)))
         return self.render("commit.html", title=commit.title, repo=repo, commit=commit, parent=parent, changes=changes,
-                           base=repo_url(repo), user=user, here=here)  # fmt: skip
+                           base=repo_url(repo), user=user, here=here, csrf=csrf)  # fmt: skip
 
-    def login_form(self, user: str | None, next_url: str, error: str | None = None, status: int = 200) -> Page:
+    def login_form(
+        self, user: str | None, next_url: str, error: str | None = None, status: int = 200, *, csrf: str = ""
+    ) -> Page:
         return self.render("login.html", status, title="Log in", next=safe_next(next_url), error=error, user=user,
-                           here="/")  # fmt: skip
+                           here="/", csrf=csrf)  # fmt: skip
 
 
 def render_card(markdown: str, files_url: str) -> str:
@@ -265,18 +392,52 @@ def cookie_session(request: Request) -> str | None:
     return request.cookies.get(SESSION_COOKIE)
 
 
-def split_front_matter(text: str) -> tuple[dict, str]:
-    """A card's ``(YAML metadata, Markdown body)``; ``{}`` when there is no front matter or it does not parse."""
-    import yaml
-
-    match = FRONT_MATTER.match(text)
-    if not match:
-        return {}, text
+def client_key(request: Request) -> str:
+    """Who a failed log-in is counted against: the peer address (an IPv6 client by its /64, which one
+    machine usually holds whole). NOTE(security): the socket's peer, never ``X-Forwarded-For``, which any
+    client can write: ``serve`` runs uvicorn with ``proxy_headers=False`` for this."""
+    host = request.client.host if request.client else ""
     try:
-        meta = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
-        meta = None
-    return (meta if isinstance(meta, dict) else {}), text[match.end() :]
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host or "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d is the IPv4 client a.b.c.d
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+def cross_site_problem(request: Request, *, cookie_auth: bool) -> str | None:
+    """Why a form POST may come from another site, or None: its ``Origin`` (else its ``Referer``) must be
+    this server's own origin; with neither, only a post that no cookie authenticates is accepted."""
+    own = f"{request.url.scheme}://{request.url.netloc}".lower()
+    origin = request.headers.get("origin")
+    if origin is not None:  # "null" (a sandboxed frame, a data: URL) is refused too
+        return None if origin.strip().lower() == own else f"it was sent from another site ({origin.strip()[:100]})"
+    referer = request.headers.get("referer")
+    if referer:
+        parts = urlsplit(referer.strip())
+        sent_from = f"{parts.scheme}://{parts.netloc}".lower()
+        return None if sent_from == own else f"it was sent from another site ({sent_from[:100]})"
+    # NOTE(security): browsers send Origin with every POST, so a post with neither header is a script or an
+    # old browser; a log-in without a session is let through for those, a session's post is not.
+    return "it carries neither an Origin nor a Referer header" if cookie_auth else None
+
+
+def split_front_matter(text: str) -> tuple[dict, str]:
+    """A card's ``(YAML metadata, Markdown body)``; ``{}`` when there is no front matter or it is refused (an
+    alias, too large...: the checks of :mod:`.card`, which the commit path applies too)."""
+    from .card import CardError, load_card_data, split_card
+
+    try:
+        front, body = split_card(text)
+    except CardError:  # a front matter over the size cap: not shown
+        return {}, ""
+    try:
+        return (load_card_data(front) if front is not None else None) or {}, body
+    except CardError:  # refused metadata is not shown, the Markdown is
+        return {}, body
 
 
 def _listing(repo: Repo, commit: Commit, revision: str, path: str) -> list[dict]:

@@ -13,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import HubPeftError
+from ..errors import HubPeftError, InvalidInputError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -70,8 +70,11 @@ def start_local_hub(
     host: str = "127.0.0.1",
     port: int | None = None,
     timeout: float = 30.0,
+    session_idle_s: float | None = None,
+    session_max_s: float | None = None,
 ) -> LocalHubProcess:
-    """Start ``hub-peft hub serve`` in a child process; ``tokens`` maps user → token.
+    """Start ``hub-peft hub serve`` in a child process; ``tokens`` maps user → token (one token per user,
+    none shared); ``session_idle_s``/``session_max_s`` override the browser sessions' lifetimes.
 
     Tokens never touch the command line (``ps`` shows it to every user) nor a shared path: they are
     written to a file created exclusively (mode 600) in a fresh private directory (mode 700) under the
@@ -82,6 +85,7 @@ def start_local_hub(
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
     tokens = dict(tokens or {})
+    _check_tokens(tokens)
     stale = root / ".tokens"  # where versions before 0.2 left the tokens, in a shared folder: remove ours
     if stale.is_file() and stale.stat().st_uid == os.getuid():
         stale.unlink()
@@ -94,6 +98,10 @@ def start_local_hub(
         log_path = root / "server.log"
         cmd = [sys.executable, "-m", "hub_peft.cli", "hub", "serve", "--root", str(root), "--host", host,
                "--port", str(port), "--tokens-file", str(tokens_file)]  # fmt: skip
+        if session_idle_s is not None:
+            cmd += ["--session-idle-seconds", str(session_idle_s)]
+        if session_max_s is not None:
+            cmd += ["--session-max-seconds", str(session_max_s)]
         log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child
         process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         log_file.close()
@@ -112,6 +120,34 @@ def start_local_hub(
         raise HubPeftError(f"The local hub did not answer within {timeout:.0f}s; see {log_path}.")
     finally:
         shutil.rmtree(secrets_dir, ignore_errors=True)
+
+
+def _check_tokens(tokens: dict[str, str]) -> None:
+    """Refuse, before anything starts, what the server would refuse or misread in its tokens file: a user
+    name it does not accept, an empty token, a line break in one (a second line), two users with one token.
+    NOTE(security): the errors name users, never a token."""
+    from .storage import StorageError, check_name
+
+    owners: dict[str, str] = {}
+    for user, token in tokens.items():
+        try:
+            check_name(user, "user name")
+        except StorageError:  # not shown: with the mapping reversed (token → user) it would be a token
+            raise InvalidInputError(
+                "Cannot start the local hub: a user name in tokens is not valid (it is not shown: it may be a "
+                "token); pass tokens={user: token} with names of letters, digits, '-', '_' or '.'."
+            ) from None
+        if not isinstance(token, str) or not token or token != token.strip() or "\n" in token or "\r" in token:
+            raise InvalidInputError(
+                f"Cannot start the local hub: the token of {user!r} is empty or has surrounding spaces or a line "
+                "break; pass one token per user, such as secrets.token_urlsafe(24)."
+            )
+        if token in owners:
+            raise InvalidInputError(
+                f"Cannot start the local hub: users {owners[token]!r} and {user!r} have the same token; give each "
+                "user a token of their own."
+            )
+        owners[token] = user
 
 
 def runtime_dir() -> Path:

@@ -21,17 +21,32 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
-import yaml
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..errors import InvalidInputError
+from .card import HEAD_BYTES, CardError, load_card_data, read_card_data, split_card
 from .commit_stream import CommitStream
-from .pages import FRONT_MATTER, SESSION_COOKIE, Pages, cookie_session, safe_next, split_front_matter
+from .pages import (
+    DEFAULT_LOGIN_MAX_FAILURES,
+    DEFAULT_LOGIN_WINDOW_S,
+    DEFAULT_SESSION_IDLE_S,
+    DEFAULT_SESSION_MAX_S,
+    SESSION_COOKIE,
+    LoginLimiter,
+    Page,
+    Pages,
+    Sessions,
+    client_key,
+    cookie_session,
+    cross_site_problem,
+    safe_next,
+)
 from .storage import (
     REPO_TYPES,
     AddFile,
@@ -44,6 +59,7 @@ from .storage import (
     Storage,
     StorageError,
     check_name,
+    check_new_path,
     check_path,
     check_repo_type,
 )
@@ -53,6 +69,7 @@ log = logging.getLogger("hub_peft.hub")
 CHUNK = 1 << 20
 _FEED_BYTES = 4 << 20  # body bytes handed to the commit parser per thread hop
 DEFAULT_MAX_COMMIT_BYTES = 2 << 30
+MAX_JSON_BODY_BYTES = 16 << 20  # any body but a commit's: read whole (preupload of 25,000 files is ~5 MiB)
 
 
 class HTTPError(Exception):
@@ -61,43 +78,112 @@ class HTTPError(Exception):
         self.status, self.message, self.code = status, message, code
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def header_value(text: str, limit: int = 500) -> str:
+    """``text`` as an HTTP header value that always encodes: control characters (CR, LF...) as spaces,
+    non-ASCII as ``\\uXXXX`` escapes, at most ``limit`` characters.
+
+    NOTE(security): header values come out as latin-1, so a file name such as ``名前.txt`` made the response
+    fail (500, which the client retries for 23 s); a CR or LF must never reach a header either."""
+    return _CONTROL_CHARS.sub(" ", text).encode("ascii", "backslashreplace").decode("ascii")[:limit]
+
+
 def _error_response(status: int, message: str, code: str | None = None, headers: dict | None = None) -> Response:
-    hdrs = {"X-Error-Message": message.replace("\n", " ")[:500]}
+    """The Hub's error shape: the full message in the JSON body, an ASCII-safe copy in ``X-Error-Message``."""
+    hdrs = {"X-Error-Message": header_value(message)}
     if code:
         hdrs["X-Error-Code"] = code
     hdrs.update(headers or {})
     return JSONResponse({"error": message}, status_code=status, headers=hdrs)
 
 
-def parse_tokens(specs: list[str]) -> dict[str, str]:
-    """``["alice=hf_abc", ...]`` → ``{token: user}``."""
+def parse_tokens(specs: list[str], sources: list[str] | None = None) -> dict[str, str]:
+    """``["alice=hf_abc", ...]`` → ``{token: user}``; ``sources[i]`` says where ``specs[i]`` comes from, for
+    the errors (``InvalidInputError``, a ``ValueError``).
+
+    A user may have several tokens, but two users may not share one. NOTE(security): no error quotes any part
+    of a spec, not even the part before ``=``: a line holding only a token, or a token typed where the user
+    name goes, would otherwise be printed to the terminal and the logs.
+    """
     tokens: dict[str, str] = {}
-    for spec in specs:
+    seen_at: dict[str, str] = {}
+    for i, spec in enumerate(specs):
+        where = sources[i] if sources and i < len(sources) else f"token entry {i + 1}"
         user, sep, token = spec.partition("=")
         user, token = user.strip(), token.strip()
-        if not sep or not token:
-            raise ValueError(f"Token spec must look like USER=TOKEN, got {spec.split('=')[0]!r}=<hidden>")
-        check_name(user, "user name")
-        tokens[token] = user
+        if not sep or not user or not token:
+            raise InvalidInputError(
+                f"{where} is not USER=TOKEN (its text is not shown: it may hold a token); "
+                "write one user name, '=', and that user's token, such as alice=hf_..."
+            )
+        try:
+            check_name(user, "user name")
+        except BadRequest:
+            raise InvalidInputError(
+                f"{where}: the user name before '=' is not valid (it is not shown: it may hold a token); use "
+                "letters, digits, '-', '_' or '.', at most 96 characters, not starting or ending with '-' or '.'."
+            ) from None
+        owner = tokens.get(token)
+        if owner is not None and owner != user:
+            raise InvalidInputError(
+                f"Users {owner!r} ({seen_at[token]}) and {user!r} ({where}) have the same token, so the server "
+                "could not tell them apart; give each user a token of their own."
+            )
+        tokens[token], seen_at[token] = user, where
     return tokens
 
 
 def read_tokens_file(path: str | os.PathLike) -> list[str]:
-    """One ``USER=TOKEN`` per line; blank lines and ``#`` comments are ignored."""
-    lines = Path(path).read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    """One ``USER=TOKEN`` per line; blank lines and ``#`` comments are ignored.
+
+    The file must be readable by its owner only (mode 600 or stricter); its lines are checked here (see
+    :func:`parse_tokens`) so that an error names the line, never its text.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise InvalidInputError(f"Cannot open the tokens file {path}: {e.strerror}; check the path.") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode & 0o777  # of the file opened, not of whatever the path names later
+        if mode & 0o077:
+            raise InvalidInputError(
+                f"The tokens file {path} is open to other users (mode {mode:03o}), who could read the tokens; "
+                f"run `chmod 600 {path}` and start again."
+            )
+        try:
+            text = f.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"The tokens file {path} is not UTF-8 text; save it as UTF-8.") from None
+    numbered = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1)]
+    numbered = [(n, ln) for n, ln in numbered if ln and not ln.startswith("#")]
+    specs = [ln for _, ln in numbered]
+    parse_tokens(specs, [f"Line {n} of the tokens file {path}" for n, _ in numbered])
+    return specs
 
 
 class LocalHub:
     """The ASGI application. ``tokens`` maps token → user name."""
 
     def __init__(
-        self, root: str | os.PathLike, tokens: dict[str, str], *, max_commit_bytes: int = DEFAULT_MAX_COMMIT_BYTES
+        self,
+        root: str | os.PathLike,
+        tokens: dict[str, str],
+        *,
+        max_commit_bytes: int = DEFAULT_MAX_COMMIT_BYTES,
+        session_idle_s: float = DEFAULT_SESSION_IDLE_S,
+        session_max_s: float = DEFAULT_SESSION_MAX_S,
+        login_max_failures: int = DEFAULT_LOGIN_MAX_FAILURES,
+        login_window_s: float = DEFAULT_LOGIN_WINDOW_S,
     ):
+        """``session_idle_s``/``session_max_s``: a browser session ends that long after its last request /
+        its log-in; ``login_max_failures`` failed log-ins per ``login_window_s`` from one address, then 429."""
         self.storage = Storage(root)
         self.tokens = tokens
         self.max_commit_bytes = max_commit_bytes
-        self.pages = Pages(self.storage, self._visible_repo, self._card_text)
+        self.pages = Pages(self.storage, self._visible_repo, self._card_text, Sessions(session_idle_s, session_max_s))
+        self.login_limiter = LoginLimiter(login_max_failures, login_window_s)
         self.app = Starlette(
             routes=[Route("/{rest:path}", self._dispatch, methods=["GET", "HEAD", "POST", "PUT", "DELETE"])]
         )
@@ -124,13 +210,13 @@ class LocalHub:
         """Who reads a page: the Authorization header's user, else the browser session's."""
         return user or self.pages.sessions.user(cookie_session(request))
 
-    async def _body_chunks(self, request: Request):
-        """The request body as it arrives, refused past ``max_commit_bytes`` while it is read."""
-        size = 0
+    async def _body_chunks(self, request: Request, limit: int | None = None):
+        """The request body as it arrives, refused past ``limit`` (default ``max_commit_bytes``) while it is read."""
+        size, limit = 0, self.max_commit_bytes if limit is None else limit
         async for chunk in request.stream():
             size += len(chunk)
-            if size > self.max_commit_bytes:
-                raise HTTPError(413, f"Payload too large (limit {self.max_commit_bytes} bytes).")
+            if size > limit:
+                raise HTTPError(413, f"Payload too large (limit {limit} bytes).")
             yield chunk
 
     async def _dispatch(self, request: Request) -> Response:
@@ -139,11 +225,14 @@ class LocalHub:
         raw_path = raw.decode("latin-1").split("?", 1)[0]
         segments = [unquote(s) for s in raw_path.strip("/").split("/")] if raw_path.strip("/") else []
         try:
+            _check_revision(segments)
             user = self._user(request)
             if _is_commit(request.method, segments):
                 response = await self._streamed_commit(request, segments, user)
             else:
-                body = b"".join([c async for c in self._body_chunks(request)]) \
+                # NOTE(security): every other body (JSON: repo creation, preupload, paths-info, validate-yaml, the
+                # login form) is read whole, so it gets a small cap of its own, never the commit's 2 GiB
+                body = b"".join([c async for c in self._body_chunks(request, MAX_JSON_BODY_BYTES)]) \
                     if request.method in ("POST", "PUT", "DELETE") else b""  # fmt: skip
                 response = await run_in_threadpool(self._route, request, segments, user, body)
         except HTTPError as e:
@@ -206,13 +295,16 @@ class LocalHub:
             repo_type, repo_id, rest = seg[1][:-1], f"{seg[2]}/{seg[3]}", seg[4:]
             return self._repo_api(request, base, user, body, repo_type, repo_id, rest)
         if seg and seg[0] in ("login", "logout") and len(seg) == 1:
-            return self._login(request, user, body) if seg[0] == "login" else self._logout(request)
+            return self._login(request, user, body) if seg[0] == "login" else self._logout(request, body)
         # File downloads: /{ns}/{name}/resolve/{rev}/{path} (models), /{type}s/{ns}/{name}/resolve/...
         repo_type = "model"
         if seg and seg[0] in ("datasets", "spaces"):
             repo_type, seg = seg[0][:-1], seg[1:]
         if len(seg) >= 5 and seg[2] == "resolve" and method in ("GET", "HEAD"):
-            return self._resolve(request, user, repo_type, f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:]))
+            # NOTE(security): a download reads with the browser session too (a private repo's page links here);
+            # the cookie gives read rights only, on GET/HEAD: every write still needs a token in the header.
+            viewer = self._viewer(request, user)
+            return self._resolve(request, viewer, repo_type, f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:]))
         if method == "GET":
             page = self._page(request, user, repo_type, seg)
             if page is not None:
@@ -222,54 +314,99 @@ class LocalHub:
     # -- pages for people (see pages.py) -----------------------------------------------------------
     def _page(self, request: Request, user: str | None, repo_type: str, seg: list[str]) -> Response | None:
         user = self._viewer(request, user)
+        csrf = self.pages.sessions.csrf(cookie_session(request)) or ""  # for the log-out form
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         query = request.query_params
         try:
             if not seg and repo_type == "model":
-                page = self.pages.index(user, query.get("search", "").strip(), query.get("author", "").strip(), here)
+                page = self.pages.index(user, query.get("search", "").strip(), query.get("author", "").strip(), here,
+                                        csrf=csrf)  # fmt: skip
             elif len(seg) == 2:
-                page = self.pages.repo(user, repo_type, f"{seg[0]}/{seg[1]}", here)
+                page = self.pages.repo(user, repo_type, f"{seg[0]}/{seg[1]}", here, csrf=csrf)
             elif len(seg) >= 3 and seg[2] == "tree":
                 revision = seg[3] if len(seg) > 3 else "main"
-                page = self.pages.tree(user, repo_type, f"{seg[0]}/{seg[1]}", revision, "/".join(seg[4:]), here)
+                page = self.pages.tree(user, repo_type, f"{seg[0]}/{seg[1]}", revision, "/".join(seg[4:]), here,
+                                       csrf=csrf)  # fmt: skip
             elif len(seg) in (3, 4) and seg[2] == "commits":
                 page = self.pages.commits(user, repo_type, f"{seg[0]}/{seg[1]}", seg[3] if len(seg) > 3 else "main",
-                                          here)  # fmt: skip
+                                          here, csrf=csrf)  # fmt: skip
             elif len(seg) == 4 and seg[2] == "commit":
-                page = self.pages.commit(user, repo_type, f"{seg[0]}/{seg[1]}", seg[3], here)
+                page = self.pages.commit(user, repo_type, f"{seg[0]}/{seg[1]}", seg[3], here, csrf=csrf)
             else:
                 return None
         except StorageError as e:  # not found, or private and not the viewer's: the same 404 as the API
-            page = self.pages.error(e.status, str(e), user=user, here=here)
-        return HTMLResponse(page.html, status_code=page.status)
+            page = self.pages.error(e.status, str(e), user=user, here=here, csrf=csrf)
+        return _html(page)
 
     def _login(self, request: Request, user: str | None, body: bytes) -> Response:
         from urllib.parse import parse_qs
 
+        session = cookie_session(request)
         viewer = self._viewer(request, user)
+        csrf = self.pages.sessions.csrf(session) or ""
         if request.method == "GET":
-            page = self.pages.login_form(viewer, request.query_params.get("next", "/"))
-            return HTMLResponse(page.html, status_code=page.status)
+            return _html(self.pages.login_form(viewer, request.query_params.get("next", "/"), csrf=csrf))
         if request.method != "POST":
             raise HTTPError(405, "Use GET or POST /login.")
         form = parse_qs(body.decode("utf-8", errors="replace"))
-        known = self._token_user((form.get("token") or [""])[0].strip())
         target = safe_next((form.get("next") or ["/"])[0])
+        forged = self._forged(request, form, session, viewer, f"/login?next={quote(target, safe='')}")
+        if forged is not None:
+            return forged
+        client = client_key(request)
+        stamp, wait = self.login_limiter.begin(client)
+        if stamp is None:
+            message = f"Too many failed log-ins from your address: wait {wait} s, then try again with a valid token."
+            response = _html(self.pages.login_form(viewer, target, message, status=429, csrf=csrf))
+            response.headers["Retry-After"] = str(wait)
+            return response
+        known = self._token_user((form.get("token") or [""])[0].strip())
         if known is None:
-            page = self.pages.login_form(viewer, target, "That token is not valid here.", status=401)
-            return HTMLResponse(page.html, status_code=page.status)
+            log.warning("failed log-in from %s", client)  # never the token
+            return _html(self.pages.login_form(viewer, target, "That token is not valid here.", status=401, csrf=csrf))
+        self.login_limiter.forgive(client, stamp)
+        self.pages.sessions.end(session)  # NOTE(security): a new session id at each log-in (no session fixation)
+        sessions = self.pages.sessions
         response = RedirectResponse(target, status_code=303)
-        response.set_cookie(SESSION_COOKIE, self.pages.sessions.start(known), httponly=True, samesite="strict",
-                            path="/")  # fmt: skip
+        response.set_cookie(SESSION_COOKIE, sessions.start(known), max_age=int(sessions.max_s), httponly=True,
+                            samesite="strict", secure=request.url.scheme == "https", path="/")  # fmt: skip
         return response
 
-    def _logout(self, request: Request) -> Response:
+    def _logout(self, request: Request, body: bytes) -> Response:
+        from urllib.parse import parse_qs
+
         if request.method != "POST":
             raise HTTPError(405, "Log out with POST /logout.")
-        self.pages.sessions.end(cookie_session(request))
+        session = cookie_session(request)
+        form = parse_qs(body.decode("utf-8", errors="replace"))
+        forged = self._forged(request, form, session, self._viewer(request, None), "/")
+        if forged is not None:
+            return forged
+        self.pages.sessions.end(session)
         response = RedirectResponse("/", status_code=303)
-        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict",
+                               secure=request.url.scheme == "https")  # fmt: skip
         return response
+
+    def _forged(
+        self, request: Request, form: dict, session: str | None, viewer: str | None, retry: str
+    ) -> Response | None:
+        """A 403 page when a form POST may have been sent by another site, else None: it must come from this
+        server's origin (:func:`cross_site_problem`) and, in a live session, carry the session's CSRF token.
+
+        NOTE(security): the SameSite=Strict cookie alone is not enough: other ports of the same host are the
+        same *site*, so a page on ``127.0.0.1:8000`` could post to this server with the cookie attached.
+        """
+        live = self.pages.sessions.csrf(session) is not None
+        problem = cross_site_problem(request, cookie_auth=live)
+        if problem is None and live and not self.pages.sessions.check_csrf(session, (form.get("csrf") or [""])[0]):
+            problem = "it does not carry this session's form token"
+        if problem is None:
+            return None
+        own = f"{request.url.scheme}://{request.url.netloc}"
+        message = (f"This form was refused because {problem}: another site may have sent it in your name. "
+                   f"Open {own}{retry} and send the form from there.")  # fmt: skip
+        return _html(self.pages.error(403, message, user=viewer, here="/", csrf=self.pages.sessions.csrf(session)))
 
     def _visible_repo(self, user: str | None, repo_type: str, repo_id: str) -> Repo:
         repo = self.storage.get_repo(repo_type, repo_id)
@@ -413,14 +550,24 @@ class LocalHub:
         return info
 
     def _card_text(self, commit: Commit) -> str:
+        """README.md at ``commit`` for the HTML pages (which read its metadata with the checks of card.py);
+        "" when there is none or it is over 1 MiB."""
         entry = commit.tree.get("README.md")
-        if entry is None or entry.size > 1 << 20:
+        if entry is None or entry.size > _MAX_CARD_BYTES:
             return ""
         with self.storage.open_blob(entry) as f:
             return f.read().decode("utf-8", errors="replace")
 
     def _card_data(self, commit: Commit) -> dict:
-        return split_front_matter(self._card_text(commit))[0]
+        """The card's metadata (``cardData``), read from the README's first bytes only, ``{}`` when it has none
+        or it cannot be accepted: a card stored before the commit checks may hold aliases, which are never
+        expanded (see card.py)."""
+        entry = commit.tree.get("README.md")
+        if entry is None or entry.size > _MAX_CARD_BYTES:
+            return {}
+        with self.storage.open_blob(entry) as f:
+            head = f.read(HEAD_BYTES)
+        return read_card_data(head.decode("utf-8", errors="replace"), complete=entry.size <= len(head))
 
     def _preupload(self, repo: Repo, revision: str, payload: dict) -> Response:
         files = payload.get("files")
@@ -431,7 +578,7 @@ class LocalHub:
         for item in files:
             if not isinstance(item, dict):
                 raise BadRequest("Each entry of 'files' must be an object with 'path', 'size' and 'sample'.")
-            path = check_path(item.get("path"))
+            path = check_new_path(item.get("path"))  # refused here already, before the client sends the bytes
             existing = head.tree.get(path)
             # Every file goes inline ("regular"): no LFS/Xet storage backend is needed on loopback.
             out.append(
@@ -448,7 +595,8 @@ class LocalHub:
         header, ops = stream.finish()
         for op in ops:
             if isinstance(op, AddFile) and op.path == "README.md":
-                errors = card_metadata_errors(op.head(1 << 20).decode("utf-8", errors="replace"))
+                head = op.head(HEAD_BYTES)  # the front matter must end within it (see card.py)
+                errors = card_metadata_errors(head.decode("utf-8", errors="replace"), complete=op.size <= len(head))
                 if errors:
                     raise BadRequest("Invalid metadata in README.md: " + "; ".join(errors))
         commit = self.storage.commit(
@@ -567,21 +715,24 @@ class LocalHub:
 
 
 _STRING_LIST_FIELDS = ("tags", "datasets", "language", "metrics", "base_model")
+_MAX_CARD_BYTES = 1 << 20  # a larger README.md is served as a file but not read as a card
 
 
-def card_metadata_errors(text: str) -> list[str]:
-    """What the Hub would refuse in a model card's YAML front matter (empty list when valid)."""
-    match = FRONT_MATTER.match(text)
-    if not match:
-        return []
+def card_metadata_errors(text: str, *, complete: bool = True) -> list[str]:
+    """What the Hub would refuse in a model card's YAML front matter (empty list when valid); ``complete=False``
+    when ``text`` is only the README's first :data:`~hub_peft.hub.card.HEAD_BYTES` bytes.
+
+    NOTE(security): parsed without anchors or aliases and within size limits (see card.py), so that a card that
+    would expand on every model_info/list_models never gets in."""
+    if len(text) > HEAD_BYTES:  # (validate-yaml's whole text) only the head can hold an acceptable front matter
+        text, complete = text[:HEAD_BYTES], False
     try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError as e:
-        return [f"YAML front matter does not parse: {e}"]
+        front, _ = split_card(text, complete=complete)
+        data = load_card_data(front) if front is not None else None
+    except CardError as e:
+        return [str(e)]
     if data is None:
         return []
-    if not isinstance(data, dict):
-        return ["YAML front matter must be a mapping of keys to values."]
     errors = []
     for key in _STRING_LIST_FIELDS:
         value = data.get(key)
@@ -599,6 +750,14 @@ def card_metadata_errors(text: str) -> list[str]:
     return errors
 
 
+def _html(page: Page) -> HTMLResponse:
+    """A page for people, never framed by another site (no click-jacking of the log-in and log-out forms) nor
+    stored by caches (a private repo's page, a session's form token)."""
+    return HTMLResponse(page.html, status_code=page.status, headers={
+        "X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+        "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})  # fmt: skip
+
+
 def _json(body: bytes) -> dict:
     try:
         data = json.loads(body or b"{}")
@@ -607,6 +766,25 @@ def _json(body: bytes) -> dict:
     if not isinstance(data, dict):
         raise BadRequest("JSON body must be an object.")
     return data
+
+
+# Where a route takes a revision: /api/{type}s/{ns}/{name}/X/{rev}, and /[{type}s/]{ns}/{name}/Y/{rev}.
+_REVISION_ROUTES = ("revision", "preupload", "tree", "commits", "paths-info", "commit")
+_PAGE_REVISION_ROUTES = ("resolve", "tree", "commits", "commit")
+_REVISION_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _check_revision(seg: list[str]) -> None:
+    """Refuse (400) a revision segment holding a control character (a NUL dropped the connection), wherever a
+    route takes a revision: such a name is never a branch, and it must not reach a log or a header."""
+    if len(seg) >= 6 and seg[0] == "api" and seg[4] in _REVISION_ROUTES:
+        revision = seg[5]
+    else:
+        page = seg[1:] if seg and seg[0] in ("datasets", "spaces") else seg
+        revision = page[3] if len(page) >= 4 and page[2] in _PAGE_REVISION_ROUTES else ""
+    if _REVISION_CONTROL_CHARS.search(revision):
+        raise HTTPError(400, f"Invalid revision {revision!r}: a branch name or commit id has no control characters; "
+                             "use a branch name such as 'main' or a 40-character commit id.")  # fmt: skip
 
 
 def _is_commit(method: str, seg: list[str]) -> bool:
@@ -649,8 +827,11 @@ def serve(
     port: int = 7861,
     tokens: dict[str, str] | None = None,
     log_level: str = "info",
+    session_idle_s: float = DEFAULT_SESSION_IDLE_S,
+    session_max_s: float = DEFAULT_SESSION_MAX_S,
 ) -> None:
-    """Run the local Hub in the foreground until interrupted (one server per ``root``)."""
+    """Run the local Hub in the foreground until interrupted (one server per ``root``); browser sessions end
+    ``session_idle_s`` seconds after their last request or ``session_max_s`` seconds after their log-in."""
     import uvicorn
 
     root = Path(root)
@@ -663,6 +844,11 @@ def serve(
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(message)s"
     )
-    hub = LocalHub(root, tokens or {})
+    hub = LocalHub(root, tokens or {}, session_idle_s=session_idle_s, session_max_s=session_max_s)
+    # NOTE(security): only here, holding the root's lock: no other server can be mid-commit in this tmp/.
+    if stale := hub.storage.clean_staging():
+        log.info("removed %d staging file(s) left by commits that never finished", stale)
     log.info("local hub serving %s on http://%s:%d (%d token(s))", root, host, port, len(hub.tokens))
-    uvicorn.run(hub.app, host=host, port=port, log_level="warning", access_log=False)
+    # NOTE(security): proxy_headers=False: uvicorn would otherwise take the client address from the
+    # X-Forwarded-For header of any loopback client, and the log-in limit counts failures per address.
+    uvicorn.run(hub.app, host=host, port=port, log_level="warning", access_log=False, proxy_headers=False)

@@ -105,6 +105,42 @@ def check_path(path: str) -> str:
     return path
 
 
+# C0/C1 control characters (line breaks included), Unicode line/paragraph separators, and the bidirectional-text
+# controls that make a name display in another order than it is stored (U+061C, U+200E/F, U+202A-E, U+2066-9).
+_UNSAFE_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def check_new_path(path: str) -> str:
+    """:func:`check_path`, and refuse a name that would display as something else or break a line-based listing
+    (control characters, line breaks, bidi overrides): for files a commit adds, so old ones can still be deleted."""
+    check_path(path)
+    bad = _UNSAFE_NAME_CHARS.search(path)
+    if bad:
+        raise BadRequest(
+            f"Invalid path in repo: {path!r} holds the character {bad.group()!r} (control characters, line breaks "
+            "and bidirectional-text controls are not allowed in file names): rename the file and commit again."
+        )
+    return path
+
+
+def file_folder_conflict(tree: dict[str, object], added: Iterable[str]) -> tuple[str, str] | None:
+    """``(file, path inside it)`` when a path of ``added`` is both a file and a folder in ``tree`` (the tree the
+    commit would make), else None. Only the added paths are checked, so a repo that already holds such a pair
+    (committed before this check) can still take other commits."""
+    folders: dict[str, str] = {}  # folder -> one file inside it
+    for p in tree:
+        for i, ch in enumerate(p):
+            if ch == "/":
+                folders.setdefault(p[:i], p)
+    for p in added:
+        if p in folders:
+            return p, folders[p]
+        for i, ch in enumerate(p):
+            if ch == "/" and p[:i] in tree:
+                return p[:i], p
+    return None
+
+
 def git_blob_oid(data: bytes) -> str:
     """The git object id of a blob, which the Hub reports as a regular file's ``oid``/ETag."""
     return hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest()
@@ -165,6 +201,10 @@ class AddFile:
     data: bytes | None = None
     staged: StagedBlob | None = None  # instead of ``data``: moved into the blob store, never read back
 
+    @property
+    def size(self) -> int:
+        return len(self.data) if self.data is not None else self.staged.size
+
     def head(self, limit: int) -> bytes:
         """The file's first ``limit`` bytes (for checks such as the card's metadata)."""
         if self.data is not None:
@@ -203,6 +243,21 @@ class Storage:
 
     def blob_path(self, sha256: str) -> Path:
         return self.root / "blobs" / sha256[:2] / sha256[2:]
+
+    def clean_staging(self) -> int:
+        """Remove what commits that never finished left in ``tmp/`` (uploads staged by a server that was killed,
+        repos half deleted); only this storage's ``tmp/``, and only the names it makes there. Call it while no
+        commit is under way, i.e. when the one server of this root starts. Returns how many entries went."""
+        removed = 0
+        for entry in (self.root / "tmp").iterdir():
+            if entry.name.startswith("upload-") and entry.name.endswith(".part") and not entry.is_dir():
+                entry.unlink(missing_ok=True)  # a symlink is removed itself, never followed
+            elif entry.name.startswith("deleted-") and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                continue
+            removed += 1
+        return removed
 
     # -- repos -----------------------------------------------------------------------------------
     def get_repo(self, repo_type: str, repo_id: str) -> Repo:
@@ -308,20 +363,17 @@ class Storage:
         message: str,
         author: str,
     ) -> Commit:
+        # NOTE(commit-order): the new tree is worked out and checked before any blob moves into the store, so a
+        # refused commit leaves no orphan blob (its staged files are removed by the caller).
+        ops = list(ops)
         new_tree = dict(tree)
         for op in ops:
             if isinstance(op, AddFile) and op.staged is not None:
                 staged = op.staged
-                target = self.blob_path(staged.sha256)
-                if target.exists():
-                    staged.path.unlink(missing_ok=True)
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(staged.path, target)  # same file system: one atomic rename
                 new_tree[op.path] = FileEntry(op.path, staged.sha256, staged.oid, staged.size)
             elif isinstance(op, AddFile):
-                sha256, oid = self._store_blob(op.data)
-                new_tree[op.path] = FileEntry(op.path, sha256, oid, len(op.data))
+                sha256 = hashlib.sha256(op.data).hexdigest()
+                new_tree[op.path] = FileEntry(op.path, sha256, git_blob_oid(op.data), len(op.data))
             elif op.folder:
                 prefix = op.path.rstrip("/") + "/"
                 doomed = [p for p in new_tree if p.startswith(prefix)]
@@ -332,6 +384,24 @@ class Storage:
             else:
                 if new_tree.pop(op.path, None) is None:
                     raise EntryNotFound(f"File {op.path!r} does not exist in the parent revision.")
+        added = [op.path for op in ops if isinstance(op, AddFile)]
+        conflict = file_folder_conflict(new_tree, (p for p in added if p in new_tree))
+        if conflict is not None:
+            file, inner = conflict
+            raise BadRequest(
+                f"Path {file!r} would be both a file and a folder (it holds {inner!r}): a repo path is one or the "
+                "other. Rename one of them, or delete the file (or the folder) in the same commit."
+            )
+        for op in ops:
+            if isinstance(op, AddFile) and op.staged is not None:
+                target = self.blob_path(op.staged.sha256)
+                if target.exists():
+                    op.staged.path.unlink(missing_ok=True)
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(op.staged.path, target)  # same file system: one atomic rename
+            elif isinstance(op, AddFile):
+                self._store_blob(op.data)
         body = {
             "repo_uid": repo_uid,
             "parents": list(parents),
@@ -362,7 +432,10 @@ class Storage:
         if not _BRANCH.fullmatch(branch):
             raise RevisionNotFound(f"Invalid rev id: {branch} (commits go to a branch).")
         for op in ops:
-            check_path(op.path)
+            if isinstance(op, AddFile):
+                check_new_path(op.path)
+            else:
+                check_path(op.path)
         with self._lock(repo.repo_type, repo.repo_id):
             ref = self._repo_dir(repo.repo_type, repo.repo_id) / "refs" / branch
             if not ref.is_file():
