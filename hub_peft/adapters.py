@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from .errors import (
     UnsafeFileError,
 )
 from .tasks import labels_of
-from .validate import PICKLE_SUFFIXES, validate_adapter
+from .validate import MAX_SANE_BYTES, PICKLE_SUFFIXES, validate_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -101,6 +102,34 @@ def parse_adapter_spec(text: str) -> tuple[str, str | None, str | None]:
     if at and Path(source).is_dir():
         raise InvalidInputError(f"{source} is a local folder: '@{revision}' names a revision of a Hub repo only.")
     return source, revision or None, check_subfolder(subfolder) if colon else None
+
+
+_GIT_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
+
+
+def parse_hub_spec(text: str) -> tuple[str, str | None, str | None]:
+    """``(repo_id, revision, subfolder)`` of ``namespace/name[@revision][:subfolder]``, read as a Hub repo
+    only, never as a local path: what a name coming from a stranger (a request's ``model``) may be.
+
+    The repo id follows the Hub's rules (huggingface_hub's ``validate_repo_id``), the revision a git ref's
+    characters, the sub-folder :func:`check_subfolder`'s; anything else raises :class:`InvalidInputError`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(text, str) or len(text) > 512:
+        raise InvalidInputError("A Hub adapter is 'namespace/name[@revision][:subfolder]' (at most 512 characters).")
+    head, colon, subfolder = text.partition(":")
+    repo_id, at, revision = head.partition("@")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        repo_id = ""
+    if repo_id.count("/") != 1 or (at and not _GIT_REF.fullmatch(revision)) or (colon and not subfolder):
+        raise InvalidInputError(
+            f"{text!r} is not a Hub adapter: write 'namespace/name', optionally followed by '@REVISION' (a branch, "
+            "tag or commit) and then ':SUBFOLDER', e.g. 'me/runs@v2:checkpoint-final'."
+        )
+    return repo_id, revision or None, check_subfolder(subfolder) if colon else None
 
 
 def _is_reft(model: Any) -> bool:
@@ -407,8 +436,12 @@ def resolve_adapter(
     token: str | None = None,
     subfolder: str | None = None,
     adapter_name: str | None = None,
+    local: bool = True,
+    max_bytes: int | None = None,
 ) -> ResolvedAdapter:
     """Find an adapter: an existing folder as is, or a Hub repo resolved to one commit and downloaded.
+    ``local=False``: a Hub repo only, even where a folder of that name exists (names from strangers);
+    ``max_bytes``: refuse a repo whose files to download (sizes from the Hub, before any is fetched) add up to more.
 
     ``subfolder`` is where the adapter is inside the repo or folder (``"checkpoint-final"``; ``""``: the root);
     only that sub-folder's files are downloaded. Without one, ``adapter_name`` picks the sub-folder of that name in a
@@ -419,7 +452,7 @@ def resolve_adapter(
     if subfolder:  # "" is the root
         subfolder = check_subfolder(subfolder)
     path = Path(repo_id_or_dir)
-    if path.is_dir():
+    if local and path.is_dir():
         sub = _choose_subfolder(str(repo_id_or_dir), subfolder, adapter_name, _local_adapter_folders(path))
         return ResolvedAdapter(path / sub if sub else path, subfolder=sub or None)
     from huggingface_hub import HfApi, constants, snapshot_download
@@ -439,12 +472,21 @@ def resolve_adapter(
             commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else None
             sub = _choose_subfolder(repo_id, subfolder, adapter_name, _local_adapter_folders(root))
             return ResolvedAdapter(root / sub if sub else root, repo_id, commit, sub or None)
-        info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=False)
+        info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=max_bytes is not None)
         all_files = [s.rfilename for s in info.siblings or []]
         sub = _choose_subfolder(repo_id, subfolder, adapter_name, _adapter_folders(all_files))
         prefix = f"{sub}/" if sub else ""
         files = [f.removeprefix(prefix) for f in all_files if f.startswith(prefix)]
         where = f"{repo_id}:{sub}" if sub else repo_id
+        if max_bytes is not None:
+            total = sum(s.size or 0 for s in info.siblings or [] if s.rfilename.startswith(prefix)
+                        and Path(s.rfilename).suffix not in PICKLE_SUFFIXES)  # fmt: skip
+            if total > max_bytes:
+                raise InvalidInputError(
+                    f"{where} holds {total / 2**20:.1f} MiB of files, over this server's limit of "
+                    f"{max_bytes / 2**20:.1f} MiB for one adapter: keep only the adapter's files in its folder, "
+                    "or ask the operator to raise the limit."
+                )
         pickles = sorted(prefix + f for f in files if Path(f).suffix in PICKLE_SUFFIXES)
         if pickles and WEIGHTS_NAME not in files:
             raise UnsafeFileError(
@@ -492,15 +534,18 @@ def fetch_adapter(
     return folder
 
 
-def check_adapter_folder(folder: Path, *, base_config: Any = None, base_name: str = "the given base model") -> dict:
-    """Raise a clear error unless ``folder`` holds a loadable, safetensors-only adapter (fitting ``base_config``)."""
+def check_adapter_folder(folder: Path, *, base_config: Any = None, base_name: str = "the given base model",
+                         max_bytes: int = MAX_SANE_BYTES) -> dict:  # fmt: skip
+    """Raise a clear error unless ``folder`` holds a loadable, safetensors-only adapter (fitting ``base_config``, its
+    weights file at most ``max_bytes``): every problem :func:`validate_adapter` finds in the untrusted files is an
+    InvalidInputError, IncompatibleAdapterError, NotFoundError or UnsafeFileError (HTTP 422 or 404 when served)."""
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles and not (folder / WEIGHTS_NAME).is_file():
         raise UnsafeFileError(
             f"{folder} only has pickled weights ({', '.join(pickles)}), which hub_peft never unpickles. If they "
             "are your own trusted files, convert them locally with `hub-peft convert-bin DIR`."
         )
-    report = validate_adapter(folder, base_config=base_config, base_name=base_name)
+    report = validate_adapter(folder, base_config=base_config, base_name=base_name, max_bytes=max_bytes)
     if not report.ok:
         first = report.problems[0]
         if first.incompatible_base:
@@ -531,6 +576,7 @@ def load_adapter(
     token: str | None = None,
     is_trainable: bool = False,
     subfolder: str | None = None,
+    max_bytes: int = MAX_SANE_BYTES,
 ) -> Any:
     """Load an adapter onto ``base_model`` and make it active; call again to add more adapters.
 
@@ -540,23 +586,34 @@ def load_adapter(
     are downloaded; ``""``: the root). Without one, a folder saved by PEFT with several adapters (the default
     one at the root, each other one in a sub-folder named after it) gives the one named ``adapter_name``; a
     name it does not hold fails with :class:`NotFoundError` listing the adapters there.
+
+    The adapter is untrusted data: it is validated first (:func:`check_adapter_folder`), refused when its weights
+    need more than ``max_bytes`` of memory (from the safetensors header, before any tensor is read: the weights as
+    float32, plus the LoRA matrices PEFT builds for targeted modules without saved weights), and a regex
+    ``target_modules`` is resolved into module names with a bound (:func:`hub_peft.targets.expand_target_modules`)
+    before PEFT sees the config.
     """
     folder = resolve_adapter(repo_id_or_dir, revision=revision, token=token, subfolder=subfolder,
                              adapter_name=adapter_name).folder  # fmt: skip
     return _load_folder(base_model, folder, adapter_name=adapter_name, is_trainable=is_trainable,
-                        label=str(repo_id_or_dir))  # fmt: skip
+                        label=str(repo_id_or_dir), max_bytes=max_bytes)  # fmt: skip
 
 
-def _load_folder(base_model: Any, folder: Path, *, adapter_name: str, is_trainable: bool, label: str) -> Any:
+def _load_folder(base_model: Any, folder: Path, *, adapter_name: str, is_trainable: bool, label: str,
+                 max_bytes: int = MAX_SANE_BYTES) -> Any:  # fmt: skip
     """:func:`load_adapter` once the adapter's folder is known: ``folder`` holds the adapter itself."""
     from peft import PeftModel
 
     from .reft import ReftModel
     from .reft.model import innermost_model
+    from .targets import expand_target_modules
+    from .validate import read_safetensors_header
 
     inner = innermost_model(base_model)
-    config = check_adapter_folder(folder, base_config=inner.config, base_name=_name_of(inner))
+    config = check_adapter_folder(folder, base_config=inner.config, base_name=_name_of(inner), max_bytes=max_bytes)
+    tensors = read_safetensors_header(folder / WEIGHTS_NAME)
     if config.get("peft_type") == "REFT":
+        _check_memory(label, _memory_bytes(tensors), max_bytes)
         if isinstance(base_model, ReftModel):
             raise InvalidInputError(
                 "This model already has a ReFT adapter; load one ReFT adapter per model (the multi-adapter engine "
@@ -565,16 +622,31 @@ def _load_folder(base_model: Any, folder: Path, *, adapter_name: str, is_trainab
         return ReftModel.from_pretrained(base_model, folder, is_trainable=is_trainable)
     if isinstance(base_model, ReftModel):  # LoRA goes under the interventions, which keep their hooks
         base_model.base_model = _load_folder(base_model.base_model, folder, adapter_name=adapter_name,
-                                             is_trainable=is_trainable, label=label)  # fmt: skip
+                                             is_trainable=is_trainable, label=label, max_bytes=max_bytes)  # fmt: skip
         return base_model
+    if isinstance(base_model, PeftModel) and adapter_name in base_model.peft_config:
+        raise InvalidInputError(f"An adapter named {adapter_name!r} is already loaded; pick another name.")
+    target = base_model.get_base_model() if isinstance(base_model, PeftModel) else base_model
+    modules = _peft_modules(target)
+    # NOTE(security): PEFT full-matches a string target_modules against every module name with Python's re, which
+    # can backtrack for ever holding the GIL ("(.|.)*!"); it gets the config with the explicit names instead
+    config = expand_target_modules(config, modules)
+    _check_memory(label, _memory_bytes(tensors) + _unsaved_lora_bytes(target, modules, config, tensors), max_bytes)
+    peft_config = _peft_config(config)
     try:
         if isinstance(base_model, PeftModel):
-            if adapter_name in base_model.peft_config:
-                raise InvalidInputError(f"An adapter named {adapter_name!r} is already loaded; pick another name.")
+            # what PeftModel.load_adapter does with the config it reads from the folder, with ours: it then loads
+            # only the weights, as the adapter exists
+            base_model._check_new_adapter_config(peft_config, is_trainable=is_trainable)
+            peft_config.inference_mode = not is_trainable
+            base_model.add_adapter(adapter_name, peft_config)
+            if is_trainable:
+                base_model.set_requires_grad(adapter_name)
             base_model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
             base_model.set_adapter(adapter_name)
             return base_model
-        model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+        model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name,
+                                          is_trainable=is_trainable, config=peft_config)  # fmt: skip
         model.hub_peft_prompt_template = CardInfo.load(folder).prompt_template
         return model
     except RuntimeError as e:
@@ -585,6 +657,77 @@ def _load_folder(base_model: Any, folder: Path, *, adapter_name: str, is_trainab
         hint = (f"It was made for {made_for}: load it on that base." if made_for and made_for != name
                 else "Load it on the base it was trained on, with the same vocabulary and layer sizes.")  # fmt: skip
         raise IncompatibleAdapterError(f"{label} does not fit {name}'s shapes ({detail}). {hint}") from None
+
+
+def _peft_modules(model: Any) -> dict[str, Any]:
+    """Name -> module of what PEFT matches ``target_modules`` against when it adds an adapter to ``model`` (a plain
+    model, or a PeftModel's base model): every module but the root and the insides of layers an adapter wraps."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out, wrapped = {}, ()
+    for name, module in model.named_modules():
+        if not name or name.startswith(wrapped):
+            continue
+        out[name] = module
+        if isinstance(module, BaseTunerLayer):
+            wrapped = (*wrapped, name + ".")
+    return out
+
+
+def _peft_config(config: dict) -> Any:
+    """The PeftConfig PEFT's ``from_pretrained`` would build from ``config`` (an adapter_config.json dict)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]]
+    kwargs = config_class.check_kwargs(**{k: v for k, v in config.items() if k != "runtime_config"})
+    return config_class.from_peft_type(**kwargs)
+
+
+def _memory_bytes(tensors: dict[str, tuple[str, list[int]]]) -> int:
+    """Bytes the weights of a safetensors header take in memory: float16/bfloat16 ones as float32 (PEFT upcasts
+    them by default), the others as stored."""
+    from .validate import DTYPE_BITS, FLOAT_DTYPES
+
+    return sum(math.prod(shape) * max(DTYPE_BITS[dtype] // 8, 4 if dtype in FLOAT_DTYPES else 1)
+               for dtype, shape in tensors.values())  # fmt: skip
+
+
+def _unsaved_lora_bytes(model: Any, modules: dict[str, Any], config: dict,
+                        tensors: dict[str, tuple[str, list[int]]]) -> int:  # fmt: skip
+    """Float32 bytes of the LoRA matrices PEFT builds, before loading the weights, for the modules ``config``
+    targets that have no saved weights (rank from ``r``/``rank_pattern``): a config can target every module at
+    rank 65536 while the file holds one small matrix."""
+    from .targets import ALL_LINEAR, linear_layers, list_matches, pattern_lookup
+    from .validate import LORA_TENSOR
+
+    targets = config.get("target_modules")
+    if config.get("peft_type") != "LORA" or not targets:
+        return 0
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:  # PEFT turns it into the linear layers' names
+        entries = {name.rsplit(".", 1)[-1] for name in linear_layers(model) if name in modules}
+    else:
+        entries = set(targets)
+    saved = {m.group(1) for name in tensors if (m := LORA_TENSOR.match(name))}
+    r, patterns = config.get("r", 8), config.get("rank_pattern") or {}
+    lookup = pattern_lookup(list(patterns), "rank_pattern")
+    total = 0
+    for name, module in modules.items():
+        weight = getattr(module, "weight", None)
+        if name in saved or getattr(weight, "ndim", 0) < 2 or not list_matches(name, entries):
+            continue
+        key = lookup(name)
+        rank = patterns[key] if key is not None else r
+        total += 4 * rank * (weight.shape[0] + math.prod(weight.shape[1:]))
+    return total
+
+
+def _check_memory(label: str, needed: int, max_bytes: int) -> None:
+    if needed > max_bytes:
+        raise InvalidInputError(
+            f"{label} needs about {needed / 2**20:.1f} MiB of memory for its weights (as float32), over the limit of "
+            f"{max_bytes / 2**20:.1f} MiB for one adapter. Use a smaller rank or fewer target modules, or pass a "
+            "larger max_bytes= for an adapter you trust."
+        )
 
 
 def _name_of(model: Any) -> str:

@@ -45,11 +45,16 @@ def _cmd_hub_serve(args: argparse.Namespace) -> int:
     from .hub.server import parse_tokens, read_tokens_file, serve
 
     specs = list(args.token or [])
+    sources = [f"--token #{i + 1}" for i in range(len(specs))]  # errors name the entry, never its text
     if args.tokens_file:
-        specs += read_tokens_file(args.tokens_file)
+        lines = read_tokens_file(args.tokens_file)  # refuses a file other users can read, and bad lines
+        specs += lines
+        sources += [f"Entry {i + 1} of the tokens file {args.tokens_file}" for i in range(len(lines))]
     if args.tokens_file is None and not specs and os.environ.get("HUB_PEFT_HUB_TOKENS"):
         specs = os.environ["HUB_PEFT_HUB_TOKENS"].split(",")
-    serve(args.root, host=args.host, port=args.port, tokens=parse_tokens(specs), log_level=args.log_level)
+        sources = [f"Entry {i + 1} of $HUB_PEFT_HUB_TOKENS" for i in range(len(specs))]
+    serve(args.root, host=args.host, port=args.port, tokens=parse_tokens(specs, sources), log_level=args.log_level,
+          session_idle_s=args.session_idle_seconds, session_max_s=args.session_max_seconds)  # fmt: skip
     return 0
 
 
@@ -91,7 +96,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
                      request_timeout=args.request_timeout,
                      admin_token=os.environ.get("HUB_PEFT_ADMIN_TOKEN") or None,
-                     start_scheduler=False)  # fmt: skip
+                     adapter_dirs=args.adapter_dir or (), max_body_bytes=int(args.max_body_mb * 2**20),
+                     adapter_load_timeout=args.adapter_load_timeout, start_scheduler=False)  # fmt: skip
     print(f"Serving {base_name} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
     # The model's steps run here, on the thread that loaded it; HTTP gets a thread of its own that never
     # computes (a second computing thread makes libgomp's waits sleep: steps about 2x slower, see
@@ -269,10 +275,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from .validate import check_targets_in_base, validate_adapter
 
     base_config = _base_config(args.base) if args.base else None
-    report = validate_adapter(_local_or_pulled(args.target), for_engine=args.engine, base_config=base_config,
-                              base_name=args.base or "the given base model")  # fmt: skip
-    if base_config is not None:
-        check_targets_in_base(report, base_config, args.base)
+    folder = _local_or_pulled(args.target)
+    try:
+        report = validate_adapter(folder, for_engine=args.engine, base_config=base_config,
+                                  base_name=args.base or "the given base model")  # fmt: skip
+        if base_config is not None:
+            check_targets_in_base(report, base_config, args.base)
+    except Exception as e:
+        # NOTE(security): validate reads untrusted files and reports every problem it knows; anything else it
+        # meets still ends as a FAIL line, never a traceback (nor an OK)
+        print(f"FAIL: {args.target} could not be checked ({type(e).__name__}: {str(e)[:500]})\n"
+              "      fix: re-save or re-download the adapter; report a bug if the files are sound")  # fmt: skip
+        return 1
     for warning in report.warnings:
         print(f"WARN: {warning}")
     if report.ok:
@@ -418,7 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=7861)
     serve.add_argument("--token", action="append", metavar="USER=TOKEN", help="A user's write token (repeatable).")
-    serve.add_argument("--tokens-file", help="File with one USER=TOKEN per line.")
+    serve.add_argument("--tokens-file", help="File with one USER=TOKEN per line, mode 600 (readable by you only).")
+    serve.add_argument("--session-idle-seconds", type=float, default=2 * 3600.0,
+                       help="A browser session ends after this long without a request (default: 2 h).")  # fmt: skip
+    serve.add_argument("--session-max-seconds", type=float, default=12 * 3600.0,
+                       help="A browser session ends this long after its log-in (default: 12 h).")  # fmt: skip
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_cmd_hub_serve)
 
@@ -521,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="Let requests name Hub repos matching this pattern, e.g. 'me/*' (default: off).",
     )
+    serve_api.add_argument("--adapter-dir", action="append", metavar="FOLDER",
+                           help="Let the admin route load adapters from folders under FOLDER (repeatable; default: "
+                                "none: requests name Hub repos only, never local paths).")  # fmt: skip
     serve_api.add_argument("--host", default="127.0.0.1")
     serve_api.add_argument("--port", type=int, default=8000)
     serve_api.add_argument("--max-running", "--max-batch-size", type=int, default=32,
@@ -530,7 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_api.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of a chat request "
                            "that gives none.")  # fmt: skip
     serve_api.add_argument("--request-timeout", type=float, default=600.0, help="Seconds before a request is ended.")
-    serve_api.add_argument("--memory-budget-mb", type=float, default=256.0, help="Adapter cache budget (MiB).")
+    serve_api.add_argument("--memory-budget-mb", type=float, default=256.0, help="Adapter cache budget (MiB); "
+                           "also the most one adapter's weights may take (at least 64 MiB).")  # fmt: skip
+    serve_api.add_argument("--max-body-mb", type=float, default=4.0, help="Largest request body (MiB); beyond: 413.")
+    serve_api.add_argument("--adapter-load-timeout", type=float, default=120.0,
+                           help="Seconds a request may wait for a Hub adapter to download and load; beyond: 504.")
     serve_api.add_argument("--log-level", default="warning")
     serve_api.add_argument("--engine", choices=["hub_peft", "vllm"], default="hub_peft",
                            help="vllm: start vLLM's OpenAI server with these (LoRA) adapters instead; options this "

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -59,8 +60,9 @@ def engine(adapters):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def server(engine):
-    with serving(engine, allow_hub_pattern="alice/served-*", max_prompt_tokens=40, admin_token="secret-admin") as c:
+def server(engine, adapters):  # noqa: F811
+    with serving(engine, allow_hub_pattern="alice/served-*", max_prompt_tokens=40, admin_token="secret-admin",
+                 adapter_dirs=[Path(adapters["ia3"]).parent]) as c:  # fmt: skip
         yield c
 
 
@@ -287,7 +289,10 @@ def test_adapters_load_on_demand_and_through_admin_routes(server, adapters, alic
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     other = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(target_modules=["q_proj"]))
-    folder = str(save_adapter(other, tmp_path / "other"))
+    folder = str(save_adapter(other, Path(adapters["ia3"]).parent / "other"))  # under the served --adapter-dir
+    elsewhere = str(save_adapter(other, tmp_path / "elsewhere"))
+    outside = server.post("/admin/adapters", json={"name": "foreign", "source": elsewhere}, headers=auth)
+    assert outside.status_code == 403 and "--adapter-dir" in outside.json()["error"]["message"]
     foreign = server.post("/admin/adapters", json={"name": "foreign", "source": folder}, headers=auth)
     assert foreign.status_code == 422 and "this adapter was made for" in foreign.json()["error"]["message"]
 

@@ -6,8 +6,13 @@ admin routes to load and unload adapters, closed unless an admin token is config
 continuous-batching :class:`Scheduler` in one worker thread. Errors have OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field (named in ``param``), 401/403
 for admin auth, 404 for an unknown model (the message lists the known ones), 413 for a prompt over
-``max_prompt_tokens`` (``code: "context_length_exceeded"``), 422 for an adapter that cannot load, 429
-with ``Retry-After`` when the queue is full, 504 when a request runs past ``request_timeout``.
+``max_prompt_tokens`` (``code: "context_length_exceeded"``) or a body over ``max_body_bytes``, 422 for an
+adapter that cannot load, 429 with ``Retry-After`` when the queue is full, 504 when a request runs past
+``request_timeout`` or an adapter's download and checks past ``adapter_load_timeout``.
+
+Everything a client sends is untrusted (see SECURITY.md): a ``model`` is a Hub repo id, never a path, and
+is loaded only when it matches ``allow_hub_pattern``; local folders are served only when the operator
+loaded them at start or they lie under one of ``adapter_dirs`` (admin route); no filesystem path is shown.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ import fnmatch
 import hmac
 import json
 import logging
+import os
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +39,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
-from ..adapters import parse_adapter_spec
+from ..adapters import parse_adapter_spec, parse_hub_spec
 from ..errors import HubPeftError, IncompatibleAdapterError, InvalidInputError, NotFoundError
-from .engine import MultiAdapterModel
+from .engine import MultiAdapterModel, PromptTooLongError
 from .metrics import Metrics
 from .protocol import AdapterLoad, ChatCompletionRequest, CompletionRequest
 from .sampling import Sampled
-from .scheduler import PromptTooLongError, QueueFullError, Request, Scheduler
+from .scheduler import QueueFullError, Request, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -49,20 +58,27 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = ("invalid_request_error" if status in (400, 404, 413, 422) else "authentication_error"
+    kind = ("invalid_request_error" if status in (400, 404, 409, 413, 422) else "authentication_error"
             if status in (401, 403) else "rate_limit_error" if status == 429 else "server_error")  # fmt: skip
     return {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
+
+
+LOAD_WORKERS = 2  # threads loading adapters (downloads, checks, decoding) at once
+MAX_PENDING_LOADS = 16  # adapters loading or waiting for a thread; beyond it a request naming a new one gets 429
 
 
 def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: str | None = None,
                max_prompt_tokens: int = 1024, max_waiting: int = 256, max_running: int | None = None,
                default_max_tokens: int = 256, request_timeout: float = 600.0,
-               admin_token: str | None = None, start_scheduler: bool = True):  # fmt: skip
+               admin_token: str | None = None, start_scheduler: bool = True,
+               adapter_dirs: Sequence[str | Path] = (), max_body_bytes: int = 4 * 2**20,
+               adapter_load_timeout: float = 120.0):  # fmt: skip
     """The FastAPI app. ``allow_hub_pattern`` (fnmatch, e.g. ``"me/*"``) lets ``model`` name Hub repos,
-    loaded on demand and through the admin routes; off by default. ``max_running`` caps the sequences
-    decoding at once (the engine's cache slots), ``max_waiting`` the queue behind them. The scheduler
-    (``app.state.scheduler``) runs in a thread of its own unless ``start_scheduler`` is False: then call its
-    ``serve_forever()`` from the thread that should do the model's work (see there; ``hub-peft serve`` does)."""
+    loaded on demand and through the admin routes; off by default. ``adapter_dirs``: folders whose adapters
+    the admin route may load (none by default). ``max_running`` caps the sequences decoding at once (the
+    engine's cache slots), ``max_waiting`` the queue behind them. The scheduler (``app.state.scheduler``)
+    runs in a thread of its own unless ``start_scheduler`` is False: then call its ``serve_forever()`` from
+    the thread that should do the model's work (see there; ``hub-peft serve`` does)."""
     if max_running is not None:
         if engine._kv is not None and max_running != engine.max_running:
             raise InvalidInputError("max_running must be set before the engine runs its first request.")
@@ -73,12 +89,27 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
     if start_scheduler:
         scheduler.run_forever()
     tokenizer = engine.tokenizer
-    load_lock = asyncio.Lock()
+    # NOTE(security): a token's text is at most this many characters (byte-level BPE: one per byte), so a
+    # prompt of more than max_prompt_tokens × this many characters is over the limit without tokenizing it
+    max_token_chars = max(map(len, tokenizer.get_vocab()), default=1) if hasattr(tokenizer, "get_vocab") else 64
+    max_prompt_chars = max_prompt_tokens * max_token_chars
+    allowed_dirs = [Path(os.path.realpath(d)) for d in adapter_dirs]
+    # NOTE(security): adapter loads run on threads of their own: slow or hostile downloads hold at most
+    # LOAD_WORKERS of them, never the threads that submit requests; a load that timed out keeps its place in
+    # `loading` until its thread ends, so asking for the name again waits for it instead of starting another.
+    load_pool = ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="hub_peft-load")
+    loading: dict[str, asyncio.Future] = {}  # adapters being loaded, by name
     app = FastAPI(title="hub_peft", description=__doc__.split("\n\n")[0], version="1")
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: HttpRequest, e: ApiError) -> JSONResponse:
         return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: HttpRequest, e: Exception) -> JSONResponse:  # a bug: say so, show no traceback
+        logger.exception("unexpected error")
+        return JSONResponse(error_body(500, f"Internal error ({type(e).__name__}); see the server's log."), 500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: HttpRequest, e: RequestValidationError) -> JSONResponse:
@@ -106,30 +137,53 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
         known = {e["name"] for e in engine.loaded()}
         if model in known:
             return model, model
-        if hub_allowed(model):  # REPO[@REVISION][:SUBFOLDER], loaded under that very name
-            async with load_lock:
-                if model not in {e["name"] for e in engine.loaded()}:
-                    await load(model, *parse_adapter_spec(model))
+        if isinstance(model, str) and hub_allowed(model):  # REPO[@REVISION][:SUBFOLDER], loaded under that name
+            await load(model, *parse_hub_spec(model), hub_only=True, param="model")
             return model, model
-        raise ApiError(404, f"Unknown model {model!r}. Available: {sorted(known | {base_name})}.", "model",
-                       "model_not_found")  # fmt: skip
+        raise ApiError(404, f"Unknown model {_public(repr(model))}. Available: {sorted(known | {base_name})}.",
+                       "model", "model_not_found")  # fmt: skip
 
     def hub_allowed(spec: str) -> bool:
         """Whether ``spec`` (``REPO[@REVISION][:SUBFOLDER]``) names a repo that ``allow_hub_pattern`` lets in."""
         try:
-            repo = parse_adapter_spec(spec)[0]
+            repo = parse_hub_spec(spec)[0]
         except InvalidInputError:
             return False
-        return bool(allow_hub_pattern) and repo.count("/") == 1 and fnmatch.fnmatch(repo, allow_hub_pattern)
+        return bool(allow_hub_pattern) and fnmatch.fnmatchcase(repo, allow_hub_pattern)
+
+    def operator_folder(source: str) -> bool:
+        """Whether ``source`` is a folder under one of ``adapter_dirs`` (symbolic links resolved first)."""
+        real = Path(os.path.realpath(source))
+        return real.is_dir() and any(real.is_relative_to(d) for d in allowed_dirs)
 
     async def load(name: str, source: str, revision: str | None, subfolder: str | None = None,
-                   pin: bool = False) -> dict:  # fmt: skip
+                   pin: bool = False, hub_only: bool = False, param: str = "source") -> dict:  # fmt: skip
+        # NOTE(security): adapters are untrusted data: download, checks and decoding run on a worker thread,
+        # never on the step loop, with a deadline; whatever fails is the adapter's fault (a 4xx that names the
+        # problem), and the message never shows a path of this machine.
+        work = loading.get(name)
+        if work is not None and param != "model":
+            raise ApiError(409, f"{name!r} is being loaded; try again when that load ends.", "name")
+        if work is None:  # one load per name at a time (requests for it share it); other names load beside it
+            if len(loading) >= MAX_PENDING_LOADS:
+                raise ApiError(429, f"{len(loading)} adapters are loading; try again in a minute.", param,
+                               headers={"Retry-After": "30"})  # fmt: skip
+            call = partial(engine.add, name, source, revision, subfolder=subfolder, pin=pin, hub_only=hub_only)
+            work = loading[name] = asyncio.get_running_loop().run_in_executor(load_pool, call)
+            work.add_done_callback(lambda done: (loading.pop(name, None), done.cancelled() or done.exception()))
         try:
-            return await asyncio.to_thread(engine.add, name, source, revision, subfolder=subfolder, pin=pin)
+            return await asyncio.wait_for(asyncio.shield(work), adapter_load_timeout)
+        except TimeoutError:
+            raise ApiError(504, f"Loading {name!r} took longer than {adapter_load_timeout:.0f} s; try again later, or "
+                                "ask the operator to load it at start.", param) from None  # fmt: skip
         except NotFoundError as e:
-            raise ApiError(404, str(e), "source") from None
+            raise ApiError(404, _public(str(e)), param, "model_not_found" if param == "model" else None) from None
         except HubPeftError as e:
-            raise ApiError(422, str(e), "source") from None
+            raise ApiError(422, _public(str(e)), param, "invalid_adapter") from None
+        except Exception as e:  # a malformed file that slipped past the checks: still the adapter's fault
+            logger.warning("adapter %r failed to load: %r", name, e)
+            raise ApiError(422, f"The adapter {name!r} could not be loaded ({type(e).__name__}: "
+                                f"{_public(str(e))[:300]}).", param, "invalid_adapter") from None  # fmt: skip
 
     # --- completions -----------------------------------------------------------------------------
 
@@ -148,6 +202,11 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
             prompt, max_tokens = body.text(), body.max_tokens or 16
             if not prompt:
                 raise ApiError(400, "prompt must be a non-empty string.", "prompt")
+        chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
+        if chars > max_prompt_chars or (chat and len(prompt) > max_prompt_tokens):
+            raise ApiError(413, f"The prompt has {chars} characters in {len(prompt) if chat else 1} message(s), more "
+                                f"than fit in the limit of {max_prompt_tokens} tokens; shorten it.",
+                           "messages" if chat else "prompt", "context_length_exceeded")  # fmt: skip
         adapter, label = await resolve(body.model)
         try:
             params = body.sampling(max_tokens, logprobs)
@@ -198,7 +257,8 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
     @app.get("/v1/models")
     async def models():
         data = [{"id": base_name, "object": "model", "owned_by": "hub_peft", "type": "base"}]
-        data += [{"id": e["name"], "object": "model", "owned_by": "hub_peft", "type": e["type"], "source": e["source"],
+        data += [{"id": e["name"], "object": "model", "owned_by": "hub_peft", "type": e["type"],
+                  "source": e["source"] if e["commit"] else None,  # a local folder's path is not for clients
                   "commit": e["commit"], "key": e["key"], "bytes": e["bytes"], "resident": e["resident"]}
                  for e in engine.loaded()]  # fmt: skip
         return {"object": "list", "data": data}
@@ -224,10 +284,17 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
             if given is not None and in_source is not None and given != in_source:
                 raise ApiError(400, f"{field} is given twice ({in_source!r} in source, {given!r} as {field}); "
                                     "give it once.", field)  # fmt: skip
-        if not Path(source).is_dir() and not hub_allowed(body.source):
-            raise ApiError(403, f"{body.source!r} is not a folder on this server and does not match "
-                                f"--allow-hub-pattern ({allow_hub_pattern or 'off'}).", "source")  # fmt: skip
-        return await load(body.name, source, revision or body.revision, subfolder or body.subfolder, pin=body.pin)
+        if operator_folder(source):
+            hub_only = False
+        elif hub_allowed(body.source):
+            hub_only = True
+            source, revision, subfolder = parse_hub_spec(body.source)
+        else:
+            raise ApiError(403, f"{body.source!r} is neither under a folder the server was started with "
+                                f"(--adapter-dir) nor a Hub repo matching --allow-hub-pattern "
+                                f"({allow_hub_pattern or 'off'}).", "source")  # fmt: skip
+        return await load(body.name, source, revision or body.revision, subfolder or body.subfolder, pin=body.pin,
+                          hub_only=hub_only)  # fmt: skip
 
     @app.delete("/admin/adapters/{name:path}")
     async def admin_unload(name: str, http: HttpRequest):
@@ -249,6 +316,61 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
 
     app.state.scheduler, app.state.metrics = scheduler, metrics
     return app
+
+
+# an absolute path of two or more parts (not the path of a URL: no word character, ':' or '/' just before it)
+_PATH = re.compile(r"(?<![\w:/.])(?:/[^\s/'\"(),:;]+){2,}/?")
+
+
+def _public(message: str) -> str:
+    """``message`` with every absolute filesystem path cut to its last part, for a client to read."""
+    return _PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes (by ``Content-Length`` or as it streams in) gets
+    an OpenAI-shaped 413 before the app parses any of it."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps(error_body(413, f"The request body is over this server's limit of {self.limit} bytes.",
+                                     code="request_too_large")).encode()  # fmt: skip
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(send)
+        seen, refused, started = 0, False, False
+
+        async def limited() -> dict:
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit and not started:
+                    refused = True
+                    await self._refuse(send)
+                    return {"type": "http.disconnect"}  # the app stops reading; its own answer is dropped
+            return message
+
+        async def guarded(message: dict) -> None:
+            nonlocal started
+            if not refused:
+                started = True
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded)
+        except Exception:
+            if not refused:
+                raise
 
 
 def _status(job: Request) -> int:
@@ -317,7 +439,7 @@ class _Answer:
     def _failure(self, job: Request) -> ApiError:
         if job.finish_reason == "timeout":
             return ApiError(504, f"The request ran past the server's timeout of {job.timeout:.0f} s.")
-        return ApiError(_status(job), f"Generation failed: {job.error}")
+        return ApiError(_status(job), f"Generation failed: {_public(str(job.error))}")
 
     async def whole(self, events: asyncio.Queue, http) -> dict:
         pending = {id(j) for j in self.jobs}

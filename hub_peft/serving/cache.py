@@ -11,10 +11,11 @@ download cache on next use. The weights are kept in the form the engine's per-ro
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,10 @@ import torch
 from ..errors import IncompatibleAdapterError, InvalidInputError, NotFoundError
 from ..reft.config import ReftConfig
 from ..reft.interventions import Intervention
+from ..targets import expand_target_modules
 from ..tasks import require_causal_adapter
+
+DOWNLOAD_SLACK = 64 * 2**20  # a repo's files beyond the weights: card, tokenizer (SmolLM2's tokenizer.json: 2 MB)
 
 
 @dataclass
@@ -69,6 +73,7 @@ class _Entry:
     solo_reason: str | None = None
     peft_type: str = ""
     subfolder: str | None = None  # where the adapter is inside the repo or folder
+    peft_config: Any = None  # a solo adapter's PeftConfig, its target_modules resolved to explicit names
 
     @property
     def kind(self) -> str:
@@ -87,12 +92,18 @@ class AdapterCache:
     """Names → resolved copies of adapters, with an LRU bound of ``memory_budget`` bytes of weights.
 
     ``targets`` are the module names of the linear layers the engine wraps (LoRA/IA3 must name those);
-    ``base_config``/``base_name`` describe the base an adapter must fit.
+    ``base_config``/``base_name`` describe the base an adapter must fit; ``module_names`` are the names PEFT
+    sees on the base (a ``target_modules`` regex is resolved against them once, with a bounded matcher).
+    ``max_adapter_bytes`` bounds one adapter's weights in memory (default: ``memory_budget``, at least 64 MiB),
+    its download that plus :data:`DOWNLOAD_SLACK` for the card and tokenizer files.
     """
 
     def __init__(self, *, memory_budget: int, targets: set[str], base_config: Any, base_name: str,
-                 prepare: Callable[[dict], None] | None = None) -> None:  # fmt: skip
+                 prepare: Callable[[dict], None] | None = None, module_names: Sequence[str] = (),
+                 max_adapter_bytes: int | None = None) -> None:  # fmt: skip
         self.memory_budget, self.targets = memory_budget, targets
+        self.module_names = list(module_names)
+        self.max_adapter_bytes = max(memory_budget, 64 * 2**20) if max_adapter_bytes is None else max_adapter_bytes
         self.prepare = prepare  # called with an adapter's config before it is added; raises to refuse it
         self.base_config, self.base_name = base_config, base_name
         self.entries: dict[str, _Entry] = {}
@@ -101,9 +112,10 @@ class AdapterCache:
         self._lock = threading.RLock()
 
     def add(self, name: str, source: str | Path, revision: str | None = None, *, subfolder: str | None = None,
-            pin: bool = False) -> dict:  # fmt: skip
+            pin: bool = False, hub_only: bool = False) -> dict:  # fmt: skip
         """Load an adapter (folder or repo id, the adapter in its ``subfolder`` if given) under ``name`` without
-        touching the base or the others.
+        touching the base or the others. ``hub_only``: ``source`` is a Hub repo id even where a folder of
+        that name exists (a name from a request).
 
         A Hub repo is resolved to one commit first; the weights are cached under that commit and sub-folder
         (a folder: under the sha256 of its files), so names that resolve to the same files share one copy,
@@ -114,10 +126,17 @@ class AdapterCache:
 
         if not name or not isinstance(name, str):
             raise InvalidInputError("An adapter needs a non-empty name.")
-        resolved = resolve_adapter(source, revision=revision, subfolder=subfolder)
+        resolved = resolve_adapter(source, revision=revision, subfolder=subfolder, local=not hub_only,
+                                   max_bytes=self.max_adapter_bytes + DOWNLOAD_SLACK)  # fmt: skip
         folder = resolved.folder
         require_causal_adapter(folder, source, "the multi-adapter engine (hub-peft serve)")
         config = check_adapter_folder(folder, base_config=self.base_config, base_name=self.base_name)
+        self._check_size(folder, source)
+        # NOTE(security): PEFT full-matches a string target_modules against every module name with Python's
+        # re, backtracking with the GIL held; it is resolved here, once, with a bounded matcher, into the
+        # explicit names PEFT (and _kind_of) then compare by equality.
+        if self.module_names and config.get("peft_type") != "ADAPTION_PROMPT":  # there: an attribute name
+            config = expand_target_modules(config, self.module_names)
         kind, solo_reason = _kind_of(config, source)
         if kind in ("lora", "ia3") and (outside := _modules_outside(folder, self.targets)):
             kind, solo_reason = "solo", (f"{source} cannot share a batch with other adapters (it adapts {outside}, "
@@ -130,12 +149,26 @@ class AdapterCache:
             cached = self.copies.setdefault(key, _Cached(key, kind, folder))
             peft_type = str(config.get("peft_type", "")).lower()
             self.entries[name] = _Entry(name, str(source), revision, resolved.commit, cached, template, pinned=pin,
-                                         solo_reason=solo_reason, peft_type=peft_type,
-                                         subfolder=resolved.subfolder)  # fmt: skip
+                                         solo_reason=solo_reason, peft_type=peft_type, subfolder=resolved.subfolder,
+                                         peft_config=_peft_config(config) if kind == "solo" else None)  # fmt: skip
             self.forget_unused()
             self.materialize(self.entries[name])
             self.evict()
         return self.info(name)
+
+    def _check_size(self, folder: Path, source: Any) -> None:
+        """Refuse an adapter whose weights (as float32, the form the engine keeps) exceed ``max_adapter_bytes``,
+        from the safetensors header, before any tensor is read."""
+        from ..validate import read_safetensors_header
+
+        header = read_safetensors_header(folder / "adapter_model.safetensors")
+        nbytes = 4 * sum(math.prod(shape) for _, shape in header.values())
+        if nbytes > self.max_adapter_bytes:
+            raise InvalidInputError(
+                f"{source} needs {nbytes / 2**20:.1f} MiB of weights in memory, over this server's limit of "
+                f"{self.max_adapter_bytes / 2**20:.1f} MiB for one adapter; use a smaller rank or fewer target "
+                "modules, or ask the operator to raise --memory-budget-mb."
+            )
 
     def remove(self, name: str) -> None:
         with self._lock:
@@ -254,6 +287,13 @@ def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
     if blockers:
         return "solo", f"{source} cannot share a batch with other adapters ({'; '.join(blockers)})"
     return peft_type.lower(), None
+
+
+def _peft_config(config: dict) -> Any:
+    """The PeftConfig a solo adapter is attached with (built once, off the step loop)."""
+    from peft.config import PeftConfig
+
+    return PeftConfig.from_peft_type(**config)
 
 
 def _modules_outside(folder: Path, targets: set[str]) -> str | None:

@@ -52,6 +52,19 @@ from .sampling import Sampled, SamplingParams, sample_row
 
 AdapterSpec = str | dict[str, float] | None
 Prompt = str | Sequence[dict[str, str]]  # a prompt, or chat messages [{"role": ..., "content": ...}]
+MAX_MIX_ADAPTERS = 8  # adapters in one weighted mix
+MAX_MIX_WEIGHT = 16.0  # |weight| of one adapter in a mix: beyond it a mix only produces garbage (or inf/NaN)
+
+
+class PromptTooLongError(InvalidInputError):
+    """A prompt has more tokens than the server accepts."""
+
+
+def check_prompt_length(tokens: int, limit: int | None) -> None:
+    if limit is not None and tokens > limit:
+        raise PromptTooLongError(f"The prompt is {tokens} tokens; the limit is {limit}.")
+
+
 def _returns_a_tensor(module: nn.Module) -> bool:
     """Whether a linear layer's forward returns its output tensor: a subclass may override it (Llama 4's and
     PhiMoE's MoE routers return a tuple); such a layer is left unwrapped, and a LoRA on it runs solo through
@@ -355,12 +368,13 @@ class MultiAdapterModel:
         self._lock = threading.RLock()
         self._layers = find_decoder_layers(self.core)
         self._wrapped: list[tuple[nn.Module, str, _RowDeltas]] = []
+        module_names = [name for name, _ in self.model.named_modules()]  # what PEFT sees (before the wrapping)
         self._wrap_linears()
         self._packed_head = packed_head
         self._reft_sites: set[tuple[int, str]] = set()  # (layer, component) pairs with an edit hook
         self.cache = AdapterCache(memory_budget=memory_budget, targets={w.name for _, _, w in self._wrapped},
                                   base_config=self.core.config, base_name=_base_name(self.core),
-                                  prepare=self._prepare_adapter)  # fmt: skip
+                                  prepare=self._prepare_adapter, module_names=module_names)  # fmt: skip
         find_decoder(self.core).register_forward_pre_hook(self._count_forward)
 
     @property
@@ -389,7 +403,8 @@ class MultiAdapterModel:
         for parent, child, wrapper in self._wrapped:
             setattr(parent, child, wrapper.base_layer)
         try:
-            model = PeftModel.from_pretrained(self.model, entry.folder).eval()
+            # the config checked and resolved at add (explicit target names): no regex runs on the step loop
+            model = PeftModel.from_pretrained(self.model, entry.folder, config=entry.peft_config).eval()
             try:
                 yield model
             finally:
@@ -452,10 +467,11 @@ class MultiAdapterModel:
     # --- the adapter cache (see cache.py) -----------------------------------------------------------
 
     def add(self, name: str, source: str | Path, revision: str | None = None, *, subfolder: str | None = None,
-            pin: bool = False) -> dict:  # fmt: skip
+            pin: bool = False, hub_only: bool = False) -> dict:  # fmt: skip
         """Load an adapter (folder or repo id; the one in its ``subfolder`` if given) under ``name`` without
-        touching the base or the others; a Hub repo is resolved to one commit first (see :class:`AdapterCache`)."""
-        return self.cache.add(name, source, revision, subfolder=subfolder, pin=pin)
+        touching the base or the others; a Hub repo is resolved to one commit first (see :class:`AdapterCache`).
+        ``hub_only``: ``source`` is read as a Hub repo id, never as a local folder (a name from a stranger)."""
+        return self.cache.add(name, source, revision, subfolder=subfolder, pin=pin, hub_only=hub_only)
 
     def remove(self, name: str) -> None:
         self.cache.remove(name)
@@ -539,10 +555,14 @@ class MultiAdapterModel:
                 self._get(spec)
                 out.append(((spec, 1.0),))
             elif isinstance(spec, dict) and spec:
+                if len(spec) > MAX_MIX_ADAPTERS:
+                    raise InvalidInputError(f"A mix takes at most {MAX_MIX_ADAPTERS} adapters, got {len(spec)}.")
                 for name, weight in spec.items():
                     self._get(name)
-                    if not isinstance(weight, (int, float)):
-                        raise InvalidInputError(f"Mix weight for {name!r} must be a number, got {weight!r}.")
+                    if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                            or not abs(weight) <= MAX_MIX_WEIGHT:  # fmt: skip
+                        raise InvalidInputError(f"Mix weight for {name!r} must be a finite number between "
+                                                f"-{MAX_MIX_WEIGHT} and {MAX_MIX_WEIGHT}, got {weight!r}.")  # fmt: skip
                 out.append(tuple(sorted((k, float(v)) for k, v in spec.items())))
             else:
                 raise InvalidInputError(f"An adapter entry is a name, a {{name: weight}} mix or None, got {spec!r}.")
@@ -736,8 +756,9 @@ class MultiAdapterModel:
     # --- the ragged engine: sequences on the engine's own KV cache -----------------------------------
 
     def generation(self, prompt: Prompt, adapter: AdapterSpec = None, params: SamplingParams | None = None, *,
-                 raw: bool = False) -> Generation:  # fmt: skip
-        """A new, not yet admitted :class:`Generation` for one prompt (validated, tokenized, adapters loaded)."""
+                 raw: bool = False, max_prompt_tokens: int | None = None) -> Generation:  # fmt: skip
+        """A new, not yet admitted :class:`Generation` for one prompt (validated, tokenized, adapters loaded);
+        :class:`PromptTooLongError` for a prompt over ``max_prompt_tokens`` (checked before the context length)."""
         params = params or SamplingParams()
         if not isinstance(prompt, str):
             check_messages(prompt)
@@ -745,8 +766,10 @@ class MultiAdapterModel:
         solo = self.solo_names(spec)
         if solo:
             raise InvalidInputError(f"{self._entries[solo[0]].solo_reason}; it runs through generate_tokens only.")
+        prompt_ids = self._encode([prompt], [spec], [raw])[0]
+        check_prompt_length(len(prompt_ids), max_prompt_tokens)
         parts = self.cache.hold(spec)  # the cache's own lock: never waits for a forward of the model
-        seq = Generation(self._encode([prompt], [spec], [raw])[0], spec, params, parts=parts)
+        seq = Generation(prompt_ids, spec, params, parts=parts)
         if seq.capacity > self.max_model_len:
             raise InvalidInputError(f"The prompt ({len(seq.prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
                                     f"exceed this engine's max_model_len of {self.max_model_len} tokens.")  # fmt: skip

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
+from .engine import MAX_MIX_ADAPTERS, MAX_MIX_WEIGHT
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
@@ -40,10 +41,14 @@ class StreamOptions(_Strict):
 
 
 Probability = Annotated[float, Field(ge=0, le=1)]
+ModelName = Annotated[str, Field(max_length=512)]
+# hub_peft's mix: {"adapter": weight}, finite weights (a NaN or 1e308 weight only makes garbage)
+Weight = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_MIX_WEIGHT, le=MAX_MIX_WEIGHT)]
+Mix = Annotated[dict[ModelName, Weight], Field(min_length=1, max_length=MAX_MIX_ADAPTERS)]
 
 
 class _Sampling(_Strict):
-    model: str | dict[str, float] | None = None
+    model: ModelName | Mix | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
@@ -71,8 +76,8 @@ class _Sampling(_Strict):
     @classmethod
     def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 16 or any(not s for s in stops):
-            raise ValueError("stop takes at most 16 non-empty strings")
+        if len(stops) > 16 or any(not s or len(s) > 256 for s in stops):
+            raise ValueError("stop takes at most 16 non-empty strings of at most 256 characters")
         return value
 
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:

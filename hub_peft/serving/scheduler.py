@@ -25,7 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import HubPeftError, InvalidInputError
-from .engine import AdapterSpec, Completion, Generation, MultiAdapterModel, Prompt
+from .engine import (
+    AdapterSpec,
+    Completion,
+    Generation,
+    MultiAdapterModel,
+    Prompt,
+    check_prompt_length,
+)
 from .sampling import Sampled, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -33,10 +40,6 @@ logger = logging.getLogger(__name__)
 
 class QueueFullError(HubPeftError):
     """The server has as many waiting requests as it accepts; retry later."""
-
-
-class PromptTooLongError(InvalidInputError):
-    """A prompt has more tokens than the server accepts."""
 
 
 @dataclass(eq=False)
@@ -103,13 +106,10 @@ class Scheduler:
             request.solo = bool(engine.solo_names(spec))
             if request.solo:
                 prompt_ids = engine._encode([request.prompt], [spec], [request.raw])[0]
+                check_prompt_length(len(prompt_ids), self.max_prompt_tokens)
             else:
                 request.generation = engine.generation(request.prompt, request.adapter, request.params,
-                                                       raw=request.raw)  # fmt: skip
-                prompt_ids = request.generation.prompt_ids
-            if self.max_prompt_tokens is not None and len(prompt_ids) > self.max_prompt_tokens:
-                raise PromptTooLongError(f"The prompt is {len(prompt_ids)} tokens; the limit is "
-                                         f"{self.max_prompt_tokens}.")  # fmt: skip
+                                                       raw=request.raw, max_prompt_tokens=self.max_prompt_tokens)
         with self.lock:
             if len(self.waiting) + len(requests) > self.max_waiting:
                 raise QueueFullError(f"{len(self.waiting)} requests are waiting, the most this server queues is "
