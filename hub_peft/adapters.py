@@ -632,7 +632,7 @@ def _load_folder(base_model: Any, folder: Path, *, adapter_name: str, is_trainab
     # can backtrack for ever holding the GIL ("(.|.)*!"); it gets the config with the explicit names instead
     config = expand_target_modules(config, modules)
     _check_memory(label, _memory_bytes(tensors) + _unsaved_lora_bytes(target, modules, config, tensors), max_bytes)
-    peft_config = _peft_config(config)
+    peft_config = peft_config_of(config)
     try:
         if isinstance(base_model, PeftModel):
             # what PeftModel.load_adapter does with the config it reads from the folder, with ours: it then loads
@@ -674,8 +674,9 @@ def _peft_modules(model: Any) -> dict[str, Any]:
     return out
 
 
-def _peft_config(config: dict) -> Any:
-    """The PeftConfig PEFT's ``from_pretrained`` would build from ``config`` (an adapter_config.json dict)."""
+def peft_config_of(config: dict) -> Any:
+    """The PeftConfig PEFT's ``from_pretrained`` would build from ``config`` (an adapter_config.json dict, its
+    ``target_modules`` already resolved by :func:`hub_peft.targets.expand_target_modules`)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     config_class = PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]]

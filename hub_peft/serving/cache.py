@@ -121,7 +121,7 @@ class AdapterCache:
         (a folder: under the sha256 of its files), so names that resolve to the same files share one copy,
         and a new revision is a new entry, never a stale one.
         """
-        from ..adapters import check_adapter_folder, resolve_adapter
+        from ..adapters import check_adapter_folder, peft_config_of, resolve_adapter
         from ..cards import CardInfo
 
         if not name or not isinstance(name, str):
@@ -135,7 +135,7 @@ class AdapterCache:
         # NOTE(security): PEFT full-matches a string target_modules against every module name with Python's
         # re, backtracking with the GIL held; it is resolved here, once, with a bounded matcher, into the
         # explicit names PEFT (and _kind_of) then compare by equality.
-        if self.module_names and config.get("peft_type") != "ADAPTION_PROMPT":  # there: an attribute name
+        if self.module_names:
             config = expand_target_modules(config, self.module_names)
         kind, solo_reason = _kind_of(config, source)
         if kind in ("lora", "ia3") and (outside := _modules_outside(folder, self.targets)):
@@ -150,7 +150,7 @@ class AdapterCache:
             peft_type = str(config.get("peft_type", "")).lower()
             self.entries[name] = _Entry(name, str(source), revision, resolved.commit, cached, template, pinned=pin,
                                          solo_reason=solo_reason, peft_type=peft_type, subfolder=resolved.subfolder,
-                                         peft_config=_peft_config(config) if kind == "solo" else None)  # fmt: skip
+                                         peft_config=peft_config_of(config) if kind == "solo" else None)  # fmt: skip
             self.forget_unused()
             self.materialize(self.entries[name])
             self.evict()
@@ -287,13 +287,6 @@ def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
     if blockers:
         return "solo", f"{source} cannot share a batch with other adapters ({'; '.join(blockers)})"
     return peft_type.lower(), None
-
-
-def _peft_config(config: dict) -> Any:
-    """The PeftConfig a solo adapter is attached with (built once, off the step loop)."""
-    from peft.config import PeftConfig
-
-    return PeftConfig.from_peft_type(**config)
 
 
 def _modules_outside(folder: Path, targets: set[str]) -> str | None:
