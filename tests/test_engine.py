@@ -109,6 +109,13 @@ def test_a_mixed_batch_on_an_nf4_base(adapters):
     check_mixed_batch(adapters, ["reft", "lora", None, "rslora", "ia3"], load_in_4bit=True)
 
 
+def test_a_solo_adapter_on_an_nf4_base(adapters, tmp_path):
+    """DoRA on 4-bit layers: PEFT attaches it once, to a shadow of the base, with the norms of the dequantized
+    weights; its rows answer as PEFT alone does, the rows beside them as their own adapters do."""
+    dora = save_adapter(make_lora(4, 4, use_dora=True), tmp_path / "dora")
+    check_mixed_batch({**adapters, "dora": dora}, ["dora", "lora", None, "dora"], load_in_4bit=True)
+
+
 def test_a_weighted_lora_mix_is_the_exact_sum_of_deltas(engine, adapters):
     """0.7·Δlora + 0.3·Δrslora equals one PEFT LoRA whose A/B stack both (rank 4+8), never averaged A and B."""
     from peft import LoraConfig, get_peft_model

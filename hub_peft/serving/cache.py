@@ -48,6 +48,12 @@ class _Reft:
 
 
 @dataclass
+class _Solo:
+    model: Any  # the PeftModel on a shadow of the base (see .solo), attached once
+    nbytes: int  # its own tensors: the adapter's weights and whatever PEFT copied
+
+
+@dataclass
 class _Cached:
     """One resident copy of an adapter's weights, shared by every name that resolves to the same files."""
 
@@ -56,7 +62,9 @@ class _Cached:
     folder: Path
     nbytes: int = 0
     last_used: float = 0.0
-    payload: _Lora | _Ia3 | _Reft | None = None
+    payload: _Lora | _Ia3 | _Reft | _Solo | None = None
+    peft_config: Any = None  # a solo adapter's PeftConfig, its target_modules resolved to explicit names
+    users: int = 0  # queued or running requests that reserved it (never evicted meanwhile, see reserve)
 
 
 @dataclass
@@ -73,7 +81,6 @@ class _Entry:
     solo_reason: str | None = None
     peft_type: str = ""
     subfolder: str | None = None  # where the adapter is inside the repo or folder
-    peft_config: Any = None  # a solo adapter's PeftConfig, its target_modules resolved to explicit names
 
     @property
     def kind(self) -> str:
@@ -84,7 +91,7 @@ class _Entry:
         return self.cached.folder
 
     @property
-    def payload(self) -> _Lora | _Ia3 | _Reft | None:
+    def payload(self) -> _Lora | _Ia3 | _Reft | _Solo | None:
         return self.cached.payload
 
 
@@ -95,13 +102,15 @@ class AdapterCache:
     ``base_config``/``base_name`` describe the base an adapter must fit; ``module_names`` are the names PEFT
     sees on the base (a ``target_modules`` regex is resolved against them once, with a bounded matcher).
     ``max_adapter_bytes`` bounds one adapter's weights in memory (default: ``memory_budget``, at least 64 MiB),
-    its download that plus :data:`DOWNLOAD_SLACK` for the card and tokenizer files.
+    its download that plus :data:`DOWNLOAD_SLACK` for the card and tokenizer files. ``attach(folder, config)``
+    builds a solo adapter's model (see :mod:`.solo`): once per load, on the thread that loads it.
     """
 
     def __init__(self, *, memory_budget: int, targets: set[str], base_config: Any, base_name: str,
                  prepare: Callable[[dict], None] | None = None, module_names: Sequence[str] = (),
-                 max_adapter_bytes: int | None = None) -> None:  # fmt: skip
-        self.memory_budget, self.targets = memory_budget, targets
+                 max_adapter_bytes: int | None = None,
+                 attach: Callable[[Path, Any], Any] | None = None) -> None:  # fmt: skip
+        self.memory_budget, self.targets, self.attach = memory_budget, targets, attach
         self.module_names = list(module_names)
         self.max_adapter_bytes = max(memory_budget, 64 * 2**20) if max_adapter_bytes is None else max_adapter_bytes
         self.prepare = prepare  # called with an adapter's config before it is added; raises to refuse it
@@ -145,15 +154,18 @@ class AdapterCache:
             self.prepare(config)
         template = config.get("prompt_template") if kind == "reft" else CardInfo.load(folder).prompt_template
         key = resolved.cache_key
+        peft_config = peft_config_of(config) if kind == "solo" else None
         with self._lock:
-            cached = self.copies.setdefault(key, _Cached(key, kind, folder))
+            cached = self.copies.get(key) or _Cached(key, kind, folder, peft_config=peft_config)
+        self._materialize(cached)  # before the name exists: a failed attach leaves nothing behind
+        with self._lock:
+            cached = self.copies.setdefault(key, cached)  # a copy another thread added meanwhile wins
             peft_type = str(config.get("peft_type", "")).lower()
             self.entries[name] = _Entry(name, str(source), revision, resolved.commit, cached, template, pinned=pin,
-                                         solo_reason=solo_reason, peft_type=peft_type, subfolder=resolved.subfolder,
-                                         peft_config=peft_config_of(config) if kind == "solo" else None)  # fmt: skip
+                                         solo_reason=solo_reason, peft_type=peft_type,
+                                         subfolder=resolved.subfolder)  # fmt: skip
             self.forget_unused()
-            self.materialize(self.entries[name])
-            self.evict()
+            self._evict(keep=set())
         return self.info(name)
 
     def _check_size(self, folder: Path, source: Any) -> None:
@@ -205,34 +217,57 @@ class AdapterCache:
     def hold(self, spec: tuple[tuple[str, float], ...]) -> tuple[tuple[Any, float], ...]:
         """The resident weights of ``spec``'s adapters (loaded if evicted), for a sequence to keep while it runs;
         then the cache is trimmed to its budget around them."""
-        with self._lock:
-            for name, _ in spec:
-                self.materialize(self.get(name))
-            parts = tuple((self.entries[name].payload, weight) for name, weight in spec)
-            self.evict(keep={name for name, _ in spec})
-            return parts
+        parts = tuple((self._materialize(self.get(name).cached), weight) for name, weight in spec)
+        self.evict(keep={name for name, _ in spec})
+        return parts
 
-    def materialize(self, entry: _Entry) -> None:
+    def reserve(self, spec: tuple[tuple[str, float], ...]) -> tuple[_Cached, ...]:
+        """Load ``spec``'s adapters if evicted and keep them resident until :meth:`unreserve` is given what this
+        returns (for a request that waits in a queue: the step that runs it then finds its adapters built,
+        and never loads or attaches one)."""
         with self._lock:
-            self._materialize(entry)
+            copies = tuple(self.get(name).cached for name, _ in spec)
+            for cached in copies:
+                cached.users += 1
+        try:
+            self.hold(spec)
+        except BaseException:
+            self.unreserve(copies)
+            raise
+        return copies
 
-    def _materialize(self, entry: _Entry) -> None:
-        cached = entry.cached
-        cached.last_used = time.monotonic()
-        if cached.kind == "solo":  # attached per sub-batch by PEFT, nothing kept in memory
-            cached.nbytes = (cached.folder / "adapter_model.safetensors").stat().st_size
-            return
-        if cached.payload is not None:
-            self.stats["hits"] += 1
-            return
-        self.stats["misses"] += 1
-        self.stats["loads"] += 1
-        targets = self.targets
-        if cached.kind == "reft":
-            cached.payload = _load_reft(cached.folder)
+    def unreserve(self, copies: tuple[_Cached, ...]) -> None:
+        with self._lock:
+            for cached in copies:
+                cached.users -= 1
+            self._evict(keep=set())
+
+    def materialize(self, entry: _Entry) -> Any:
+        return self._materialize(entry.cached)
+
+    def _materialize(self, cached: _Cached) -> _Lora | _Ia3 | _Reft | _Solo:
+        """``cached``'s payload, loaded first if it is not resident. The load runs outside the cache's lock
+        (an attach may take seconds): nothing else waits for it, a thread that needs the same copy meanwhile
+        loads its own and one of the two stays."""
+        with self._lock:
+            cached.last_used = time.monotonic()
+            if cached.payload is not None:
+                self.stats["hits"] += 1
+                return cached.payload
+            self.stats["misses"] += 1
+            self.stats["loads"] += 1
+        if cached.kind == "solo":
+            if self.attach is None:
+                raise IncompatibleAdapterError(f"{cached.key}: this cache has no base to attach a solo adapter to.")
+            payload: _Lora | _Ia3 | _Reft | _Solo = _Solo(*self.attach(cached.folder, cached.peft_config))
+        elif cached.kind == "reft":
+            payload = _load_reft(cached.folder)
         else:
-            cached.payload = (_load_lora if cached.kind == "lora" else _load_ia3)(cached.folder, targets)
-        cached.nbytes = _payload_bytes(cached.payload)
+            payload = (_load_lora if cached.kind == "lora" else _load_ia3)(cached.folder, self.targets)
+        with self._lock:
+            if cached.payload is None:
+                cached.payload, cached.nbytes = payload, _payload_bytes(payload)
+            return cached.payload
 
     def evict(self, keep: set[str] = frozenset()) -> None:
         """Drop least recently used copies until the resident ones fit the budget (pinned and ``keep`` names stay);
@@ -243,7 +278,7 @@ class AdapterCache:
     def _evict(self, keep: set[str]) -> None:
         held = {id(e.cached) for e in self.entries.values() if e.pinned or e.name in keep}
         while self.resident_bytes() > self.memory_budget:
-            victims = [c for c in self.copies.values() if c.payload is not None and id(c) not in held]
+            victims = [c for c in self.copies.values() if c.payload is not None and id(c) not in held and not c.users]
             if not victims:
                 return
             victim = min(victims, key=lambda c: c.last_used)
@@ -364,7 +399,9 @@ def _load_reft(folder: Path) -> _Reft:
     return _Reft(config, sites)
 
 
-def _payload_bytes(payload: _Lora | _Ia3 | _Reft) -> int:
+def _payload_bytes(payload: _Lora | _Ia3 | _Reft | _Solo) -> int:
+    if isinstance(payload, _Solo):
+        return payload.nbytes
     if isinstance(payload, _Lora):
         return sum(a.nbytes + b.nbytes for a, b in payload.weights.values())
     if isinstance(payload, _Ia3):

@@ -46,7 +46,7 @@ from ..reft.model import (
     prompt_positions,
     text_config,
 )
-from . import kv_cache
+from . import kv_cache, solo
 from .cache import AdapterCache, _Entry, _Ia3, _Lora, _Reft
 from .sampling import Sampled, SamplingParams, sample_row
 
@@ -374,7 +374,8 @@ class MultiAdapterModel:
         self._reft_sites: set[tuple[int, str]] = set()  # (layer, component) pairs with an edit hook
         self.cache = AdapterCache(memory_budget=memory_budget, targets={w.name for _, _, w in self._wrapped},
                                   base_config=self.core.config, base_name=_base_name(self.core),
-                                  prepare=self._prepare_adapter, module_names=module_names)  # fmt: skip
+                                  prepare=self._prepare_adapter, module_names=module_names,
+                                  attach=self._attach_solo)  # fmt: skip
         find_decoder(self.core).register_forward_pre_hook(self._count_forward)
 
     @property
@@ -395,27 +396,12 @@ class MultiAdapterModel:
             setattr(self.core.get_submodule(parent), child, wrapper)
             self._wrapped.append((self.core.get_submodule(parent), child, wrapper))
 
-    @contextmanager
-    def _solo_model(self, entry: _Entry) -> Iterator[nn.Module]:
-        """The base with only ``entry``'s adapter, attached the ordinary PEFT way (for a sub-batch of its own)."""
-        from peft import PeftModel
-
-        for parent, child, wrapper in self._wrapped:
-            setattr(parent, child, wrapper.base_layer)
-        try:
-            # the config checked and resolved at add (explicit target names): no regex runs on the step loop
-            model = PeftModel.from_pretrained(self.model, entry.folder, config=entry.peft_config).eval()
-            try:
-                yield model
-            finally:
-                config = model.peft_config["default"]
-                if config.peft_type == "ADAPTION_PROMPT":  # its adapted attention modules go, the originals return
-                    model.base_model._remove_adapted_attentions("default")
-                elif not config.is_prompt_learning:
-                    model.unload()
-        finally:
-            for parent, child, wrapper in self._wrapped:
-                setattr(parent, child, wrapper)
+    def _attach_solo(self, folder: Path, config: Any) -> tuple[nn.Module, int]:
+        """A solo adapter attached by PEFT to a shadow of the base (see :mod:`.solo`) and the bytes it adds:
+        called by the cache when the adapter is loaded, never by a step."""
+        swap = {id(wrapper): wrapper.base_layer for _, _, wrapper in self._wrapped}
+        model = solo.attach(self.model, folder, config, swap=swap, snapshot=lambda: self._lock)
+        return model, solo.own_bytes(model, self.model)
 
     def _prepare_adapter(self, config: dict) -> None:
         """Before an adapter is added: hook the components its ReFT interventions edit (once per component;
@@ -1011,8 +997,8 @@ class MultiAdapterModel:
             extra = {}
             if entry.peft_type == "multitask_prompt_tuning":  # its prompts per task: the engine serves task 0
                 extra["task_ids"] = torch.zeros(mask.shape[0], dtype=torch.long)
-            with self._solo_model(entry) as model:
-                yield model, extra
+            # built when it was loaded; a queued request reserved it (Scheduler.submit), so this is a hit
+            yield self.cache.materialize(entry).model, extra
         else:
             with self._planned(specs, mask):
                 yield self.model, {}

@@ -67,6 +67,7 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
     solo: bool = False
+    reserved: tuple = ()  # a solo request's adapter copies, kept resident (built) until it ends
 
     @property
     def tokens(self) -> list[int]:
@@ -101,21 +102,35 @@ class Scheduler:
         """Validate, tokenize and queue ``requests`` (all or none): :class:`QueueFullError` when the queue
         cannot take them all, :class:`PromptTooLongError` over ``max_prompt_tokens``."""
         engine = self.engine
-        for request in requests:
-            spec = engine._normalize([request.adapter], 1)[0]
-            request.solo = bool(engine.solo_names(spec))
-            if request.solo:
-                prompt_ids = engine._encode([request.prompt], [spec], [request.raw])[0]
-                check_prompt_length(len(prompt_ids), self.max_prompt_tokens)
-            else:
-                request.generation = engine.generation(request.prompt, request.adapter, request.params,
-                                                       raw=request.raw, max_prompt_tokens=self.max_prompt_tokens)
-        with self.lock:
-            if len(self.waiting) + len(requests) > self.max_waiting:
-                raise QueueFullError(f"{len(self.waiting)} requests are waiting, the most this server queues is "
-                                     f"{self.max_waiting}.")  # fmt: skip
-            self.waiting.extend(requests)
-            self.lock.notify()
+        try:
+            for request in requests:
+                spec = engine._normalize([request.adapter], 1)[0]
+                request.solo = bool(engine.solo_names(spec))
+                if request.solo:
+                    prompt_ids = engine._encode([request.prompt], [spec], [request.raw])[0]
+                    check_prompt_length(len(prompt_ids), self.max_prompt_tokens)
+                    # NOTE(security): a solo adapter is attached (or re-attached after an eviction) here, on
+                    # the submitting thread, and kept until the request ends: the step loop never attaches.
+                    request.reserved = engine.cache.reserve(spec)
+                else:
+                    limit = self.max_prompt_tokens
+                    request.generation = engine.generation(request.prompt, request.adapter, request.params,
+                                                           raw=request.raw, max_prompt_tokens=limit)  # fmt: skip
+            with self.lock:
+                if len(self.waiting) + len(requests) > self.max_waiting:
+                    raise QueueFullError(f"{len(self.waiting)} requests are waiting, the most this server queues "
+                                         f"is {self.max_waiting}.")  # fmt: skip
+                self.waiting.extend(requests)
+                self.lock.notify()
+        except BaseException:
+            for request in requests:
+                self._unreserve(request)
+            raise
+
+    def _unreserve(self, request: Request) -> None:
+        reserved, request.reserved = request.reserved, ()
+        if reserved:
+            self.engine.cache.unreserve(reserved)
 
     def cancel(self, request: Request) -> None:
         """Stop ``request`` at the next step (a closed stream, say); its slot is freed then."""
@@ -287,6 +302,7 @@ class Scheduler:
         request.finish_reason = reason
         if request.generation is not None:
             self.engine.release(request.generation)
+        self._unreserve(request)
         with self.lock:
             if request in self.running:
                 self.running.remove(request)

@@ -13,11 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_engine import PROMPTS, adapters, make_lora  # noqa: F401 - module fixture
 from test_peft_methods import load_tiny, tiny_base_repo, tiny_tokenizer  # noqa: F401
 from test_server import BASE, chat, reference, serving
 
 from hub_peft import push_adapter, save_adapter
+from hub_peft.adapters import WEIGHTS_NAME
 from hub_peft.serving import MultiAdapterModel, api_server
 
 HOSTILE_REGEX = "(.|.)*!"  # backtracks exponentially in the length of every module name under Python's re
@@ -250,3 +253,76 @@ def test_a_request_body_that_is_not_utf8_or_has_nul_gets_a_400(engine):
             answer = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
             assert 400 <= answer.status_code < 500 and answer.json()["error"]["message"], answer.text
         assert client.get("/health").status_code == 200  # and the server is still up
+
+
+def test_a_solo_adapter_is_attached_once_off_the_step_loop_and_a_slow_attach_blocks_no_one(
+    engine, alice, tmp_path, monkeypatch
+):
+    """DoRA (a solo adapter) is attached by PEFT when it is loaded, on a load thread, and again after an
+    eviction on the thread that submits the request, never on the scheduler's; meanwhile the shared base is
+    never touched, and a LoRA request beside a slow attach answers at once."""
+    from peft import PeftModel
+
+    from hub_peft.chat import encode_prompt, prompt_template
+    from hub_peft.serving import solo
+
+    folder = save_adapter(make_lora(5, 4, use_dora=True), tmp_path / "dora")
+    push_adapter(folder, "alice/served-dora", token=alice)
+    real_attach, threads, release = solo.attach, [], threading.Event()
+
+    def slow_attach(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        release.wait(30)  # DoRA's norms of a large base, say
+        return real_attach(*args, **kwargs)
+
+    monkeypatch.setattr(solo, "attach", slow_attach)
+    modules_before = [(n, id(m)) for n, m in engine.model.named_modules()]
+    want = expected(engine, PROMPTS[0])
+    peft = PeftModel.from_pretrained(load_tiny(), folder).eval()  # the ordinary PEFT way
+    ids = torch.tensor([encode_prompt(tiny_tokenizer(), "a", prompt_template(tiny_tokenizer()))])
+    with torch.inference_mode():
+        tokens = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                               do_sample=False, pad_token_id=2)[0, ids.shape[1] :]  # fmt: skip
+    dora_answer = tiny_tokenizer().decode(tokens, skip_special_tokens=True).strip()
+    assert dora_answer != expected(engine, "a", None)  # the adapter changes the answer
+    with serving(engine, allow_hub_pattern="alice/served-*") as client, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(chat, client, "alice/served-dora", "a")
+        deadline = time.monotonic() + 30
+        while not threads:
+            assert time.monotonic() < deadline, "the adapter was never attached on its load"
+            time.sleep(0.01)
+        start = time.monotonic()
+        good = chat(client, "lora", PROMPTS[0])
+        assert time.monotonic() - start < 2.5 and client.get("/health").status_code == 200
+        assert good.json()["choices"][0]["message"]["content"].strip() == want
+        release.set()
+        assert slow.result().json()["choices"][0]["message"]["content"].strip() == dora_answer
+        info = engine.info("alice/served-dora")
+        assert info["resident"] and info["bytes"] == sum(t.nbytes for t in load_file(folder / WEIGHTS_NAME).values())
+        budget, engine.memory_budget = engine.memory_budget, 0  # evicted as soon as no request holds it
+        try:
+            engine.cache.evict()
+            assert not engine.info("alice/served-dora")["resident"]
+            again = chat(client, "alice/served-dora", "a")  # re-attached by the request's submission
+            assert again.json()["choices"][0]["message"]["content"].strip() == dora_answer
+            assert not engine.info("alice/served-dora")["resident"]  # released once it ended
+        finally:
+            engine.memory_budget = budget
+    assert len(threads) == 2 and "hub-peft-scheduler" not in threads, threads
+    assert [(n, id(m)) for n, m in engine.model.named_modules()] == modules_before  # the base was never touched
+    engine.remove("alice/served-dora")
+
+
+def test_a_reserved_adapter_stays_resident_until_its_request_ends(engine, tmp_path):
+    folder = save_adapter(make_lora(6, 4, use_dora=True), tmp_path / "dora")
+    engine.add("dora", folder)
+    budget, engine.memory_budget = engine.memory_budget, 0
+    try:
+        reserved = engine.cache.reserve((("dora", 1.0),))
+        engine.cache.evict()
+        assert engine.info("dora")["resident"]
+        engine.cache.unreserve(reserved)
+        assert not engine.info("dora")["resident"] and engine.info("lora")["resident"]  # pinned stays
+    finally:
+        engine.memory_budget = budget
+        engine.remove("dora")
