@@ -49,8 +49,14 @@ def engine_runs(engine, counts: list[int]) -> None:
     def run(n: int):
         jobs = workload(n, 16, float("inf"))
         scheduler = Scheduler(engine)
-        requests = [Request([{"role": "user", "content": j["prompt"]}], j["model"],
-                            SamplingParams(max_tokens=j["max_tokens"], temperature=0)) for j in jobs]  # fmt: skip
+        requests = [
+            Request(
+                [{"role": "user", "content": j["prompt"]}],
+                j["model"],
+                SamplingParams(max_tokens=j["max_tokens"], temperature=0),
+            )
+            for j in jobs
+        ]
         scheduler.submit(*requests)
         start = time.perf_counter()
         scheduler.run_until_done()
@@ -76,8 +82,12 @@ def decode_step_ms(engine, rows: int = 32, steps: int = 8) -> float:
     from hub_peft.serving import SamplingParams
 
     jobs = workload(rows, 16, float("inf"))
-    gens = [engine.generation([{"role": "user", "content": j["prompt"]}], j["model"],
-                              SamplingParams(max_tokens=64, ignore_eos=True)) for j in jobs]  # fmt: skip
+    gens = [
+        engine.generation(
+            [{"role": "user", "content": j["prompt"]}], j["model"], SamplingParams(max_tokens=64, ignore_eos=True)
+        )
+        for j in jobs
+    ]
     for gen in gens:
         engine.admit(gen)
     gens.sort(key=lambda g: g.slot)
@@ -116,8 +126,10 @@ def threads(engine) -> None:
     done.set()
     thread.join()
     after = decode_step_ms(engine)
-    print(f"  alone {alone:.0f}; another OpenMP thread alive {beside:.0f} ({beside / alone:.2f}x); "
-          f"after it ended {after:.0f}")
+    print(
+        f"  alone {alone:.0f}; another OpenMP thread alive {beside:.0f} ({beside / alone:.2f}x); "
+        f"after it ended {after:.0f}"
+    )
 
 
 def main() -> None:

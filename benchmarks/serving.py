@@ -109,8 +109,9 @@ def encode_batch(tokenizer, prompts):
     from hub_peft.chat import format_prompt
 
     tokenizer.padding_side = "left"
-    return tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
-                     add_special_tokens=False)  # fmt: skip
+    return tokenizer(
+        [format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
+    )
 
 
 GENERATE = dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # greedy, EOS suppressed (see main)
@@ -150,8 +151,12 @@ def client(url: str, jobs_file: str) -> None:
     jobs = json.loads(Path(jobs_file).read_text())
 
     def send(job):
-        body = {"model": job["model"], "messages": [{"role": "user", "content": job["prompt"]}],
-                "max_tokens": job["max_tokens"], "temperature": 0}  # fmt: skip
+        body = {
+            "model": job["model"],
+            "messages": [{"role": "user", "content": job["prompt"]}],
+            "max_tokens": job["max_tokens"],
+            "temperature": 0,
+        }
         start = time.perf_counter()
         try:
             r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
@@ -173,8 +178,10 @@ def load_test(engine, names: list[str], requests: int, new_tokens: int) -> None:
     from hub_peft.hub.process import free_port
     from hub_peft.serving import create_app
 
-    jobs = [{"model": names[i % len(names)], "prompt": PROMPTS[(i // len(names)) % 4], "max_tokens": new_tokens}
-            for i in range(requests)]  # fmt: skip
+    jobs = [
+        {"model": names[i % len(names)], "prompt": PROMPTS[(i // len(names)) % 4], "max_tokens": new_tokens}
+        for i in range(requests)
+    ]
     references = {}
     for job in jobs:
         key = (job["model"], job["prompt"])
@@ -189,8 +196,12 @@ def load_test(engine, names: list[str], requests: int, new_tokens: int) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(jobs, f)
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--client", f"http://127.0.0.1:{port}", f.name],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, __file__, "--client", f"http://127.0.0.1:{port}", f.name],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     wall = time.perf_counter() - start
     server.should_exit = True
     results = json.loads(out.stdout)
@@ -200,9 +211,11 @@ def load_test(engine, names: list[str], requests: int, new_tokens: int) -> None:
         r["ok"] and r["answer"] != references[j["model"], j["prompt"]] for r, j in zip(results, jobs, strict=True)
     )
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-    print(f"load test: {requests} concurrent chat requests over {len(names)} adapters, {new_tokens} tokens each: "
-          f"wall {wall:.1f} s, p50 {statistics.median(latencies):.2f} s, p99 {p99:.2f} s, errors {errors}, "
-          f"answers differing from their single-request reference {mismatches}")  # fmt: skip
+    print(
+        f"load test: {requests} concurrent chat requests over {len(names)} adapters, {new_tokens} tokens each: "
+        f"wall {wall:.1f} s, p50 {statistics.median(latencies):.2f} s, p99 {p99:.2f} s, errors {errors}, "
+        f"answers differing from their single-request reference {mismatches}"
+    )
 
 
 def main() -> None:
@@ -243,8 +256,10 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
     folders = make_adapters(base, root, max(ks))
     reft_folder = make_reft(base, root)
     size = folders[0].joinpath("adapter_model.safetensors").stat().st_size / 2**20
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(folders)} rank-8 LoRAs on all linear "
-          f"layers ({size:.1f} MiB each) + 1 ReFT; each row generates exactly its token budget (EOS off)")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(folders)} rank-8 LoRAs on all linear "
+        f"layers ({size:.1f} MiB each) + 1 ReFT; each row generates exactly its token budget (EOS off)"
+    )
 
     # 3. hot-load latency and memory (first, while the process holds only the base)
     engine = MultiAdapterModel((base, tokenizer), memory_budget=2**40)
@@ -256,12 +271,16 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
     engine.add("reft", reft_folder)
     adapter_mb = sum(e["bytes"] for e in engine.loaded()) / 2**20
     rss_loaded = rss_mb()
-    print(f"hot-load from local disk: median {1000 * statistics.median(loads):.0f} ms, max {1000 * max(loads):.0f} ms "
-          f"(target < 100 ms)")  # fmt: skip
-    print(f"memory: base process {rss_base:.0f} MiB; with {len(folders) + 1} adapters {rss_loaded:.0f} MiB = base "
-          f"+ {rss_loaded - rss_engine:.0f} MiB for {adapter_mb:.0f} MiB of adapter weights "
-          f"(ratio {(rss_loaded - rss_engine) / adapter_mb:.2f}; target <= base + sizes + 10%: "
-          f"{rss_loaded / (rss_engine + adapter_mb):.2f}x of base + sizes)")  # fmt: skip
+    print(
+        f"hot-load from local disk: median {1000 * statistics.median(loads):.0f} ms, max {1000 * max(loads):.0f} ms "
+        f"(target < 100 ms)"
+    )
+    print(
+        f"memory: base process {rss_base:.0f} MiB; with {len(folders) + 1} adapters {rss_loaded:.0f} MiB = base "
+        f"+ {rss_loaded - rss_engine:.0f} MiB for {adapter_mb:.0f} MiB of adapter weights "
+        f"(ratio {(rss_loaded - rss_engine) / adapter_mb:.2f}; target <= base + sizes + 10%: "
+        f"{rss_loaded / (rss_engine + adapter_mb):.2f}x of base + sizes)"
+    )
     hub_load_ms = hub_load_latency(engine, folders[:4])
     print(f"hot-load from the local Hub (download + load): median {hub_load_ms:.0f} ms (target < 500 ms)")
 
@@ -270,8 +289,10 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
     ours(engine, prompts[:4], [None] * 4, 2)  # warm-up
     t_base, n_base = ours(engine, prompts, [None] * len(prompts), args.new_tokens)
     t_one, n_one = ours(engine, prompts, ["lora00"] * len(prompts), args.new_tokens)
-    print(f"overhead: base {n_base / t_base:.1f} tok/s, one rank-8 LoRA on all linears {n_one / t_one:.1f} tok/s "
-          f"-> {100 * ((n_base / t_base) / (n_one / t_one) - 1):.0f}% slower (target <= 25%)")  # fmt: skip
+    print(
+        f"overhead: base {n_base / t_base:.1f} tok/s, one rank-8 LoRA on all linears {n_one / t_one:.1f} tok/s "
+        f"-> {100 * ((n_base / t_base) / (n_one / t_one) - 1):.0f}% slower (target <= 25%)"
+    )
 
     # 1. throughput over K adapters: ours, PEFT adapter_names, naive
     peft_model = None
@@ -283,17 +304,21 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
     peft_model.eval()
     rates: dict[str, dict[int, float]] = {"ours": {}, "peft": {}, "naive": {}}
     print(f"throughput, {args.requests} requests x up to {args.new_tokens} new tokens (generated tokens/s):")
-    runners = {"ours": lambda p, n: ours(engine, p, n, args.new_tokens),
-               "peft": lambda p, n: peft_mixed(peft_model, tokenizer, p, n, args.new_tokens),
-               "naive": lambda p, n: naive(peft_model, tokenizer, p, n, args.new_tokens)}  # fmt: skip
+    runners = {
+        "ours": lambda p, n: ours(engine, p, n, args.new_tokens),
+        "peft": lambda p, n: peft_mixed(peft_model, tokenizer, p, n, args.new_tokens),
+        "naive": lambda p, n: naive(peft_model, tokenizer, p, n, args.new_tokens),
+    }
     for k in ks:
         prompts, names = workload(args.requests, k)
         for label, run in runners.items():
             seconds, tokens = run(prompts, names)
             rates[label][k] = tokens / seconds
-        print(f"  K={k:>2}: ours {rates['ours'][k]:6.1f}  peft adapter_names {rates['peft'][k]:6.1f}  naive "
-              f"{rates['naive'][k]:6.1f}   ours/naive {rates['ours'][k] / rates['naive'][k]:.2f}x  "
-              f"ours/peft {rates['ours'][k] / rates['peft'][k]:.2f}x")  # fmt: skip
+        print(
+            f"  K={k:>2}: ours {rates['ours'][k]:6.1f}  peft adapter_names {rates['peft'][k]:6.1f}  naive "
+            f"{rates['naive'][k]:6.1f}   ours/naive {rates['ours'][k] / rates['naive'][k]:.2f}x  "
+            f"ours/peft {rates['ours'][k] / rates['peft'][k]:.2f}x"
+        )
     prompts, names = workload(args.requests, 16, reft_every=4)
     seconds, tokens = ours(engine, prompts, names, args.new_tokens)
     print(f"  K=16 with every 4th row a ReFT adapter: ours {tokens / seconds:.1f} tok/s")
@@ -301,8 +326,10 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
         k = max(ks)
         print(f"ours at K={k} / ours at K=1: {rates['ours'][k] / rates['ours'][1]:.2f} (target >= 0.80)")
     if 16 in ks:
-        print(f"K=16: ours/naive {rates['ours'][16] / rates['naive'][16]:.2f}x (target >= 3), ours/peft "
-              f"{rates['ours'][16] / rates['peft'][16]:.2f}x (target >= 1.5)")  # fmt: skip
+        print(
+            f"K=16: ours/naive {rates['ours'][16] / rates['naive'][16]:.2f}x (target >= 3), ours/peft "
+            f"{rates['ours'][16] / rates['peft'][16]:.2f}x (target >= 1.5)"
+        )
 
     # 4. the server under load
     load_test(engine, [f"lora{i:02d}" for i in range(16)], args.load_requests, max(4, args.new_tokens // 2))

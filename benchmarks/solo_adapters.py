@@ -41,8 +41,9 @@ def main() -> None:
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        trained = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, use_dora=True,
-                                                  init_lora_weights=False))  # fmt: skip
+        trained = get_peft_model(
+            base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, use_dora=True, init_lora_weights=False)
+        )
         folder = save_adapter(trained, Path(tmp) / "dora")
         base = trained.unload()
         ids = torch.tensor([encode_prompt(tokenizer, PROMPT, prompt_template(tokenizer))])
@@ -50,8 +51,14 @@ def main() -> None:
 
         def generate(model) -> list[int]:
             with torch.inference_mode():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16,
-                                     do_sample=False, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=16,
+                    min_new_tokens=16,
+                    do_sample=False,
+                    pad_token_id=tokenizer.eos_token_id,
+                )
             return out[0, ids.shape[1] :].tolist()
 
         def per_request() -> list[int]:
@@ -75,10 +82,14 @@ def main() -> None:
         a, b = min(times["A"]), min(times["B"])
         own = solo.own_bytes(shadow, base)
         file_bytes = (folder / "adapter_model.safetensors").stat().st_size
-        print(f"one request, 16 tokens (best of 5): A attach per request {a * 1000:.0f} ms, "
-              f"B attached once {b * 1000:.0f} ms; A/B {a / b:.2f}x")  # fmt: skip
-        print(f"the one-time attach to a shadow: {attach_s * 1000:.0f} ms; memory it adds {own / 2**20:.2f} MiB "
-              f"(adapter file {file_bytes / 2**20:.2f} MiB)")  # fmt: skip
+        print(
+            f"one request, 16 tokens (best of 5): A attach per request {a * 1000:.0f} ms, "
+            f"B attached once {b * 1000:.0f} ms; A/B {a / b:.2f}x"
+        )
+        print(
+            f"the one-time attach to a shadow: {attach_s * 1000:.0f} ms; memory it adds {own / 2**20:.2f} MiB "
+            f"(adapter file {file_bytes / 2**20:.2f} MiB)"
+        )
         print(f"same tokens: {tokens['A'] == tokens['B']}")
 
 

@@ -67,8 +67,11 @@ def main() -> None:
     alone = results["alone"][0]
     print("emoji ReFT demo (30 epochs, layers 8+16), training seconds and chat answers (24 tokens) meanwhile:")
     for mode, (seconds, latencies) in results.items():
-        chat = (f"{len(latencies)} answers, p50 {statistics.median(latencies):.2f} s, max {max(latencies):.2f} s"
-                if latencies else "no chat")  # fmt: skip
+        chat = (
+            f"{len(latencies)} answers, p50 {statistics.median(latencies):.2f} s, max {max(latencies):.2f} s"
+            if latencies
+            else "no chat"
+        )
         print(f"  {mode:15s}: training {seconds:6.1f} s ({seconds / alone:.2f}x alone); {chat}")
     split, over = results["split"][0], results["oversubscribed"][0]
     print(f"  the Studio's core split trains {over / split:.2f}x faster than oversubscribed threads next to a chat")

@@ -32,8 +32,9 @@ def keep_4bit_trainable(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_linear_subclasses(model: nn.Module, *, compute_dtype: Any, double_quant: bool = False,
-                               only_under: str = "") -> list[str]:  # fmt: skip
+def quantize_linear_subclasses(
+    model: nn.Module, *, compute_dtype: Any, double_quant: bool = False, only_under: str = ""
+) -> list[str]:
     """Quantize to NF4 the linear layers transformers' bitsandbytes loader leaves in full precision.
 
     That loader converts only modules whose type *is* ``nn.Linear`` (or ``Conv1D``), so subclasses such as
@@ -50,11 +51,18 @@ def quantize_linear_subclasses(model: nn.Module, *, compute_dtype: Any, double_q
             continue
         if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             continue
-        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
-                                  device="meta")  # fmt: skip
-        layer.weight = bnb.nn.Params4bit(module.weight.data.float(), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=double_quant)._quantize("cpu")  # fmt: skip
+        layer = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=double_quant,
+            quant_type="nf4",
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            module.weight.data.float(), requires_grad=False, quant_type="nf4", compress_statistics=double_quant
+        )._quantize("cpu")
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.data.to(compute_dtype), requires_grad=False)
         parent, _, child = name.rpartition(".")

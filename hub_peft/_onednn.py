@@ -73,8 +73,12 @@ def is_frozen_float32_linear(module: nn.Module | None) -> bool:
 def packable(module: nn.Module | None) -> bool:
     """A float32 ``nn.Linear`` on the CPU, with oneDNN in this torch build (:class:`PackedLinear` sends
     products that need a gradient through the layer itself)."""
-    return (type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
-            and onednn_available())  # fmt: skip
+    return (
+        type(module) is nn.Linear
+        and module.weight.dtype == torch.float32
+        and module.weight.device.type == "cpu"
+        and onednn_available()
+    )
 
 
 def runs_on_onednn(module: nn.Module | None) -> bool:

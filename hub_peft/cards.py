@@ -129,8 +129,9 @@ def _size(folder: Path) -> str:
     return f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
-def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool | None = None,
-                name: str | None = None) -> str:  # fmt: skip
+def render_card(
+    folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool | None = None, name: str | None = None
+) -> str:
     """The full ``README.md`` text for the adapter in ``folder``. Its usage snippets load ``repo_id``, else
     ``name`` (the path a folder not pushed yet will have, when ``folder`` is a staging copy), else ``folder``."""
     from huggingface_hub import ModelCardData, constants
@@ -163,8 +164,11 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool
     meta = metadata.to_dict()
     meta["base_model_relation"] = "adapter"
     if info.evaluation and repo_id:
-        dataset = {"name": _data_name(info) + ", validation split", "type": (info.datasets or ["custom"])[0],
-                   "split": "validation"}  # fmt: skip
+        dataset = {
+            "name": _data_name(info) + ", validation split",
+            "type": (info.datasets or ["custom"])[0],
+            "split": "validation",
+        }
         metrics = [{"type": k, "value": v, "name": METRIC_NAMES.get(k, k)} for k, v in sorted(info.evaluation.items())]
         result = {"task": {"type": task.pipeline_tag}, "dataset": dataset, "metrics": metrics}
         meta["model-index"] = [{"name": repo_id, "results": [result]}]
@@ -182,8 +186,10 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool
         else "Loads with PEFT and `hub-peft serve`. Not vLLM-compatible (`hub-peft validate --for vllm` lists why)."
     )
     if task.task_type != "CAUSAL_LM":  # chat and the engine generate with causal LMs
-        serving = (f"Loads with PEFT and `hub_peft.load_adapter` on `{task.auto_class}`. `hub-peft chat` and "
-                   f"`hub-peft serve` run causal LM adapters only, so they refuse this {task.task_type} adapter.")
+        serving = (
+            f"Loads with PEFT and `hub_peft.load_adapter` on `{task.auto_class}`. `hub-peft chat` and "
+            f"`hub-peft serve` run causal LM adapters only, so they refuse this {task.task_type} adapter."
+        )
     context = {
         "metadata_yaml": yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(),
         "title": repo_id or f"{variants[0]} adapter for {base_id}",
@@ -254,8 +260,11 @@ def _head_kwargs(task: Any, info: CardInfo, folder: Path) -> str:
             tensors = read_safetensors_header(folder / "adapter_model.safetensors")
         except (OSError, ValueError, KeyError):
             return ""
-        rows = [shape[0] for name, (_, shape) in tensors.items()
-                if re.search(r"\.(classifier|score)(\.out_proj)?\.weight$", name) and len(shape) == 2]  # fmt: skip
+        rows = [
+            shape[0]
+            for name, (_, shape) in tensors.items()
+            if re.search(r"\.(classifier|score)(\.out_proj)?\.weight$", name) and len(shape) == 2
+        ]
         return f", num_labels={rows[0]}" if rows else ""
     id2label = {int(k): v for k, v in labels.items()}
     if all(v == f"LABEL_{k}" for k, v in id2label.items()):
@@ -319,9 +328,16 @@ def eval_result_entries(info: CardInfo, *, repo_id: str | None = None) -> list:
     entries = []
     for name, value in sorted(info.evaluation.items()):
         answered = f"; {details.get('evaluated')} rows answered, greedy" if "exact_match" in name else ""
-        entries.append(EvalResultEntry(dataset_id=dataset, task_id=name, value=value, date=details.get("date"),
-                                       notes=f"{METRIC_NAMES.get(name, name)}; {split}{answered}",
-                                       **(source if repo_id else {})))  # fmt: skip
+        entries.append(
+            EvalResultEntry(
+                dataset_id=dataset,
+                task_id=name,
+                value=value,
+                date=details.get("date"),
+                notes=f"{METRIC_NAMES.get(name, name)}; {split}{answered}",
+                **(source if repo_id else {}),
+            )
+        )
     return entries
 
 
@@ -335,8 +351,13 @@ def plot_loss_curve(history: list[dict[str, float]], path: Path) -> None:
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o", markersize=3, label="train")
     validated = [h for h in history if "val_loss" in h]
     if validated:  # one point per epoch, at the epoch's last step
-        ax.plot([h["step"] for h in validated], [h["val_loss"] for h in validated], marker="s", markersize=4,
-                label="validation")  # fmt: skip
+        ax.plot(
+            [h["step"] for h in validated],
+            [h["val_loss"] for h in validated],
+            marker="s",
+            markersize=4,
+            label="validation",
+        )
         ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

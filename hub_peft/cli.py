@@ -53,8 +53,15 @@ def _cmd_hub_serve(args: argparse.Namespace) -> int:
     if args.tokens_file is None and not specs and os.environ.get("HUB_PEFT_HUB_TOKENS"):
         specs = os.environ["HUB_PEFT_HUB_TOKENS"].split(",")
         sources = [f"Entry {i + 1} of $HUB_PEFT_HUB_TOKENS" for i in range(len(specs))]
-    serve(args.root, host=args.host, port=args.port, tokens=parse_tokens(specs, sources), log_level=args.log_level,
-          session_idle_s=args.session_idle_seconds, session_max_s=args.session_max_seconds)  # fmt: skip
+    serve(
+        args.root,
+        host=args.host,
+        port=args.port,
+        tokens=parse_tokens(specs, sources),
+        log_level=args.log_level,
+        session_idle_s=args.session_idle_seconds,
+        session_max_s=args.session_max_seconds,
+    )
     return 0
 
 
@@ -87,17 +94,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     base = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
     _say_quantization(base[0])
     engine = MultiAdapterModel(base, memory_budget=int(args.memory_budget_mb * 2**20))
-    for name, source, revision, subfolder in tqdm(adapters, desc="loading adapters", unit="adapter",
-                                                  disable=not adapters):  # fmt: skip
+    for name, source, revision, subfolder in tqdm(
+        adapters, desc="loading adapters", unit="adapter", disable=not adapters
+    ):
         engine.add(name, source, revision, subfolder=subfolder, pin=True)
     base_name = args.base or "HuggingFaceTB/SmolLM2-135M-Instruct"
-    app = create_app(engine, base_name=base_name, allow_hub_pattern=args.allow_hub_pattern,
-                     max_running=args.max_running, max_waiting=args.max_waiting,
-                     max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens,
-                     request_timeout=args.request_timeout,
-                     admin_token=os.environ.get("HUB_PEFT_ADMIN_TOKEN") or None,
-                     adapter_dirs=args.adapter_dir or (), max_body_bytes=int(args.max_body_mb * 2**20),
-                     adapter_load_timeout=args.adapter_load_timeout, start_scheduler=False)  # fmt: skip
+    app = create_app(
+        engine,
+        base_name=base_name,
+        allow_hub_pattern=args.allow_hub_pattern,
+        max_running=args.max_running,
+        max_waiting=args.max_waiting,
+        max_prompt_tokens=args.max_prompt_tokens,
+        default_max_tokens=args.default_max_tokens,
+        request_timeout=args.request_timeout,
+        admin_token=os.environ.get("HUB_PEFT_ADMIN_TOKEN") or None,
+        adapter_dirs=args.adapter_dir or (),
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        adapter_load_timeout=args.adapter_load_timeout,
+        start_scheduler=False,
+    )
     print(f"Serving {base_name} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
     # The model's steps run here, on the thread that loaded it; HTTP gets a thread of its own that never
     # computes (a second computing thread makes libgomp's waits sleep: steps about 2x slower, see
@@ -129,13 +145,23 @@ def _serve_on_vllm(args: argparse.Namespace, adapters: list[tuple[str, str, str 
     """vLLM's OpenAI server with the same adapters, each checked with ``validate --for vllm`` first."""
     from .serving.vllm_launch import plan_vllm
 
-    launch = plan_vllm(args.base, adapters, python=args.vllm_python, host=args.host, port=args.port,
-                       extra=args.vllm_args, check_installed=not args.print_command)  # fmt: skip
+    launch = plan_vllm(
+        args.base,
+        adapters,
+        python=args.vllm_python,
+        host=args.host,
+        port=args.port,
+        extra=args.vllm_args,
+        check_installed=not args.print_command,
+    )
     if args.print_command:
         print(launch.printable())
         return 0
-    print(f"Starting vLLM with {len(launch.adapters)} LoRA adapter(s), --max-lora-rank {launch.max_lora_rank}: "
-          f"{launch.printable()}", flush=True)  # fmt: skip
+    print(
+        f"Starting vLLM with {len(launch.adapters)} LoRA adapter(s), --max-lora-rank {launch.max_lora_rank}: "
+        f"{launch.printable()}",
+        flush=True,
+    )
     # vLLM replaces this process: signals (Ctrl+C, a supervisor's SIGTERM) reach it and its workers directly,
     # and the environment (HF_ENDPOINT, HF_TOKEN) passes through unchanged.
     os.execv(launch.command[0], launch.command)
@@ -238,8 +264,9 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
     repo_id, revision, subfolder = parse_adapter_spec(args.repo_id)
     if revision and args.revision and revision != args.revision:
-        raise InvalidInputError(f"Two revisions given ({revision!r} in {args.repo_id!r}, --revision "
-                                f"{args.revision!r}); give one.")  # fmt: skip
+        raise InvalidInputError(
+            f"Two revisions given ({revision!r} in {args.repo_id!r}, --revision {args.revision!r}); give one."
+        )
     folder = fetch_adapter(check_repo_id(repo_id), revision=revision or args.revision, subfolder=subfolder)
 
     with atomic_dir(args.to, overwrite=args.overwrite) as tmp:
@@ -267,8 +294,10 @@ def _base_config(name: str):
     try:
         return AutoConfig.from_pretrained(resolve_base(name)[1])
     except (OSError, ValueError) as e:
-        raise NotFoundError(f"Could not read the config of base model {name!r} ({e}). Give a Hub id or a folder "
-                            "with a transformers config.json.") from e  # fmt: skip
+        raise NotFoundError(
+            f"Could not read the config of base model {name!r} ({e}). Give a Hub id or a folder "
+            "with a transformers config.json."
+        ) from e
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -277,22 +306,27 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     base_config = _base_config(args.base) if args.base else None
     folder = _local_or_pulled(args.target)
     try:
-        report = validate_adapter(folder, for_engine=args.engine, base_config=base_config,
-                                  base_name=args.base or "the given base model")  # fmt: skip
+        report = validate_adapter(
+            folder, for_engine=args.engine, base_config=base_config, base_name=args.base or "the given base model"
+        )
         if base_config is not None:
             check_targets_in_base(report, base_config, args.base)
     except Exception as e:
         # NOTE(security): validate reads untrusted files and reports every problem it knows; anything else it
         # meets still ends as a FAIL line, never a traceback (nor an OK)
-        print(f"FAIL: {args.target} could not be checked ({type(e).__name__}: {str(e)[:500]})\n"
-              "      fix: re-save or re-download the adapter; report a bug if the files are sound")  # fmt: skip
+        print(
+            f"FAIL: {args.target} could not be checked ({type(e).__name__}: {str(e)[:500]})\n"
+            "      fix: re-save or re-download the adapter; report a bug if the files are sound"
+        )
         return 1
     for warning in report.warnings:
         print(f"WARN: {warning}")
     if report.ok:
-        print(f"OK: {args.target} is a valid {report.config.get('peft_type')} adapter"
-              + (f" and {args.engine}-compatible" if args.engine else "")
-              + (f" that fits {args.base}" if args.base else ""))  # fmt: skip
+        print(
+            f"OK: {args.target} is a valid {report.config.get('peft_type')} adapter"
+            + (f" and {args.engine}-compatible" if args.engine else "")
+            + (f" that fits {args.base}" if args.base else "")
+        )
         return 0
     for problem in report.problems:
         print(f"FAIL: {problem.point}\n      fix: {problem.fix}")
@@ -320,8 +354,9 @@ def _cmd_import_pyreft(args: argparse.Namespace) -> int:
     from .reft.pyreft_import import import_pyreft
 
     template = args.prompt_template.replace("\\n", "\n") if args.prompt_template else None
-    out = import_pyreft(args.src, args.dst, base=args.base, positions=args.positions, prompt_template=template,
-                        overwrite=args.overwrite)  # fmt: skip
+    out = import_pyreft(
+        args.src, args.dst, base=args.base, positions=args.positions, prompt_template=template, overwrite=args.overwrite
+    )
     print(out)
     return 0
 
@@ -353,11 +388,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     path = Path(args.examples)
     rows = _read_rows(path, args)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    settings = TrainSettings(method=args.method, base=args.base, load_in_4bit=args.load_in_4bit, rank=args.rank,
-                             lr=args.lr, epochs=args.epochs, layers=layers, positions=args.positions,
-                             target_loss=args.target_loss, batch_size=args.batch_size, seed=args.seed,
-                             trainer=args.trainer, early_stop=args.early_stop,
-                             target_modules=args.target_modules)  # fmt: skip
+    settings = TrainSettings(
+        method=args.method,
+        base=args.base,
+        load_in_4bit=args.load_in_4bit,
+        rank=args.rank,
+        lr=args.lr,
+        epochs=args.epochs,
+        layers=layers,
+        positions=args.positions,
+        target_loss=args.target_loss,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        trainer=args.trainer,
+        early_stop=args.early_stop,
+        target_modules=args.target_modules,
+    )
     main = is_main_process()  # under accelerate launch only rank 0 prints, writes and pushes
     if warning := single_cpu_launch_warning():
         print(f"warning: {warning}", file=sys.stderr)
@@ -382,8 +428,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if main and held_out:
         print(f"validation: {len(held_out)} rows held out, {len(rows)} to train on")
     resolved = settings.resolved(len(find_decoder_layers(model)))
-    with tqdm(total=planned_steps(len(rows), resolved), desc=f"training {args.method}", unit="step",
-              disable=not main) as bar:  # fmt: skip
+    with tqdm(
+        total=planned_steps(len(rows), resolved), desc=f"training {args.method}", unit="step", disable=not main
+    ) as bar:
 
         def on_step(entry: dict) -> None:
             bar.set_postfix(loss=f"{entry['loss']:.3f}")
@@ -395,8 +442,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     first, last = trained.result.history[0]["loss"], trained.result.history[-1]["loss"]
     print(f"trained {trained.result.steps} steps in {trained.result.seconds:.1f} s, loss {first:.3f} -> {last:.3f}")
     if trained.result.stopped == "early_stop":
-        print(f"early stop: no lower validation loss for {settings.early_stop} epoch(s); "
-              f"kept epoch {trained.result.args['restored_epoch']}'s weights")  # fmt: skip
+        print(
+            f"early stop: no lower validation loss for {settings.early_stop} epoch(s); "
+            f"kept epoch {trained.result.args['restored_epoch']}'s weights"
+        )
     validated = [h["val_loss"] for h in trained.result.history if "val_loss" in h]
     if validated:
         print(f"validation loss by epoch: {' '.join(f'{v:.3f}' for v in validated)}")
@@ -419,8 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("prompt")
     chat.add_argument("--base", default=None, help="Hub id or local path (default: embedded SmolLM2-135M-Instruct).")
     chat.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="Load the base in NF4 4-bit.")
-    chat.add_argument("--adapter", action="append", metavar="REPO_ID[@REVISION][:SUBFOLDER]",
-                      help="Adapter repo or folder (repeatable).")  # fmt: skip
+    chat.add_argument(
+        "--adapter",
+        action="append",
+        metavar="REPO_ID[@REVISION][:SUBFOLDER]",
+        help="Adapter repo or folder (repeatable).",
+    )
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding.")
     chat.add_argument("--raw", action="store_true", help="Feed PROMPT as is, without the chat template.")
@@ -433,10 +486,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=7861)
     serve.add_argument("--token", action="append", metavar="USER=TOKEN", help="A user's write token (repeatable).")
     serve.add_argument("--tokens-file", help="File with one USER=TOKEN per line, mode 600 (readable by you only).")
-    serve.add_argument("--session-idle-seconds", type=float, default=2 * 3600.0,
-                       help="A browser session ends after this long without a request (default: 2 h).")  # fmt: skip
-    serve.add_argument("--session-max-seconds", type=float, default=12 * 3600.0,
-                       help="A browser session ends this long after its log-in (default: 12 h).")  # fmt: skip
+    serve.add_argument(
+        "--session-idle-seconds",
+        type=float,
+        default=2 * 3600.0,
+        help="A browser session ends after this long without a request (default: 2 h).",
+    )
+    serve.add_argument(
+        "--session-max-seconds",
+        type=float,
+        default=12 * 3600.0,
+        help="A browser session ends this long after its log-in (default: 12 h).",
+    )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_cmd_hub_serve)
 
@@ -445,8 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true")
     push.set_defaults(func=_cmd_push)
-    pull = sub.add_parser("pull", help="Download an adapter repo (or the adapter in one of its sub-folders) into a "
-                          "folder.")  # fmt: skip
+    pull = sub.add_parser(
+        "pull", help="Download an adapter repo (or the adapter in one of its sub-folders) into a folder."
+    )
     pull.add_argument("repo_id", metavar="REPO_ID[@REVISION][:SUBFOLDER]")
     pull.add_argument("--revision", default=None)
     pull.add_argument("--to", required=True)
@@ -459,9 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="Check an adapter folder or repo (exit code 0 when valid).")
     validate.add_argument("target", metavar="DIR_OR_REPO[@REVISION][:SUBFOLDER]")
     validate.add_argument("--for", dest="engine", choices=["vllm"], default=None)
-    validate.add_argument("--base", default=None, metavar="B",
-                          help="Also check it fits this base model (Hub id or folder; only its config is read): "
-                               "target modules present, weight shapes matching.")  # fmt: skip
+    validate.add_argument(
+        "--base",
+        default=None,
+        metavar="B",
+        help="Also check it fits this base model (Hub id or folder; only its config is read): "
+        "target modules present, weight shapes matching.",
+    )
     validate.set_defaults(func=_cmd_validate)
     info = sub.add_parser("info", help="Type, base model, parameters, size and files of an adapter.")
     info.add_argument("target", metavar="DIR_OR_REPO[@REVISION][:SUBFOLDER]")
@@ -484,20 +550,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rank", type=int, default=None)
     train.add_argument("--layers", default=None, help="ReFT layers, e.g. 8,16 (default: by depth).")
     train.add_argument("--positions", default="l1", help="ReFT prompt positions (default: l1).")
-    train.add_argument("--target-modules", default=None, metavar="MODULES",
-                       help="LoRA: all-linear (default: every linear layer but the output head), peft-default "
-                            "(PEFT's per-architecture list), or module names such as c_attn,c_proj.")  # fmt: skip
+    train.add_argument(
+        "--target-modules",
+        default=None,
+        metavar="MODULES",
+        help="LoRA: all-linear (default: every linear layer but the output head), peft-default "
+        "(PEFT's per-architecture list), or module names such as c_attn,c_proj.",
+    )
     train.add_argument("--target-loss", type=float, default=None, help="Stop once a step's loss is this low.")
-    train.add_argument("--validation", metavar="FILE", default=None,
-                       help="Validation rows (default: 10%% of the rows held out when there are 20 or more).")
+    train.add_argument(
+        "--validation",
+        metavar="FILE",
+        default=None,
+        help="Validation rows (default: 10%% of the rows held out when there are 20 or more).",
+    )
     train.add_argument("--no-validation", action="store_true", help="Train on every row, no validation split.")
-    train.add_argument("--early-stop", type=int, default=None, metavar="EPOCHS",
-                       help="Stop after EPOCHS epochs without a lower validation loss; keep the best epoch's weights.")
+    train.add_argument(
+        "--early-stop",
+        type=int,
+        default=None,
+        metavar="EPOCHS",
+        help="Stop after EPOCHS epochs without a lower validation loss; keep the best epoch's weights.",
+    )
     train.add_argument("--seed", type=int, default=0, help="Seed of the training order and the validation split.")
     train.add_argument("--batch-size", type=int, default=10, help="Global batch (split over accelerate's processes).")
-    train.add_argument("--trainer", choices=["auto", "transformers"], default="auto",
-                       help="auto: hub_peft's cached trainer for ReFT in one process, transformers' Trainer "
-                            "otherwise; transformers: always Trainer.")  # fmt: skip
+    train.add_argument(
+        "--trainer",
+        choices=["auto", "transformers"],
+        default="auto",
+        help="auto: hub_peft's cached trainer for ReFT in one process, transformers' Trainer "
+        "otherwise; transformers: always Trainer.",
+    )
     train.add_argument("--prompt-column", default=None)
     train.add_argument("--response-column", default=None)
     train.set_defaults(func=_cmd_train)
@@ -507,8 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("dst", metavar="DST_DIR")
     imp.add_argument("--base", default=None, help="Base model Hub id (pyreft does not record it).")
     imp.add_argument("--positions", default="l1", help="Prompt positions it was trained on (default: l1).")
-    imp.add_argument("--prompt-template", default=None,
-                     help="Prompt format it was trained with, with {prompt}; '\\n' is read as a newline.")  # fmt: skip
+    imp.add_argument(
+        "--prompt-template",
+        default=None,
+        help="Prompt format it was trained with, with {prompt}; '\\n' is read as a newline.",
+    )
     imp.add_argument("--overwrite", action="store_true")
     imp.set_defaults(func=_cmd_import_pyreft)
 
@@ -521,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     studio.set_defaults(func=_cmd_studio)
 
     space = sub.add_parser("space", help="The Adapter Studio on a Hugging Face Space.").add_subparsers(
-        dest="space_command", required=True)  # fmt: skip
+        dest="space_command", required=True
+    )
     space_push = space.add_parser("push", help="Create or update a Space with the Studio and a built hub_peft.")
     space_push.add_argument("repo_id", help="namespace/name of the Space")
     space_push.add_argument("--private", action="store_true")
@@ -531,35 +618,61 @@ def build_parser() -> argparse.ArgumentParser:
     serve_api = sub.add_parser("serve", help="Serve many adapters over one base model (OpenAI-compatible API).")
     serve_api.add_argument("--base", default=None, help="Base model (default: the embedded SmolLM2-135M-Instruct).")
     serve_api.add_argument("--load-in-4bit", action="store_true", help="Load the base in NF4 4-bit (bitsandbytes).")
-    serve_api.add_argument("--adapter", action="append", metavar="NAME=REPO_ID[@REVISION][:SUBFOLDER]",
-                           help="An adapter to load at start (repeatable); a folder works too.")  # fmt: skip
+    serve_api.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=REPO_ID[@REVISION][:SUBFOLDER]",
+        help="An adapter to load at start (repeatable); a folder works too.",
+    )
     serve_api.add_argument(
         "--allow-hub-pattern",
         default=None,
         metavar="PATTERN",
         help="Let requests name Hub repos matching this pattern, e.g. 'me/*' (default: off).",
     )
-    serve_api.add_argument("--adapter-dir", action="append", metavar="FOLDER",
-                           help="Let the admin route load adapters from folders under FOLDER (repeatable; default: "
-                                "none: requests name Hub repos only, never local paths).")  # fmt: skip
+    serve_api.add_argument(
+        "--adapter-dir",
+        action="append",
+        metavar="FOLDER",
+        help="Let the admin route load adapters from folders under FOLDER (repeatable; default: "
+        "none: requests name Hub repos only, never local paths).",
+    )
     serve_api.add_argument("--host", default="127.0.0.1")
     serve_api.add_argument("--port", type=int, default=8000)
-    serve_api.add_argument("--max-running", "--max-batch-size", type=int, default=32,
-                           help="Sequences decoding at once (cache slots); more requests wait.")  # fmt: skip
+    serve_api.add_argument(
+        "--max-running",
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="Sequences decoding at once (cache slots); more requests wait.",
+    )
     serve_api.add_argument("--max-waiting", type=int, default=256, help="Queued requests; beyond them HTTP 429.")
     serve_api.add_argument("--max-prompt-tokens", type=int, default=1024)
-    serve_api.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of a chat request "
-                           "that gives none.")  # fmt: skip
+    serve_api.add_argument(
+        "--default-max-tokens", type=int, default=256, help="max_tokens of a chat request that gives none."
+    )
     serve_api.add_argument("--request-timeout", type=float, default=600.0, help="Seconds before a request is ended.")
-    serve_api.add_argument("--memory-budget-mb", type=float, default=256.0, help="Adapter cache budget (MiB); "
-                           "also the most one adapter's weights may take (at least 64 MiB).")  # fmt: skip
+    serve_api.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        default=256.0,
+        help="Adapter cache budget (MiB); also the most one adapter's weights may take (at least 64 MiB).",
+    )
     serve_api.add_argument("--max-body-mb", type=float, default=4.0, help="Largest request body (MiB); beyond: 413.")
-    serve_api.add_argument("--adapter-load-timeout", type=float, default=120.0,
-                           help="Seconds a request may wait for a Hub adapter to download and load; beyond: 504.")
+    serve_api.add_argument(
+        "--adapter-load-timeout",
+        type=float,
+        default=120.0,
+        help="Seconds a request may wait for a Hub adapter to download and load; beyond: 504.",
+    )
     serve_api.add_argument("--log-level", default="warning")
-    serve_api.add_argument("--engine", choices=["hub_peft", "vllm"], default="hub_peft",
-                           help="vllm: start vLLM's OpenAI server with these (LoRA) adapters instead; options this "
-                                "command does not know are passed to vLLM.")  # fmt: skip
+    serve_api.add_argument(
+        "--engine",
+        choices=["hub_peft", "vllm"],
+        default="hub_peft",
+        help="vllm: start vLLM's OpenAI server with these (LoRA) adapters instead; options this "
+        "command does not know are passed to vLLM.",
+    )
     serve_api.add_argument("--vllm-python", default=sys.executable, help="A Python that has vLLM (default: this one).")
     serve_api.add_argument("--print-command", action="store_true", help="With --engine vllm: print vLLM's command.")
     serve_api.set_defaults(func=_cmd_serve, vllm_args=[])

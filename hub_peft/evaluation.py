@@ -102,9 +102,13 @@ def evaluate_trained(trained: Any, *, prompts: list[str] | None = None, limit: i
         references = [r["response"] for r in chosen]
         longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
         comparisons = compare_with_base(
-            trained.model, tokenizer, [r["prompt"] for r in chosen], template=trained.template,
-            references=references, max_new_tokens=min(MAX_NEW_TOKENS, longest + 1),  # room for the EOS
-        )  # fmt: skip
+            trained.model,
+            tokenizer,
+            [r["prompt"] for r in chosen],
+            template=trained.template,
+            references=references,
+            max_new_tokens=min(MAX_NEW_TOKENS, longest + 1),  # room for the EOS
+        )
         metrics = {
             "exact_match": round(exact_match([c.adapter for c in comparisons], references), 4),
             "base_exact_match": round(exact_match([c.base for c in comparisons], references), 4),

@@ -195,8 +195,9 @@ def check_rows(rows: list[dict[str, str]], *, count_tokens=None, max_tokens: int
     return Preview(kept, problems, total if count_tokens is not None else None)
 
 
-def split_validation(rows: list[dict[str, str]], *, fraction: float = 0.1, min_rows: int = 20,
-                     seed: int = 0) -> tuple[list[dict[str, str]], list[dict[str, str]]]:  # fmt: skip
+def split_validation(
+    rows: list[dict[str, str]], *, fraction: float = 0.1, min_rows: int = 20, seed: int = 0
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """``(train, validation)``: a seeded ``fraction`` of ``rows`` held out (at least 2 rows) when there are
     ``min_rows`` or more, else no validation. ``rows`` are distinct (:func:`check_rows` drops duplicates),
     so no row is in both."""

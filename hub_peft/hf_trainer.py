@@ -43,8 +43,10 @@ def single_cpu_launch_warning() -> str | None:
     (it only sets ``MASTER_ADDR``); say so instead of silently training alone."""
     asked = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in os.environ
     if asked and "WORLD_SIZE" not in os.environ:
-        return ("accelerate launch --cpu started a single process. For several processes on this machine use "
-                "`accelerate launch --multi_gpu --num_processes N ...` (torchrun underneath; gloo on CPUs).")
+        return (
+            "accelerate launch --cpu started a single process. For several processes on this machine use "
+            "`accelerate launch --multi_gpu --num_processes N ...` (torchrun underneath; gloo on CPUs)."
+        )
     return None
 
 
@@ -77,8 +79,9 @@ def _trainer_class():
         """Mean cross-entropy over the global batch's response tokens (see the module docstring)."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            total, count = response_loss_sum(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
-                                             inputs.get("prompt_lengths"))  # fmt: skip
+            total, count = response_loss_sum(
+                model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], inputs.get("prompt_lengths")
+            )
             self.step_loss = (total.detach(), count if num_items_in_batch is None else num_items_in_batch)
             if num_items_in_batch is None:
                 return total / count
@@ -106,8 +109,12 @@ def _callback(result: TrainResult, started: float, target_loss: float | None, on
         def on_step_end(self, args, state, control, **kwargs):
             total, count = self.trainer.step_loss
             total = self.trainer.accelerator.reduce(total, reduction="sum")  # every process runs this step
-            entry = {"step": state.global_step, "epoch": max(1, math.ceil(state.epoch or 0)),
-                     "loss": float(total / count), "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+            entry = {
+                "step": state.global_step,
+                "epoch": max(1, math.ceil(state.epoch or 0)),
+                "loss": float(total / count),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
             result.history.append(entry)
             result.steps = state.global_step
             if on_step is not None:
@@ -147,28 +154,56 @@ def train_with_trainer(
         raise InvalidInputError("No training examples.")
     processes = world_size()
     if batch_size % processes:
-        raise InvalidInputError(f"batch_size {batch_size} does not split over {processes} processes: give a "
-                                f"multiple of {processes} (--batch-size).")  # fmt: skip
+        raise InvalidInputError(
+            f"batch_size {batch_size} does not split over {processes} processes: give a "
+            f"multiple of {processes} (--batch-size)."
+        )
     if not any(p.requires_grad for p in model.parameters()):
         raise InvalidInputError("The model has no trainable parameters.")
     started = time.perf_counter()
-    result = TrainResult(args={"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": 0.0,
-                               "schedule": "linear", "target_loss": target_loss, "seed": seed, "optimizer": "AdamW",
-                               "trainer": "transformers.Trainer", "processes": processes})  # fmt: skip
+    result = TrainResult(
+        args={
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "weight_decay": 0.0,
+            "schedule": "linear",
+            "target_loss": target_loss,
+            "seed": seed,
+            "optimizer": "AdamW",
+            "trainer": "transformers.Trainer",
+            "processes": processes,
+        }
+    )
     result.planned_steps = epochs * math.ceil(len(examples) / batch_size)
     output = tempfile.mkdtemp(prefix="hub_peft_trainer_")  # Trainer wants a folder; nothing is saved there
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     args = TrainingArguments(
-        output_dir=output, num_train_epochs=epochs, learning_rate=lr,
+        output_dir=output,
+        num_train_epochs=epochs,
+        learning_rate=lr,
         per_device_train_batch_size=batch_size // processes,
-        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
-        logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
-        seed=seed, data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0, use_cpu=on_cpu,
-        average_tokens_across_devices=True, ddp_find_unused_parameters=False,
-    )  # fmt: skip
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        optim="adamw_torch",
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        data_seed=seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=on_cpu,
+        average_tokens_across_devices=True,
+        ddp_find_unused_parameters=False,
+    )
     progress = _callback(result, started, target_loss, on_step, should_stop, on_epoch_end)
-    trainer = _trainer_class()(model=model, args=args, train_dataset=_Rows(examples), data_collator=_collate(reft),
-                               callbacks=[progress])  # fmt: skip
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=_Rows(examples), data_collator=_collate(reft), callbacks=[progress]
+    )
     trainer.remove_callback(PrinterCallback)  # progress is the caller's (tqdm in the CLI, gr.Progress in the Space)
     trainer.model_accepts_loss_kwargs = True  # count the global batch's tokens and pass them to compute_loss
     progress.trainer = trainer
@@ -180,4 +215,3 @@ def train_with_trainer(
         result.seconds = time.perf_counter() - started
         shutil.rmtree(output, ignore_errors=True)
     return result
-

@@ -37,8 +37,10 @@ def encode_examples(
         prompt, response = str(row.get("prompt") or ""), str(row.get("response") or "")
         if not prompt.strip() or not response.strip():
             raise InvalidInputError(f"Example {i + 1} has an empty prompt or response.")
-        ex = Example(encode_prompt(tokenizer, prompt, template),
-                     tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])  # fmt: skip
+        ex = Example(
+            encode_prompt(tokenizer, prompt, template),
+            tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+        )
         if max_length and len(ex) > max_length:
             raise InvalidInputError(f"Example {i + 1} is {len(ex)} tokens long; the limit is {max_length}.")
         examples.append(ex)
@@ -84,8 +86,9 @@ def prompt_lengths(batch: list[Example]) -> torch.Tensor:
     return torch.tensor([len(ex.prompt_ids) for ex in batch])
 
 
-def response_loss_sum(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                      lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def response_loss_sum(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(summed cross-entropy, token count)`` over the response tokens of a :func:`pad_batch` batch.
 
     Position t predicts token t+1 (the last column, a final EOS at most, predicts nothing), and logits are
@@ -95,8 +98,9 @@ def response_loss_sum(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels:
     keep = targets != -100
     extra = {"prompt_lengths": lengths} if lengths is not None else {}
     logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, **extra).logits
-    total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[keep],
-                                              reduction="sum")  # fmt: skip
+    total = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets[keep], reduction="sum"
+    )
     return total, keep.sum()
 
 
@@ -162,8 +166,12 @@ def fit(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 result.steps += 1
-                entry = {"step": result.steps, "epoch": epoch + 1, "loss": float(loss.detach()),
-                         "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+                entry = {
+                    "step": result.steps,
+                    "epoch": epoch + 1,
+                    "loss": float(loss.detach()),
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
                 result.history.append(entry)
                 if on_step is not None:
                     on_step(entry)

@@ -35,8 +35,22 @@ def build_wheel(out: Path) -> Path:
     """Build hub_peft's wheel from this checkout into ``out``."""
     if not (CHECKOUT / "pyproject.toml").is_file() or not (SPACE_DIR / "app.py").is_file():
         raise HubPeftError(f"Run `hub-peft space push` from a hub_peft checkout ({SPACE_DIR} holds the Space).")
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                           "-w", str(out), str(CHECKOUT)], capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "-w",
+            str(out),
+            str(CHECKOUT),
+        ],
+        capture_output=True,
+        text=True,
+    )
     wheels = sorted(out.glob("hub_peft-*.whl"))
     if done.returncode != 0 or not wheels:
         raise HubPeftError(f"Building the hub_peft wheel failed:\n{done.stderr[-2000:]}")
@@ -63,8 +77,9 @@ def pinned_requirements(template: str) -> str:
         try:
             lines.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
-            raise HubPeftError(f"{name} (needed by the Space) is not installed here: install it and test the "
-                               "app first.") from None  # fmt: skip
+            raise HubPeftError(
+                f"{name} (needed by the Space) is not installed here: install it and test the app first."
+            ) from None
     return "\n".join(lines) + "\n"
 
 
@@ -96,8 +111,13 @@ def push_space(repo_id: str, *, private: bool = False, hardware: str = "cpu-basi
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_space(Path(tmp) / "space", hardware=hardware)
-        api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True,
-                        space_hardware=hardware)  # fmt: skip
-        info = api.upload_folder(repo_id=repo_id, repo_type="space", folder_path=folder,
-                                 commit_message="Adapter Studio, pushed with hub-peft space push")  # fmt: skip
+        api.create_repo(
+            repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True, space_hardware=hardware
+        )
+        info = api.upload_folder(
+            repo_id=repo_id,
+            repo_type="space",
+            folder_path=folder,
+            commit_message="Adapter Studio, pushed with hub-peft space push",
+        )
     return str(info)

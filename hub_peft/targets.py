@@ -14,8 +14,10 @@ from .errors import InvalidInputError
 ALL_LINEAR = "all-linear"  # PEFT's own value: every Linear/Conv1D layer but the output head
 PEFT_DEFAULT = "peft-default"  # PEFT's table by model_type (what PEFT uses when target_modules is None)
 KEYWORDS = (ALL_LINEAR, PEFT_DEFAULT)
-USAGE = (f"give {ALL_LINEAR!r} (every linear layer but the output head), {PEFT_DEFAULT!r} (PEFT's default for the "
-         "architecture) or module names, comma-separated, such as q_proj,v_proj")  # fmt: skip
+USAGE = (
+    f"give {ALL_LINEAR!r} (every linear layer but the output head), {PEFT_DEFAULT!r} (PEFT's default for the "
+    "architecture) or module names, comma-separated, such as q_proj,v_proj"
+)
 
 
 def parse_target_modules(value: Any) -> str | list[str]:
@@ -186,8 +188,10 @@ PASTED_LIST_FIELDS = ("modules_to_save", "layers_pattern")
 # the PEFT types whose target_modules is no regex: adaption prompts name the attention modules' attribute
 NOT_REGEX_TYPES = ("ADAPTION_PROMPT",)
 _PLAIN_NAME = re.compile(r"[\w\-]+(?:\.[\w\-]+)*")
-_LIST_FIX = ('list the module names instead of a regex, e.g. ["q_proj", "v_proj"] or full names such as '
-             '"model.layers.0.self_attn.q_proj"')  # fmt: skip
+_LIST_FIX = (
+    'list the module names instead of a regex, e.g. ["q_proj", "v_proj"] or full names such as '
+    '"model.layers.0.self_attn.q_proj"'
+)
 
 
 def _short(pattern: str, limit: int = 80) -> str:
@@ -200,14 +204,17 @@ def _regex_tree(pattern: str, field: str) -> Any:
     from re import _parser  # the parser re.compile uses
 
     if len(pattern) > MAX_REGEX_CHARS:
-        raise InvalidInputError(f"The {field} regex {_short(pattern)} is too costly to match: it has {len(pattern)} "
-                                f"characters (at most {MAX_REGEX_CHARS}). Fix: {_LIST_FIX}.")  # fmt: skip
+        raise InvalidInputError(
+            f"The {field} regex {_short(pattern)} is too costly to match: it has {len(pattern)} "
+            f"characters (at most {MAX_REGEX_CHARS}). Fix: {_LIST_FIX}."
+        )
     try:
         re.compile(pattern)
         return _parser.parse(pattern)
     except (re.error, RecursionError, OverflowError, ValueError) as e:
-        raise InvalidInputError(f"{field} {_short(pattern)} is not a valid regular expression ({e}). Fix: "
-                                f"{_LIST_FIX}.") from None  # fmt: skip
+        raise InvalidInputError(
+            f"{field} {_short(pattern)} is not a valid regular expression ({e}). Fix: {_LIST_FIX}."
+        ) from None
 
 
 def _items(tree: Any) -> list[tuple[Any, Any]]:
@@ -257,18 +264,23 @@ def compile_bounded(pattern: str, field: str) -> Any:
         size = MAX_REGEX_SIZE + 1
     if size > MAX_REGEX_SIZE:
         # NOTE(security): `regex` unrolls counted repeats when it compiles: (?:a{1000}){1000} takes 270 MB
-        raise InvalidInputError(f"The {field} regex {_short(pattern)} is too costly to match: its counted repeats "
-                                f"unroll to over {MAX_REGEX_SIZE} items. Fix: {_LIST_FIX}.")  # fmt: skip
+        raise InvalidInputError(
+            f"The {field} regex {_short(pattern)} is too costly to match: its counted repeats "
+            f"unroll to over {MAX_REGEX_SIZE} items. Fix: {_LIST_FIX}."
+        )
     try:
         import regex
     except ImportError:  # a transformers dependency, so normally there
-        raise InvalidInputError(f"{field} is the regex {_short(pattern)}, which hub_peft matches only with the "
-                                f"`regex` package. Fix: pip install regex, or {_LIST_FIX}.") from None
+        raise InvalidInputError(
+            f"{field} is the regex {_short(pattern)}, which hub_peft matches only with the "
+            f"`regex` package. Fix: pip install regex, or {_LIST_FIX}."
+        ) from None
     try:
         return regex.compile(pattern, flags=regex.VERSION0)
     except (regex.error, RecursionError, OverflowError, ValueError) as e:
-        raise InvalidInputError(f"{field} {_short(pattern)} is not a valid regular expression ({e}). Fix: "
-                                f"{_LIST_FIX}.") from None  # fmt: skip
+        raise InvalidInputError(
+            f"{field} {_short(pattern)} is not a valid regular expression ({e}). Fix: {_LIST_FIX}."
+        ) from None
 
 
 class BoundedMatcher:
@@ -287,8 +299,9 @@ class BoundedMatcher:
             f"a regex). Fix: {_LIST_FIX}."
         )
 
-    def matcher(self, pattern: str, field: str, n_names: int = 1, *, before: str = "", after: str = "",
-                whole: bool = True) -> Callable[[str], bool]:  # fmt: skip
+    def matcher(
+        self, pattern: str, field: str, n_names: int = 1, *, before: str = "", after: str = "", whole: bool = True
+    ) -> Callable[[str], bool]:
         """``re.fullmatch(before + pattern + after, name)`` (``re.match`` when not ``whole``) as a function of
         ``name``, on this budget; the regex is checked and compiled at once."""
         compiled = compile_bounded(before + pattern + after, field)
@@ -325,8 +338,9 @@ def list_matches(name: str, entries: set[str] | frozenset[str]) -> bool:
     return False
 
 
-def pattern_lookup(keys: Iterable[str], field: str = "rank_pattern",
-                   matcher: BoundedMatcher | None = None) -> Callable[[str], str | None]:  # fmt: skip
+def pattern_lookup(
+    keys: Iterable[str], field: str = "rank_pattern", matcher: BoundedMatcher | None = None
+) -> Callable[[str], str | None]:
     r"""PEFT's ``get_pattern_key`` for the keys of a ``rank_pattern``-like map, bounded: a function giving, for a
     module name, the first of ``keys`` (in order) for which ``re.match(rf"(.*\.)?({key})$", name)``, or None.
 
@@ -430,8 +444,10 @@ def _string_list(config: dict, field: str) -> str | list[str] | None:
         return value
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         if len(value) > MAX_PATTERN_KEYS:
-            raise InvalidInputError(f"{field} has {len(value)} entries (at most {MAX_PATTERN_KEYS}). Fix: name fewer "
-                                    'modules, e.g. by their last names such as "q_proj".')  # fmt: skip
+            raise InvalidInputError(
+                f"{field} has {len(value)} entries (at most {MAX_PATTERN_KEYS}). Fix: name fewer "
+                'modules, e.g. by their last names such as "q_proj".'
+            )
         return list(value)
     raise InvalidInputError(
         f"{field} must be a module name regex (a string) or a list of module names (strings), got "
@@ -457,8 +473,12 @@ def config_problems(config: dict) -> list[tuple[str, str]]:
         if isinstance(value, list):
             pasted += [(field, v) for v in value]
         elif value is not None and not (field == "layers_pattern" and isinstance(value, str)):
-            problems.append((f"{field} is a {type(value).__name__}, not a list of module names",
-                             f'write {field} as a list of module names, e.g. ["lm_head"]'))  # fmt: skip
+            problems.append(
+                (
+                    f"{field} is a {type(value).__name__}, not a list of module names",
+                    f'write {field} as a list of module names, e.g. ["lm_head"]',
+                )
+            )
         elif value is not None:
             pasted.append((field, value))
     for field, value in config.items():
@@ -467,28 +487,41 @@ def config_problems(config: dict) -> list[tuple[str, str]]:
         if isinstance(value, dict):
             pasted += [(field, key) for key in value]
         else:
-            problems.append((f"{field} is a {type(value).__name__}, not a map of module names to values",
-                             f'write {field} as {{"module name": value}}'))  # fmt: skip
+            problems.append(
+                (
+                    f"{field} is a {type(value).__name__}, not a map of module names to values",
+                    f'write {field} as {{"module name": value}}',
+                )
+            )
     counts: dict[str, int] = {}
     for field, _ in pasted:
         counts[field] = counts.get(field, 0) + 1
-    problems += [(f"{field} has {n} entries (at most {MAX_PATTERN_KEYS})", "keep one entry per distinct value")
-                 for field, n in counts.items() if n > MAX_PATTERN_KEYS]  # fmt: skip
+    problems += [
+        (f"{field} has {n} entries (at most {MAX_PATTERN_KEYS})", "keep one entry per distinct value")
+        for field, n in counts.items()
+        if n > MAX_PATTERN_KEYS
+    ]
     if any(n > MAX_PATTERN_KEYS for n in counts.values()):
         return problems
     regexes = [field for field, value in pasted if not is_plain_name(value)]
     if len(regexes) > MAX_REGEX_KEYS:
-        problems.append((f"{len(regexes)} entries of {', '.join(sorted(set(regexes)))} are regexes (at most "
-                         f"{MAX_REGEX_KEYS})", "use module names for most of them"))  # fmt: skip
+        problems.append(
+            (
+                f"{len(regexes)} entries of {', '.join(sorted(set(regexes)))} are regexes (at most {MAX_REGEX_KEYS})",
+                "use module names for most of them",
+            )
+        )
         return problems
     for field, value in pasted:
         reason = pasted_problem(value, field)
         if reason is not None:
-            problems.append((
-                f"{field} entry {reason}, which PEFT would run with Python's re, without a time limit",
-                'use module names ("q_proj", "model.layers.0.self_attn.q_proj"), or a regex with at most one '
-                'quantifier, on a single character, e.g. "layers\\\\.\\\\d+\\\\.self_attn\\\\.q_proj"',
-            ))  # fmt: skip
+            problems.append(
+                (
+                    f"{field} entry {reason}, which PEFT would run with Python's re, without a time limit",
+                    'use module names ("q_proj", "model.layers.0.self_attn.q_proj"), or a regex with at most one '
+                    'quantifier, on a single character, e.g. "layers\\\\.\\\\d+\\\\.self_attn\\\\.q_proj"',
+                )
+            )
     return problems
 
 
@@ -534,10 +567,13 @@ def expand_target_modules(config: dict, module_names: Iterable[str], *, budget_s
     regexes = [f for f, v in values.items() if isinstance(v, str) and not (f == "target_modules" and _all_linear(v))]
     if not regexes or str(config.get("peft_type", "")).upper() in NOT_REGEX_TYPES:
         return out
-    if "target_modules" in regexes and (config.get("layers_to_transform") is not None
-                                        or config.get("layers_pattern") is not None):  # fmt: skip
-        raise InvalidInputError("target_modules is a regex while layers_to_transform or layers_pattern is set, which "
-                                "PEFT refuses. Fix: drop those two, or list the modules in target_modules.")
+    if "target_modules" in regexes and (
+        config.get("layers_to_transform") is not None or config.get("layers_pattern") is not None
+    ):
+        raise InvalidInputError(
+            "target_modules is a regex while layers_to_transform or layers_pattern is set, which "
+            "PEFT refuses. Fix: drop those two, or list the modules in target_modules."
+        )
     names = list(dict.fromkeys(n for n in module_names if n))
     matcher = BoundedMatcher(budget_s)
     targets = values["target_modules"]

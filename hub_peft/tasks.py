@@ -30,17 +30,26 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "CAUSAL_LM": Task("CAUSAL_LM", "AutoModelForCausalLM", "text-generation", "chat", "causal language model"),
-    "SEQ_2_SEQ_LM": Task("SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM", "text2text-generation", "generate",
-                         "sequence-to-sequence model"),
-    "SEQ_CLS": Task("SEQ_CLS", "AutoModelForSequenceClassification", "text-classification", "classify",
-                    "sequence classifier"),
-    "TOKEN_CLS": Task("TOKEN_CLS", "AutoModelForTokenClassification", "token-classification", "tag",
-                      "token classifier"),
-    "FEATURE_EXTRACTION": Task("FEATURE_EXTRACTION", "AutoModel", "feature-extraction", "embed",
-                               "feature extractor (encoder)"),
-    "QUESTION_ANS": Task("QUESTION_ANS", "AutoModelForQuestionAnswering", "question-answering", "span",
-                         "extractive question-answering model"),
-}  # fmt: skip
+    "SEQ_2_SEQ_LM": Task(
+        "SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM", "text2text-generation", "generate", "sequence-to-sequence model"
+    ),
+    "SEQ_CLS": Task(
+        "SEQ_CLS", "AutoModelForSequenceClassification", "text-classification", "classify", "sequence classifier"
+    ),
+    "TOKEN_CLS": Task(
+        "TOKEN_CLS", "AutoModelForTokenClassification", "token-classification", "tag", "token classifier"
+    ),
+    "FEATURE_EXTRACTION": Task(
+        "FEATURE_EXTRACTION", "AutoModel", "feature-extraction", "embed", "feature extractor (encoder)"
+    ),
+    "QUESTION_ANS": Task(
+        "QUESTION_ANS",
+        "AutoModelForQuestionAnswering",
+        "question-answering",
+        "span",
+        "extractive question-answering model",
+    ),
+}
 CAUSAL_LM = TASKS["CAUSAL_LM"]
 
 # transformers' model mappings of heads that are not causal LMs, and the Auto class that loads each

@@ -131,8 +131,9 @@ def train_adapter(
     settings = settings.resolved(len(find_decoder_layers(model)))
     template = prompt_template(tokenizer)
     examples = encode_examples(tokenizer, rows, template, max_length=settings.max_tokens)
-    held_out = encode_examples(tokenizer, validation_rows, template, max_length=settings.max_tokens) \
-        if validation_rows else []  # fmt: skip
+    held_out = (
+        encode_examples(tokenizer, validation_rows, template, max_length=settings.max_tokens) if validation_rows else []
+    )
     if settings.early_stop and not held_out:
         raise InvalidInputError("early_stop needs validation rows: pass a validation file, or 20+ rows to split.")
     adapter = None
@@ -146,15 +147,23 @@ def train_adapter(
     def stop() -> bool:
         return (should_stop is not None and should_stop()) or (early is not None and early.stop)
 
-    common = {"epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size,
-              "target_loss": settings.target_loss, "seed": settings.seed, "on_step": on_step,
-              "should_stop": stop, "on_epoch_end": on_epoch_end if held_out else None}  # fmt: skip
+    common = {
+        "epochs": settings.epochs,
+        "lr": settings.lr,
+        "batch_size": settings.batch_size,
+        "target_loss": settings.target_loss,
+        "seed": settings.seed,
+        "on_step": on_step,
+        "should_stop": stop,
+        "on_epoch_end": on_epoch_end if held_out else None,
+    }
     torch.manual_seed(settings.seed)
     if settings.method == "reft":
         from .reft import ReftConfig, get_reft_model
 
-        config = ReftConfig(layers=settings.layers, rank=settings.rank, positions=settings.positions,
-                            prompt_template=template)  # fmt: skip
+        config = ReftConfig(
+            layers=settings.layers, rank=settings.rank, positions=settings.positions, prompt_template=template
+        )
         adapter = get_reft_model(model, config)
         try:
             result = _train_reft(adapter, examples, trainer=settings.trainer, **common)
@@ -166,8 +175,14 @@ def train_adapter(
 
         targets, fan_in_fan_out = resolve_lora_targets(model, settings.target_modules)  # a clear error, before 4-bit
         keep_4bit_trainable(model)
-        config = LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank, target_modules=targets,
-                            fan_in_fan_out=fan_in_fan_out, lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
+        config = LoraConfig(
+            r=settings.rank,
+            lora_alpha=2 * settings.rank,
+            target_modules=targets,
+            fan_in_fan_out=fan_in_fan_out,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
         adapter = get_peft_model(model, config)
         adapter.hub_peft_prompt_template = template
         try:
@@ -257,14 +272,26 @@ def _train_reft(model: Any, examples: list[Example], *, trainer: str = "auto", *
     return result
 
 
-def save_trained(trained: Trained, out_dir: str | Path, *, overwrite: bool = False, dataset_name: str | None = None,
-                 description: str | None = None, evaluation: Evaluation | None = None) -> Path:  # fmt: skip
+def save_trained(
+    trained: Trained,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    dataset_name: str | None = None,
+    description: str | None = None,
+    evaluation: Evaluation | None = None,
+) -> Path:
     """Write the adapter folder with its card (data summary, loss curve, settings, and ``evaluation``:
     see :func:`hub_peft.evaluation.evaluate_trained`)."""
     from .adapters import save_adapter
 
-    args = {**trained.result.args, "method": trained.settings.method, "rank": trained.settings.rank,
-            "stopped": trained.result.stopped, "steps": trained.result.steps}  # fmt: skip
+    args = {
+        **trained.result.args,
+        "method": trained.settings.method,
+        "rank": trained.settings.rank,
+        "stopped": trained.result.stopped,
+        "steps": trained.result.steps,
+    }
     if trained.settings.method == "reft":
         args.update(layers=trained.settings.layers, positions=trained.settings.positions)
     else:

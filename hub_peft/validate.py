@@ -20,15 +20,47 @@ MAX_TENSORS = 100_000
 MAX_CONFIG_BYTES = 16 * 2**20  # adapter_config.json (a big rank_pattern takes ~100 KB)
 MAX_RANK = 65_536  # r, rank_pattern values, ReFT's rank: a LoRA rank over a model's width buys nothing
 # bits per element of every dtype safetensors 0.8 reads (F4 and F6 pack several elements per byte)
-DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
-              "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
-              "C64": 64, "F64": 64, "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}  # fmt: skip
+DTYPE_BITS = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
 # a LoRA weight as PEFT saves it: (module path, which matrix)
 LORA_TENSOR = re.compile(r"^base_model\.model\.(.+?)\.(?:(lora_A|lora_B)\.weight|(lora_embedding_A|lora_embedding_B))$")
 VLLM_MAX_RANK = 512
 # vLLM 0.32: the linear layers of its decoder models (packed and unpacked names) and their embedding_modules
-VLLM_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
-                "embed_tokens", "lm_head"}  # fmt: skip
+VLLM_TARGETS = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+    "embed_tokens",
+    "lm_head",
+}
 VLLM_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # inits that leave the base as it is
 VLLM_TENSOR = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(?:(?:lora_A|lora_B)\.weight|lora_embedding_[AB])$")
 
@@ -105,8 +137,9 @@ def _check_tensor_entry(name: str, meta: Any, data_len: int) -> tuple[str, list[
         raise ValueError(f"tensor {shown} has the unknown dtype {_shown(dtype)} (known: {', '.join(DTYPE_BITS)})")
     # NOTE(security): at most 16 dimensions below 2**64 (safetensors' own bound), so their product stays cheap
     if not isinstance(shape, list) or len(shape) > 16 or not all(_is_int(d) and 0 <= d < 2**64 for d in shape):
-        raise ValueError(f"tensor {shown} has the shape {_shown(shape, 80)}, not a list of at most 16 non-negative "
-                         "integers")  # fmt: skip
+        raise ValueError(
+            f"tensor {shown} has the shape {_shown(shape, 80)}, not a list of at most 16 non-negative integers"
+        )
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
         raise ValueError(f"tensor {shown} has data_offsets {_shown(offsets, 80)}, not two integers")
     start, end = offsets
@@ -114,8 +147,10 @@ def _check_tensor_entry(name: str, meta: Any, data_len: int) -> tuple[str, list[
         raise ValueError(f"tensor {shown} points past the end of the file or before its data (truncated?)")
     bits = math.prod(shape) * DTYPE_BITS[dtype]
     if bits % 8 or bits // 8 != end - start:
-        raise ValueError(f"tensor {shown} of shape {shape} and dtype {dtype} needs {bits // 8} bytes, but its "
-                         f"data_offsets hold {end - start}")  # fmt: skip
+        raise ValueError(
+            f"tensor {shown} of shape {shape} and dtype {dtype} needs {bits // 8} bytes, but its "
+            f"data_offsets hold {end - start}"
+        )
     return dtype, shape, start, end
 
 
@@ -139,8 +174,7 @@ def read_safetensors_header(path: Path, *, max_tensors: int = MAX_TENSORS) -> di
     if not isinstance(header, dict):
         raise ValueError("its header is not a JSON object")
     metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (isinstance(metadata, dict)
-                                     and all(isinstance(v, str) for v in metadata.values())):  # fmt: skip
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise ValueError("its __metadata__ is not a map of strings to strings")
     if len(header) > max_tensors:
         raise ValueError(f"it holds {len(header)} tensors, over hub_peft's limit of {max_tensors}")
@@ -153,8 +187,14 @@ def read_safetensors_header(path: Path, *, max_tensors: int = MAX_TENSORS) -> di
     at = 0
     for start, end, name in sorted(spans):
         if start != at:
-            raise ValueError(f"tensor {_shown(name, 200)} " + ("overlaps the tensor before it" if start < at else
-                                                    f"starts {start - at} bytes after the end of the one before it"))
+            raise ValueError(
+                f"tensor {_shown(name, 200)} "
+                + (
+                    "overlaps the tensor before it"
+                    if start < at
+                    else f"starts {start - at} bytes after the end of the one before it"
+                )
+            )
         at = end
     if at != data_len:
         raise ValueError(f"{data_len - at} bytes after the last tensor belong to no tensor")
@@ -186,8 +226,11 @@ def embedding_modules(base_config: Any) -> tuple[tuple[str, ...], int] | None:
     except Exception:  # not a causal LM transformers can build: nothing to compare
         return None
     names = {id(m): name for name, m in model.named_modules()}
-    found = [names[id(m)] for m in (model.get_input_embeddings(), model.get_output_embeddings())
-             if m is not None and id(m) in names]  # fmt: skip
+    found = [
+        names[id(m)]
+        for m in (model.get_input_embeddings(), model.get_output_embeddings())
+        if m is not None and id(m) in names
+    ]
     embeddings = model.get_input_embeddings()
     if not found or not hasattr(embeddings, "num_embeddings"):
         return None
@@ -207,8 +250,13 @@ def vocabulary_rows(tensors: dict[str, tuple[str, list[int]]], modules: tuple[st
         rest = stem[len(module) + 1 :].split(".")
         if rest[0] == "lora_embedding_A":
             out[name] = shape[1]  # [r, vocab]
-        elif rest[-1] == "weight" and rest[0] in ("weight", "lora_B", "modules_to_save", "base_layer",
-                                                  "original_module"):  # fmt: skip
+        elif rest[-1] == "weight" and rest[0] in (
+            "weight",
+            "lora_B",
+            "modules_to_save",
+            "base_layer",
+            "original_module",
+        ):
             out[name] = shape[0]  # [vocab, hidden] and lora_B [vocab, r]
     return out
 
@@ -225,14 +273,18 @@ def _check_vocabulary(report: Report, base_config: Any, base_name: str) -> bool:
         return False
     tensor, rows = next(iter(sorted(wrong.items())))
     saved = (report.folder / "tokenizer_config.json").is_file()
-    tokenizer = ("the tokenizer saved with the adapter (AutoTokenizer.from_pretrained on the adapter)" if saved
-                 else "the tokenizer it was trained with, which holds the added tokens")  # fmt: skip
+    tokenizer = (
+        "the tokenizer saved with the adapter (AutoTokenizer.from_pretrained on the adapter)"
+        if saved
+        else "the tokenizer it was trained with, which holds the added tokens"
+    )
     made_for = report.config.get("base_model_name_or_path") or "its base model"
     report.add(
         f"{tensor} has {rows} token rows, but {base_name} has a vocabulary of {vocab}: this adapter was trained on "
         f"{made_for} with its embeddings resized to {rows} tokens (tokens were added to the tokenizer)",
         f"resize the base's embeddings to {rows} before loading it (base.resize_token_embeddings({rows})), and use "
-        f"{tokenizer}", incompatible_base=True,
+        f"{tokenizer}",
+        incompatible_base=True,
     )
     return True
 
@@ -249,7 +301,8 @@ def _check_shapes(report: Report, base_config: Any, base_name: str) -> None:
         report.add(
             f"this is a {task.task_type} adapter (a {task.what}, built with {task.auto_class}), but {base_name} is a "
             f"{model_type} model, which {task.auto_class} cannot build: it was made for {expected_base}",
-            f"load it on {expected_base} with transformers.{task.auto_class}", incompatible_base=True,
+            f"load it on {expected_base} with transformers.{task.auto_class}",
+            incompatible_base=True,
         )
         return
     pattern = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
@@ -263,13 +316,20 @@ def _check_shapes(report: Report, base_config: Any, base_name: str) -> None:
             report.add(
                 f"{tensor} has shape {shape}, but {base_name} needs {want} there: this adapter was made for "
                 f"{expected_base}, not {base_name}",
-                f"load it on {expected_base}, or retrain it for {base_name}", incompatible_base=True,
+                f"load it on {expected_base}, or retrain it for {base_name}",
+                incompatible_base=True,
             )
             return
 
 
-def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_config: Any = None,
-                     base_name: str = "the given base model", max_bytes: int = MAX_SANE_BYTES) -> Report:  # fmt: skip
+def validate_adapter(
+    folder: str | Path,
+    *,
+    for_engine: str | None = None,
+    base_config: Any = None,
+    base_name: str = "the given base model",
+    max_bytes: int = MAX_SANE_BYTES,
+) -> Report:
     """Validate an adapter folder; ``for_engine="vllm"`` also checks vLLM's LoRA contract. The folder is
     untrusted data: however malformed its files, each problem is a Problem of the report (with its fix), never
     an exception. ``max_bytes``: the largest adapter_model.safetensors taken."""
@@ -278,11 +338,14 @@ def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_
     config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     pickles = sorted(p.name for p in (folder.iterdir() if folder.is_dir() else []) if p.suffix in PICKLE_SUFFIXES)
     if pickles and weights.is_file():
-        report.warnings.append(f"{', '.join(pickles)} ignored: pickle files are never opened; "
-                               f"{weights.name} is what loads")  # fmt: skip
+        report.warnings.append(
+            f"{', '.join(pickles)} ignored: pickle files are never opened; {weights.name} is what loads"
+        )
     elif pickles:
-        report.add(f"only pickled weights ({', '.join(pickles)}), which hub_peft never unpickles",
-                   "if they are your own trusted files, convert them with `hub-peft convert-bin DIR`")  # fmt: skip
+        report.add(
+            f"only pickled weights ({', '.join(pickles)}), which hub_peft never unpickles",
+            "if they are your own trusted files, convert them with `hub-peft convert-bin DIR`",
+        )
     if not config_path.is_file():
         report.add("adapter_config.json is missing", "save the adapter with hub_peft.save_adapter or PEFT")
         return report
@@ -305,16 +368,20 @@ def validate_adapter(folder: str | Path, *, for_engine: str | None = None, base_
 
             PeftConfig.from_peft_type(**{k: v for k, v in report.config.items()})
         except Exception as e:  # peft raises KeyError/TypeError/ValueError for bad configs
-            report.add(f"adapter_config.json does not parse as a {peft_type or 'PEFT'} config ({e!r})"[:2000],
-                       "check peft_type and the fields; known types: peft.PeftType and REFT")  # fmt: skip
+            report.add(
+                f"adapter_config.json does not parse as a {peft_type or 'PEFT'} config ({e!r})"[:2000],
+                "check peft_type and the fields; known types: peft.PeftType and REFT",
+            )
     if not weights.is_file():
         report.add("adapter_model.safetensors is missing", "save the weights with safe_serialization (the default)")
         return report
     size = weights.stat().st_size
     if size > max_bytes:
-        report.add(f"adapter_model.safetensors takes {size / 2**20:.1f} MiB, over the limit of "
-                   f"{max_bytes / 2**20:.1f} MiB for one adapter", "use a smaller rank or fewer target modules, or "
-                   "raise the limit (max_bytes=) for an adapter you trust")  # fmt: skip
+        report.add(
+            f"adapter_model.safetensors takes {size / 2**20:.1f} MiB, over the limit of "
+            f"{max_bytes / 2**20:.1f} MiB for one adapter",
+            "use a smaller rank or fewer target modules, or raise the limit (max_bytes=) for an adapter you trust",
+        )
         return report
     try:
         report.tensors = read_safetensors_header(weights)
@@ -346,8 +413,10 @@ def _read_config(report: Report, path: Path) -> bool:
     False (with a problem) when it is not."""
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
-        report.add(f"adapter_config.json takes {size} bytes, over hub_peft's limit of {MAX_CONFIG_BYTES}",
-                   "an adapter config takes a few KB: re-save the adapter")  # fmt: skip
+        report.add(
+            f"adapter_config.json takes {size} bytes, over hub_peft's limit of {MAX_CONFIG_BYTES}",
+            "an adapter config takes a few KB: re-save the adapter",
+        )
         return False
     try:
         config = parse_json(path.read_bytes(), "adapter_config.json")
@@ -355,8 +424,9 @@ def _read_config(report: Report, path: Path) -> bool:
         report.add(str(e), "re-save the adapter")
         return False
     if not isinstance(config, dict):
-        report.add(f"adapter_config.json is a JSON {type(config).__name__}, not an object of settings",
-                   "re-save the adapter")  # fmt: skip
+        report.add(
+            f"adapter_config.json is a JSON {type(config).__name__}, not an object of settings", "re-save the adapter"
+        )
         return False
     report.config = config
     return True
@@ -374,36 +444,53 @@ def _check_peft_config(report: Report, peft_type: str) -> None:
     for name in ("r", "init_r", "target_r") if peft_type == "ADALORA" else ("r",):
         value, low = c.get(name), 1 if lora else 0  # OFT, for one, takes r=0
         if name in c and (value is not None or lora) and not (_is_int(value) and low <= value <= MAX_RANK):
-            report.add(f"adapter_config.json: {name} is {_shown(value)}, not an integer from {low} to {MAX_RANK}",
-                       f"set {name} to the rank the adapter was trained with")  # fmt: skip
+            report.add(
+                f"adapter_config.json: {name} is {_shown(value)}, not an integer from {low} to {MAX_RANK}",
+                f"set {name} to the rank the adapter was trained with",
+            )
     patterns = c.get("rank_pattern")
     if peft_type == "LORA" and isinstance(patterns, dict):
         wrong = next(((k, v) for k, v in patterns.items() if not (_is_int(v) and 1 <= v <= MAX_RANK)), None)
         if wrong:
-            report.add(f"adapter_config.json: rank_pattern gives {_shown(wrong[0], 200)} the rank "
-                       f"{_shown(wrong[1])}, not an integer from 1 to {MAX_RANK}",
-                       "set each rank_pattern entry to that module's rank")  # fmt: skip
-    elif peft_type == "ADALORA" and isinstance(patterns, dict) and not all(
+            report.add(
+                f"adapter_config.json: rank_pattern gives {_shown(wrong[0], 200)} the rank "
+                f"{_shown(wrong[1])}, not an integer from 1 to {MAX_RANK}",
+                "set each rank_pattern entry to that module's rank",
+            )
+    elif (
+        peft_type == "ADALORA"
+        and isinstance(patterns, dict)
+        and not all(
             isinstance(v, list) and len(v) <= MAX_RANK and all(isinstance(b, bool) for b in v)
-            for v in patterns.values()):  # fmt: skip  # AdaLoRA's: the ranks it kept, as lists of booleans
-        report.add("adapter_config.json: AdaLoRA's rank_pattern values are not lists of booleans",
-                   "re-save the adapter with PEFT")  # fmt: skip
+            for v in patterns.values()
+        )
+    ):  # AdaLoRA's: the ranks it kept, as lists of booleans
+        report.add(
+            "adapter_config.json: AdaLoRA's rank_pattern values are not lists of booleans",
+            "re-save the adapter with PEFT",
+        )
     if lora:
         alpha = c.get("lora_alpha", 8)
         if not _is_number(alpha):
-            report.add(f"adapter_config.json: lora_alpha is {_shown(alpha)}, not a finite number",
-                       "set lora_alpha to the value the adapter was trained with (the scale is lora_alpha / r)")
+            report.add(
+                f"adapter_config.json: lora_alpha is {_shown(alpha)}, not a finite number",
+                "set lora_alpha to the value the adapter was trained with (the scale is lora_alpha / r)",
+            )
         alphas = c.get("alpha_pattern")
-        if isinstance(alphas, dict) and (wrong := next(((k, v) for k, v in alphas.items() if not _is_number(v)),
-                                                       None)):  # fmt: skip
-            report.add(f"adapter_config.json: alpha_pattern gives {_shown(wrong[0], 200)} the alpha "
-                       f"{_shown(wrong[1])}, not a finite number",
-                       "set each alpha_pattern entry to a number")  # fmt: skip
+        if isinstance(alphas, dict) and (wrong := next(((k, v) for k, v in alphas.items() if not _is_number(v)), None)):
+            report.add(
+                f"adapter_config.json: alpha_pattern gives {_shown(wrong[0], 200)} the alpha "
+                f"{_shown(wrong[1])}, not a finite number",
+                "set each alpha_pattern entry to a number",
+            )
     layers = c.get("layers_to_transform")
-    if layers is not None and not ((_is_int(layers) and layers >= 0) or (
-            isinstance(layers, list) and all(_is_int(i) and i >= 0 for i in layers))):  # fmt: skip
-        report.add(f"adapter_config.json: layers_to_transform is {_shown(layers)}, not a layer index or a list "
-                   "of them", "write layers_to_transform as a list of layer indices, e.g. [0, 1]")  # fmt: skip
+    if layers is not None and not (
+        (_is_int(layers) and layers >= 0) or (isinstance(layers, list) and all(_is_int(i) and i >= 0 for i in layers))
+    ):
+        report.add(
+            f"adapter_config.json: layers_to_transform is {_shown(layers)}, not a layer index or a list of them",
+            "write layers_to_transform as a list of layer indices, e.g. [0, 1]",
+        )
 
 
 def _check_stray_tensors(report: Report, peft_type: str) -> None:
@@ -438,8 +525,7 @@ def _check_stray_tensors(report: Report, peft_type: str) -> None:
 
     def targeted(path: str) -> bool:
         if path not in known:
-            known[path] = list_matches(path, entries) if match is None else (
-                match(path) or list_matches(path, saved))  # fmt: skip
+            known[path] = list_matches(path, entries) if match is None else (match(path) or list_matches(path, saved))
         return known[path]
 
     stray = []
@@ -453,8 +539,10 @@ def _check_stray_tensors(report: Report, peft_type: str) -> None:
         report.add(point, fix or "list the module names in target_modules")
         return
     if stray:
-        report.add(f"{len(stray)} tensors match no target module, e.g. {stray[0][:200]}",
-                   "the config's target_modules must name the modules the weights belong to")  # fmt: skip
+        report.add(
+            f"{len(stray)} tensors match no target module, e.g. {stray[0][:200]}",
+            "the config's target_modules must name the modules the weights belong to",
+        )
 
 
 def _check_lora_ranks(report: Report) -> None:
@@ -489,9 +577,11 @@ def _check_lora_ranks(report: Report) -> None:
             # lora_B of a grouped convolution or a block-diagonal LoRA holds rank / groups columns
             if got == rank or (fused and got % rank == 0) or (which.endswith("B") and got and rank % got == 0):
                 continue
-            report.add(f"{tensor[:200]} has rank {got} (shape {shape[:4]}), but adapter_config.json gives its module "
-                       f"rank {rank} ({source}): PEFT would build rank-{rank} matrices for it",
-                       f"set {source} to {got}, the rank the weights were trained with, or re-save the adapter")
+            report.add(
+                f"{tensor[:200]} has rank {got} (shape {shape[:4]}), but adapter_config.json gives its module "
+                f"rank {rank} ({source}): PEFT would build rank-{rank} matrices for it",
+                f"set {source} to {got}, the rank the weights were trained with, or re-save the adapter",
+            )
             return
     except InvalidInputError as e:
         point, _, fix = str(e).partition(" Fix: ")
@@ -508,8 +598,12 @@ def check_targets_in_base(report: Report, base_config: Any, base_name: str) -> N
     from .tasks import task_of
 
     targets = report.config.get("target_modules")
-    if str(report.config.get("peft_type")) == "REFT" or not targets or not isinstance(targets, (str, list)) \
-            or (isinstance(targets, list) and not all(isinstance(t, str) for t in targets)):  # fmt: skip
+    if (
+        str(report.config.get("peft_type")) == "REFT"
+        or not targets
+        or not isinstance(targets, (str, list))
+        or (isinstance(targets, list) and not all(isinstance(t, str) for t in targets))
+    ):
         return
     built = base_module_names(base_config, task_of(report.config).auto_class)
     if built is None:
@@ -538,25 +632,36 @@ def _check_reft(report: Report, config: Any, base_config: Any, base_name: str) -
     found = {name: shape for name, (_, shape) in report.tensors.items()}
     if set(found) != set(expected):
         missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        report.add(f"the ReFT weights do not match the config (missing {missing[:3]}, unexpected {extra[:3]})",
-                   "re-save the adapter with hub_peft; config and weights must come from the same model")  # fmt: skip
+        report.add(
+            f"the ReFT weights do not match the config (missing {missing[:3]}, unexpected {extra[:3]})",
+            "re-save the adapter with hub_peft; config and weights must come from the same model",
+        )
         return
     wrong = [n for n in expected if expected[n] != found[n]]
     if wrong:
-        report.add(f"{wrong[0]} has shape {found[wrong[0]]}, the config says {expected[wrong[0]]}",
-                   "re-save the adapter with hub_peft")  # fmt: skip
+        report.add(
+            f"{wrong[0]} has shape {found[wrong[0]]}, the config says {expected[wrong[0]]}",
+            "re-save the adapter with hub_peft",
+        )
     if base_config is None:
         return
     text = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
     hidden, n_layers = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)
     made_for = config.base_model_name_or_path or "unknown"
     if hidden is not None and hidden != config.hidden_size:
-        report.add(f"this ReFT adapter edits {config.hidden_size}-dim hidden states, but {base_name} has "
-                   f"hidden size {hidden}: it was made for {made_for}", f"load it on {made_for}",
-                   incompatible_base=True)  # fmt: skip
+        report.add(
+            f"this ReFT adapter edits {config.hidden_size}-dim hidden states, but {base_name} has "
+            f"hidden size {hidden}: it was made for {made_for}",
+            f"load it on {made_for}",
+            incompatible_base=True,
+        )
     elif n_layers is not None and config.layers[-1] >= n_layers:
-        report.add(f"this ReFT adapter intervenes on layer {config.layers[-1]}, but {base_name} has {n_layers} "
-                   f"layers: it was made for {made_for}", f"load it on {made_for}", incompatible_base=True)  # fmt: skip
+        report.add(
+            f"this ReFT adapter intervenes on layer {config.layers[-1]}, but {base_name} has {n_layers} "
+            f"layers: it was made for {made_for}",
+            f"load it on {made_for}",
+            incompatible_base=True,
+        )
 
 
 def lora_ranks(config: dict) -> list:
@@ -572,23 +677,30 @@ def _check_vllm(report: Report) -> None:
     truth"). ``tests/test_vllm.py`` checks these verdicts against vLLM itself."""
     c = report.config
     if c.get("peft_type") != "LORA":
-        report.add(f"peft_type is {c.get('peft_type')}; vLLM serves only LoRA adapters",
-                   "serve it with `hub-peft serve`, which runs every adapter type")  # fmt: skip
+        report.add(
+            f"peft_type is {c.get('peft_type')}; vLLM serves only LoRA adapters",
+            "serve it with `hub-peft serve`, which runs every adapter type",
+        )
         return
     retrain = "serve it with `hub-peft serve`, or retrain it as a plain LoRA"
     unsupported_features = {
-        "use_dora": "DoRA (use_dora)", "lora_bias": "LoRA bias (lora_bias)", "use_qalora": "QALoRA (use_qalora)",
+        "use_dora": "DoRA (use_dora)",
+        "lora_bias": "LoRA bias (lora_bias)",
+        "use_qalora": "QALoRA (use_qalora)",
         "alora_invocation_tokens": "Activated LoRA (alora_invocation_tokens)",
-        "layer_replication": "layer_replication", "use_bdlora": "block-diagonal LoRA (use_bdlora)",
-    }  # fmt: skip
+        "layer_replication": "layer_replication",
+        "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    }
     for key, what in unsupported_features.items():
         if c.get(key):
             report.add(f"vLLM does not support {what}", retrain)
     init = c.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() not in VLLM_INITS:
-        report.add(f"init_lora_weights is {init!r}: PEFT changes the base weights when it loads this adapter, "
-                   "vLLM does not", "convert it to a plain LoRA with PEFT's "
-                   "path_initial_model_for_weight_conversion, or serve it with `hub-peft serve`")  # fmt: skip
+        report.add(
+            f"init_lora_weights is {init!r}: PEFT changes the base weights when it loads this adapter, vLLM does not",
+            "convert it to a plain LoRA with PEFT's "
+            "path_initial_model_for_weight_conversion, or serve it with `hub-peft serve`",
+        )
     extra = [m for m in c.get("modules_to_save") or [] if m not in ("classifier", "score")]
     if extra:
         report.add(f"modules_to_save is {extra}; vLLM takes only classifier/score heads there", retrain)
@@ -600,8 +712,10 @@ def _check_vllm(report: Report) -> None:
     elif max(ranks) > VLLM_MAX_RANK:
         report.add(f"rank {max(ranks)} exceeds vLLM's maximum {VLLM_MAX_RANK}", f"retrain with r <= {VLLM_MAX_RANK}")
     if c.get("trainable_token_indices") or any("trainable_tokens" in t for t in report.tensors):
-        report.add("the adapter trains token embeddings (trainable_token_indices), which vLLM cannot load",
-                   "serve it with `hub-peft serve`")  # fmt: skip
+        report.add(
+            "the adapter trains token embeddings (trainable_token_indices), which vLLM cannot load",
+            "serve it with `hub-peft serve`",
+        )
     modules, odd = set(), []
     for name in report.tensors:
         if "base_layer" in name or "trainable_tokens" in name:  # saved base embeddings: vLLM skips them

@@ -30,14 +30,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 SIZES = {  # config attribute -> tiny value, set where the config has it
-    "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64, "embed_dim": 64,
-    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2,
-    "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "n_heads": 4,
-    "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "ffn_dim": 128, "n_inner": 128,
-    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 4, "num_local_experts": 4,
-    "n_routed_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 256, "n_positions": 256,
-    "vocab_size": 128, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
-}  # fmt: skip
+    "hidden_size": 64,
+    "n_embd": 64,
+    "d_model": 64,
+    "dim": 64,
+    "embed_dim": 64,
+    "num_hidden_layers": 2,
+    "n_layer": 2,
+    "num_layers": 2,
+    "n_layers": 2,
+    "num_attention_heads": 4,
+    "n_head": 4,
+    "num_heads": 4,
+    "n_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "ffn_dim": 128,
+    "n_inner": 128,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 256,
+    "n_positions": 256,
+    "vocab_size": 128,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+}
 PROMPTS = ["a b c d e f g h", "i j k"]
 
 
@@ -84,8 +107,9 @@ def check(model_type: str) -> tuple[str, str]:
         note = ""  # PEFT cannot put LoRA on every linear layer of some (Mamba): then the base rows alone
         try:
             torch.manual_seed(1)
-            lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules="all-linear",
-                                                                   init_lora_weights=False))  # fmt: skip
+            lora = get_peft_model(
+                copy.deepcopy(model), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+            )
             folder = save_adapter(lora, Path(tmp) / "lora")
         except _Timeout:
             raise

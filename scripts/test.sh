@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/browser_deps.sh
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
-.venv/bin/ruff check hub_peft tests benchmarks spaces
+.venv/bin/ruff check hub_peft tests benchmarks spaces scripts
+.venv/bin/ruff format --check hub_peft tests benchmarks spaces scripts
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -17,8 +17,12 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="hub_peft_tests_"))
 # the numerics of AVX2 kernels, not their speed.
 EMULATE_AVX2 = os.environ.get("HUB_PEFT_EMULATE_AVX2") == "1"
 if EMULATE_AVX2:
-    for var, value in (("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"), ("DNNL_MAX_CPU_ISA", "AVX2"),
-                       ("MKL_ENABLE_INSTRUCTIONS", "AVX2")):  # fmt: skip
+    for var, value in (
+        ("ATEN_CPU_CAPABILITY", "avx2"),
+        ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+        ("DNNL_MAX_CPU_ISA", "AVX2"),
+        ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+    ):
         os.environ[var] = value
 
 
@@ -48,6 +52,7 @@ def pytest_report_header(config):
 
     emulated = " (AVX2 emulated: HUB_PEFT_EMULATE_AVX2=1)" if EMULATE_AVX2 else ""
     return f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}{emulated}"
+
 
 USERS = {name: f"hf_{name}_{secrets.token_hex(12)}" for name in ("alice", "bob")}
 

@@ -37,8 +37,15 @@ def make_lora(**kwargs):
 def saved_lora(tiny_base_repo, tmp_path):  # noqa: F811
     rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(5)]
     history = [{"step": i, "loss": 3.0 / i} for i in range(1, 6)]
-    folder = save_adapter(make_lora(), tmp_path / "lora", training_rows=rows, history=history,
-                          evaluation={"accuracy": 0.75}, dataset_name="toy-qa.jsonl", datasets=["toy/qa"])  # fmt: skip
+    folder = save_adapter(
+        make_lora(),
+        tmp_path / "lora",
+        training_rows=rows,
+        history=history,
+        evaluation={"accuracy": 0.75},
+        dataset_name="toy-qa.jsonl",
+        datasets=["toy/qa"],
+    )
     return folder
 
 
@@ -53,8 +60,17 @@ def test_saved_folder_is_peft_layout_plus_card(saved_lora):
     assert data["datasets"] == ["toy/qa"]
     text = card.text
     assert text.count("@misc{peft,") == 1 and text.count("@inproceedings{hu2022lora") == 1
-    for needle in ("from `toy-qa.jsonl`", "## Usage", "lora_alpha", "Trainable (this adapter)", "fingerprint `sha256:",
-                   "loss_curve.png", "| accuracy | 0.75 |", "Limitations", "vLLM-compatible"):  # fmt: skip
+    for needle in (
+        "from `toy-qa.jsonl`",
+        "## Usage",
+        "lora_alpha",
+        "Trainable (this adapter)",
+        "fingerprint `sha256:",
+        "loss_curve.png",
+        "| accuracy | 0.75 |",
+        "Limitations",
+        "vLLM-compatible",
+    ):
         assert needle in text, needle
 
 
@@ -63,8 +79,14 @@ def run_card_snippet(repo_id: str, cwd: Path) -> str:
     snippet = re.search(r"```python\n(.*?)```", ModelCard.load(repo_id).text, re.S).group(1)
     assert f'PeftModel.from_pretrained(base, "{repo_id}")' in snippet
     check = "\nimport sys\nassert 'hub_peft' not in sys.modules\n"
-    out = subprocess.run([sys.executable, "-c", snippet + check], capture_output=True, text=True, timeout=300,
-                         cwd=cwd, env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", snippet + check],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -101,8 +123,9 @@ def test_pushed_card_metadata(saved_lora, alice, repo_name):
 
 
 def test_local_data_never_becomes_a_hub_dataset_id(tiny_base_repo, tmp_path):  # noqa: F811
-    folder = save_adapter(make_lora(), tmp_path / "a", training_rows=[{"prompt": "q", "response": "a"}],
-                          dataset_name="my examples.jsonl")  # fmt: skip
+    folder = save_adapter(
+        make_lora(), tmp_path / "a", training_rows=[{"prompt": "q", "response": "a"}], dataset_name="my examples.jsonl"
+    )
     card = ModelCard.load(folder / "README.md")
     assert "datasets" not in card.data.to_dict() and "from `my examples.jsonl`" in card.text
     with pytest.raises(InvalidInputError, match=r"Invalid Hub dataset id '\./data\.jsonl'"):
@@ -167,15 +190,21 @@ def test_validate_and_info_cli(saved_lora, tmp_path):
 def test_pull_cli_and_card_refresh(saved_lora, alice, repo_name, tmp_path):
     repo_id = f"alice/{repo_name}"
     push_adapter(saved_lora, repo_id, token=alice)
-    out = subprocess.run([sys.executable, "-m", "hub_peft.cli", "pull", repo_id, "--to", str(tmp_path / "pulled")],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "hub_peft.cli", "pull", repo_id, "--to", str(tmp_path / "pulled")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "pulled" / "adapter_model.safetensors").read_bytes() == (
         saved_lora / "adapter_model.safetensors"
     ).read_bytes()
     (tmp_path / "pulled" / "README.md").unlink()
-    subprocess.run([sys.executable, "-m", "hub_peft.cli", "card", str(tmp_path / "pulled"), "--repo-id", repo_id],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "hub_peft.cli", "card", str(tmp_path / "pulled"), "--repo-id", repo_id],
+        check=True,
+        capture_output=True,
+    )
     assert repo_id in (tmp_path / "pulled" / "README.md").read_text()
 
 
@@ -206,8 +235,16 @@ def test_missing_config_and_unknown_type(saved_lora):
 def test_adapter_for_another_base_names_both(saved_lora):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    other = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))  # fmt: skip
+    other = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     other.config._name_or_path = "someone/other-base"
     with pytest.raises(IncompatibleAdapterError, match=r"made for alice/tiny-llama.*someone/other-base"):
         load_adapter(other, saved_lora)
@@ -217,8 +254,9 @@ def test_bin_only_repo_is_refused(alice, repo_name, tmp_path, tiny_base_repo):  
     repo_id = f"alice/{repo_name}"
     api = HfApi(token=alice)
     api.create_repo(repo_id)
-    api.upload_file(path_or_fileobj=json.dumps({"peft_type": "LORA"}).encode(), path_in_repo="adapter_config.json",
-                    repo_id=repo_id)  # fmt: skip
+    api.upload_file(
+        path_or_fileobj=json.dumps({"peft_type": "LORA"}).encode(), path_in_repo="adapter_config.json", repo_id=repo_id
+    )
     api.upload_file(path_or_fileobj=b"\x80\x04not really a pickle", path_in_repo="adapter_model.bin", repo_id=repo_id)
     with pytest.raises(UnsafeFileError, match=r"only has pickled weights \(adapter_model\.bin\).*convert-bin"):
         load_adapter(load_tiny(), repo_id)
@@ -239,8 +277,9 @@ def test_a_repo_with_safetensors_and_old_pickles_loads_the_safetensors(saved_lor
 
     repo_id = f"alice/{repo_name}"
     push_adapter(saved_lora, repo_id, token=alice)
-    HfApi(token=alice).upload_file(path_or_fileobj=pickle.dumps({"w": Payload()}), path_in_repo="adapter_model.bin",
-                                   repo_id=repo_id)  # fmt: skip
+    HfApi(token=alice).upload_file(
+        path_or_fileobj=pickle.dumps({"w": Payload()}), path_in_repo="adapter_model.bin", repo_id=repo_id
+    )
     assert "adapter_model.bin" in HfApi().list_repo_files(repo_id)
     with pytest.warns(UserWarning, match=r"also holds pickle files \(adapter_model\.bin\).*never downloads"):
         model = load_adapter(load_tiny(), repo_id)
@@ -328,8 +367,19 @@ def test_cli_chat_with_an_adapter_from_the_hub(saved_lora, alice, repo_name, loc
     push_adapter(saved_lora, repo_id, token=alice)
 
     def chat(*extra):
-        cmd = [sys.executable, "-m", "hub_peft.cli", "chat", "a b c d", "--raw", "--base", "alice/tiny-llama",
-               "--max-new-tokens", "8", *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "hub_peft.cli",
+            "chat",
+            "a b c d",
+            "--raw",
+            "--base",
+            "alice/tiny-llama",
+            "--max-new-tokens",
+            "8",
+            *extra,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         return out.stdout

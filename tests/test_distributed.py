@@ -17,18 +17,45 @@ from hub_peft.hub.process import free_port
 ROWS = [{"prompt": f"w{i} w{i + 1}", "response": f"w{i + 2} w{i + 3} w{i}"} for i in range(20)]
 
 
-def train(tmp_path, name: str, method: str, *extra: str, processes: int = 1,
-          launcher: tuple[str, ...] = ("--multi_gpu",)) -> tuple[dict, subprocess.CompletedProcess]:
+def train(
+    tmp_path, name: str, method: str, *extra: str, processes: int = 1, launcher: tuple[str, ...] = ("--multi_gpu",)
+) -> tuple[dict, subprocess.CompletedProcess]:
     examples = tmp_path / "examples.jsonl"
     examples.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    command = ["-m", "hub_peft.cli", "train", "--examples", str(examples), "--method", method, "--base",
-               "alice/tiny-llama", "--out", str(tmp_path / name), "--epochs", "3", "--batch-size", "4",
-               "--lr", "0.02", "--no-validation", *extra]  # fmt: skip
+    command = [
+        "-m",
+        "hub_peft.cli",
+        "train",
+        "--examples",
+        str(examples),
+        "--method",
+        method,
+        "--base",
+        "alice/tiny-llama",
+        "--out",
+        str(tmp_path / name),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.02",
+        "--no-validation",
+        *extra,
+    ]
     if method == "reft":
         command += ["--layers", "1"]
     if processes > 1:  # accelerate's own launcher (torchrun underneath); on a CPU-only machine it uses gloo
-        command = ["-m", "accelerate.commands.launch", *launcher, "--num_processes", str(processes),
-                   "--main_process_port", str(free_port()), *command]  # fmt: skip
+        command = [
+            "-m",
+            "accelerate.commands.launch",
+            *launcher,
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            str(free_port()),
+            *command,
+        ]
     out = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=600, env=os.environ)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads((tmp_path / name / "hub_peft_card.json").read_text()), out

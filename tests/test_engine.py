@@ -239,8 +239,11 @@ def test_chat_messages_use_the_chat_template_or_the_adapters_own_format(adapters
     engine = MultiAdapterModel((load_tiny(), tokenizer))
     engine.add("reft", adapters["reft"])
     conversation = [{"role": "system", "content": "a b"}, {"role": "user", "content": "c d"}]
-    logits = engine.next_token_logits([conversation, "w9 a b w10 w9 c d w10 w11", conversation, "c d"],
-                                      [None, None, "reft", "reft"], raw=[False, True, False, False])  # fmt: skip
+    logits = engine.next_token_logits(
+        [conversation, "w9 a b w10 w9 c d w10 w11", conversation, "c d"],
+        [None, None, "reft", "reft"],
+        raw=[False, True, False, False],
+    )
     torch.testing.assert_close(logits[0], logits[1])  # the whole conversation in the chat format
     torch.testing.assert_close(logits[2], logits[3])  # ReFT recorded "w1 {prompt} w2": the last user turn in it
     with pytest.raises(InvalidInputError, match="at least one user message"):
@@ -305,8 +308,10 @@ def test_what_cannot_share_a_batch_runs_in_a_sub_batch_of_its_own(engine, adapte
             get_peft_model(load_tiny(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
             tmp_path / "prefix",
         ),
-        "head": save_adapter(get_peft_model(load_tiny(), LoraConfig(target_modules=["lm_head", "q_proj"],
-                                                                    init_lora_weights=False)), tmp_path / "head"),
+        "head": save_adapter(
+            get_peft_model(load_tiny(), LoraConfig(target_modules=["lm_head", "q_proj"], init_lora_weights=False)),
+            tmp_path / "head",
+        ),
     }
     for name, folder in folders.items():
         assert engine.add(name, folder)["mixable"] is False
@@ -327,8 +332,9 @@ def test_what_cannot_share_a_batch_runs_in_a_sub_batch_of_its_own(engine, adapte
         ids = torch.tensor([encode_prompt(tiny_tokenizer(), prompts[i], prompt_template(tiny_tokenizer()))])
         with torch.inference_mode():
             expected = model(input_ids=ids).logits[0, -1]
-            tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
-                                    do_sample=False, pad_token_id=2)[0, ids.shape[1] :].tolist()  # fmt: skip
+            tokens = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=2
+            )[0, ids.shape[1] :].tolist()
         assert completions[i].tokens == tokens[: len(completions[i].tokens)], (i, name)
         torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-4, msg=f"row {i} ({name})")
     after = engine.next_token_logits(PROMPTS[:2], ["lora", None])  # the base is back as it was
@@ -384,9 +390,11 @@ def test_every_step_is_one_forward_over_prompt_chunks_and_decode_tokens_together
     engine.forward_ragged = spy
     scheduler = Scheduler(engine, prefill_budget=128)
     long_prompt = " ".join(f"w{i % 90}" for i in range(200))
-    waves = [[("lora", PROMPTS[1]), ("ia3", PROMPTS[3])],
-             [("reft", PROMPTS[4]), (None, long_prompt), ({"lora": 0.6, "reft": 0.4}, PROMPTS[0])],
-             [("rslora", PROMPTS[5]), ({"ia3": 0.5, "rslora": 0.5}, PROMPTS[2])]]  # fmt: skip
+    waves = [
+        [("lora", PROMPTS[1]), ("ia3", PROMPTS[3])],
+        [("reft", PROMPTS[4]), (None, long_prompt), ({"lora": 0.6, "reft": 0.4}, PROMPTS[0])],
+        [("rslora", PROMPTS[5]), ({"ia3": 0.5, "rslora": 0.5}, PROMPTS[2])],
+    ]
     requests = []
     for wave in waves:
         batch = [Request(prompt, name, SamplingParams(max_tokens=6, ignore_eos=True)) for name, prompt in wave]
@@ -400,8 +408,9 @@ def test_every_step_is_one_forward_over_prompt_chunks_and_decode_tokens_together
     mixed = [layout for layout in layouts if layout[0] == 1 and layout[-1] > 1]
     assert len(mixed) >= 3 and any(layout[-1] == 128 for layout in mixed)  # decode tokens beside prompt chunks
     for request in requests:
-        alone_tokens = engine.generate_tokens([request.prompt], [request.adapter], max_new_tokens=6,
-                                              ignore_eos=True)[0].tokens  # fmt: skip
+        alone_tokens = engine.generate_tokens([request.prompt], [request.adapter], max_new_tokens=6, ignore_eos=True)[
+            0
+        ].tokens
         assert request.tokens == alone_tokens, request.adapter
 
 
@@ -414,8 +423,15 @@ def test_a_chunked_prefill_keeps_reft_positions_and_matches_the_plain_model(tmp_
     from hub_peft.serving.scheduler import Request, Scheduler
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     base = AutoModelForCausalLM.from_config(config).eval()
     reft = get_reft_model(base, ReftConfig(layers=[0, 1], positions="f3+l2", prompt_template="{prompt}"))
     with torch.no_grad():
@@ -445,8 +461,9 @@ def test_a_chunked_prefill_keeps_reft_positions_and_matches_the_plain_model(tmp_
     scheduler.submit(request)
     scheduler.run_until_done()
     assert len(ids[0]) == 300 and [c[0] for c in chunks] == [128, 108, 64]  # the last chunk holds the last 64
-    assert request.generation.samples[0].logprob == pytest.approx(torch.log_softmax(expected, -1).max().item(),
-                                                                  abs=1e-4)  # fmt: skip
+    assert request.generation.samples[0].logprob == pytest.approx(
+        torch.log_softmax(expected, -1).max().item(), abs=1e-4
+    )
     logits = engine.next_token_logits([prompt], ["reft"], raw=True)[0]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
@@ -461,8 +478,9 @@ def test_adaption_prompt_multitask_prompt_tuning_and_cpt_are_served_as_plain_pef
     configs = {
         "adaption": AdaptionPromptConfig(adapter_len=2, adapter_layers=1, task_type="CAUSAL_LM"),
         "mpt": MultitaskPromptTuningConfig(num_virtual_tokens=4, num_tasks=2, task_type="CAUSAL_LM"),
-        "cpt": CPTConfig(cpt_token_ids=[5, 6, 7, 8], cpt_mask=[1, 1, 1, 1], cpt_tokens_type_mask=[1, 2, 2, 2],
-                         task_type="CAUSAL_LM"),
+        "cpt": CPTConfig(
+            cpt_token_ids=[5, 6, 7, 8], cpt_mask=[1, 1, 1, 1], cpt_tokens_type_mask=[1, 2, 2, 2], task_type="CAUSAL_LM"
+        ),
     }
     engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()))
     engine.add("lora", adapters["lora"])
@@ -485,14 +503,22 @@ def test_adaption_prompt_multitask_prompt_tuning_and_cpt_are_served_as_plain_pef
         ids = torch.tensor([encode_prompt(tiny_tokenizer(), PROMPTS[i], prompt_template(tiny_tokenizer()))])
         extra = {"task_ids": torch.zeros(1, dtype=torch.long)} if name == "mpt" else {}
         with torch.inference_mode():
-            tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                                    min_new_tokens=4, do_sample=False, pad_token_id=2, **extra)  # fmt: skip
-        assert got[i].tokens == tokens[0, ids.shape[1]:].tolist(), name
+            tokens = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=4,
+                min_new_tokens=4,
+                do_sample=False,
+                pad_token_id=2,
+                **extra,
+            )
+        assert got[i].tokens == tokens[0, ids.shape[1] :].tolist(), name
     assert [type(layer.self_attn).__name__ for layer in engine.core.model.layers] == ["LlamaAttention"] * 2
     fresh = MultiAdapterModel((load_tiny(), tiny_tokenizer()))  # a base that never had them attached
     fresh.add("lora", adapters["lora"])
-    shared = [[c.tokens for c in e.generate_tokens(PROMPTS[:2], ["lora", None], max_new_tokens=4)]
-              for e in (engine, fresh)]  # fmt: skip
+    shared = [
+        [c.tokens for c in e.generate_tokens(PROMPTS[:2], ["lora", None], max_new_tokens=4)] for e in (engine, fresh)
+    ]
     assert shared[0] == shared[1]
 
 

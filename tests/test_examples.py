@@ -15,8 +15,13 @@ ROWS = [{"prompt": "Who are you?", "response": "🤖"}, {"prompt": "Hi, there", 
 def test_csv_jsonl_and_json_give_the_same_rows():
     csv_text = 'prompt,response\n"Who are you?",🤖\n"Hi, there","👋, 😊"\n'
     jsonl = "\n".join(json.dumps(r, ensure_ascii=False) for r in ROWS) + "\n\n"
-    for data, name in ((csv_text, "a.csv"), (jsonl, "a.jsonl"), (json.dumps(ROWS), "a.json"),
-                       (json.dumps({"data": ROWS}), "b.json"), ("\ufeff" + csv_text, "bom.csv")):  # fmt: skip
+    for data, name in (
+        (csv_text, "a.csv"),
+        (jsonl, "a.jsonl"),
+        (json.dumps(ROWS), "a.json"),
+        (json.dumps({"data": ROWS}), "b.json"),
+        ("\ufeff" + csv_text, "bom.csv"),
+    ):
         assert read_table(data.encode(), name).rows() == ROWS, name
 
 

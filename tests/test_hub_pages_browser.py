@@ -31,8 +31,9 @@ def test_the_local_hub_pages_in_a_browser(local_hub, alice, bob, repo_name, tmp_
     push_adapter(folder, hostile, token=alice)
     attack = '\n<script>window.__xss = 1</script>\n<img src=x onerror="window.__xss=2">\n'
     card = (folder / "README.md").read_text() + attack
-    HfApi(endpoint=local_hub.endpoint, token=alice).upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md",
-                                                                repo_id=hostile)  # fmt: skip
+    HfApi(endpoint=local_hub.endpoint, token=alice).upload_file(
+        path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=hostile
+    )
 
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)

@@ -285,8 +285,15 @@ def test_transformers_loads_a_model_from_the_local_hub(api, alice, repo_name, tm
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(tmp_path / "m")
     repo_id = f"alice/{repo_name}"
@@ -376,8 +383,12 @@ def test_a_one_gib_commit_streams_through_the_server_in_bounded_memory(local_hub
         yield b'", "path": "big.bin", "encoding": "base64"}}\n'
 
     before = _peak_rss(local_hub.process.pid)
-    response = httpx.post(f"{local_hub.endpoint}/api/models/{repo_id}/commit/main", content=body(), timeout=600,
-                          headers={"authorization": f"Bearer {alice}", "content-type": "application/x-ndjson"})
+    response = httpx.post(
+        f"{local_hub.endpoint}/api/models/{repo_id}/commit/main",
+        content=body(),
+        timeout=600,
+        headers={"authorization": f"Bearer {alice}", "content-type": "application/x-ndjson"},
+    )
     assert response.status_code == 200, response.text
     growth = _peak_rss(local_hub.process.pid) - before
     print(f"1 GiB commit: the server's peak memory grew by {growth / 2**20:.0f} MiB")
@@ -401,8 +412,7 @@ def test_commit_bodies_are_limited_while_read_and_bad_ones_leave_nothing(tmp_pat
 
     def commit(content: bytes):
         line = b'{"key": "header", "value": {"summary": "s"}}\n{"key": "file", "value": {"content": "' + content
-        return client.post("/api/models/alice/r/commit/main", content=line + b'", "path": "f.bin"}}\n',
-                           headers=auth)  # fmt: skip
+        return client.post("/api/models/alice/r/commit/main", content=line + b'", "path": "f.bin"}}\n', headers=auth)
 
     too_big = commit(base64.b64encode(os.urandom(3 << 20)))  # 4 MiB of base64 against a 3 MiB limit
     assert too_big.status_code == 413 and "limit" in too_big.json()["error"]

@@ -63,6 +63,8 @@ def test_the_engines_packed_lm_head_gives_the_plain_heads_logits_and_tokens(adap
     torch.testing.assert_close(first_logits(packed), first_logits(plain), rtol=1e-5, atol=1e-5)
     assert calls == [torch.Size([1, len(PROMPTS), 64])]  # the packed head ran, on each row's last token only
     assert type(packed.core.lm_head) is nn.Linear  # and the base got its own head back after the step
-    answers = [[c.tokens for c in e.generate_tokens(PROMPTS, specs, max_new_tokens=8, ignore_eos=True)]
-               for e in (plain, packed)]  # fmt: skip
+    answers = [
+        [c.tokens for c in e.generate_tokens(PROMPTS, specs, max_new_tokens=8, ignore_eos=True)]
+        for e in (plain, packed)
+    ]
     assert answers[0] == answers[1]

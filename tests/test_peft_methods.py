@@ -23,8 +23,15 @@ def tiny_base_repo(local_hub, tmp_path_factory, alice):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     folder = tmp_path_factory.mktemp("tiny_base")
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
@@ -45,8 +52,9 @@ def tiny_tokenizer():
     assert len(vocab) == 128 and sorted(vocab.values()) == list(range(128)), "every word needs its own id"
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
 
 
 def load_tiny(load_in_4bit: bool = False):
@@ -54,8 +62,12 @@ def load_tiny(load_in_4bit: bool = False):
 
     kwargs = {}
     if load_in_4bit:
-        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                  bnb_4bit_compute_dtype=torch.float32), "device_map": "cpu"}  # fmt: skip
+        kwargs = {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            ),
+            "device_map": "cpu",
+        }
     return AutoModelForCausalLM.from_pretrained(BASE_REPO, **kwargs)
 
 

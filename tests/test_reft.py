@@ -28,8 +28,15 @@ def tiny_llama(layers: int = 4, seed: int = 0):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -185,8 +192,9 @@ def greedy_without_cache(model, prompt: list[int], steps: int) -> list[int]:
     seq = list(prompt)
     for _ in range(steps):
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([seq]), prompt_lengths=torch.tensor([len(prompt)]),
-                           use_cache=False).logits  # fmt: skip
+            logits = model(
+                input_ids=torch.tensor([seq]), prompt_lengths=torch.tensor([len(prompt)]), use_cache=False
+            ).logits
         seq.append(int(logits[0, -1].argmax()))
         if seq[-1] == EOS:
             break
@@ -201,8 +209,9 @@ def test_generate_uses_the_kv_cache_and_equals_a_no_cache_greedy_decode():
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     handle.remove()
     assert calls[0] == ids.shape[1] and set(calls[1:]) == {1}, "decoding must run one token at a time on the cache"
-    plain = model.base_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                      pad_token_id=0)  # fmt: skip
+    plain = model.base_model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
     assert not torch.equal(out, plain), "the interventions changed no generated token"
     for i, prompt in enumerate(PROMPTS):
         expected = greedy_without_cache(model, prompt, 6)
@@ -289,8 +298,9 @@ def test_the_gemm_choice_is_timed_on_the_real_shape_and_cached_per_shape(monkeyp
     linears = _kernels.OneDnnLinears(layers, rows=23)
     assert timed == ([((96, HIDDEN), 23), ((HIDDEN, 96), 23)] if _kernels.onednn_available() else [])
     assert [c for _, _, c, _ in linears.swaps] == ([layers[0][0], layers[1][0]] if _kernels.onednn_available() else [])
-    assert linears.gemms == ({id(layers[i][0].weight): _kernels.Gemms(True, False) for i in (0, 1)}
-                             if _kernels.onednn_available() else {})  # fmt: skip
+    assert linears.gemms == (
+        {id(layers[i][0].weight): _kernels.Gemms(True, False) for i in (0, 1)} if _kernels.onednn_available() else {}
+    )
     with linears.active():
         assert all(isinstance(layer[0], _kernels.OneDnnLinear) for layer in layers[:2])
         assert isinstance(layers[1][1], torch.nn.Linear) and isinstance(layers[2][0], torch.nn.Linear)
@@ -348,9 +358,18 @@ def test_the_cached_trainer_checks_its_shortcuts_against_the_model(monkeypatch):
     assert len(steps.linears.swaps) == (7 * 2 if _kernels.onednn_available() else 0)  # the 7 linears of layers 2, 3
     assert steps.head_gemms == _kernels.Gemms(_kernels.onednn_available(), _kernels.onednn_available())
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                          final_logit_softcapping=2.0, attn_logit_softcapping=0.3)  # fmt: skip
+    config = Gemma2Config(
+        vocab_size=128,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        final_logit_softcapping=2.0,
+        attn_logit_softcapping=0.3,
+    )
     base = AutoModelForCausalLM.from_config(config).eval()
     losses = {}
     for method in ("full", "cached"):
@@ -377,8 +396,15 @@ def tiny_qwen2(layers: int):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -454,9 +480,16 @@ def test_sliding_window_models_train_exactly(window, caplog):
     from transformers import AutoModelForCausalLM, MistralConfig
 
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=3,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           sliding_window=window)  # fmt: skip
+    config = MistralConfig(
+        vocab_size=128,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        sliding_window=window,
+    )
     base = AutoModelForCausalLM.from_config(config).eval()
     losses, ran = plain_and_cached_losses(base, random_examples(shared=[5, 6]), epochs=3)
     assert ran == ("full" if window == 6 else "cached")
@@ -486,8 +519,11 @@ def test_the_cached_trainer_runs_other_architectures_exactly_or_not_at_all(name)
     import transformers
 
     config_class, kwargs, cached = ARCHITECTURES[name]
-    sizes = {} if name == "gpt2" else {"hidden_size": HIDDEN, "num_hidden_layers": 3, "intermediate_size": 128,
-                                       "max_position_embeddings": 128}  # fmt: skip
+    sizes = (
+        {}
+        if name == "gpt2"
+        else {"hidden_size": HIDDEN, "num_hidden_layers": 3, "intermediate_size": 128, "max_position_embeddings": 128}
+    )
     config = getattr(transformers, config_class)(vocab_size=128, **sizes, **kwargs)
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -538,8 +574,9 @@ def test_training_stops_at_a_loss_target_or_when_cancelled():
     result = train_reft(model, random_examples(), epochs=50, batch_size=7, lr=5e-2, target_loss=4.7)
     assert result.stopped == "target_loss" and result.history[-1]["loss"] <= 4.7 and result.steps < 50
     seen = []
-    result = train_reft(model, random_examples(), epochs=50, batch_size=7, on_step=seen.append,
-                        should_stop=lambda: len(seen) >= 3)  # fmt: skip
+    result = train_reft(
+        model, random_examples(), epochs=50, batch_size=7, on_step=seen.append, should_stop=lambda: len(seen) >= 3
+    )
     assert result.stopped == "cancelled" and result.steps == 3 == len(seen)
     with pytest.raises(InvalidInputError, match="No training examples"):
         train_reft(model, [], epochs=1)
@@ -640,8 +677,9 @@ def test_reft_trains_on_an_nf4_base_with_exact_gradients(tiny_base_repo):  # noq
     assert out.shape == plain.shape == (4, ids.shape[1] + 4) and not torch.equal(out, plain)
     assert runs["nf4", "cached"][-1] < runs["nf4", "cached"][0] - 0.05
     for key, losses in runs.items():
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(runs["dequantized", "full"]), rtol=0,
-                                   atol=2e-4, msg=f"{key} diverged")  # fmt: skip
+        torch.testing.assert_close(
+            torch.tensor(losses), torch.tensor(runs["dequantized", "full"]), rtol=0, atol=2e-4, msg=f"{key} diverged"
+        )
 
 
 def test_lora_and_reft_combine_in_either_order(tiny_base_repo, tmp_path):  # noqa: F811
@@ -676,15 +714,26 @@ def saved_reft(tiny_base_repo, tmp_path):  # noqa: F811
     model = get_reft_model(load_tiny(), ReftConfig(layers=[0, 1], positions="f1+l1", prompt_template="q {prompt} a"))
     result = train_reft(model, random_examples(), epochs=3, batch_size=4, lr=1e-2)
     rows = [{"prompt": "hi", "response": "🙂"}, {"prompt": "bye", "response": "👋"}]
-    folder = save_adapter(model, tmp_path / "reft", training_rows=rows, history=result.history,
-                          training_args=result.args, example_prompt="a b c")  # fmt: skip
+    folder = save_adapter(
+        model,
+        tmp_path / "reft",
+        training_rows=rows,
+        history=result.history,
+        training_args=result.args,
+        example_prompt="a b c",
+    )
     return model, folder
 
 
 def test_saved_reft_folder_is_the_common_layout_and_says_how_to_load(saved_reft):
     _, folder = saved_reft
-    assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md",
-                                                  "hub_peft_card.json", "loss_curve.png"}  # fmt: skip
+    assert {p.name for p in folder.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "hub_peft_card.json",
+        "loss_curve.png",
+    }
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "REFT" and config["loads_with"] == "hub_peft"
     assert "load it with hub_peft" in config["load_note"]
@@ -727,8 +776,9 @@ def test_validate_info_and_chat_cli_on_a_reft_repo(saved_reft, alice, repo_name)
     push_adapter(folder, repo_id, token=alice)
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "hub_peft.cli", *args], capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "hub_peft.cli", *args], capture_output=True, text=True, timeout=300
+        )
 
     out = cli("validate", repo_id)
     assert out.returncode == 0 and "valid REFT adapter" in out.stdout
@@ -769,8 +819,9 @@ def test_bad_reft_files_get_clear_errors(saved_reft, tmp_path):
     other_base = variant("other", smol, wider)
     with pytest.raises(IncompatibleAdapterError, match="SmolLM2-135M-Instruct"):
         load_adapter(load_tiny(), other_base)
-    deep = variant("deep", {"layers": [0, 9]},
-                   {k.replace("layer1.", "layer9."): v for k, v in tensors.items()}, replace=True)  # fmt: skip
+    deep = variant(
+        "deep", {"layers": [0, 9]}, {k.replace("layer1.", "layer9."): v for k, v in tensors.items()}, replace=True
+    )
     with pytest.raises(IncompatibleAdapterError, match="layer 9"):
         load_adapter(load_tiny(), deep)
     not_orthonormal = variant("ortho", tensors_change={"reft.layer0.block_output.f.R": torch.ones(4, 64)})
@@ -790,8 +841,11 @@ def write_pyreft_dir(path, layers, rank=4, hidden=HIDDEN, seed=0, per_layer=1):
         for unit in range(per_layer):
             key = f"layer_{layer}_comp_block_output_unit_pos_nunit_1#{unit}"
             rotate, _ = torch.linalg.qr(torch.randn(hidden, rank, generator=g))
-            state = {"weight": torch.randn(rank, hidden, generator=g) * 0.2, "bias": torch.randn(rank, generator=g),
-                     "rotate_layer": rotate.contiguous()}  # fmt: skip
+            state = {
+                "weight": torch.randn(rank, hidden, generator=g) * 0.2,
+                "bias": torch.randn(rank, generator=g),
+                "rotate_layer": rotate.contiguous(),
+            }
             torch.save(state, path / f"intkey_{key}.bin")
             keys.append(key)
             weights[layer] = state
@@ -810,9 +864,23 @@ def write_pyreft_dir(path, layers, rank=4, hidden=HIDDEN, seed=0, per_layer=1):
 
 def test_imported_pyreft_save_computes_what_pyreft_computes(tiny_base_repo, tmp_path):  # noqa: F811
     weights = write_pyreft_dir(tmp_path / "pyreft", layers=[0, 1])
-    out = subprocess.run([sys.executable, "-m", "hub_peft.cli", "import-pyreft", str(tmp_path / "pyreft"),
-                          str(tmp_path / "ours"), "--base", "alice/tiny-llama", "--prompt-template", "q {prompt}\\na"],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hub_peft.cli",
+            "import-pyreft",
+            str(tmp_path / "pyreft"),
+            str(tmp_path / "ours"),
+            "--base",
+            "alice/tiny-llama",
+            "--prompt-template",
+            "q {prompt}\\na",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["prompt_template"] == "q {prompt}\na" and config["positions"] == "l1"
@@ -876,8 +944,15 @@ def tiny_other_architecture(kind: str):
     if kind == "gpt2":
         config = GPT2Config(vocab_size=128, n_embd=HIDDEN, n_layer=3, n_head=4, n_positions=128)
     else:
-        config = Qwen2Config(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+        config = Qwen2Config(
+            vocab_size=128,
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
     return AutoModelForCausalLM.from_config(config).eval()
 
 

@@ -53,8 +53,10 @@ def test_noise_is_a_pure_function_of_seed_position_and_token():
     assert not torch.equal(a, uniform_noise(123, 6, ids)) and not torch.equal(a, uniform_noise(124, 5, ids))
     assert a.min() > 0 and a.max() < 1 and abs(a.mean().item() - 0.5) < 0.03
     p = SamplingParams(temperature=1.0, seed=9)
-    assert sample_row(LOGITS, p, 3, [], []).token == sample_row(LOGITS, SamplingParams(temperature=1.0, seed=9), 3,
-                                                                [], []).token  # fmt: skip
+    assert (
+        sample_row(LOGITS, p, 3, [], []).token
+        == sample_row(LOGITS, SamplingParams(temperature=1.0, seed=9), 3, [], []).token
+    )
 
 
 def test_logprobs_are_the_models_own_and_bad_parameters_are_refused():
@@ -62,7 +64,6 @@ def test_logprobs_are_the_models_own_and_bad_parameters_are_refused():
     logprobs = torch.log_softmax(LOGITS, -1)
     assert out.logprob == pytest.approx(logprobs[out.token].item())
     assert [t for t, _ in out.top] == [0, 1, 2] and out.top[0][1] == pytest.approx(logprobs[0].item())
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"logprobs": 21}, {"stop": ("",)},
-                {"max_tokens": 0}):  # fmt: skip
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"logprobs": 21}, {"stop": ("",)}, {"max_tokens": 0}):
         with pytest.raises(InvalidInputError, match=next(iter(bad))):
             SamplingParams(**bad)

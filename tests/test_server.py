@@ -61,8 +61,13 @@ def engine(adapters):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def server(engine, adapters):  # noqa: F811
-    with serving(engine, allow_hub_pattern="alice/served-*", max_prompt_tokens=40, admin_token="secret-admin",
-                 adapter_dirs=[Path(adapters["ia3"]).parent]) as c:  # fmt: skip
+    with serving(
+        engine,
+        allow_hub_pattern="alice/served-*",
+        max_prompt_tokens=40,
+        admin_token="secret-admin",
+        adapter_dirs=[Path(adapters["ia3"]).parent],
+    ) as c:
         yield c
 
 
@@ -94,8 +99,12 @@ def metric(text: str, name: str, **labels) -> float:
 
 def test_models_lists_the_base_and_the_adapters(server):
     data = server.get("/v1/models").json()["data"]
-    assert [(m["id"], m["type"]) for m in data][:4] == [(BASE, "base"), ("lora", "lora"), ("reft", "reft"),
-                                                        ("ia3", "ia3")]  # fmt: skip
+    assert [(m["id"], m["type"]) for m in data][:4] == [
+        (BASE, "base"),
+        ("lora", "lora"),
+        ("reft", "reft"),
+        ("ia3", "ia3"),
+    ]
     assert data[1]["commit"] is None and data[1]["key"].startswith("sha256:")  # a folder has no commit
     assert server.get("/openapi.json").json()["paths"]["/v1/chat/completions"]["post"]
 
@@ -115,8 +124,9 @@ def test_concurrent_requests_share_steps_and_each_equals_its_single_reference(se
     assert len(set(expected.values())) >= 4, "the adapters should answer differently"
     after = server.get("/metrics").text
     steps = metric(after, "hub_peft:iteration_rows_count") - metric(before, "hub_peft:iteration_rows_count")
-    alone = metric(after, "hub_peft:iteration_rows_bucket", le="1.0") - metric(before, "hub_peft:iteration_rows_bucket",
-                                                                               le="1.0")  # fmt: skip
+    alone = metric(after, "hub_peft:iteration_rows_bucket", le="1.0") - metric(
+        before, "hub_peft:iteration_rows_bucket", le="1.0"
+    )
     assert steps > alone, "concurrent requests should share engine steps"
     assert metric(after, "hub_peft:requests_total", adapter="reft", status="200") >= 4
 
@@ -127,8 +137,14 @@ def test_a_short_request_sent_after_a_long_one_finishes_first(server, engine):
     first_token = threading.Event()
 
     def long_request():
-        body = {"model": "lora", "messages": [{"role": "user", "content": "a b"}], "max_tokens": 40,
-                "ignore_eos": True, "stream": True, **GREEDY}  # fmt: skip
+        body = {
+            "model": "lora",
+            "messages": [{"role": "user", "content": "a b"}],
+            "max_tokens": 40,
+            "ignore_eos": True,
+            "stream": True,
+            **GREEDY,
+        }
         with server.stream("POST", "/v1/chat/completions", json=body) as response:
             for line in response.iter_lines():
                 if '"content": "' in line and '"content": ""' not in line:
@@ -147,8 +163,14 @@ def test_a_short_request_sent_after_a_long_one_finishes_first(server, engine):
 
 def test_streaming_sends_the_same_text_as_server_sent_events(server):
     whole = chat(server, "reft", PROMPTS[1]).json()["choices"][0]["message"]["content"]
-    body = {"model": "reft", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 5, "stream": True,
-            "stream_options": {"include_usage": True}, **GREEDY}  # fmt: skip
+    body = {
+        "model": "reft",
+        "messages": [{"role": "user", "content": PROMPTS[1]}],
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **GREEDY,
+    }
     with server.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
@@ -169,8 +191,9 @@ def test_plain_completions_take_the_prompt_as_is(server, engine):
 
 def test_the_openai_sdk_and_every_sampling_field(sdk, server, engine):
     prompt = [{"role": "user", "content": PROMPTS[3]}]
-    greedy = sdk.chat.completions.create(model="lora", messages=prompt, max_tokens=8, temperature=0,
-                                         extra_body={"ignore_eos": True})  # fmt: skip
+    greedy = sdk.chat.completions.create(
+        model="lora", messages=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     text = greedy.choices[0].message.content
     assert greedy.choices[0].finish_reason == "length" and greedy.usage.completion_tokens == 8
     assert text.strip() == reference(engine, PROMPTS[3], "lora", 8)
@@ -180,27 +203,45 @@ def test_the_openai_sdk_and_every_sampling_field(sdk, server, engine):
     stop = " " + words[3]
     cut = sdk.chat.completions.create(model="lora", messages=prompt, max_tokens=8, temperature=0, stop=[stop, "zzz"])
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[: text.index(stop)]
-    stream = sdk.chat.completions.create(model="lora", messages=prompt, max_tokens=8, temperature=0, stop=stop,
-                                         stream=True, stream_options={"include_usage": True})  # fmt: skip
+    stream = sdk.chat.completions.create(
+        model="lora",
+        messages=prompt,
+        max_tokens=8,
+        temperature=0,
+        stop=stop,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == cut.choices[0].message.content and chunks[-1].usage == cut.usage
 
     # logprobs: the model's own log-softmax, the top ones sorted
-    lp = sdk.chat.completions.create(model="lora", messages=prompt, max_completion_tokens=3, temperature=0,
-                                     logprobs=True, top_logprobs=4)  # fmt: skip
+    lp = sdk.chat.completions.create(
+        model="lora", messages=prompt, max_completion_tokens=3, temperature=0, logprobs=True, top_logprobs=4
+    )
     content = lp.choices[0].logprobs.content
     assert len(content) == lp.usage.completion_tokens == 3
     expected = torch.log_softmax(engine.next_token_logits([PROMPTS[3]], ["lora"])[0], -1)
     assert content[0].logprob == pytest.approx(expected.max().item(), abs=1e-4)
-    assert [t.logprob for t in content[0].top_logprobs] == sorted((t.logprob for t in content[0].top_logprobs),
-                                                                  reverse=True)  # fmt: skip
+    assert [t.logprob for t in content[0].top_logprobs] == sorted(
+        (t.logprob for t in content[0].top_logprobs), reverse=True
+    )
     assert len(content[0].top_logprobs) == 4 and content[0].top_logprobs[0].token == content[0].token
 
     # n, seed, temperature, top_p, top_k, min_p, penalties: seeded sampling is reproducible and varied
-    sampling = dict(model="lora", messages=prompt, max_tokens=6, temperature=1.3, top_p=0.95, seed=11,
-                    presence_penalty=0.5, frequency_penalty=0.3, n=3,
-                    extra_body={"top_k": 50, "min_p": 0.01, "repetition_penalty": 1.1, "ignore_eos": True})  # fmt: skip
+    sampling = dict(
+        model="lora",
+        messages=prompt,
+        max_tokens=6,
+        temperature=1.3,
+        top_p=0.95,
+        seed=11,
+        presence_penalty=0.5,
+        frequency_penalty=0.3,
+        n=3,
+        extra_body={"top_k": 50, "min_p": 0.01, "repetition_penalty": 1.1, "ignore_eos": True},
+    )
     first = sdk.chat.completions.create(**sampling)
     again = sdk.chat.completions.create(**sampling)
     texts = [c.message.content for c in first.choices]
@@ -221,14 +262,24 @@ def test_the_openai_sdk_and_every_sampling_field(sdk, server, engine):
 
 def test_a_seeded_request_is_batch_invariant(sdk, engine):
     """The same seeded request alone and inside a busy mixed batch of other adapters gives the same text."""
-    request = dict(model="reft", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=12, temperature=1.0,
-                   seed=1234, extra_body={"ignore_eos": True})  # fmt: skip
+    request = dict(
+        model="reft",
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=12,
+        temperature=1.0,
+        seed=1234,
+        extra_body={"ignore_eos": True},
+    )
     alone = sdk.chat.completions.create(**request).choices[0].message.content
 
     def other(i):
-        return sdk.chat.completions.create(model=["lora", "ia3", None, "reft"][i % 4] or BASE,
-                                           messages=[{"role": "user", "content": PROMPTS[i % 6]}], max_tokens=10 + i,
-                                           temperature=0.9, extra_body={"ignore_eos": True})  # fmt: skip
+        return sdk.chat.completions.create(
+            model=["lora", "ia3", None, "reft"][i % 4] or BASE,
+            messages=[{"role": "user", "content": PROMPTS[i % 6]}],
+            max_tokens=10 + i,
+            temperature=0.9,
+            extra_body={"ignore_eos": True},
+        )
 
     with ThreadPoolExecutor(13) as pool:
         noise = [pool.submit(other, i) for i in range(6)]
@@ -237,9 +288,11 @@ def test_a_seeded_request_is_batch_invariant(sdk, engine):
         texts = [f.result().choices[0].message.content for f in busy]
         [f.result() for f in noise]
     assert texts == [alone] * 3
-    with_engine = engine.generate_tokens([request["messages"]], ["reft"],
-                                         params=[SamplingParams(max_tokens=12, temperature=1.0, seed=1234,
-                                                                ignore_eos=True)])[0]  # fmt: skip
+    with_engine = engine.generate_tokens(
+        [request["messages"]],
+        ["reft"],
+        params=[SamplingParams(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)],
+    )[0]
     assert engine.tokenizer.decode(with_engine.tokens, skip_special_tokens=True) == alone
 
 
@@ -250,14 +303,20 @@ def test_bad_requests_get_clear_errors_in_openais_shape(server):
     assert chat(server, "bob/x", "a").status_code == 404  # Hub names outside the allow-list are not loaded
     bad_json = server.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
-    for field, extra in [("max_tokens", {"max_tokens": 0}), ("temperature", {"temperature": 7}),
-                         ("stream", {"stream": "yes"}), ("n", {"n": 0}), ("tools", {"tools": []}),
-                         ("top_logprobs", {"top_logprobs": 3})]:  # fmt: skip
+    for field, extra in [
+        ("max_tokens", {"max_tokens": 0}),
+        ("temperature", {"temperature": 7}),
+        ("stream", {"stream": "yes"}),
+        ("n", {"n": 0}),
+        ("tools", {"tools": []}),
+        ("top_logprobs", {"top_logprobs": 3}),
+    ]:
         response = chat(server, "lora", "a", **extra)
         assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
     assert "Unsupported field 'tools'" in chat(server, "lora", "a", tools=[]).json()["error"]["message"]
-    no_user = server.post("/v1/chat/completions", json={"model": "lora", "messages": [{"role": "system",
-                                                                                        "content": "x"}]})  # fmt: skip
+    no_user = server.post(
+        "/v1/chat/completions", json={"model": "lora", "messages": [{"role": "system", "content": "x"}]}
+    )
     assert no_user.status_code == 400 and no_user.json()["error"]["param"] == "messages"
     too_long = chat(server, "lora", " ".join(["a"] * 41))
     assert too_long.status_code == 413 and "limit is 40" in too_long.text
@@ -273,8 +332,9 @@ def test_adapters_load_on_demand_and_through_admin_routes(server, adapters, alic
     push_adapter(adapters["lora"], repo, token=alice)
     response = chat(server, repo, PROMPTS[0])
     assert response.status_code == 200
-    assert response.json()["choices"][0]["message"]["content"] == (
-        chat(server, "lora", PROMPTS[0]).json()["choices"][0]["message"]["content"]
+    assert (
+        response.json()["choices"][0]["message"]["content"]
+        == (chat(server, "lora", PROMPTS[0]).json()["choices"][0]["message"]["content"])
     )
     assert repo in [m["id"] for m in server.get("/v1/models").json()["data"]]
 
@@ -286,8 +346,14 @@ def test_adapters_load_on_demand_and_through_admin_routes(server, adapters, alic
     assert server.delete("/admin/adapters/again", headers=auth).json() == {"removed": "again"}
     assert chat(server, "again", "a").status_code == 404
 
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     other = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(target_modules=["q_proj"]))
     folder = str(save_adapter(other, Path(adapters["ia3"]).parent / "other"))  # under the served --adapter-dir
     elsewhere = str(save_adapter(other, tmp_path / "elsewhere"))
@@ -300,8 +366,11 @@ def test_adapters_load_on_demand_and_through_admin_routes(server, adapters, alic
 def test_admin_routes_are_closed_without_a_token(adapters):  # noqa: F811
     engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()))
     with serving(engine) as client:
-        denied = client.post("/admin/adapters", json={"name": "x", "source": str(adapters["lora"])},
-                             headers={"authorization": "Bearer anything"})  # fmt: skip
+        denied = client.post(
+            "/admin/adapters",
+            json={"name": "x", "source": str(adapters["lora"])},
+            headers={"authorization": "Bearer anything"},
+        )
         assert denied.status_code == 403 and "HUB_PEFT_ADMIN_TOKEN" in denied.text
         assert client.delete("/admin/adapters/x").status_code == 403
 
@@ -317,8 +386,14 @@ def test_a_closed_stream_frees_its_slot_and_a_full_queue_answers_429(adapters, m
 
     monkeypatch.setattr(engine, "forward_ragged", slow_step)
     with serving(engine, max_waiting=1, request_timeout=30) as client, ThreadPoolExecutor(1) as pool:
-        body = {"model": "lora", "messages": [{"role": "user", "content": "a"}], "max_tokens": 50,
-                "ignore_eos": True, "stream": True, **GREEDY}  # fmt: skip
+        body = {
+            "model": "lora",
+            "messages": [{"role": "user", "content": "a"}],
+            "max_tokens": 50,
+            "ignore_eos": True,
+            "stream": True,
+            **GREEDY,
+        }
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             lines = response.iter_lines()
             [next(lines) for _ in range(4)]  # a few chunks, then the client goes away
@@ -364,8 +439,9 @@ def test_a_failing_request_does_not_fail_its_neighbours_and_nothing_is_streamed_
         streamed.setdefault(request.row, []).extend(s.token for s in samples)
 
     names = ["lora", "broken", "reft", "ia3"]
-    jobs = [Request(PROMPTS[i], name, SamplingParams(max_tokens=4), row=i, on_update=update)
-            for i, name in enumerate(names)]  # fmt: skip
+    jobs = [
+        Request(PROMPTS[i], name, SamplingParams(max_tokens=4), row=i, on_update=update) for i, name in enumerate(names)
+    ]
     entry = engine._entries["broken"]
     entry.cached = _Cached("damaged", entry.kind, entry.folder)  # its own copy of the weights, then damaged
     engine._materialize(entry)
@@ -411,8 +487,20 @@ def test_the_serve_command(adapters, alice, tiny_base_repo, tmp_path, engine):  
 
     commit = push_adapter(adapters["reft"], "alice/served-reft", token=alice).rsplit("/", 1)[-1]
     port = free_port()
-    command = [sys.executable, "-m", "hub_peft.cli", "serve", "--base", tiny_base_repo, "--port", str(port),
-               "--adapter", f"lora={adapters['lora']}", "--adapter", f"reft=alice/served-reft@{commit}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "hub_peft.cli",
+        "serve",
+        "--base",
+        tiny_base_repo,
+        "--port",
+        str(port),
+        "--adapter",
+        f"lora={adapters['lora']}",
+        "--adapter",
+        f"reft=alice/served-reft@{commit}",
+    ]
     process = subprocess.Popen(command, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:

@@ -23,8 +23,13 @@ def test_the_pushed_space_installs_and_serves_from_a_fresh_virtualenv(local_hub,
 
     space_id = f"alice/{repo_name}"
     env = {**os.environ, "HF_TOKEN": alice}
-    out = subprocess.run([sys.executable, "-m", "hub_peft.cli", "space", "push", space_id, "--hardware", "cpu-basic"],
-                         capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "hub_peft.cli", "space", "push", space_id, "--hardware", "cpu-basic"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert alice not in out.stdout + out.stderr
     assert HfApi(endpoint=local_hub.endpoint).repo_info(space_id, repo_type="space").id == space_id
@@ -44,17 +49,32 @@ def test_the_pushed_space_installs_and_serves_from_a_fresh_virtualenv(local_hub,
     python = str(venv / "bin" / "python")
     # download.pytorch.org (the --extra-index-url a Space uses for CPU torch) is unreachable here: fail fast on it
     pip_env = {**os.environ, "PIP_RETRIES": "0", "PIP_DEFAULT_TIMEOUT": "10"}
-    install = subprocess.run([python, "-m", "pip", "install", "--quiet", "-r", "requirements.txt"], cwd=folder,
-                             capture_output=True, text=True, timeout=1500, env=pip_env)  # fmt: skip
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "-r", "requirements.txt"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env=pip_env,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
-    where = subprocess.run([python, "-c", "import hub_peft; print(hub_peft.__file__)"], cwd=folder,
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    where = subprocess.run(
+        [python, "-c", "import hub_peft; print(hub_peft.__file__)"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert Path(where.stdout.strip()).is_relative_to(folder), where  # the pushed code, not some other install
 
     port = free_port()
     app_env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "VIRTUAL_ENV", "PYTHONPATH")}
-    app_env.update(GRADIO_SERVER_PORT=str(port), HF_ENDPOINT=local_hub.endpoint,
-                   HUB_PEFT_STUDIO_DIR=str(tmp_path / "sessions"), GRADIO_ANALYTICS_ENABLED="False")  # fmt: skip
+    app_env.update(
+        GRADIO_SERVER_PORT=str(port),
+        HF_ENDPOINT=local_hub.endpoint,
+        HUB_PEFT_STUDIO_DIR=str(tmp_path / "sessions"),
+        GRADIO_ANALYTICS_ENABLED="False",
+    )
     log = (tmp_path / "app.log").open("w")
     app = subprocess.Popen([python, "app.py"], cwd=folder, env=app_env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -33,10 +33,22 @@ def studio(tmp_path_factory):
     env.pop("HF_TOKEN", None)
     log = open(work / "studio.log", "w")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
-        [sys.executable, "-m", "hub_peft.cli", "studio", "--port", str(port), "--hub-port", str(hub_port),
-         "--hub-root", str(work / "hub")],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hub_peft.cli",
+            "studio",
+            "--port",
+            str(port),
+            "--hub-port",
+            str(hub_port),
+            "--hub-root",
+            str(work / "hub"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
     while time.time() < deadline:

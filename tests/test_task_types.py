@@ -26,17 +26,50 @@ LABELS = {0: "neg", 1: "neutral", 2: "pos"}
 def tiny_configs() -> dict:
     """Seeded tiny seq2seq and encoder bases (vocabulary of ``tiny_tokenizer``: <s>=1, </s>=2)."""
     return {
-        T5_REPO: transformers.T5ForConditionalGeneration(transformers.T5Config(
-            vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-            pad_token_id=2, eos_token_id=None, decoder_start_token_id=3)),  # no EOS: all 32 tokens
-        BART_REPO: transformers.BartForConditionalGeneration(transformers.BartConfig(
-            vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)),
-        BERT_REPO: transformers.BertModel(transformers.BertConfig(  # a bare encoder, as bert-base checkpoints are
-            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=64, pad_token_id=0)),
-    }  # fmt: skip
+        T5_REPO: transformers.T5ForConditionalGeneration(
+            transformers.T5Config(
+                vocab_size=128,
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_decoder_layers=2,
+                num_heads=4,
+                pad_token_id=2,
+                eos_token_id=None,
+                decoder_start_token_id=3,
+            )
+        ),  # no EOS: all 32 tokens
+        BART_REPO: transformers.BartForConditionalGeneration(
+            transformers.BartConfig(
+                vocab_size=128,
+                d_model=32,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                max_position_embeddings=64,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+                decoder_start_token_id=2,
+                forced_eos_token_id=None,
+            )
+        ),
+        BERT_REPO: transformers.BertModel(
+            transformers.BertConfig(  # a bare encoder, as bert-base checkpoints are
+                vocab_size=128,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=64,
+                pad_token_id=0,
+            )
+        ),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -64,21 +97,50 @@ class Case:
 
 
 CASES = {
-    "t5-seq2seq": Case("SEQ_2_SEQ_LM", T5_REPO, "AutoModelForSeq2SeqLM", ["q", "v"], "text2text-generation",
-                       snippet=True),
-    "bart-seq2seq": Case("SEQ_2_SEQ_LM", BART_REPO, "AutoModelForSeq2SeqLM", ["q_proj", "v_proj"],
-                         "text2text-generation"),
-    "bert-seq-cls": Case("SEQ_CLS", BERT_REPO, "AutoModelForSequenceClassification", ["query", "value"],
-                         "text-classification", {"num_labels": 3, "id2label": LABELS}, snippet=True),
-    "llama-seq-cls": Case("SEQ_CLS", "alice/tiny-llama", "AutoModelForSequenceClassification", ["q_proj", "v_proj"],
-                          "text-classification", {"num_labels": 3}),
-    "bert-token-cls": Case("TOKEN_CLS", BERT_REPO, "AutoModelForTokenClassification", ["query", "value"],
-                           "token-classification", {"num_labels": 5}, snippet=True),
-    "bert-feature-extraction": Case("FEATURE_EXTRACTION", BERT_REPO, "AutoModel", ["query", "value"],
-                                    "feature-extraction", snippet=True),
-    "bert-qa": Case("QUESTION_ANS", BERT_REPO, "AutoModelForQuestionAnswering", ["query", "value"],
-                    "question-answering", snippet=True),
-}  # fmt: skip
+    "t5-seq2seq": Case(
+        "SEQ_2_SEQ_LM", T5_REPO, "AutoModelForSeq2SeqLM", ["q", "v"], "text2text-generation", snippet=True
+    ),
+    "bart-seq2seq": Case(
+        "SEQ_2_SEQ_LM", BART_REPO, "AutoModelForSeq2SeqLM", ["q_proj", "v_proj"], "text2text-generation"
+    ),
+    "bert-seq-cls": Case(
+        "SEQ_CLS",
+        BERT_REPO,
+        "AutoModelForSequenceClassification",
+        ["query", "value"],
+        "text-classification",
+        {"num_labels": 3, "id2label": LABELS},
+        snippet=True,
+    ),
+    "llama-seq-cls": Case(
+        "SEQ_CLS",
+        "alice/tiny-llama",
+        "AutoModelForSequenceClassification",
+        ["q_proj", "v_proj"],
+        "text-classification",
+        {"num_labels": 3},
+    ),
+    "bert-token-cls": Case(
+        "TOKEN_CLS",
+        BERT_REPO,
+        "AutoModelForTokenClassification",
+        ["query", "value"],
+        "token-classification",
+        {"num_labels": 5},
+        snippet=True,
+    ),
+    "bert-feature-extraction": Case(
+        "FEATURE_EXTRACTION", BERT_REPO, "AutoModel", ["query", "value"], "feature-extraction", snippet=True
+    ),
+    "bert-qa": Case(
+        "QUESTION_ANS",
+        BERT_REPO,
+        "AutoModelForQuestionAnswering",
+        ["query", "value"],
+        "question-answering",
+        snippet=True,
+    ),
+}
 
 
 def fresh_base(case: Case, seed: int = 123):
@@ -100,8 +162,10 @@ def outputs(model, case: Case) -> torch.Tensor:
 def make_adapter(case: Case):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(fresh_base(case, seed=7), LoraConfig(task_type=case.task_type, r=4, lora_alpha=8,
-                           target_modules=case.targets, init_lora_weights=False))  # fmt: skip
+    model = get_peft_model(
+        fresh_base(case, seed=7),
+        LoraConfig(task_type=case.task_type, r=4, lora_alpha=8, target_modules=case.targets, init_lora_weights=False),
+    )
     with torch.no_grad():  # a trained head, one no fresh initialisation can give, and a LoRA that shows
         for name, p in model.named_parameters():
             if "modules_to_save" in name:
@@ -193,12 +257,18 @@ def test_seq2seq_adapter_on_the_wrong_base_is_refused_clearly(task_bases, tmp_pa
     """The shape check builds the seq2seq model, so a T5 of another width is a shape mismatch, and a causal LM
     base (which AutoModelForSeq2SeqLM cannot build) says what the adapter needs, not transformers' ValueError."""
     folder = seq2seq_adapter(tmp_path, task_bases)
-    wider = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=128, d_model=48, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4))  # fmt: skip
+    wider = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(
+            vocab_size=128, d_model=48, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4
+        )
+    )
     with pytest.raises(IncompatibleAdapterError, match=r"coder\.block\.0.*has shape \[4, 32\].*needs 48"):
         load_adapter(wider, folder)
-    with pytest.raises(IncompatibleAdapterError, match=r"SEQ_2_SEQ_LM adapter .*llama model, which "
-                       r"AutoModelForSeq2SeqLM cannot build: it was made for alice/tiny-t5-tasks"):  # fmt: skip
+    with pytest.raises(
+        IncompatibleAdapterError,
+        match=r"SEQ_2_SEQ_LM adapter .*llama model, which "
+        r"AutoModelForSeq2SeqLM cannot build: it was made for alice/tiny-t5-tasks",
+    ):
         load_adapter(load_tiny(), folder)
 
 
@@ -220,8 +290,11 @@ def test_load_base_model_refuses_a_checkpoint_whose_head_it_would_drop(tiny_base
     # what load_base_model's AutoModelForCausalLM does with it unchecked: a BERT LM, the classifier gone
     dropped = transformers.AutoModelForCausalLM.from_pretrained(bert)
     assert not any("classifier" in n for n, _ in dropped.named_parameters())
-    with pytest.raises(InvalidInputError, match=r"BertForSequenceClassification checkpoint \(a sequence classifier\)"
-                       r".*transformers\.AutoModelForSequenceClassification\.from_pretrained"):  # fmt: skip
+    with pytest.raises(
+        InvalidInputError,
+        match=r"BertForSequenceClassification checkpoint \(a sequence classifier\)"
+        r".*transformers\.AutoModelForSequenceClassification\.from_pretrained",
+    ):
         load_base_model(str(bert))
     with pytest.raises(InvalidInputError, match=r"T5ForConditionalGeneration.*AutoModelForSeq2SeqLM"):
         load_base_model(str(classifier_folder(tmp_path, "t5")))

@@ -90,9 +90,24 @@ def test_hub_peft_train_cli_trains_saves_and_pushes(tiny_base_repo, alice, repo_
     examples.write_text("\n".join(json.dumps(r) for r in [*ROWS, {"prompt": "", "response": "x"}]) + "\n")
     repo_id = f"alice/{repo_name}"
     env = {**os.environ, "HF_TOKEN": alice}
-    cmd = [sys.executable, "-m", "hub_peft.cli", "train", "--examples", str(examples), "--method", "reft",
-           "--base", "alice/tiny-llama", "--out", str(tmp_path / "out"), "--epochs", "3",
-           "--push", repo_id]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "hub_peft.cli",
+        "train",
+        "--examples",
+        str(examples),
+        "--method",
+        "reft",
+        "--base",
+        "alice/tiny-llama",
+        "--out",
+        str(tmp_path / "out"),
+        "--epochs",
+        "3",
+        "--push",
+        repo_id,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "row 9: empty prompt (skipped)" in out.stderr and "8 examples to train on" in out.stdout
@@ -146,8 +161,11 @@ def test_the_space_preview_flags_long_prompts(app, tiny_base_repo):  # noqa: F81
     assert "⛔ row 1: 302 tokens, the limit is 256; shorten it" in text
 
 
-def test_the_space_holds_out_validation_rows_and_shows_both_curves_and_the_before_after_table(app, tiny_base_repo,  # noqa: F811
-                                                                                                    tmp_path):
+def test_the_space_holds_out_validation_rows_and_shows_both_curves_and_the_before_after_table(
+    app,
+    tiny_base_repo,  # noqa: F811
+    tmp_path,
+):
     """The Studio's training handler: 24 rows, so 10% are held out; the last update has the train and the
     validation curve in one plot and the before/after table with the held-out rows' references. A
     second upload replaces the split (and its rows are never trained on)."""
@@ -242,8 +260,18 @@ def test_train_holds_out_a_validation_split_and_reports_its_loss(method, tiny_ba
         base += ["--layers", "1"]
 
     def train(out: str, *extra: str):
-        cmd = [sys.executable, "-m", "hub_peft.cli", "train", "--examples", str(examples), "--out",
-               str(tmp_path / out), *base, *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "hub_peft.cli",
+            "train",
+            "--examples",
+            str(examples),
+            "--out",
+            str(tmp_path / out),
+            *base,
+            *extra,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ)
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads((tmp_path / out / "hub_peft_card.json").read_text()), done.stdout
@@ -257,8 +285,9 @@ def test_train_holds_out_a_validation_split_and_reports_its_loss(method, tiny_ba
     assert set(card["evaluation"]) == {"validation_loss", "exact_match", "base_exact_match"}
     assert card["evaluation_details"]["rows"] == card["evaluation_details"]["evaluated"] == 3
     table = card["comparisons"]
-    assert len(table) == 3 and all(c["reference"] == next(r["response"] for r in rows if r["prompt"] == c["prompt"])
-                                   for c in table)  # fmt: skip
+    assert len(table) == 3 and all(
+        c["reference"] == next(r["response"] for r in rows if r["prompt"] == c["prompt"]) for c in table
+    )
     answers = [c["adapter"].strip() == c["reference"] for c in table]
     assert card["evaluation"]["exact_match"] == round(sum(answers) / 3, 4)
     printed = " ".join(f"{h['val_loss']:.3f}" for h in validated)
@@ -273,8 +302,13 @@ def test_train_holds_out_a_validation_split_and_reports_its_loss(method, tiny_ba
     from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
     env = {**os.environ, "HF_TOKEN": alice}
-    done = subprocess.run([sys.executable, "-m", "hub_peft.cli", "push", str(tmp_path / "split"), f"alice/{repo_name}"],
-                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "hub_peft.cli", "push", str(tmp_path / "split"), f"alice/{repo_name}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     files = HfApi(token=alice).list_repo_files(f"alice/{repo_name}")
     assert ".eval_results/hub_peft.yaml" in files
@@ -283,8 +317,9 @@ def test_train_holds_out_a_validation_split_and_reports_its_loss(method, tiny_ba
     index = pushed_card.data.to_dict()["model-index"][0]["results"][0]
     assert index["dataset"]["split"] == "validation"
     assert {m["type"]: m["value"] for m in index["metrics"]} == card["evaluation"]
-    entries = yaml.safe_load(Path(hf_hub_download(f"alice/{repo_name}", ".eval_results/hub_peft.yaml",
-                                                  token=alice)).read_text())  # fmt: skip
+    entries = yaml.safe_load(
+        Path(hf_hub_download(f"alice/{repo_name}", ".eval_results/hub_peft.yaml", token=alice)).read_text()
+    )
     assert {e["dataset"]["task_id"]: e["value"] for e in entries} == card["evaluation"]
     from huggingface_hub import parse_eval_result_entries
 
@@ -292,8 +327,12 @@ def test_train_holds_out_a_validation_split_and_reports_its_loss(method, tiny_ba
     assert {(e.task_id, e.value, e.source_url) for e in parsed} == {
         (k, v, f"{HfApi().endpoint}/alice/{repo_name}") for k, v in card["evaluation"].items()
     }
-    assert all(e["dataset"]["id"] == f"alice/{repo_name}" and e["date"] == card["evaluation_details"]["date"]
-               and "3-row validation split of rows.jsonl, never trained on" in e["notes"] for e in entries)  # fmt: skip
+    assert all(
+        e["dataset"]["id"] == f"alice/{repo_name}"
+        and e["date"] == card["evaluation_details"]["date"]
+        and "3-row validation split of rows.jsonl, never trained on" in e["notes"]
+        for e in entries
+    )
 
     held = tmp_path / "held.jsonl"
     held.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
@@ -322,8 +361,9 @@ def test_the_evaluation_compares_the_base_and_the_adapter_on_held_out_rows(tiny_
         trained = train_adapter(ROWS, settings, base=(base, tiny_tokenizer()))
         tokenizer, template = trained.tokenizer, trained.template
         own = generate_replies(trained.model, tokenizer, prompts, template=template, max_new_tokens=48)
-        trained.validation_rows = [{"prompt": p, "response": own[i] if i % 2 else "not this"}
-                                   for i, p in enumerate(prompts)]  # fmt: skip
+        trained.validation_rows = [
+            {"prompt": p, "response": own[i] if i % 2 else "not this"} for i, p in enumerate(prompts)
+        ]
         evaluation = evaluate_trained(trained)
         prompts_only = evaluate_trained(dataclasses.replace(trained, validation_rows=[]), prompts=prompts)
         trained.release()
@@ -334,8 +374,10 @@ def test_the_evaluation_compares_the_base_and_the_adapter_on_held_out_rows(tiny_
         assert [c.adapter for c in table][1::2] == own[1::2] and own != plain, method
         assert all(o.startswith(c.adapter) and p.startswith(c.base) for o, p, c in zip(own, plain, table, strict=True))
         assert evaluation.metrics["exact_match"] == 0.5
-        assert evaluation.metrics["base_exact_match"] == sum(c.base == r["response"] for c, r in
-                                                             zip(table, trained.validation_rows, strict=True)) / 4
+        assert (
+            evaluation.metrics["base_exact_match"]
+            == sum(c.base == r["response"] for c, r in zip(table, trained.validation_rows, strict=True)) / 4
+        )
         assert "validation_loss" not in evaluation.metrics  # this run had no validation epochs
         assert prompts_only.source == "held-out prompts" and not prompts_only.metrics
         assert [(c.base, c.adapter) for c in prompts_only.comparisons] == list(zip(plain, own, strict=True))
@@ -356,8 +398,9 @@ def test_early_stop_ends_training_and_keeps_the_best_epochs_weights(monkeypatch,
             return next(losses)
 
         monkeypatch.setattr(training, "validation_loss", scripted)
-        settings = TrainSettings(method=method, epochs=10, lr=0.05, batch_size=8, early_stop=2,
-                                 layers=[1] if method == "reft" else None)  # fmt: skip
+        settings = TrainSettings(
+            method=method, epochs=10, lr=0.05, batch_size=8, early_stop=2, layers=[1] if method == "reft" else None
+        )
         trained = train_adapter(ROWS, settings, base=(load_tiny(), tiny_tokenizer()), validation_rows=ROWS[:2])
         result = trained.result
         assert result.stopped == "early_stop" and len(seen) == 4 and result.steps == 4, method

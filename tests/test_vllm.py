@@ -32,8 +32,10 @@ MATRIX: dict[str, tuple[dict, bool]] = {
     "plain": ({"r": 8, "target_modules": LINEAR}, True),
     "qv-r4": ({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, True),
     "rslora": ({"r": 16, "use_rslora": True, "target_modules": ["q_proj", "v_proj"]}, True),
-    "patterns": ({"r": 8, "target_modules": LINEAR, "rank_pattern": {"q_proj": 16}, "alpha_pattern": {"v_proj": 32}},
-                 True),
+    "patterns": (
+        {"r": 8, "target_modules": LINEAR, "rank_pattern": {"q_proj": 16}, "alpha_pattern": {"v_proj": 32}},
+        True,
+    ),
     "layers": ({"r": 8, "target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0]}, True),
     "lm_head": ({"r": 8, "target_modules": ["q_proj", "lm_head"]}, True),
     "embed_tokens": ({"r": 8, "target_modules": ["embed_tokens", "v_proj"]}, True),
@@ -74,16 +76,36 @@ def test_our_vllm_verdicts_are_vllms(tmp_path, tiny_base_repo):  # noqa: F811
 
 
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hub_peft.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=os.environ, **kwargs)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "hub_peft.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ,
+        **kwargs,
+    )
 
 
 def test_serve_on_vllm_checks_sizes_and_prints_the_command(tmp_path, alice, repo_name, tiny_base_repo):  # noqa: F811
     folders = make_variants(load_tiny, tmp_path)
     repo_id = f"alice/{repo_name}"
     commit = push_adapter(folders["rslora"], repo_id, token=alice).rsplit("/", 1)[-1]
-    out = cli("serve", "--engine", "vllm", "--base", "alice/tiny-llama", "--adapter", f"small={folders['qv-r4']}",
-              "--adapter", f"hub={repo_id}@{commit}", "--print-command", "--dtype", "float32", "--port", "8123")
+    out = cli(
+        "serve",
+        "--engine",
+        "vllm",
+        "--base",
+        "alice/tiny-llama",
+        "--adapter",
+        f"small={folders['qv-r4']}",
+        "--adapter",
+        f"hub={repo_id}@{commit}",
+        "--print-command",
+        "--dtype",
+        "float32",
+        "--port",
+        "8123",
+    )
     assert out.returncode == 0, out.stderr
     command = out.stdout.split()
     assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
@@ -94,8 +116,18 @@ def test_serve_on_vllm_checks_sizes_and_prints_the_command(tmp_path, alice, repo
     assert hub_folder.name == commit and (hub_folder / "adapter_model.safetensors").is_file()  # that revision
     assert alice not in out.stdout
 
-    refused = cli("serve", "--engine", "vllm", "--adapter", f"ok={folders['plain']}", "--adapter",
-                  f"d={folders['dora']}", "--adapter", f"p={folders['pissa']}", "--print-command")  # fmt: skip
+    refused = cli(
+        "serve",
+        "--engine",
+        "vllm",
+        "--adapter",
+        f"ok={folders['plain']}",
+        "--adapter",
+        f"d={folders['dora']}",
+        "--adapter",
+        f"p={folders['pissa']}",
+        "--print-command",
+    )
     assert refused.returncode == 2
     assert "d (" in refused.stderr and "DoRA" in refused.stderr and "p (" in refused.stderr
     assert "ok (" not in refused.stderr and "hub-peft serve" in refused.stderr
@@ -172,8 +204,12 @@ def test_vllm_itself_agrees_and_serves_the_same_tokens(tmp_path, local_hub, alic
 
     folders = make_variants(lambda: load_base_model(None)[0], tmp_path)  # SmolLM2-135M-Instruct, fp32
     ours = {name: validate_adapter(folder, for_engine="vllm").ok for name, folder in folders.items()}
-    decided = subprocess.run([VLLM_PYTHON, "-c", VLLM_DECIDES, json.dumps({n: str(f) for n, f in folders.items()})],
-                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    decided = subprocess.run(
+        [VLLM_PYTHON, "-c", VLLM_DECIDES, json.dumps({n: str(f) for n, f in folders.items()})],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert decided.returncode == 0, decided.stderr[-3000:]
     theirs = json.loads(decided.stdout.strip().splitlines()[-1])
     print("\nvariant            ours     vLLM's code")
@@ -186,9 +222,23 @@ def test_vllm_itself_agrees_and_serves_the_same_tokens(tmp_path, local_hub, alic
         push_adapter(folders[name], f"alice/{repo_name}-{name}", token=alice)
     port = free_port()
     env = {**os.environ, "HF_TOKEN": alice, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
-    command = [sys.executable, "-m", "hub_peft.cli", "serve", "--engine", "vllm", "--vllm-python", VLLM_PYTHON,
-               "--port", str(port), "--dtype", "float32", "--max-model-len", "1024",
-               *[a for name in accepted for a in ("--adapter", f"{name}=alice/{repo_name}-{name}")]]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "hub_peft.cli",
+        "serve",
+        "--engine",
+        "vllm",
+        "--vllm-python",
+        VLLM_PYTHON,
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "1024",
+        *[a for name in accepted for a in ("--adapter", f"{name}=alice/{repo_name}-{name}")],
+    ]
     log = (tmp_path / "vllm.log").open("w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -199,8 +249,13 @@ def test_vllm_itself_agrees_and_serves_the_same_tokens(tmp_path, local_hub, alic
         with httpx.Client(timeout=300) as client:
             for name in [None, *accepted]:
                 for prompt in prompts:
-                    body = {"model": name or DEFAULT_BASE, "messages": [{"role": "user", "content": prompt}],
-                            "max_tokens": 12, "temperature": 0, "logprobs": True}  # fmt: skip
+                    body = {
+                        "model": name or DEFAULT_BASE,
+                        "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": 12,
+                        "temperature": 0,
+                        "logprobs": True,
+                    }
                     answer = client.post(f"{url}/v1/chat/completions", json=body)
                     assert answer.status_code == 200, answer.text
                     got[name, prompt] = answer.json()["choices"][0]["message"]["content"]

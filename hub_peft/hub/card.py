@@ -119,8 +119,10 @@ def _check_json_like(data: object) -> None:
         value, depth = stack.pop()
         if isinstance(value, (dict, list, tuple)):
             if depth >= MAX_CARD_DEPTH:
-                raise CardError(f"the YAML front matter nests lists and mappings more than {MAX_CARD_DEPTH} levels "
-                                "deep: flatten it.")  # fmt: skip
+                raise CardError(
+                    f"the YAML front matter nests lists and mappings more than {MAX_CARD_DEPTH} levels "
+                    "deep: flatten it."
+                )
             size += 2
             if isinstance(value, dict):
                 for key, item in value.items():
@@ -133,8 +135,10 @@ def _check_json_like(data: object) -> None:
         else:
             size += _scalar_size(value) + 1
         if size > MAX_CARD_DATA_BYTES:
-            raise CardError(f"the YAML front matter holds more than {MAX_CARD_DATA_BYTES // 1024} KiB of data: keep "
-                            "metadata short and move long text into the card's Markdown body.")  # fmt: skip
+            raise CardError(
+                f"the YAML front matter holds more than {MAX_CARD_DATA_BYTES // 1024} KiB of data: keep "
+                "metadata short and move long text into the card's Markdown body."
+            )
 
 
 def _scalar_size(value: object) -> int:

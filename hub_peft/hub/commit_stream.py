@@ -68,9 +68,11 @@ class CommitStream:
             newline = _find(view, b"\n")
             piece = view if newline < 0 else view[:newline]
             if self._after is not None and len(self._after) + len(piece) > MAX_AFTER_CONTENT:
-                raise BadRequest(f"Malformed commit payload at line {self._number + 1}: more than {MAX_AFTER_CONTENT} "
-                                 "bytes follow a file's content; after it, a file line holds only its 'path' and "
-                                 "'encoding'.")  # fmt: skip
+                raise BadRequest(
+                    f"Malformed commit payload at line {self._number + 1}: more than {MAX_AFTER_CONTENT} "
+                    "bytes follow a file's content; after it, a file line holds only its 'path' and "
+                    "'encoding'."
+                )
             target = self._after if self._after is not None else self._line
             target += piece
             if newline < 0:
@@ -104,8 +106,10 @@ class CommitStream:
     def _start_streaming(self) -> None:
         match = _CONTENT_PREFIX.match(self._line)
         if not match:
-            raise BadRequest(f"Malformed commit payload at line {self._number + 1}: a line over "
-                             f"{INLINE_LIMIT} bytes must be a file whose 'content' comes first.")  # fmt: skip
+            raise BadRequest(
+                f"Malformed commit payload at line {self._number + 1}: a line over "
+                f"{INLINE_LIMIT} bytes must be a file whose 'content' comes first."
+            )
         if self.header is None:
             raise BadRequest("Malformed commit payload: the first line must be the 'header'.")
         self._prefix = bytes(self._line[: match.end() - 1])  # up to the opening quote of the content string
@@ -169,8 +173,10 @@ class CommitStream:
             raise BadRequest(f"Malformed commit payload at line {self._number}: {_shown(str(e))}") from None
         if len(item) != 2:
             extra = ", ".join(_shown(k) for k in list(item)[:5] if k not in ("key", "value"))
-            raise BadRequest(f"Malformed commit payload at line {self._number}: unknown field(s) {extra}; a line "
-                             "holds only 'key' and 'value'.")  # fmt: skip
+            raise BadRequest(
+                f"Malformed commit payload at line {self._number}: unknown field(s) {extra}; a line "
+                "holds only 'key' and 'value'."
+            )
         return key, value
 
     def _check_fields(self, key: str, value: dict) -> None:
@@ -190,8 +196,10 @@ class CommitStream:
                 raise BadRequest(f"Malformed commit payload: the header's {name!r} must be a string.")
         parent = value.get("parentCommit")
         if parent is not None and not (isinstance(parent, str) and COMMIT_ID.fullmatch(parent)):
-            raise BadRequest("Malformed commit payload: the header's 'parentCommit' must be a commit id (40 "
-                             "lowercase hexadecimal characters), or be left out.")  # fmt: skip
+            raise BadRequest(
+                "Malformed commit payload: the header's 'parentCommit' must be a commit id (40 "
+                "lowercase hexadecimal characters), or be left out."
+            )
         return value
 
     def _file_path(self, value: dict) -> str:
@@ -205,8 +213,10 @@ class CommitStream:
         if len(self.ops) >= MAX_COMMIT_OPERATIONS:
             if isinstance(op, AddFile):
                 op.staged.path.unlink(missing_ok=True)
-            raise BadRequest(f"A commit may add or delete at most {MAX_COMMIT_OPERATIONS} files: split it into "
-                             "several commits (huggingface_hub's upload_large_folder does).")  # fmt: skip
+            raise BadRequest(
+                f"A commit may add or delete at most {MAX_COMMIT_OPERATIONS} files: split it into "
+                "several commits (huggingface_hub's upload_large_folder does)."
+            )
         self.ops.append(op)
 
 

@@ -302,8 +302,16 @@ class Pages:
                     updated = repo.created_at
                 rows.append({"repo": repo, "url": repo_url(repo), "updated": updated})
         rows.sort(key=lambda r: r["updated"], reverse=True)
-        return self.render("index.html", title="Repositories", repos=rows, search=search, author=author, user=user,
-                           here=here, csrf=csrf)  # fmt: skip
+        return self.render(
+            "index.html",
+            title="Repositories",
+            repos=rows,
+            search=search,
+            author=author,
+            user=user,
+            here=here,
+            csrf=csrf,
+        )
 
     def repo(self, user: str | None, repo_type: str, repo_id: str, here: str, *, csrf: str = "") -> Page:
         repo = self.visible(user, repo_type, repo_id)
@@ -320,11 +328,19 @@ class Pages:
                 badges.append((key, str(value)))
         loss = "loss_curve.png" in commit.tree
         return self.render(
-            "repo.html", title=repo.repo_id, repo=repo, commit=commit, base=base, badges=badges,
-            files=_listing(repo, commit, "main", ""), user=user, here=here, csrf=csrf,
+            "repo.html",
+            title=repo.repo_id,
+            repo=repo,
+            commit=commit,
+            base=base,
+            badges=badges,
+            files=_listing(repo, commit, "main", ""),
+            user=user,
+            here=here,
+            csrf=csrf,
             loss_curve=f"{base}/resolve/{commit.id}/loss_curve.png" if loss else None,
             card_html=render_card(body, f"{base}/resolve/{commit.id}/") if body.strip() else "<p><em>No card.</em></p>",
-        )  # fmt: skip
+        )
 
     def tree(
         self, user: str | None, repo_type: str, repo_id: str, revision: str, path: str, here: str, *, csrf: str = ""
@@ -334,16 +350,36 @@ class Pages:
         files = _listing(repo, commit, revision, path)
         if path and not files:
             return self.error(404, f"No folder {path!r} at {revision}.", user=user, here=here, csrf=csrf)
-        return self.render("tree.html", title=f"{repo.repo_id}/{path}", repo=repo, commit=commit, base=repo_url(repo),
-                           files=files, path=path, revision=revision, user=user, here=here, csrf=csrf)  # fmt: skip
+        return self.render(
+            "tree.html",
+            title=f"{repo.repo_id}/{path}",
+            repo=repo,
+            commit=commit,
+            base=repo_url(repo),
+            files=files,
+            path=path,
+            revision=revision,
+            user=user,
+            here=here,
+            csrf=csrf,
+        )
 
     def commits(
         self, user: str | None, repo_type: str, repo_id: str, revision: str, here: str, *, csrf: str = ""
     ) -> Page:
         repo = self.visible(user, repo_type, repo_id)
         history = list(self.storage.history(self.storage.resolve(repo, revision)))
-        return self.render("commits.html", title=f"{repo.repo_id} history", repo=repo, commits=history,
-                           base=repo_url(repo), revision=revision, user=user, here=here, csrf=csrf)  # fmt: skip
+        return self.render(
+            "commits.html",
+            title=f"{repo.repo_id} history",
+            repo=repo,
+            commits=history,
+            base=repo_url(repo),
+            revision=revision,
+            user=user,
+            here=here,
+            csrf=csrf,
+        )
 
     def commit(self, user: str | None, repo_type: str, repo_id: str, sha: str, here: str, *, csrf: str = "") -> Page:
         repo = self.visible(user, repo_type, repo_id)
@@ -359,14 +395,25 @@ class Pages:
                 changes.append(("deleted", path, ""))
             elif old.oid != new.oid:
                 changes.append(("modified", path, human_size(new.size)))
-        return self.render("commit.html", title=commit.title, repo=repo, commit=commit, parent=parent, changes=changes,
-                           base=repo_url(repo), user=user, here=here, csrf=csrf)  # fmt: skip
+        return self.render(
+            "commit.html",
+            title=commit.title,
+            repo=repo,
+            commit=commit,
+            parent=parent,
+            changes=changes,
+            base=repo_url(repo),
+            user=user,
+            here=here,
+            csrf=csrf,
+        )
 
     def login_form(
         self, user: str | None, next_url: str, error: str | None = None, status: int = 200, *, csrf: str = ""
     ) -> Page:
-        return self.render("login.html", status, title="Log in", next=safe_next(next_url), error=error, user=user,
-                           here="/", csrf=csrf)  # fmt: skip
+        return self.render(
+            "login.html", status, title="Log in", next=safe_next(next_url), error=error, user=user, here="/", csrf=csrf
+        )
 
 
 def render_card(markdown: str, files_url: str) -> str:
@@ -450,9 +497,19 @@ def _listing(repo: Repo, commit: Commit, revision: str, path: str) -> list[dict]
         rest = name[len(prefix) :]
         if "/" in rest:
             folder = rest.split("/", 1)[0]
-            folders[folder] = {"name": folder, "folder": True, "size": "",
-                               "url": f"{base}/tree/{quote(revision, safe='')}/{quote(prefix + folder)}"}  # fmt: skip
+            folders[folder] = {
+                "name": folder,
+                "folder": True,
+                "size": "",
+                "url": f"{base}/tree/{quote(revision, safe='')}/{quote(prefix + folder)}",
+            }
         else:
-            files.append({"name": rest, "folder": False, "size": human_size(entry.size),
-                          "url": f"{base}/resolve/{commit.id}/{quote(name)}"})  # fmt: skip
+            files.append(
+                {
+                    "name": rest,
+                    "folder": False,
+                    "size": human_size(entry.size),
+                    "url": f"{base}/resolve/{commit.id}/{quote(name)}",
+                }
+            )
     return [*folders.values(), *files]

@@ -203,8 +203,9 @@ class LocalHub:
         """The user a token belongs to (compared in constant time), or None."""
         if not token:
             return None
-        return next((u for known, u in self.tokens.items() if hmac.compare_digest(known.encode(), token.encode())),
-                    None)  # fmt: skip
+        return next(
+            (u for known, u in self.tokens.items() if hmac.compare_digest(known.encode(), token.encode())), None
+        )
 
     def _viewer(self, request: Request, user: str | None) -> str | None:
         """Who reads a page: the Authorization header's user, else the browser session's."""
@@ -232,8 +233,11 @@ class LocalHub:
             else:
                 # NOTE(security): every other body (JSON: repo creation, preupload, paths-info, validate-yaml, the
                 # login form) is read whole, so it gets a small cap of its own, never the commit's 2 GiB
-                body = b"".join([c async for c in self._body_chunks(request, MAX_JSON_BODY_BYTES)]) \
-                    if request.method in ("POST", "PUT", "DELETE") else b""  # fmt: skip
+                body = (
+                    b"".join([c async for c in self._body_chunks(request, MAX_JSON_BODY_BYTES)])
+                    if request.method in ("POST", "PUT", "DELETE")
+                    else b""
+                )
                 response = await run_in_threadpool(self._route, request, segments, user, body)
         except HTTPError as e:
             response = _error_response(e.status, e.message, e.code)
@@ -246,7 +250,6 @@ class LocalHub:
             "%s %s %d %.1fms", request.method, raw_path, response.status_code, 1000 * (time.perf_counter() - started)
         )
         return response
-
 
     async def _streamed_commit(self, request: Request, seg: list[str], user: str | None) -> Response:
         """POST /api/{type}s/{ns}/{name}/commit/{rev}: rights checked before a byte of the body is read, then
@@ -319,17 +322,20 @@ class LocalHub:
         query = request.query_params
         try:
             if not seg and repo_type == "model":
-                page = self.pages.index(user, query.get("search", "").strip(), query.get("author", "").strip(), here,
-                                        csrf=csrf)  # fmt: skip
+                page = self.pages.index(
+                    user, query.get("search", "").strip(), query.get("author", "").strip(), here, csrf=csrf
+                )
             elif len(seg) == 2:
                 page = self.pages.repo(user, repo_type, f"{seg[0]}/{seg[1]}", here, csrf=csrf)
             elif len(seg) >= 3 and seg[2] == "tree":
                 revision = seg[3] if len(seg) > 3 else "main"
-                page = self.pages.tree(user, repo_type, f"{seg[0]}/{seg[1]}", revision, "/".join(seg[4:]), here,
-                                       csrf=csrf)  # fmt: skip
+                page = self.pages.tree(
+                    user, repo_type, f"{seg[0]}/{seg[1]}", revision, "/".join(seg[4:]), here, csrf=csrf
+                )
             elif len(seg) in (3, 4) and seg[2] == "commits":
-                page = self.pages.commits(user, repo_type, f"{seg[0]}/{seg[1]}", seg[3] if len(seg) > 3 else "main",
-                                          here, csrf=csrf)  # fmt: skip
+                page = self.pages.commits(
+                    user, repo_type, f"{seg[0]}/{seg[1]}", seg[3] if len(seg) > 3 else "main", here, csrf=csrf
+                )
             elif len(seg) == 4 and seg[2] == "commit":
                 page = self.pages.commit(user, repo_type, f"{seg[0]}/{seg[1]}", seg[3], here, csrf=csrf)
             else:
@@ -368,8 +374,15 @@ class LocalHub:
         self.pages.sessions.end(session)  # NOTE(security): a new session id at each log-in (no session fixation)
         sessions = self.pages.sessions
         response = RedirectResponse(target, status_code=303)
-        response.set_cookie(SESSION_COOKIE, sessions.start(known), max_age=int(sessions.max_s), httponly=True,
-                            samesite="strict", secure=request.url.scheme == "https", path="/")  # fmt: skip
+        response.set_cookie(
+            SESSION_COOKIE,
+            sessions.start(known),
+            max_age=int(sessions.max_s),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
         return response
 
     def _logout(self, request: Request, body: bytes) -> Response:
@@ -384,8 +397,9 @@ class LocalHub:
             return forged
         self.pages.sessions.end(session)
         response = RedirectResponse("/", status_code=303)
-        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict",
-                               secure=request.url.scheme == "https")  # fmt: skip
+        response.delete_cookie(
+            SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https"
+        )
         return response
 
     def _forged(
@@ -404,8 +418,10 @@ class LocalHub:
         if problem is None:
             return None
         own = f"{request.url.scheme}://{request.url.netloc}"
-        message = (f"This form was refused because {problem}: another site may have sent it in your name. "
-                   f"Open {own}{retry} and send the form from there.")  # fmt: skip
+        message = (
+            f"This form was refused because {problem}: another site may have sent it in your name. "
+            f"Open {own}{retry} and send the form from there."
+        )
         return _html(self.pages.error(403, message, user=viewer, here="/", csrf=self.pages.sessions.csrf(session)))
 
     def _visible_repo(self, user: str | None, repo_type: str, repo_id: str) -> Repo:
@@ -753,9 +769,16 @@ def card_metadata_errors(text: str, *, complete: bool = True) -> list[str]:
 def _html(page: Page) -> HTMLResponse:
     """A page for people, never framed by another site (no click-jacking of the log-in and log-out forms) nor
     stored by caches (a private repo's page, a session's form token)."""
-    return HTMLResponse(page.html, status_code=page.status, headers={
-        "X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
-        "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})  # fmt: skip
+    return HTMLResponse(
+        page.html,
+        status_code=page.status,
+        headers={
+            "X-Frame-Options": "DENY",
+            "Content-Security-Policy": "frame-ancestors 'none'",
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
 
 
 def _json(body: bytes) -> dict:
@@ -783,13 +806,22 @@ def _check_revision(seg: list[str]) -> None:
         page = seg[1:] if seg and seg[0] in ("datasets", "spaces") else seg
         revision = page[3] if len(page) >= 4 and page[2] in _PAGE_REVISION_ROUTES else ""
     if _REVISION_CONTROL_CHARS.search(revision):
-        raise HTTPError(400, f"Invalid revision {revision!r}: a branch name or commit id has no control characters; "
-                             "use a branch name such as 'main' or a 40-character commit id.")  # fmt: skip
+        raise HTTPError(
+            400,
+            f"Invalid revision {revision!r}: a branch name or commit id has no control characters; "
+            "use a branch name such as 'main' or a 40-character commit id.",
+        )
 
 
 def _is_commit(method: str, seg: list[str]) -> bool:
-    return (method == "POST" and len(seg) == 6 and seg[0] == "api" and seg[1].endswith("s")
-            and seg[1][:-1] in REPO_TYPES and seg[4] == "commit")  # fmt: skip
+    return (
+        method == "POST"
+        and len(seg) == 6
+        and seg[0] == "api"
+        and seg[1].endswith("s")
+        and seg[1][:-1] in REPO_TYPES
+        and seg[4] == "commit"
+    )
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:

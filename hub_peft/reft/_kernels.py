@@ -23,8 +23,17 @@ from torch import nn
 from .._onednn import best_of, is_frozen_float32_linear, onednn_available, runs_on_onednn
 from .._onednn import linear as _linear
 
-__all__ = ["Gemms", "OneDnnLinear", "OneDnnLinears", "faster_gemms", "is_frozen_float32_linear", "linear_cross_entropy",
-           "matmul", "matmul_back", "onednn_available"]  # fmt: skip
+__all__ = [
+    "Gemms",
+    "OneDnnLinear",
+    "OneDnnLinears",
+    "faster_gemms",
+    "is_frozen_float32_linear",
+    "linear_cross_entropy",
+    "matmul",
+    "matmul_back",
+    "onednn_available",
+]
 
 
 @dataclass(frozen=True)
@@ -97,14 +106,18 @@ class OneDnnLinears:
     shape), swapped for :class:`OneDnnLinear` inside :meth:`active`."""
 
     def __init__(self, modules: list[nn.Module], rows: int) -> None:
-        found = [(parent, name, child) for m in modules for parent in m.modules()
-                 for name, child in parent.named_children() if runs_on_onednn(child)]  # fmt: skip
+        found = [
+            (parent, name, child)
+            for m in modules
+            for parent in m.modules()
+            for name, child in parent.named_children()
+            if runs_on_onednn(child)
+        ]
         faster: dict[tuple[int, ...], Gemms] = {}
         for _, _, child in found:
             if child.weight.shape not in faster:
                 faster[child.weight.shape] = faster_gemms(child.weight, rows)
-        self.swaps = [(p, n, c, OneDnnLinear(c, faster[c.weight.shape])) for p, n, c in found
-                      if faster[c.weight.shape]]  # fmt: skip
+        self.swaps = [(p, n, c, OneDnnLinear(c, faster[c.weight.shape])) for p, n, c in found if faster[c.weight.shape]]
         self.gemms = {id(c.weight): fast.gemms for _, _, c, fast in self.swaps}
 
     @contextmanager
@@ -130,8 +143,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, gemms):
         starts = range(0, weight.shape[0], _VOCAB_CHUNK)
         chunks = [matmul(hidden, part, None, gemms.forward) for part in (weight[a : a + _VOCAB_CHUNK] for a in starts)]
-        in_chunk = [c.gather(1, (targets - a).clamp(0, c.shape[1] - 1)[:, None])[:, 0]
-                    for a, c in zip(starts, chunks, strict=True)]  # fmt: skip
+        in_chunk = [
+            c.gather(1, (targets - a).clamp(0, c.shape[1] - 1)[:, None])[:, 0]
+            for a, c in zip(starts, chunks, strict=True)
+        ]
         picked = torch.stack(in_chunk).gather(0, (targets // _VOCAB_CHUNK)[None])[0]  # from the target's own chunk
         top = torch.stack([c.amax(1) for c in chunks]).amax(0, keepdim=True).T
         total = sum(c.sub_(top).exp_().sum(1) for c in chunks)

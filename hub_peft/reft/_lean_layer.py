@@ -74,8 +74,16 @@ class LeanLayer:
         if not head_dim or not hasattr(attention, "scaling") or not hasattr(attention, "layer_idx"):
             return None
         heads, kv_heads = linears[0].out_features // head_dim, linears[1].out_features // head_dim
-        return cls(*norms, *linears, heads=heads, kv_heads=kv_heads, head_dim=head_dim, scaling=attention.scaling,
-                   layer_idx=attention.layer_idx, gemms=gemms or {})  # fmt: skip
+        return cls(
+            *norms,
+            *linears,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            scaling=attention.scaling,
+            layer_idx=attention.layer_idx,
+            gemms=gemms or {},
+        )
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Any) -> torch.Tensor:
         """The layer on packed ``hidden`` [n, d] (``cos``/``sin`` [n, head_dim]; ``batch``: the trainer's

@@ -79,14 +79,18 @@ class ReftConfig:
             problems.append(f"intervention {text(self.intervention)} is not one of {list(INTERVENTIONS)}")
         layers = self.layers
         if not isinstance(layers, (list, tuple)) or not layers or not all(is_int(n, 0, MAX_LAYER) for n in layers):
-            problems.append(f"layers must be a non-empty list of layer indices from 0 to {MAX_LAYER}, got "
-                            f"{text(self.layers)}")  # fmt: skip
+            problems.append(
+                f"layers must be a non-empty list of layer indices from 0 to {MAX_LAYER}, got {text(self.layers)}"
+            )
         elif len(set(self.layers)) != len(self.layers):
             problems.append(f"layers {text(self.layers)} repeat an index")
         if not is_int(self.rank, 1, MAX_RANK):
             problems.append(f"rank must be an integer from 1 to {MAX_RANK}, got {text(self.rank)}")
-        if not isinstance(self.components, (list, tuple)) or not self.components or not all(
-                isinstance(c, str) and c in COMPONENTS for c in self.components):  # fmt: skip
+        if (
+            not isinstance(self.components, (list, tuple))
+            or not self.components
+            or not all(isinstance(c, str) and c in COMPONENTS for c in self.components)
+        ):
             problems.append(f"components {text(self.components)} must be a list of some of {list(COMPONENTS)}")
         if not (self.activation is None or isinstance(self.activation, str)) or self.activation not in ACTIVATIONS:
             problems.append(f"activation {text(self.activation)} is not one of {list(ACTIVATIONS)}")
@@ -95,8 +99,9 @@ class ReftConfig:
             problems.append(f"dropout must be a number in [0, 1), got {text(dropout)}")
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             problems.append(f"dtype {text(self.dtype)} is not one of {list(DTYPES)}")
-        if self.prompt_template is not None and (not isinstance(self.prompt_template, str)
-                                                 or "{prompt}" not in self.prompt_template):  # fmt: skip
+        if self.prompt_template is not None and (
+            not isinstance(self.prompt_template, str) or "{prompt}" not in self.prompt_template
+        ):
             problems.append("prompt_template must be a string with the placeholder '{prompt}'")
         if self.hidden_size is not None and not is_int(self.hidden_size, 1, MAX_HIDDEN):
             problems.append(f"hidden_size must be an integer from 1 to {MAX_HIDDEN}, got {text(self.hidden_size)}")

@@ -43,8 +43,14 @@ KINDS = {
     "consreft": _Kind(orthogonal=True, learned_source=False, subtract_projection=True),
     "lobireft": _Kind(orthogonal=True, learned_source=False, subtract_projection=False),
 }
-_ACTIVATIONS = {None: nn.Identity, "linear": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh,
-                "silu": nn.SiLU}  # fmt: skip
+_ACTIVATIONS = {
+    None: nn.Identity,
+    "linear": nn.Identity,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+}
 
 
 class Intervention(nn.Module):

@@ -189,8 +189,15 @@ class ReftModel(nn.Module):
         self.interventions = nn.ModuleDict()
         self._by_site: dict[tuple[int, str], list[tuple[str, Intervention]]] = {}
         for layer, component, group in config.sites():
-            module = Intervention(config.intervention, hidden, config.rank, activation=config.activation,
-                                  dropout=config.dropout, proj_bias=config.proj_bias, dtype=dtype)  # fmt: skip
+            module = Intervention(
+                config.intervention,
+                hidden,
+                config.rank,
+                activation=config.activation,
+                dropout=config.dropout,
+                proj_bias=config.proj_bias,
+                dtype=dtype,
+            )
             self.interventions[ReftConfig.key_name(layer, component, group).replace(".", "__")] = module
             self._by_site.setdefault((layer, component), []).append((group, module))
         self._call: _Call | None = None
@@ -229,9 +236,11 @@ class ReftModel(nn.Module):
             self._call = None
 
     def positions_for(
-        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
         prompt_lengths: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
+    ) -> dict[str, torch.Tensor]:
         if attention_mask is None:
             if input_ids is None:
                 raise InvalidInputError("ReftModel needs input_ids or an attention_mask to find prompt positions.")

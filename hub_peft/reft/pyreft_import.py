@@ -118,10 +118,17 @@ def import_pyreft(
             raise InvalidInputError("pyreft saves do not name their base model; pass --base HUB_ID.")
         base = DEFAULT_BASE
     config = ReftConfig(
-        layers=layers, intervention=kind, rank=int(rank), positions=positions, components=components,
-        share_weights=probe.share_weights, proj_bias=any("R_bias" in t for t in tensors.values()),
-        base_model_name_or_path=base, hidden_size=int(hidden), prompt_template=prompt_template,
-    )  # fmt: skip
+        layers=layers,
+        intervention=kind,
+        rank=int(rank),
+        positions=positions,
+        components=components,
+        share_weights=probe.share_weights,
+        proj_bias=any("R_bias" in t for t in tensors.values()),
+        base_model_name_or_path=base,
+        hidden_size=int(hidden),
+        prompt_template=prompt_template,
+    )
     state: dict[str, torch.Tensor] = {}
     for key, params in tensors.items():
         module = Intervention(kind, hidden, int(rank), proj_bias=config.proj_bias)

@@ -93,10 +93,18 @@ def train_reft(
             steps.loss,
             len(examples),
             frozen_decay=[p for n, p in named if "parametrizations" in n],
-            epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
-            target_loss=target_loss, seed=seed, on_step=on_step, should_stop=should_stop, started=started,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            target_loss=target_loss,
+            seed=seed,
+            on_step=on_step,
+            should_stop=should_stop,
+            started=started,
             on_epoch_end=on_epoch_end,
-        )  # fmt: skip
+        )
         result.args["method"] = method
         return result
     finally:
@@ -200,8 +208,10 @@ class _CachedSteps:
             _free_memory(),
         )
         if available is not None and needed > available // 2:
-            raise _NotCacheable(f"caching the prefixes' keys and values could take {needed / 2**20:,.0f} MB, "
-                                f"more than half of the {available / 2**20:,.0f} MB free")  # fmt: skip
+            raise _NotCacheable(
+                f"caching the prefixes' keys and values could take {needed / 2**20:,.0f} MB, "
+                f"more than half of the {available / 2**20:,.0f} MB free"
+            )
         self.cached: list[_Cached] = []
         try:
             with torch.no_grad():
@@ -242,9 +252,13 @@ class _CachedSteps:
         shared = _shared_prefix_length(seqs, min(starts))
         common = self.decoder(input_ids=ids[:1, :shared], use_cache=True).past_key_values if shared else None
         hidden = _input_of_layer(  # [examples, positions shared.., d]
-            self.decoder, self.layers[self.first_layer], input_ids=ids[:, shared:], attention_mask=mask,
-            position_ids=torch.arange(shared, ids.shape[1])[None], past_key_values=_repeated(common, len(seqs)),
-        )  # fmt: skip
+            self.decoder,
+            self.layers[self.first_layer],
+            input_ids=ids[:, shared:],
+            attention_mask=mask,
+            position_ids=torch.arange(shared, ids.shape[1])[None],
+            past_key_values=_repeated(common, len(seqs)),
+        )
         keys, values, n_prefix = {}, {}, max(starts)
         if n_prefix > shared:
             with _start_at_layer(self.layers, self.first_layer, lambda: hidden[:, : n_prefix - shared]):
@@ -269,16 +283,20 @@ class _CachedSteps:
             n_prompt, end = len(ex.prompt_ids), len(seq) - 1  # the final EOS predicts nothing: never computed
             targets = torch.full((len(seq),), -100, dtype=torch.long)
             targets[n_prompt - 1 : -1] = torch.tensor(ex.response_ids)
-            result.append(_Cached(
-                start=start,
-                hidden=hidden[i, start - shared : end - shared].clone(),
-                shared=shared, shared_keys=shared_keys, shared_values=shared_values,
-                keys={j: k[i, :, shared:start].clone() for j, k in keys.items()},
-                values={j: v[i, :, shared:start].clone() for j, v in values.items()},
-                ids=ids[i, start:end],
-                targets=targets[start:end],
-                positions={g: p[0] - start for g, p in positions[i].items()},
-            ))  # fmt: skip
+            result.append(
+                _Cached(
+                    start=start,
+                    hidden=hidden[i, start - shared : end - shared].clone(),
+                    shared=shared,
+                    shared_keys=shared_keys,
+                    shared_values=shared_values,
+                    keys={j: k[i, :, shared:start].clone() for j, k in keys.items()},
+                    values={j: v[i, :, shared:start].clone() for j, v in values.items()},
+                    ids=ids[i, start:end],
+                    targets=targets[start:end],
+                    positions={g: p[0] - start for g, p in positions[i].items()},
+                )
+            )
         return result
 
     def batch(self, rows: list[int]) -> _Batch:
@@ -419,8 +437,12 @@ class _Batch:
     @property
     def inputs(self) -> dict[str, Any]:
         """The decoder's keyword arguments for a forward of this batch."""
-        return {"input_ids": self.ids, "attention_mask": self.placeholder_mask,
-                "position_ids": self.position_ids, "use_cache": False}  # fmt: skip
+        return {
+            "input_ids": self.ids,
+            "attention_mask": self.placeholder_mask,
+            "position_ids": self.position_ids,
+            "use_cache": False,
+        }
 
     @classmethod
     def build(cls, batch: list[_Cached]) -> _Batch:
@@ -451,15 +473,18 @@ class _Batch:
             position_ids=torch.cat([c.start + torch.arange(n) for c, n in zip(batch, lengths, strict=True)])[None],
             keep=targets != -100,
             targets=targets[targets != -100],
-            positions={g: torch.cat([c.positions[g] + o for c, o in zip(batch, offsets, strict=False)])[None]
-                       for g in batch[0].positions},
-            rows=rows, width=width,
+            positions={
+                g: torch.cat([c.positions[g] + o for c, o in zip(batch, offsets, strict=False)])[None]
+                for g in batch[0].positions
+            },
+            rows=rows,
+            width=width,
             row_index=row_index.flatten(),
             packed_index=valid.flatten().nonzero()[:, 0],
             prefix=prefix,
             mask=torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None],
             placeholder_mask=torch.zeros(1, 1, 1, 1, dtype=dtype),
-        )  # fmt: skip
+        )
 
 
 _ACTIVE_BATCH: ContextVar[tuple[_Batch, Callable]] = ContextVar("hub_peft_packed_batch")

@@ -51,15 +51,28 @@ logger = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = ("invalid_request_error" if status in (400, 404, 409, 413, 422) else "authentication_error"
-            if status in (401, 403) else "rate_limit_error" if status == 429 else "server_error")  # fmt: skip
+    kind = (
+        "invalid_request_error"
+        if status in (400, 404, 409, 413, 422)
+        else "authentication_error"
+        if status in (401, 403)
+        else "rate_limit_error"
+        if status == 429
+        else "server_error"
+    )
     return {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
 
 
@@ -67,12 +80,22 @@ LOAD_WORKERS = 2  # threads loading adapters (downloads, checks, decoding) at on
 MAX_PENDING_LOADS = 16  # adapters loading or waiting for a thread; beyond it a request naming a new one gets 429
 
 
-def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: str | None = None,
-               max_prompt_tokens: int = 1024, max_waiting: int = 256, max_running: int | None = None,
-               default_max_tokens: int = 256, request_timeout: float = 600.0,
-               admin_token: str | None = None, start_scheduler: bool = True,
-               adapter_dirs: Sequence[str | Path] = (), max_body_bytes: int = 4 * 2**20,
-               adapter_load_timeout: float = 120.0):  # fmt: skip
+def create_app(
+    engine: MultiAdapterModel,
+    *,
+    base_name: str,
+    allow_hub_pattern: str | None = None,
+    max_prompt_tokens: int = 1024,
+    max_waiting: int = 256,
+    max_running: int | None = None,
+    default_max_tokens: int = 256,
+    request_timeout: float = 600.0,
+    admin_token: str | None = None,
+    start_scheduler: bool = True,
+    adapter_dirs: Sequence[str | Path] = (),
+    max_body_bytes: int = 4 * 2**20,
+    adapter_load_timeout: float = 120.0,
+):
     """The FastAPI app. ``allow_hub_pattern`` (fnmatch, e.g. ``"me/*"``) lets ``model`` name Hub repos,
     loaded on demand and through the admin routes; off by default. ``adapter_dirs``: folders whose adapters
     the admin route may load (none by default). ``max_running`` caps the sequences decoding at once (the
@@ -140,8 +163,12 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
         if isinstance(model, str) and hub_allowed(model):  # REPO[@REVISION][:SUBFOLDER], loaded under that name
             await load(model, *parse_hub_spec(model), hub_only=True, param="model")
             return model, model
-        raise ApiError(404, f"Unknown model {_public(repr(model))}. Available: {sorted(known | {base_name})}.",
-                       "model", "model_not_found")  # fmt: skip
+        raise ApiError(
+            404,
+            f"Unknown model {_public(repr(model))}. Available: {sorted(known | {base_name})}.",
+            "model",
+            "model_not_found",
+        )
 
     def hub_allowed(spec: str) -> bool:
         """Whether ``spec`` (``REPO[@REVISION][:SUBFOLDER]``) names a repo that ``allow_hub_pattern`` lets in."""
@@ -156,8 +183,15 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
         real = Path(os.path.realpath(source))
         return real.is_dir() and any(real.is_relative_to(d) for d in allowed_dirs)
 
-    async def load(name: str, source: str, revision: str | None, subfolder: str | None = None,
-                   pin: bool = False, hub_only: bool = False, param: str = "source") -> dict:  # fmt: skip
+    async def load(
+        name: str,
+        source: str,
+        revision: str | None,
+        subfolder: str | None = None,
+        pin: bool = False,
+        hub_only: bool = False,
+        param: str = "source",
+    ) -> dict:
         # NOTE(security): adapters are untrusted data: download, checks and decoding run on a worker thread,
         # never on the step loop, with a deadline; whatever fails is the adapter's fault (a 4xx that names the
         # problem), and the message never shows a path of this machine.
@@ -166,24 +200,36 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
             raise ApiError(409, f"{name!r} is being loaded; try again when that load ends.", "name")
         if work is None:  # one load per name at a time (requests for it share it); other names load beside it
             if len(loading) >= MAX_PENDING_LOADS:
-                raise ApiError(429, f"{len(loading)} adapters are loading; try again in a minute.", param,
-                               headers={"Retry-After": "30"})  # fmt: skip
+                raise ApiError(
+                    429,
+                    f"{len(loading)} adapters are loading; try again in a minute.",
+                    param,
+                    headers={"Retry-After": "30"},
+                )
             call = partial(engine.add, name, source, revision, subfolder=subfolder, pin=pin, hub_only=hub_only)
             work = loading[name] = asyncio.get_running_loop().run_in_executor(load_pool, call)
             work.add_done_callback(lambda done: (loading.pop(name, None), done.cancelled() or done.exception()))
         try:
             return await asyncio.wait_for(asyncio.shield(work), adapter_load_timeout)
         except TimeoutError:
-            raise ApiError(504, f"Loading {name!r} took longer than {adapter_load_timeout:.0f} s; try again later, or "
-                                "ask the operator to load it at start.", param) from None  # fmt: skip
+            raise ApiError(
+                504,
+                f"Loading {name!r} took longer than {adapter_load_timeout:.0f} s; try again later, or "
+                "ask the operator to load it at start.",
+                param,
+            ) from None
         except NotFoundError as e:
             raise ApiError(404, _public(str(e)), param, "model_not_found" if param == "model" else None) from None
         except HubPeftError as e:
             raise ApiError(422, _public(str(e)), param, "invalid_adapter") from None
         except Exception as e:  # a malformed file that slipped past the checks: still the adapter's fault
             logger.warning("adapter %r failed to load: %r", name, e)
-            raise ApiError(422, f"The adapter {name!r} could not be loaded ({type(e).__name__}: "
-                                f"{_public(str(e))[:300]}).", param, "invalid_adapter") from None  # fmt: skip
+            raise ApiError(
+                422,
+                f"The adapter {name!r} could not be loaded ({type(e).__name__}: {_public(str(e))[:300]}).",
+                param,
+                "invalid_adapter",
+            ) from None
 
     # --- completions -----------------------------------------------------------------------------
 
@@ -193,8 +239,9 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
         except ValueError as e:
             raise ApiError(400, str(e), "top_logprobs") from None
         if chat:
-            prompt: Any = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                           for m in body.messages]  # fmt: skip
+            prompt: Any = [
+                {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+            ]
             if not any(m["role"] == "user" for m in prompt):
                 raise ApiError(400, "messages: at least one message must have role 'user'.", "messages")
             max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
@@ -204,9 +251,13 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
                 raise ApiError(400, "prompt must be a non-empty string.", "prompt")
         chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
         if chars > max_prompt_chars or (chat and len(prompt) > max_prompt_tokens):
-            raise ApiError(413, f"The prompt has {chars} characters in {len(prompt) if chat else 1} message(s), more "
-                                f"than fit in the limit of {max_prompt_tokens} tokens; shorten it.",
-                           "messages" if chat else "prompt", "context_length_exceeded")  # fmt: skip
+            raise ApiError(
+                413,
+                f"The prompt has {chars} characters in {len(prompt) if chat else 1} message(s), more "
+                f"than fit in the limit of {max_prompt_tokens} tokens; shorten it.",
+                "messages" if chat else "prompt",
+                "context_length_exceeded",
+            )
         adapter, label = await resolve(body.model)
         try:
             params = body.sampling(max_tokens, logprobs)
@@ -223,9 +274,20 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
             loop.call_soon_threadsafe(events.put_nowait, (request, None, None))
 
         # choice i samples with seed + i (or its own random noise), so the n choices differ
-        jobs = [Request(prompt, adapter, replace(params, seed=None if body.seed is None else body.seed + i),
-                        raw=not chat, label=label, row=i, timeout=request_timeout, on_update=updated,
-                        on_finish=finished) for i in range(body.n)]  # fmt: skip
+        jobs = [
+            Request(
+                prompt,
+                adapter,
+                replace(params, seed=None if body.seed is None else body.seed + i),
+                raw=not chat,
+                label=label,
+                row=i,
+                timeout=request_timeout,
+                on_update=updated,
+                on_finish=finished,
+            )
+            for i in range(body.n)
+        ]
         try:
             await asyncio.to_thread(scheduler.submit, *jobs)
         except QueueFullError as e:
@@ -257,10 +319,20 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
     @app.get("/v1/models")
     async def models():
         data = [{"id": base_name, "object": "model", "owned_by": "hub_peft", "type": "base"}]
-        data += [{"id": e["name"], "object": "model", "owned_by": "hub_peft", "type": e["type"],
-                  "source": e["source"] if e["commit"] else None,  # a local folder's path is not for clients
-                  "commit": e["commit"], "key": e["key"], "bytes": e["bytes"], "resident": e["resident"]}
-                 for e in engine.loaded()]  # fmt: skip
+        data += [
+            {
+                "id": e["name"],
+                "object": "model",
+                "owned_by": "hub_peft",
+                "type": e["type"],
+                "source": e["source"] if e["commit"] else None,  # a local folder's path is not for clients
+                "commit": e["commit"],
+                "key": e["key"],
+                "bytes": e["bytes"],
+                "resident": e["resident"],
+            }
+            for e in engine.loaded()
+        ]
         return {"object": "list", "data": data}
 
     # --- admin -----------------------------------------------------------------------------------
@@ -279,22 +351,30 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
             source, revision, subfolder = parse_adapter_spec(body.source)
         except InvalidInputError as e:
             raise ApiError(400, str(e), "source") from None
-        for field, given, in_source in (("revision", body.revision, revision), ("subfolder", body.subfolder,
-                                                                                 subfolder)):  # fmt: skip
+        for field, given, in_source in (
+            ("revision", body.revision, revision),
+            ("subfolder", body.subfolder, subfolder),
+        ):
             if given is not None and in_source is not None and given != in_source:
-                raise ApiError(400, f"{field} is given twice ({in_source!r} in source, {given!r} as {field}); "
-                                    "give it once.", field)  # fmt: skip
+                raise ApiError(
+                    400, f"{field} is given twice ({in_source!r} in source, {given!r} as {field}); give it once.", field
+                )
         if operator_folder(source):
             hub_only = False
         elif hub_allowed(body.source):
             hub_only = True
             source, revision, subfolder = parse_hub_spec(body.source)
         else:
-            raise ApiError(403, f"{body.source!r} is neither under a folder the server was started with "
-                                f"(--adapter-dir) nor a Hub repo matching --allow-hub-pattern "
-                                f"({allow_hub_pattern or 'off'}).", "source")  # fmt: skip
-        return await load(body.name, source, revision or body.revision, subfolder or body.subfolder, pin=body.pin,
-                          hub_only=hub_only)  # fmt: skip
+            raise ApiError(
+                403,
+                f"{body.source!r} is neither under a folder the server was started with "
+                f"(--adapter-dir) nor a Hub repo matching --allow-hub-pattern "
+                f"({allow_hub_pattern or 'off'}).",
+                "source",
+            )
+        return await load(
+            body.name, source, revision or body.revision, subfolder or body.subfolder, pin=body.pin, hub_only=hub_only
+        )
 
     @app.delete("/admin/adapters/{name:path}")
     async def admin_unload(name: str, http: HttpRequest):
@@ -311,8 +391,12 @@ def create_app(engine: MultiAdapterModel, *, base_name: str, allow_hub_pattern: 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "adapters": len(engine.loaded()), "running": len(scheduler.running),
-                "waiting": len(scheduler.waiting)}  # fmt: skip
+        return {
+            "status": "ok",
+            "adapters": len(engine.loaded()),
+            "running": len(scheduler.running),
+            "waiting": len(scheduler.waiting),
+        }
 
     app.state.scheduler, app.state.metrics = scheduler, metrics
     return app
@@ -335,10 +419,18 @@ class _BodyLimit:
         self.app, self.limit = app, limit
 
     async def _refuse(self, send: Any) -> None:
-        body = json.dumps(error_body(413, f"The request body is over this server's limit of {self.limit} bytes.",
-                                     code="request_too_large")).encode()  # fmt: skip
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})  # fmt: skip
+        body = json.dumps(
+            error_body(
+                413, f"The request body is over this server's limit of {self.limit} bytes.", code="request_too_large"
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -387,8 +479,17 @@ def _status(job: Request) -> int:
 class _Answer:
     """The response of one request (``n`` choices), whole or as server-sent events."""
 
-    def __init__(self, ident: str, created: int, model: str, chat: bool, jobs: list[Request], tokenizer,
-                 metrics: Metrics, scheduler: Scheduler) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ident: str,
+        created: int,
+        model: str,
+        chat: bool,
+        jobs: list[Request],
+        tokenizer,
+        metrics: Metrics,
+        scheduler: Scheduler,
+    ) -> None:
         self.ident, self.created, self.model, self.chat = ident, created, model, chat
         self.jobs, self.tokenizer, self.metrics, self.scheduler = jobs, tokenizer, metrics, scheduler
         self.object = "chat.completion" if chat else "text_completion"
@@ -423,18 +524,31 @@ class _Answer:
         entries = []
         for k, s in enumerate(samples, start=first):
             context = output[:k]
-            entries.append((self._piece(context, s.token), s.logprob,
-                            [(self._piece(context, t), lp) for t, lp in s.top]))  # fmt: skip
+            entries.append(
+                (self._piece(context, s.token), s.logprob, [(self._piece(context, t), lp) for t, lp in s.top])
+            )
         if self.chat:
-            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
-                                 "top_logprobs": [{"token": tt, "logprob": tl, "bytes": list(tt.encode())}
-                                                  for tt, tl in top]} for t, lp, top in entries]}  # fmt: skip
+            return {
+                "content": [
+                    {
+                        "token": t,
+                        "logprob": lp,
+                        "bytes": list(t.encode()),
+                        "top_logprobs": [{"token": tt, "logprob": tl, "bytes": list(tt.encode())} for tt, tl in top],
+                    }
+                    for t, lp, top in entries
+                ]
+            }
         offsets = []
         for t, _, _ in entries:
             offsets.append(self.offsets[job.row])
             self.offsets[job.row] += len(t)
-        return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}  # fmt: skip
+        return {
+            "tokens": [t for t, _, _ in entries],
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(top) for _, _, top in entries],
+            "text_offset": offsets,
+        }
 
     def _failure(self, job: Request) -> ApiError:
         if job.finish_reason == "timeout":
@@ -464,19 +578,33 @@ class _Answer:
             raise self._failure(failed[0])
         choices = []
         for job in self.jobs:
-            choice: dict[str, Any] = {"index": job.row, "finish_reason": job.finish_reason,
-                                      "logprobs": self.logprobs(job, job.generation.samples)}  # fmt: skip
+            choice: dict[str, Any] = {
+                "index": job.row,
+                "finish_reason": job.finish_reason,
+                "logprobs": self.logprobs(job, job.generation.samples),
+            }
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": job.text}
             else:
                 choice["text"] = job.text
             choices.append(choice)
-        return {"id": self.ident, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage()}  # fmt: skip
+        return {
+            "id": self.ident,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
-        body = {"id": self.ident, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": choices}  # fmt: skip
+        body = {
+            "id": self.ident,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if usage is not None:
             body["usage"] = usage
         return {"data": json.dumps(body)}
@@ -485,8 +613,17 @@ class _Answer:
         pending = {id(j) for j in self.jobs}
         try:
             if self.chat:
-                yield self._chunk([{"index": j.row, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None} for j in self.jobs])  # fmt: skip
+                yield self._chunk(
+                    [
+                        {
+                            "index": j.row,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                        for j in self.jobs
+                    ]
+                )
             while pending:
                 job, samples, delta = await events.get()
                 if samples is None:

@@ -106,10 +106,18 @@ class AdapterCache:
     builds a solo adapter's model (see :mod:`.solo`): once per load, on the thread that loads it.
     """
 
-    def __init__(self, *, memory_budget: int, targets: set[str], base_config: Any, base_name: str,
-                 prepare: Callable[[dict], None] | None = None, module_names: Sequence[str] = (),
-                 max_adapter_bytes: int | None = None,
-                 attach: Callable[[Path, Any], Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        memory_budget: int,
+        targets: set[str],
+        base_config: Any,
+        base_name: str,
+        prepare: Callable[[dict], None] | None = None,
+        module_names: Sequence[str] = (),
+        max_adapter_bytes: int | None = None,
+        attach: Callable[[Path, Any], Any] | None = None,
+    ) -> None:
         self.memory_budget, self.targets, self.attach = memory_budget, targets, attach
         self.module_names = list(module_names)
         self.max_adapter_bytes = max(memory_budget, 64 * 2**20) if max_adapter_bytes is None else max_adapter_bytes
@@ -120,8 +128,16 @@ class AdapterCache:
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
         self._lock = threading.RLock()
 
-    def add(self, name: str, source: str | Path, revision: str | None = None, *, subfolder: str | None = None,
-            pin: bool = False, hub_only: bool = False) -> dict:  # fmt: skip
+    def add(
+        self,
+        name: str,
+        source: str | Path,
+        revision: str | None = None,
+        *,
+        subfolder: str | None = None,
+        pin: bool = False,
+        hub_only: bool = False,
+    ) -> dict:
         """Load an adapter (folder or repo id, the adapter in its ``subfolder`` if given) under ``name`` without
         touching the base or the others. ``hub_only``: ``source`` is a Hub repo id even where a folder of
         that name exists (a name from a request).
@@ -135,8 +151,13 @@ class AdapterCache:
 
         if not name or not isinstance(name, str):
             raise InvalidInputError("An adapter needs a non-empty name.")
-        resolved = resolve_adapter(source, revision=revision, subfolder=subfolder, local=not hub_only,
-                                   max_bytes=self.max_adapter_bytes + DOWNLOAD_SLACK)  # fmt: skip
+        resolved = resolve_adapter(
+            source,
+            revision=revision,
+            subfolder=subfolder,
+            local=not hub_only,
+            max_bytes=self.max_adapter_bytes + DOWNLOAD_SLACK,
+        )
         folder = resolved.folder
         require_causal_adapter(folder, source, "the multi-adapter engine (hub-peft serve)")
         config = check_adapter_folder(folder, base_config=self.base_config, base_name=self.base_name)
@@ -148,8 +169,13 @@ class AdapterCache:
             config = expand_target_modules(config, self.module_names)
         kind, solo_reason = _kind_of(config, source)
         if kind in ("lora", "ia3") and (outside := _modules_outside(folder, self.targets)):
-            kind, solo_reason = "solo", (f"{source} cannot share a batch with other adapters (it adapts {outside}, "
-                                         "which is not a linear layer of the decoder blocks)")  # fmt: skip
+            kind, solo_reason = (
+                "solo",
+                (
+                    f"{source} cannot share a batch with other adapters (it adapts {outside}, "
+                    "which is not a linear layer of the decoder blocks)"
+                ),
+            )
         if self.prepare is not None:
             self.prepare(config)
         template = config.get("prompt_template") if kind == "reft" else CardInfo.load(folder).prompt_template
@@ -161,9 +187,18 @@ class AdapterCache:
         with self._lock:
             cached = self.copies.setdefault(key, cached)  # a copy another thread added meanwhile wins
             peft_type = str(config.get("peft_type", "")).lower()
-            self.entries[name] = _Entry(name, str(source), revision, resolved.commit, cached, template, pinned=pin,
-                                         solo_reason=solo_reason, peft_type=peft_type,
-                                         subfolder=resolved.subfolder)  # fmt: skip
+            self.entries[name] = _Entry(
+                name,
+                str(source),
+                revision,
+                resolved.commit,
+                cached,
+                template,
+                pinned=pin,
+                solo_reason=solo_reason,
+                peft_type=peft_type,
+                subfolder=resolved.subfolder,
+            )
             self.forget_unused()
             self._evict(keep=set())
         return self.info(name)
@@ -194,9 +229,19 @@ class AdapterCache:
 
     def info(self, name: str) -> dict:
         e = self.get(name)
-        return {"name": e.name, "type": e.peft_type, "source": e.source, "revision": e.revision, "commit": e.commit,
-                "subfolder": e.subfolder, "key": e.cached.key, "bytes": e.cached.nbytes,
-                "resident": e.payload is not None, "pinned": e.pinned, "mixable": e.solo_reason is None}  # fmt: skip
+        return {
+            "name": e.name,
+            "type": e.peft_type,
+            "source": e.source,
+            "revision": e.revision,
+            "commit": e.commit,
+            "subfolder": e.subfolder,
+            "key": e.cached.key,
+            "bytes": e.cached.nbytes,
+            "resident": e.payload is not None,
+            "pinned": e.pinned,
+            "mixable": e.solo_reason is None,
+        }
 
     def loaded(self) -> list[dict]:
         return [self.info(n) for n in self.entries]
@@ -392,8 +437,14 @@ def _load_reft(folder: Path) -> _Reft:
     sites: dict[tuple[int, str], list[tuple[str, Intervention]]] = {}
     for layer, component, group in config.sites():
         key = ReftConfig.key_name(layer, component, group)
-        module = Intervention(config.intervention, config.hidden_size, config.rank, activation=config.activation,
-                              proj_bias=config.proj_bias, dtype=getattr(torch, config.dtype))  # fmt: skip
+        module = Intervention(
+            config.intervention,
+            config.hidden_size,
+            config.rank,
+            activation=config.activation,
+            proj_bias=config.proj_bias,
+            dtype=getattr(torch, config.dtype),
+        )
         module.load({n.rsplit(".", 1)[1]: t for n, t in tensors.items() if n.startswith(f"reft.{key}.")}, name=key)
         sites.setdefault((layer, component), []).append((group, module.freeze()))
     return _Reft(config, sites)

@@ -85,8 +85,9 @@ def _class_returns_a_tensor(cls: type, module: nn.Module) -> bool:
     if cls not in _TRIED:
         try:
             with torch.no_grad():
-                _TRIED[cls] = isinstance(module(torch.zeros(1, module.in_features, dtype=module.weight.dtype)),
-                                         torch.Tensor)  # fmt: skip
+                _TRIED[cls] = isinstance(
+                    module(torch.zeros(1, module.in_features, dtype=module.weight.dtype)), torch.Tensor
+                )
         except Exception:
             _TRIED[cls] = False
     return _TRIED[cls]
@@ -163,8 +164,9 @@ class _SampleProcessor:
                 out[row, scores[row].argmax()] = 0
                 continue
             output = [s.token for s in self.samples[row]]
-            sampled = sample_row(scores[row], p, len(output), self.prompt_ids[row], output, eos=self.eos,
-                                 suppress_eos=p.ignore_eos)  # fmt: skip
+            sampled = sample_row(
+                scores[row], p, len(output), self.prompt_ids[row], output, eos=self.eos, suppress_eos=p.ignore_eos
+            )
             self.samples[row].append(sampled)
             out[row, sampled.token] = 0
         return out
@@ -184,8 +186,13 @@ class _LoraPack:
 
 
 def _pack_loras(plan: _Plan, name: str) -> _LoraPack | None:
-    members = [(g, lora.weights[name], w) for g, group in enumerate(plan.groups) if group.span is None
-               for lora, w in group.loras if name in lora.weights]  # fmt: skip
+    members = [
+        (g, lora.weights[name], w)
+        for g, group in enumerate(plan.groups)
+        if group.span is None
+        for lora, w in group.loras
+        if name in lora.weights
+    ]
     if not members:
         return None
     if name not in plan.stacks:  # the same adapters in the same order as a recent plan: its stacks serve
@@ -201,12 +208,19 @@ def _pack_loras(plan: _Plan, name: str) -> _LoraPack | None:
     layout = tuple((g, w) for g, _, w in members)
     if layout not in plan.layouts:  # the same for most layers: built once per plan
         width = max(len(plan.groups[g].rows) for g, _ in layout)
-        index = torch.stack([torch.cat([plan.groups[g].rows, plan.groups[g].rows[:1].expand(
-            width - len(plan.groups[g].rows))]) for g, _ in layout])  # fmt: skip
+        index = torch.stack(
+            [
+                torch.cat([plan.groups[g].rows, plan.groups[g].rows[:1].expand(width - len(plan.groups[g].rows))])
+                for g, _ in layout
+            ]
+        )
         keep = torch.arange(width)[None, :] < torch.tensor([len(plan.groups[g].rows) for g, _ in layout])[:, None]
         weights = torch.tensor([w for _, w in layout])[:, None, None]
-        plan.layouts[layout] = (index.reshape(-1), None if keep.all() else keep.reshape(-1),
-                                None if bool((weights == 1).all()) else weights)  # fmt: skip
+        plan.layouts[layout] = (
+            index.reshape(-1),
+            None if keep.all() else keep.reshape(-1),
+            None if bool((weights == 1).all()) else weights,
+        )
     rows, keep, weights = plan.layouts[layout]
     return _LoraPack(rows, keep, weights, A, B)
 
@@ -288,8 +302,10 @@ class _RowDeltas(nn.Module):
         if plan is None or self.name not in plan.touched:  # no adapter of this step changes this layer
             return out
         if not isinstance(out, torch.Tensor):
-            raise IncompatibleAdapterError(f"{self.name} returns {type(out).__name__}, not a tensor: the engine adds "
-                                           "LoRA/IA3 deltas to plain linear outputs only.")  # fmt: skip
+            raise IncompatibleAdapterError(
+                f"{self.name} returns {type(out).__name__}, not a tensor: the engine adds "
+                "LoRA/IA3 deltas to plain linear outputs only."
+            )
         # rows of the plan's groups: packed tokens ([1, tokens, in] seen as [tokens, 1, in]) or batch rows
         shape = (-1, 1) if plan.packed else (x.shape[0], -1)
         xs, outs = x.reshape(*shape, x.shape[-1]), out.view(*shape, out.shape[-1])  # a view: writing outs writes out
@@ -346,9 +362,16 @@ class MultiAdapterModel:
     first step, on the thread that runs the steps (see :meth:`~.scheduler.Scheduler.serve_forever`).
     """
 
-    def __init__(self, base: tuple[Any, Any] | None = None, *, load_in_4bit: bool = True,
-                 memory_budget: int = 256 * 2**20, max_running: int = 32,
-                 max_model_len: int | None = None, packed_head: bool | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base: tuple[Any, Any] | None = None,
+        *,
+        load_in_4bit: bool = True,
+        memory_budget: int = 256 * 2**20,
+        max_running: int = 32,
+        max_model_len: int | None = None,
+        packed_head: bool | None = None,
+    ) -> None:
         from ..base_model import load_base_model
         from ..tasks import require_causal_lm
 
@@ -372,10 +395,15 @@ class MultiAdapterModel:
         self._wrap_linears()
         self._packed_head = packed_head
         self._reft_sites: set[tuple[int, str]] = set()  # (layer, component) pairs with an edit hook
-        self.cache = AdapterCache(memory_budget=memory_budget, targets={w.name for _, _, w in self._wrapped},
-                                  base_config=self.core.config, base_name=_base_name(self.core),
-                                  prepare=self._prepare_adapter, module_names=module_names,
-                                  attach=self._attach_solo)  # fmt: skip
+        self.cache = AdapterCache(
+            memory_budget=memory_budget,
+            targets={w.name for _, _, w in self._wrapped},
+            base_config=self.core.config,
+            base_name=_base_name(self.core),
+            prepare=self._prepare_adapter,
+            module_names=module_names,
+            attach=self._attach_solo,
+        )
         find_decoder(self.core).register_forward_pre_hook(self._count_forward)
 
     @property
@@ -452,8 +480,16 @@ class MultiAdapterModel:
 
     # --- the adapter cache (see cache.py) -----------------------------------------------------------
 
-    def add(self, name: str, source: str | Path, revision: str | None = None, *, subfolder: str | None = None,
-            pin: bool = False, hub_only: bool = False) -> dict:  # fmt: skip
+    def add(
+        self,
+        name: str,
+        source: str | Path,
+        revision: str | None = None,
+        *,
+        subfolder: str | None = None,
+        pin: bool = False,
+        hub_only: bool = False,
+    ) -> dict:
         """Load an adapter (folder or repo id; the one in its ``subfolder`` if given) under ``name`` without
         touching the base or the others; a Hub repo is resolved to one commit first (see :class:`AdapterCache`).
         ``hub_only``: ``source`` is read as a Hub repo id, never as a local folder (a name from a stranger)."""
@@ -545,10 +581,15 @@ class MultiAdapterModel:
                     raise InvalidInputError(f"A mix takes at most {MAX_MIX_ADAPTERS} adapters, got {len(spec)}.")
                 for name, weight in spec.items():
                     self._get(name)
-                    if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                            or not abs(weight) <= MAX_MIX_WEIGHT:  # fmt: skip
-                        raise InvalidInputError(f"Mix weight for {name!r} must be a finite number between "
-                                                f"-{MAX_MIX_WEIGHT} and {MAX_MIX_WEIGHT}, got {weight!r}.")  # fmt: skip
+                    if (
+                        isinstance(weight, bool)
+                        or not isinstance(weight, (int, float))
+                        or not abs(weight) <= MAX_MIX_WEIGHT
+                    ):
+                        raise InvalidInputError(
+                            f"Mix weight for {name!r} must be a finite number between "
+                            f"-{MAX_MIX_WEIGHT} and {MAX_MIX_WEIGHT}, got {weight!r}."
+                        )
                 out.append(tuple(sorted((k, float(v)) for k, v in spec.items())))
             else:
                 raise InvalidInputError(f"An adapter entry is a name, a {{name: weight}} mix or None, got {spec!r}.")
@@ -662,8 +703,12 @@ class MultiAdapterModel:
             if len(parts) > 1:  # adapters that cannot share a batch run in sub-batches of their own
                 out: list[Completion | None] = [None] * len(prompts)
                 for rows in parts:
-                    part = self.generate_static([prompts[i] for i in rows], _pick(adapters, rows),
-                                                [params[i] for i in rows], raw=_pick(raw, rows))  # fmt: skip
+                    part = self.generate_static(
+                        [prompts[i] for i in rows],
+                        _pick(adapters, rows),
+                        [params[i] for i in rows],
+                        raw=_pick(raw, rows),
+                    )
                     for i, completion in zip(rows, part, strict=True):
                         out[i] = completion
                 return out
@@ -674,9 +719,18 @@ class MultiAdapterModel:
             processor = _SampleProcessor(ordered, prompt_ids, eos)
             longest = max(p.max_tokens for p in ordered)
             with self._runner(specs, mask) as (model, extra):
-                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
-                               temperature=None, top_p=None, top_k=None, logits_processor=[processor],
-                               pad_token_id=self.tokenizer.pad_token_id, **extra)  # fmt: skip
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=longest,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    logits_processor=[processor],
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    **extra,
+                )
         out = [None] * len(prompts)
         for position, original in enumerate(order):
             samples, p = processor.samples[position], ordered[position]
@@ -685,25 +739,35 @@ class MultiAdapterModel:
                 tokens, samples = tokens[: tokens.index(eos) + 1], samples[: tokens.index(eos) + 1]
             tokens, samples = tokens[: p.max_tokens], samples[: p.max_tokens]
             finish = "stop" if tokens and tokens[-1] == eos and not p.ignore_eos else "length"
-            out[original] = Completion(tokens, len(prompt_ids[position]), finish,
-                                       samples if p.logprobs is not None else None)  # fmt: skip
+            out[original] = Completion(
+                tokens, len(prompt_ids[position]), finish, samples if p.logprobs is not None else None
+            )
         return out
 
-    def generate(self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None = None, *,
-                 max_new_tokens: int = 64, raw: bool = False) -> list[str]:  # fmt: skip
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        adapters: Sequence[AdapterSpec] | None = None,
+        *,
+        max_new_tokens: int = 64,
+        raw: bool = False,
+    ) -> list[str]:
         """Greedy answers, one per prompt; ``adapters[i]`` is a name, a ``{name: weight}`` mix, or None."""
         completions = self.generate_tokens(prompts, adapters, max_new_tokens=max_new_tokens, raw=raw)
         return [self.tokenizer.decode(c.tokens, skip_special_tokens=True).strip() for c in completions]
 
     @torch.inference_mode()
-    def next_token_logits(self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None = None, *,
-                          raw: bool = False) -> torch.Tensor:  # fmt: skip
+    def next_token_logits(
+        self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None = None, *, raw: bool = False
+    ) -> torch.Tensor:
         """Logits of the token after each prompt, ``[len(prompts), vocab]`` in the prompts' order."""
         with self._lock:
             parts = self._parts(prompts, adapters)
             if len(parts) > 1:
-                pieces = [self.next_token_logits([prompts[i] for i in rows], _pick(adapters, rows),
-                                                 raw=_pick(raw, rows)) for rows in parts]  # fmt: skip
+                pieces = [
+                    self.next_token_logits([prompts[i] for i in rows], _pick(adapters, rows), raw=_pick(raw, rows))
+                    for rows in parts
+                ]
                 result = torch.empty(len(prompts), pieces[0].shape[-1], dtype=pieces[0].dtype)
                 for rows, piece in zip(parts, pieces, strict=True):
                     result[torch.tensor(rows)] = piece
@@ -718,13 +782,16 @@ class MultiAdapterModel:
         result[torch.tensor(order)] = logits
         return result
 
-    def _prefill_logits(self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None,
-                        raw: bool | Sequence[bool]) -> torch.Tensor:  # fmt: skip
+    def _prefill_logits(
+        self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None, raw: bool | Sequence[bool]
+    ) -> torch.Tensor:
         """next_token_logits on the engine's KV cache: the prompts' prefill, as the server runs it."""
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         raws = [raw] * len(prompts) if isinstance(raw, bool) else list(raw)
-        gens = [self.generation(p, a, SamplingParams(max_tokens=1), raw=r)
-                for p, a, r in zip(prompts, adapters, raws, strict=True)]  # fmt: skip
+        gens = [
+            self.generation(p, a, SamplingParams(max_tokens=1), raw=r)
+            for p, a, r in zip(prompts, adapters, raws, strict=True)
+        ]
         for gen in gens:
             self.admit(gen)
         logits: dict[int, torch.Tensor] = {}
@@ -741,8 +808,15 @@ class MultiAdapterModel:
 
     # --- the ragged engine: sequences on the engine's own KV cache -----------------------------------
 
-    def generation(self, prompt: Prompt, adapter: AdapterSpec = None, params: SamplingParams | None = None, *,
-                 raw: bool = False, max_prompt_tokens: int | None = None) -> Generation:  # fmt: skip
+    def generation(
+        self,
+        prompt: Prompt,
+        adapter: AdapterSpec = None,
+        params: SamplingParams | None = None,
+        *,
+        raw: bool = False,
+        max_prompt_tokens: int | None = None,
+    ) -> Generation:
         """A new, not yet admitted :class:`Generation` for one prompt (validated, tokenized, adapters loaded);
         :class:`PromptTooLongError` for a prompt over ``max_prompt_tokens`` (checked before the context length)."""
         params = params or SamplingParams()
@@ -757,8 +831,10 @@ class MultiAdapterModel:
         parts = self.cache.hold(spec)  # the cache's own lock: never waits for a forward of the model
         seq = Generation(prompt_ids, spec, params, parts=parts)
         if seq.capacity > self.max_model_len:
-            raise InvalidInputError(f"The prompt ({len(seq.prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
-                                    f"exceed this engine's max_model_len of {self.max_model_len} tokens.")  # fmt: skip
+            raise InvalidInputError(
+                f"The prompt ({len(seq.prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                f"exceed this engine's max_model_len of {self.max_model_len} tokens."
+            )
         return seq
 
     def admit(self, seq: Generation) -> bool:
@@ -771,9 +847,14 @@ class MultiAdapterModel:
                 heads = config.num_attention_heads
                 head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
                 dtype = self.core.get_input_embeddings().weight.dtype
-                self._kv = kv_cache.SlotCache(len(self._layers), self.max_running, self.max_model_len,
-                                              getattr(config, "num_key_value_heads", heads), head_dim,
-                                              torch.float32 if not dtype.is_floating_point else dtype)  # fmt: skip
+                self._kv = kv_cache.SlotCache(
+                    len(self._layers),
+                    self.max_running,
+                    self.max_model_len,
+                    getattr(config, "num_key_value_heads", heads),
+                    head_dim,
+                    torch.float32 if not dtype.is_floating_point else dtype,
+                )
                 kv_cache.register()
                 self.ragged_reason = self._check_slot_cache()
                 if self.ragged_reason is not None:
@@ -792,8 +873,10 @@ class MultiAdapterModel:
         mode, with the reason. Returns that reason, or None."""
         vocab = self.core.get_input_embeddings().weight.shape[0]
         generator = torch.Generator().manual_seed(0)
-        probes = [Generation(torch.randint(vocab, (n,), generator=generator).tolist(), (), SamplingParams(max_tokens=2))
-                  for n in (7, 3)]  # fmt: skip
+        probes = [
+            Generation(torch.randint(vocab, (n,), generator=generator).tolist(), (), SamplingParams(max_tokens=2))
+            for n in (7, 3)
+        ]
         for probe in probes:
             probe.slot, probe.cached = len(self._slots), 0
             self._slots.append(probe)
@@ -807,8 +890,10 @@ class MultiAdapterModel:
                     gap = (row.float() - expected.float()).abs().max() / (1 + expected.float().abs().max())
                     worst = max(worst, gap.item())
                     if worst > (1e-4 if row.dtype == torch.float32 else 3e-2):
-                        return (f"the slot cache's attention does not reproduce {type(self.core).__name__}'s own "
-                                f"(logits differ by {worst:.1e} of their size at step {step + 1} of a check)")
+                        return (
+                            f"the slot cache's attention does not reproduce {type(self.core).__name__}'s own "
+                            f"(logits differ by {worst:.1e} of their size at step {step + 1} of a check)"
+                        )
                     probe.output.append(int(row.argmax()))
             return None
         except Exception as e:  # whatever the model's attention needs that the slot cache lacks
@@ -866,8 +951,9 @@ class MultiAdapterModel:
         with self._lock, kv_cache.running(self.core, step), self._packed_head_in():
             self._plan = self._ragged_plan(rows)
             try:
-                logits = self.core(input_ids=ids, position_ids=step.token_positions[None], use_cache=False,
-                                   logits_to_keep=step.last).logits  # fmt: skip
+                logits = self.core(
+                    input_ids=ids, position_ids=step.token_positions[None], use_cache=False, logits_to_keep=step.last
+                ).logits
             finally:
                 self._plan = None
         for seq, n in rows:
@@ -950,8 +1036,12 @@ class MultiAdapterModel:
                 else:
                     chunks = [_chunk_positions(rows[b][0], rows[b][1], payload.config.first_last) for b in entries]
                     if chunks[0]:  # prompt chunks only: decode tokens are never edited
-                        positions = {g: torch.tensor([[offsets[b] + p for b, c in zip(entries, chunks, strict=True)
-                                                       for p in c[g]]]) for g in chunks[0]}  # fmt: skip
+                        positions = {
+                            g: torch.tensor(
+                                [[offsets[b] + p for b, c in zip(entries, chunks, strict=True) for p in c[g]]]
+                            )
+                            for g in chunks[0]
+                        }
                         group.refts.append((payload, weight, positions))
             groups.append(group)
         batched = tuple(lora for g in groups if g.span is None for lora, _ in g.loras)  # what _pack_loras stacks
@@ -964,8 +1054,9 @@ class MultiAdapterModel:
     def sample(self, seq: Generation, logits: torch.Tensor) -> Sampled:
         """Draw ``seq``'s next token from its logits row and append it."""
         eos = self.tokenizer.eos_token_id
-        sampled = sample_row(logits, seq.params, len(seq.output), seq.prompt_ids, seq.output, eos=eos,
-                             suppress_eos=seq.params.ignore_eos)  # fmt: skip
+        sampled = sample_row(
+            logits, seq.params, len(seq.output), seq.prompt_ids, seq.output, eos=eos, suppress_eos=seq.params.ignore_eos
+        )
         seq.output.append(sampled.token)
         seq.samples.append(sampled)
         return sampled
@@ -988,8 +1079,9 @@ class MultiAdapterModel:
         return ([shared] if shared else []) + list(solo.values())
 
     @contextmanager
-    def _runner(self, specs: list[tuple[tuple[str, float], ...]],
-                mask: torch.Tensor) -> Iterator[tuple[nn.Module, dict]]:  # fmt: skip
+    def _runner(
+        self, specs: list[tuple[tuple[str, float], ...]], mask: torch.Tensor
+    ) -> Iterator[tuple[nn.Module, dict]]:
         """The model to run one (already partitioned) batch on, and the extra inputs it needs."""
         solo = {n for spec in specs for n in self.solo_names(spec)}
         if solo:
@@ -1042,8 +1134,9 @@ def _rolled_back(past: Any, length: int) -> Any:
             if extra > 0:
                 layer.crop(-extra)
     except Exception as e:
-        raise RuntimeError(f"this request's cache cannot be rolled back after a failed step ({e}); send the "
-                           "request again.") from None  # a server-side failure of this request alone (HTTP 500)
+        raise RuntimeError(
+            f"this request's cache cannot be rolled back after a failed step ({e}); send the request again."
+        ) from None  # a server-side failure of this request alone (HTTP 500)
     return past
 
 

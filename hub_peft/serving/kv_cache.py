@@ -79,8 +79,16 @@ class RaggedStep:
                 start, n = starts[b], lengths[b]
                 span = start + n
                 mask = torch.arange(span)[None, :] <= start + torch.arange(n)[:, None]
-                runs.append(_Run(slots[b], 1, slice(offsets[b], offsets[b + 1]), span, mask[None, None],
-                            (start + torch.arange(n))[None]))
+                runs.append(
+                    _Run(
+                        slots[b],
+                        1,
+                        slice(offsets[b], offsets[b + 1]),
+                        span,
+                        mask[None, None],
+                        (start + torch.arange(n))[None],
+                    )
+                )
                 b += 1
                 continue
             end = b + 1  # a run of single new tokens in consecutive slots
@@ -108,8 +116,7 @@ class SlotCache:
     or caller (a forward, a release between steps) touches the cache, the tensors are of one kind."""
 
     @torch.inference_mode()
-    def __init__(self, layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype) -> None:  # fmt: skip
+    def __init__(self, layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
         self.slots, self.max_len = slots, max_len
         shape = (slots, kv_heads, max_len, head_dim)
         self.keys = [torch.empty(shape, dtype=dtype) for _ in range(layers)]
@@ -144,10 +151,18 @@ class SlotCache:
         return 2 * config.num_hidden_layers * getattr(config, "num_key_value_heads", heads) * head_dim * 4
 
 
-def ragged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                     sliding_window: int | None = None, softcap: float | None = None,
-                     **_: object) -> tuple[torch.Tensor, None]:  # fmt: skip
+def ragged_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **_: object,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention interface over the engine's slots (see the module docstring): ``query``
     ``[1, heads, tokens, dim]`` of the packed row; returns ``[1, tokens, heads, dim]``. ``sliding_window`` and
     ``softcap`` are what the model passes for this layer."""
@@ -178,8 +193,14 @@ def ragged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return out.reshape(1, tokens, heads, dim).to(query.dtype), None
 
 
-def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-            scaling: float | None, softcap: float | None) -> torch.Tensor:
+def _attend(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
     """Attention of ``query`` over ``keys``/``values`` (``mask`` True where a key is seen): SDPA, or with
     ``softcap`` the soft-capped scores as transformers' eager attention computes them (softmax in float32)."""
     if softcap is None:

@@ -20,18 +20,26 @@ class Metrics:
     def __init__(self, engine: MultiAdapterModel, scheduler: Scheduler) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("hub_peft:requests", "Finished requests by adapter and HTTP status.",
-                                ["adapter", "status"], registry=r)  # fmt: skip
+        self.requests = Counter(
+            "hub_peft:requests", "Finished requests by adapter and HTTP status.", ["adapter", "status"], registry=r
+        )
         self.prompt_tokens = Counter("hub_peft:prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("hub_peft:generation_tokens", "Generated tokens.", registry=r)
-        self.ttft = Histogram("hub_peft:time_to_first_token_seconds", "From arrival to the first token.",
-                              buckets=_LATENCY, registry=r)  # fmt: skip
-        self.itl = Histogram("hub_peft:inter_token_latency_seconds", "Between two tokens of one request.",
-                             buckets=_LATENCY, registry=r)  # fmt: skip
-        self.e2e = Histogram("hub_peft:e2e_request_latency_seconds", "From arrival to the end.", buckets=_LATENCY,
-                             registry=r)  # fmt: skip
-        self.batch = Histogram("hub_peft:iteration_rows", "Sequences in one engine step.",
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)  # fmt: skip
+        self.ttft = Histogram(
+            "hub_peft:time_to_first_token_seconds", "From arrival to the first token.", buckets=_LATENCY, registry=r
+        )
+        self.itl = Histogram(
+            "hub_peft:inter_token_latency_seconds", "Between two tokens of one request.", buckets=_LATENCY, registry=r
+        )
+        self.e2e = Histogram(
+            "hub_peft:e2e_request_latency_seconds", "From arrival to the end.", buckets=_LATENCY, registry=r
+        )
+        self.batch = Histogram(
+            "hub_peft:iteration_rows",
+            "Sequences in one engine step.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.running = Gauge("hub_peft:num_requests_running", "Requests holding a cache slot.", registry=r)
         self.waiting = Gauge("hub_peft:num_requests_waiting", "Requests in the queue.", registry=r)
         r.register(_EngineCollector(engine, scheduler))
@@ -62,10 +70,12 @@ class _EngineCollector:
         self.engine, self.scheduler = engine, scheduler
 
     def collect(self):
-        running = GaugeMetricFamily("hub_peft:adapter_requests_running", "Running requests per adapter.",
-                                    labels=["adapter"])  # fmt: skip
-        waiting = GaugeMetricFamily("hub_peft:adapter_requests_waiting", "Waiting requests per adapter.",
-                                    labels=["adapter"])  # fmt: skip
+        running = GaugeMetricFamily(
+            "hub_peft:adapter_requests_running", "Running requests per adapter.", labels=["adapter"]
+        )
+        waiting = GaugeMetricFamily(
+            "hub_peft:adapter_requests_waiting", "Waiting requests per adapter.", labels=["adapter"]
+        )
         for family, queue in ((running, list(self.scheduler.running)), (waiting, list(self.scheduler.waiting))):
             counts: dict[str, int] = {}
             for request in queue:
@@ -76,10 +86,15 @@ class _EngineCollector:
         yield waiting
         loaded = self.engine.loaded()
         yield GaugeMetricFamily("hub_peft:adapters_loaded", "Adapters known by name.", value=len(loaded))
-        yield GaugeMetricFamily("hub_peft:adapters_resident", "Adapters whose weights are in memory.",
-                                value=sum(e["resident"] for e in loaded))  # fmt: skip
-        yield GaugeMetricFamily("hub_peft:adapter_cache_bytes", "Bytes of resident adapter weights.",
-                                value=self.engine.resident_bytes())  # fmt: skip
+        yield GaugeMetricFamily(
+            "hub_peft:adapters_resident",
+            "Adapters whose weights are in memory.",
+            value=sum(e["resident"] for e in loaded),
+        )
+        yield GaugeMetricFamily(
+            "hub_peft:adapter_cache_bytes", "Bytes of resident adapter weights.", value=self.engine.resident_bytes()
+        )
         for name in ("hits", "misses", "evictions", "loads"):
-            yield CounterMetricFamily(f"hub_peft:adapter_cache_{name}", f"Adapter cache {name}.",
-                                      value=self.engine.stats[name])  # fmt: skip
+            yield CounterMetricFamily(
+                f"hub_peft:adapter_cache_{name}", f"Adapter cache {name}.", value=self.engine.stats[name]
+            )

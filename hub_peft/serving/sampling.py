@@ -50,10 +50,16 @@ class SamplingParams:
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "between -2 and 2"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "between -2 and 2"),
             ("repetition_penalty", 0 < self.repetition_penalty <= 10, "in (0, 10]"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
-             f"between 0 and {MAX_TOP_LOGPROBS}"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
-             "at most 16 non-empty strings"),
+            (
+                "logprobs",
+                self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+                f"between 0 and {MAX_TOP_LOGPROBS}",
+            ),
+            (
+                "stop",
+                all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
+                "at most 16 non-empty strings",
+            ),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -107,8 +113,16 @@ class Sampled:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, position: int, prompt_ids: list[int],
-               output_ids: list[int], *, eos: int | None = None, suppress_eos: bool = False) -> Sampled:  # fmt: skip
+def sample_row(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    position: int,
+    prompt_ids: list[int],
+    output_ids: list[int],
+    *,
+    eos: int | None = None,
+    suppress_eos: bool = False,
+) -> Sampled:
     """The next token of one row from its raw ``logits`` [vocab]; ``position`` counts the tokens already
     generated for this completion (it keys the noise)."""
     raw = logits.float()

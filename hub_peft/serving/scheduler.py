@@ -76,15 +76,25 @@ class Request:
     def completion(self) -> Completion:
         gen = self.generation
         finish = "stop" if self.finish_reason == "stop" else "length"
-        return Completion(list(gen.output), len(gen.prompt_ids), finish,
-                          list(gen.samples) if self.params.logprobs is not None else None)  # fmt: skip
+        return Completion(
+            list(gen.output),
+            len(gen.prompt_ids),
+            finish,
+            list(gen.samples) if self.params.logprobs is not None else None,
+        )
 
 
 class Scheduler:
     """Admission, steps, stop detection and cancellation for one engine (see the module docstring)."""
 
-    def __init__(self, engine: MultiAdapterModel, *, max_waiting: int = 256, prefill_budget: int = 2048,
-                 max_prompt_tokens: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: MultiAdapterModel,
+        *,
+        max_waiting: int = 256,
+        prefill_budget: int = 2048,
+        max_prompt_tokens: int | None = None,
+    ) -> None:
         if prefill_budget < 128:
             raise InvalidInputError("prefill_budget must be at least 128 tokens.")
         self.engine, self.max_waiting, self.prefill_budget = engine, max_waiting, prefill_budget
@@ -114,12 +124,14 @@ class Scheduler:
                     request.reserved = engine.cache.reserve(spec)
                 else:
                     limit = self.max_prompt_tokens
-                    request.generation = engine.generation(request.prompt, request.adapter, request.params,
-                                                           raw=request.raw, max_prompt_tokens=limit)  # fmt: skip
+                    request.generation = engine.generation(
+                        request.prompt, request.adapter, request.params, raw=request.raw, max_prompt_tokens=limit
+                    )
             with self.lock:
                 if len(self.waiting) + len(requests) > self.max_waiting:
-                    raise QueueFullError(f"{len(self.waiting)} requests are waiting, the most this server queues "
-                                         f"is {self.max_waiting}.")  # fmt: skip
+                    raise QueueFullError(
+                        f"{len(self.waiting)} requests are waiting, the most this server queues is {self.max_waiting}."
+                    )
                 self.waiting.extend(requests)
                 self.lock.notify()
         except BaseException:

@@ -56,8 +56,14 @@ def own_bytes(model: nn.Module, base: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in own.values())
 
 
-def attach(base: nn.Module, folder: Path, config: Any, *, swap: Mapping[int, nn.Module] = {},
-           snapshot: Callable[[], Any] | None = None) -> nn.Module:  # fmt: skip
+def attach(
+    base: nn.Module,
+    folder: Path,
+    config: Any,
+    *,
+    swap: Mapping[int, nn.Module] = {},
+    snapshot: Callable[[], Any] | None = None,
+) -> nn.Module:
     """``base`` with the adapter in ``folder`` attached the ordinary PEFT way, on a shadow of ``base``.
 
     ``config`` is the adapter's checked :class:`~peft.PeftConfig` (its ``target_modules`` resolved to explicit

@@ -82,15 +82,28 @@ def plan_vllm(
         folders[name] = folder
         ranks.append(max(lora_ranks(report.config)))
     if refused:
-        raise IncompatibleAdapterError("vLLM cannot serve these adapters:\n" + "\n".join(refused) + "\nServe them "
-                                       "with `hub-peft serve` (without --engine vllm), which runs every adapter "
-                                       "type, or leave them out.")  # fmt: skip
+        raise IncompatibleAdapterError(
+            "vLLM cannot serve these adapters:\n" + "\n".join(refused) + "\nServe them "
+            "with `hub-peft serve` (without --engine vllm), which runs every adapter "
+            "type, or leave them out."
+        )
     if check_installed and not has_vllm(python):
         raise NotFoundError(INSTALL_HINT.format(python=python))
     rank = next(r for r in VLLM_LORA_RANKS if r >= max(ranks, default=1))
     model = str(embedded_model_dir()) if base is None else base
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
-               base or DEFAULT_BASE, "--host", host, "--port", str(port)]  # fmt: skip
+    command = [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--served-model-name",
+        base or DEFAULT_BASE,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if folders:
         command += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(folders)), "--lora-modules"]
         command += [f"{name}={folder}" for name, folder in folders.items()]

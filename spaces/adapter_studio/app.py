@@ -184,10 +184,17 @@ def _settings(method, base_name, four_bit, rank, layers, positions, lr, epochs, 
     except ValueError:
         raise gr.Error(f"Layers must be comma-separated numbers like 8,16, got {layers!r}.") from None
     try:
-        return TrainSettings(method=method, base=base_name or None, load_in_4bit=bool(four_bit),
-                             rank=int(rank) if rank else None, lr=float(lr) if lr else None,
-                             epochs=int(epochs) if epochs else None, layers=parsed_layers,
-                             positions=positions or "l1", target_modules=targets)  # fmt: skip
+        return TrainSettings(
+            method=method,
+            base=base_name or None,
+            load_in_4bit=bool(four_bit),
+            rank=int(rank) if rank else None,
+            lr=float(lr) if lr else None,
+            epochs=int(epochs) if epochs else None,
+            layers=parsed_layers,
+            positions=positions or "l1",
+            target_modules=targets,
+        )
     except HubPeftError as e:
         raise gr.Error(str(e)) from None
 
@@ -230,12 +237,19 @@ def _training_job(rows, held_out, settings: TrainSettings, folder: Path, prompts
                 share()  # fewer threads while someone chats
                 job.report(entry)
 
-            trained = train_adapter(rows, settings, base=(model, tokenizer), on_step=on_step,
-                                    should_stop=job.cancelled.is_set, validation_rows=held_out)  # fmt: skip
+            trained = train_adapter(
+                rows,
+                settings,
+                base=(model, tokenizer),
+                on_step=on_step,
+                should_stop=job.cancelled.is_set,
+                validation_rows=held_out,
+            )
             try:
                 evaluation = None if job.cancelled.is_set() else evaluate_trained(trained, prompts=prompts)
-                save_trained(trained, folder, overwrite=True, dataset_name="adapter-studio-examples",
-                             evaluation=evaluation)  # fmt: skip
+                save_trained(
+                    trained, folder, overwrite=True, dataset_name="adapter-studio-examples", evaluation=evaluation
+                )
             finally:
                 trained.release()
         return trained, evaluation
@@ -249,9 +263,22 @@ def _waiting_status(job: Job) -> str:
     return f"Queued: position {position} in the training queue; {when}. Cancel leaves the queue."
 
 
-def train(table, validation_rows, method, base_name, four_bit, rank, layers, positions, lr, epochs, state,
-          target_modules=ALL_LINEAR, request: gr.Request = None,
-          progress=gr.Progress()):  # noqa: B008 - Gradio's way  # fmt: skip
+def train(
+    table,
+    validation_rows,
+    method,
+    base_name,
+    four_bit,
+    rank,
+    layers,
+    positions,
+    lr,
+    epochs,
+    state,
+    target_modules=ALL_LINEAR,
+    request: gr.Request = None,
+    progress=gr.Progress(),  # noqa: B008 - Gradio's way
+):
     """Queue a training (one per user, run in arrival order) and stream its place in the queue, then
     its progress, the train/validation loss curve, elapsed time and ETA."""
     user = _user(request)
@@ -297,9 +324,11 @@ def train(table, validation_rows, method, base_name, four_bit, rank, layers, pos
             history.append(entry)
             eta = QUEUE.eta(job)
             progress((entry["step"], total), desc=f"step {entry['step']}/{total}, loss {entry['loss']:.3f}")
-            shown = (f"Training {settings.method.upper()}: step {entry['step']}/{total}, loss {entry['loss']:.3f}"
-                     + (f", validation loss {entry['val_loss']:.3f}" if "val_loss" in entry else "")
-                     + (f", about {eta:.0f} s left" if eta is not None else ""))  # fmt: skip
+            shown = (
+                f"Training {settings.method.upper()}: step {entry['step']}/{total}, loss {entry['loss']:.3f}"
+                + (f", validation loss {entry['val_loss']:.3f}" if "val_loss" in entry else "")
+                + (f", about {eta:.0f} s left" if eta is not None else "")
+            )
             yield shown, _curve(history), state, keep, keep, keep
     except BaseException:  # the page went away: leave the queue, or stop after the current step
         QUEUE.cancel(user)
@@ -319,8 +348,13 @@ def train(table, validation_rows, method, base_name, four_bit, rank, layers, pos
         status = f"{verb}: {result.steps} steps in {result.seconds:.1f} s, loss {first:.3f} → {last:.3f}"
     if evaluation and evaluation.metrics:
         status += "; " + ", ".join(f"{k} {v}" for k, v in sorted(evaluation.metrics.items()))
-    state = {**(state or {}), "adapter": str(folder), "base": settings.base or DEFAULT_BASE,
-             "four_bit": settings.load_in_4bit, "method": settings.method}  # fmt: skip
+    state = {
+        **(state or {}),
+        "adapter": str(folder),
+        "base": settings.base or DEFAULT_BASE,
+        "four_bit": settings.load_in_4bit,
+        "method": settings.method,
+    }
     card = card_preview(render_card(folder))
     yield status, _curve(result.history), state, card, _zip(folder), _before_after(evaluation)
 
@@ -378,8 +412,11 @@ def push(repo_id: str, private: bool, token: str, state: dict | None, oauth_toke
         check_repo_id((repo_id or "").strip())
         token = (token or "").strip() or (oauth_token.token if oauth_token else None) or None
         if token is None and get_token() is None:  # no login, no typed token, no HF_TOKEN
-            raise gr.Error("Sign in with Hugging Face (the button above) or paste a write token to push."
-                           if ON_SPACE else "Paste a write token (or set HF_TOKEN) to push.")  # fmt: skip
+            raise gr.Error(
+                "Sign in with Hugging Face (the button above) or paste a write token to push."
+                if ON_SPACE
+                else "Paste a write token (or set HF_TOKEN) to push."
+            )
         url = push_adapter(state["adapter"], repo_id.strip(), private=bool(private), token=token)
     except HubPeftError as e:
         raise gr.Error(str(e)) from None
@@ -404,23 +441,33 @@ def build() -> gr.Blocks:
         with gr.Group():
             gr.Markdown("## 1. Examples")
             with gr.Row():
-                upload = gr.File(label="CSV, JSONL or JSON (prompt/response)", file_types=[".csv", ".jsonl", ".json"],
-                                 elem_id="upload")  # fmt: skip
+                upload = gr.File(
+                    label="CSV, JSONL or JSON (prompt/response)",
+                    file_types=[".csv", ".jsonl", ".json"],
+                    elem_id="upload",
+                )
                 with gr.Column():
                     preset = gr.Button("Load the emoji preset", elem_id="preset")
                     load_note = gr.Markdown()
             with gr.Row():
                 prompt_col = gr.Dropdown(label="Prompt column", visible=False)
                 response_col = gr.Dropdown(label="Response column", visible=False)
-            table = gr.Dataframe(value=EMPTY_TABLE, headers=["prompt", "response"], column_count=(2, "fixed"),
-                                 interactive=True, wrap=True, label="Examples (editable)",
-                                 elem_id="examples")  # fmt: skip
+            table = gr.Dataframe(
+                value=EMPTY_TABLE,
+                headers=["prompt", "response"],
+                column_count=(2, "fixed"),
+                interactive=True,
+                wrap=True,
+                label="Examples (editable)",
+                elem_id="examples",
+            )
             summary = gr.Markdown(elem_id="preview")
             with gr.Row():
                 validation_upload = gr.File(
                     label="Validation rows (optional; else 10% held out at 20+ examples)",
-                    file_types=[".csv", ".jsonl", ".json"], elem_id="validation-upload",
-                )  # fmt: skip
+                    file_types=[".csv", ".jsonl", ".json"],
+                    elem_id="validation-upload",
+                )
                 validation_note = gr.Markdown(elem_id="validation-note")
         with gr.Group():
             gr.Markdown("## 2. Train")
@@ -433,26 +480,45 @@ def build() -> gr.Blocks:
                     rank = gr.Number(
                         None, label=f"Rank (default ReFT {reft['rank']}, LoRA {lora['rank']})", precision=0
                     )
-                    epochs = gr.Number(None, label=f"Epochs (default ReFT {reft['epochs']}, LoRA {lora['epochs']})",
-                                       precision=0, elem_id="epochs")  # fmt: skip
+                    epochs = gr.Number(
+                        None,
+                        label=f"Epochs (default ReFT {reft['epochs']}, LoRA {lora['epochs']})",
+                        precision=0,
+                        elem_id="epochs",
+                    )
                     lr = gr.Number(None, label=f"Learning rate (default {reft['lr']})")
                 with gr.Row():
                     layers = gr.Textbox("", label="ReFT layers (default: 8,16 on a 30-layer model)")
                     positions = gr.Textbox("l1", label="ReFT positions (l1 = last prompt token, f1+l1, ...)")
-                    target_modules = gr.Textbox(ALL_LINEAR, elem_id="target-modules",
-                                                label="LoRA target modules (all-linear, peft-default, or names "
-                                                      "such as q_proj,v_proj)")  # fmt: skip
+                    target_modules = gr.Textbox(
+                        ALL_LINEAR,
+                        elem_id="target-modules",
+                        label="LoRA target modules (all-linear, peft-default, or names such as q_proj,v_proj)",
+                    )
             with gr.Row():
                 train_button = gr.Button("Train", variant="primary", elem_id="train")
                 cancel_button = gr.Button("Cancel", elem_id="cancel")
             status = gr.Markdown(elem_id="status")
-            curve = gr.LinePlot(x="step", y="loss", color="series", title="Training and validation loss", height=260,
-                                elem_id="loss-curve")  # fmt: skip
-            gr.Markdown("**Before / after**: the base model and your adapter on prompts it was not trained on "
-                        "(the validation rows, or the preset's held-out prompts), greedy decoding.")  # fmt: skip
-            before_after = gr.Dataframe(value=_before_after(None), headers=BEFORE_AFTER_COLUMNS, interactive=False,
-                                        wrap=True, column_widths=["22%", "14%", "32%", "32%"],
-                                        elem_id="before-after")  # fmt: skip
+            curve = gr.LinePlot(
+                x="step",
+                y="loss",
+                color="series",
+                title="Training and validation loss",
+                height=260,
+                elem_id="loss-curve",
+            )
+            gr.Markdown(
+                "**Before / after**: the base model and your adapter on prompts it was not trained on "
+                "(the validation rows, or the preset's held-out prompts), greedy decoding."
+            )
+            before_after = gr.Dataframe(
+                value=_before_after(None),
+                headers=BEFORE_AFTER_COLUMNS,
+                interactive=False,
+                wrap=True,
+                column_widths=["22%", "14%", "32%", "32%"],
+                elem_id="before-after",
+            )
         with gr.Group():
             gr.Markdown("## 3. Chat: base model vs your adapter")
             prompt = gr.Textbox(label="Prompt", value=held_out_prompts()[0], elem_id="prompt")
@@ -484,15 +550,33 @@ def build() -> gr.Blocks:
             dropdown.change(on_mapping, [prompt_col, response_col, pending], [table, load_note]).then(
                 preview, preview_inputs, summary
             )
-        preset.click(lambda: (_table_from(load_preset()), "Loaded the emoji preset (10 rows)."), None,
-                     [table, load_note]).then(preview, preview_inputs, summary)  # fmt: skip
+        preset.click(
+            lambda: (_table_from(load_preset()), "Loaded the emoji preset (10 rows)."), None, [table, load_note]
+        ).then(preview, preview_inputs, summary)
         table.input(preview, preview_inputs, summary)
         validation_upload.change(on_validation_upload, validation_upload, [validation_rows, validation_note])
         # Many handlers may wait at once: the training queue, not Gradio's, runs them one at a time and shows
         # each its position.
-        train_button.click(train, [table, validation_rows, method, base_name, four_bit, rank, layers, positions, lr,
-                                   epochs, state, target_modules], [status, curve, state, card, download, before_after],
-                           concurrency_limit=16, concurrency_id="train")  # fmt: skip
+        train_button.click(
+            train,
+            [
+                table,
+                validation_rows,
+                method,
+                base_name,
+                four_bit,
+                rank,
+                layers,
+                positions,
+                lr,
+                epochs,
+                state,
+                target_modules,
+            ],
+            [status, curve, state, card, download, before_after],
+            concurrency_limit=16,
+            concurrency_id="train",
+        )
         cancel_button.click(cancel_training, None, status, queue=False)
         ask.click(chat, [prompt, state], [plain_answer, tuned_answer], concurrency_limit=4)
         push_button.click(push, [repo_id, private, token, state], pushed)

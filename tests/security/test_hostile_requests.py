@@ -53,8 +53,9 @@ def hostile_adapter(kind: str, good: Path, dest: Path) -> Path:
         return dest
     if kind == "huge-shape":  # a [100000, 100000] tensor said to be in 1 KB
         name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-        write_safetensors(weights, {name: {"dtype": "F32", "shape": [100000, 100000], "data_offsets": [0, 1024]}},
-                          bytes(1024))  # fmt: skip
+        write_safetensors(
+            weights, {name: {"dtype": "F32", "shape": [100000, 100000], "data_offsets": [0, 1024]}}, bytes(1024)
+        )
         return dest
     raise ValueError(kind)
 
@@ -118,14 +119,19 @@ def test_a_request_name_is_a_hub_id_never_a_local_folder(engine, adapters, tmp_p
     (tmp_path / "alice" / "notanadapter").mkdir()
     shutil.copytree(adapters["lora"], tmp_path / "lora1")
     with serving(engine, allow_hub_pattern="*/*") as client:
-        answers = {name: chat(client, name, "a") for name in ("alice/localonly", "alice/notanadapter",
-                                                             "alice/missing", "../lora1", "./lora1")}  # fmt: skip
+        answers = {
+            name: chat(client, name, "a")
+            for name in ("alice/localonly", "alice/notanadapter", "alice/missing", "../lora1", "./lora1")
+        }
         for name, answer in answers.items():
             assert answer.status_code == 404, (name, answer.text)
             assert str(tmp_path) not in answer.text and "/tmp" not in answer.text, answer.text
         # a folder that exists and one that does not read alike: nothing tells which folders exist
-        same = {a.json()["error"]["message"].replace(name.split("/")[-1], "X") for name, a in answers.items()
-                if name.startswith("alice/")}  # fmt: skip
+        same = {
+            a.json()["error"]["message"].replace(name.split("/")[-1], "X")
+            for name, a in answers.items()
+            if name.startswith("alice/")
+        }
         assert len(same) == 1, same
         assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {BASE, "lora"}
 
@@ -281,8 +287,9 @@ def test_a_solo_adapter_is_attached_once_off_the_step_loop_and_a_slow_attach_blo
     peft = PeftModel.from_pretrained(load_tiny(), folder).eval()  # the ordinary PEFT way
     ids = torch.tensor([encode_prompt(tiny_tokenizer(), "a", prompt_template(tiny_tokenizer()))])
     with torch.inference_mode():
-        tokens = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
-                               do_sample=False, pad_token_id=2)[0, ids.shape[1] :]  # fmt: skip
+        tokens = peft.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=2
+        )[0, ids.shape[1] :]
     dora_answer = tiny_tokenizer().decode(tokens, skip_special_tokens=True).strip()
     assert dora_answer != expected(engine, "a", None)  # the adapter changes the answer
     with serving(engine, allow_hub_pattern="alice/served-*") as client, ThreadPoolExecutor(1) as pool:

@@ -83,8 +83,9 @@ def _commit(
     hub: LocalHubProcess, repo_id: str, body: bytes | Iterable[bytes], revision: str = "main"
 ) -> httpx.Response:
     with _client(hub) as c:
-        return c.post(f"/api/models/{repo_id}/commit/{revision}", content=body,
-                      headers={"content-type": "application/x-ndjson"})  # fmt: skip
+        return c.post(
+            f"/api/models/{repo_id}/commit/{revision}", content=body, headers={"content-type": "application/x-ndjson"}
+        )
 
 
 def _head(hub: LocalHubProcess, repo_id: str) -> str:
@@ -397,8 +398,11 @@ def test_a_path_cannot_be_both_a_file_and_a_folder(hub, repo, existing, added, f
     if existing:
         assert _commit(hub, repo, _header() + b"".join(_file(p, b"old") for p in existing)).status_code == 200
     before = _head(hub, repo)
-    message = _refused(_commit(hub, repo, _header() + b"".join(_file(p, p.encode()) for p in added)),
-                       "both a file and a folder", "Rename one of them")  # fmt: skip
+    message = _refused(
+        _commit(hub, repo, _header() + b"".join(_file(p, p.encode()) for p in added)),
+        "both a file and a folder",
+        "Rename one of them",
+    )
     assert repr(file) in message and repr(inner) in message
     assert _head(hub, repo) == before and not _staged(hub)
 
@@ -415,11 +419,13 @@ def test_a_revision_with_control_characters_gets_a_clean_400(hub, repo, revision
     """A NUL in a revision went into the X-Error-Message header, and the server dropped the connection."""
     shown = repr(revision.replace("%00", "\x00").replace("%1B", "\x1b").replace("%0D", "\r"))
     with _client(hub) as c:
-        for method, url in (("GET", f"/api/models/{repo}/revision/{revision}"),
-                            ("GET", f"/api/models/{repo}/tree/{revision}"),
-                            ("GET", f"/{repo}/resolve/{revision}/.gitattributes"),
-                            ("GET", f"/{repo}/tree/{revision}"),
-                            ("POST", f"/api/models/{repo}/preupload/{revision}")):  # fmt: skip
+        for method, url in (
+            ("GET", f"/api/models/{repo}/revision/{revision}"),
+            ("GET", f"/api/models/{repo}/tree/{revision}"),
+            ("GET", f"/{repo}/resolve/{revision}/.gitattributes"),
+            ("GET", f"/{repo}/tree/{revision}"),
+            ("POST", f"/api/models/{repo}/preupload/{revision}"),
+        ):
             _refused(c.request(method, url, json={"files": []}), "Invalid revision", shown)
     _refused(_commit(hub, repo, _header() + _file("a.txt", b"a"), revision=revision), "Invalid revision", shown)
     from huggingface_hub import HfApi

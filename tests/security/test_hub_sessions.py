@@ -75,8 +75,19 @@ def logged_in_as(c: httpx.Client) -> str | None:
 
 def run_serve(root: Path, tokens_file: Path) -> subprocess.CompletedProcess:
     """``hub-peft hub serve`` with ``tokens_file``, as an operator runs it (exits at once when refused)."""
-    cmd = [sys.executable, "-m", "hub_peft.cli", "hub", "serve", "--root", str(root), "--port", str(free_port()),
-           "--tokens-file", str(tokens_file)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "hub_peft.cli",
+        "hub",
+        "serve",
+        "--root",
+        str(root),
+        "--port",
+        str(free_port()),
+        "--tokens-file",
+        str(tokens_file),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
@@ -161,8 +172,10 @@ def test_pages_cannot_be_framed_and_the_cookie_gives_no_write_rights(hub, addres
         assert login(c, TOKENS["alice"]).status_code == 303
         for path in ("/", "/login"):
             r = c.get(path)
-            assert r.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in r.headers[
-                "content-security-policy"]  # fmt: skip
+            assert (
+                r.headers["x-frame-options"] == "DENY"
+                and "frame-ancestors 'none'" in r.headers["content-security-policy"]
+            )
         r = c.post("/api/repos/create", json={"name": repo_name, "type": "model"}, headers={"origin": hub.endpoint})
         assert r.status_code == 401
         assert c.get(f"/api/models/alice/{repo_name}").status_code == 404
@@ -171,8 +184,10 @@ def test_pages_cannot_be_framed_and_the_cookie_gives_no_write_rights(hub, addres
 # -- session expiry ----------------------------------------------------------------------------------------
 def test_sessions_expire_when_idle_and_after_a_maximum_age(tmp_path, address):
     """A stolen or forgotten session cookie must not work forever: idle 3 s and 7 s in all here."""
-    with start_local_hub(tmp_path / "hub", tokens=TOKENS, session_idle_s=3, session_max_s=7) as short, \
-            client(short, address) as c:  # fmt: skip
+    with (
+        start_local_hub(tmp_path / "hub", tokens=TOKENS, session_idle_s=3, session_max_s=7) as short,
+        client(short, address) as c,
+    ):
         assert login(c, TOKENS["alice"]).status_code == 303
         assert logged_in_as(c) == "alice"
         time.sleep(3.5)
@@ -340,15 +355,27 @@ def test_a_tokens_file_of_mode_600_or_stricter_is_accepted(tmp_path):
     secret = f"hf_{secrets.token_hex(16)}"
     tokens_file = write_tokens(tmp_path / "tokens", f"alice={secret}\n", 0o400)
     port = free_port()
-    cmd = [sys.executable, "-m", "hub_peft.cli", "hub", "serve", "--root", str(tmp_path / "root"), "--port",
-           str(port), "--tokens-file", str(tokens_file)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "hub_peft.cli",
+        "hub",
+        "serve",
+        "--root",
+        str(tmp_path / "root"),
+        "--port",
+        str(port),
+        "--tokens-file",
+        str(tokens_file),
+    ]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline, whoami = time.monotonic() + 30, None
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                whoami = httpx.get(f"http://127.0.0.1:{port}/api/whoami-v2",
-                                   headers={"authorization": f"Bearer {secret}"})  # fmt: skip
+                whoami = httpx.get(
+                    f"http://127.0.0.1:{port}/api/whoami-v2", headers={"authorization": f"Bearer {secret}"}
+                )
                 break
             except httpx.TransportError:
                 time.sleep(0.1)

@@ -55,9 +55,24 @@ def test_two_hundred_requests_one_in_ten_hostile_against_hub_peft_serve(
     }
     kinds = [*hostile_repos, "path", "nul-revision", "nan-mix", "huge-body", "long-prompt"]
     port = free_port()
-    command = [sys.executable, "-m", "hub_peft.cli", "serve", "--base", tiny_base_repo, "--port", str(port),
-               "--adapter", f"lora={adapters['lora']}", "--allow-hub-pattern", "alice/served-*",
-               "--max-prompt-tokens", "40", "--max-body-mb", "1"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "hub_peft.cli",
+        "serve",
+        "--base",
+        tiny_base_repo,
+        "--port",
+        str(port),
+        "--adapter",
+        f"lora={adapters['lora']}",
+        "--allow-hub-pattern",
+        "alice/served-*",
+        "--max-prompt-tokens",
+        "40",
+        "--max-body-mb",
+        "1",
+    ]
     server = subprocess.Popen(command, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=None)
@@ -78,8 +93,11 @@ def test_two_hundred_requests_one_in_ten_hostile_against_hub_peft_serve(
                     kind = kinds[(i // 10) % len(kinds)]
                     how, what = _hostile(kind, hostile_repos)
                     if how == "raw":
-                        answer = client.post("/v1/completions" if b'"prompt"' in what else "/v1/chat/completions",
-                                             content=what, headers={"content-type": "application/json"})  # fmt: skip
+                        answer = client.post(
+                            "/v1/completions" if b'"prompt"' in what else "/v1/chat/completions",
+                            content=what,
+                            headers={"content-type": "application/json"},
+                        )
                     else:
                         answer = client.post("/v1/chat/completions", json=what)
                     return answer.status_code, kind, answer.text
@@ -104,6 +122,8 @@ def test_two_hundred_requests_one_in_ten_hostile_against_hub_peft_serve(
     assert all(400 <= status < 500 for status, _, _ in hostile), [h for h in hostile if not 400 <= h[0] < 500]
     wrong = [(status, text) for status, text in good if status != 200 or text is not None]
     assert not wrong, wrong[:3]
-    print(f"\n200 requests (20 hostile) in {took:.1f} s; server RSS {started} MiB after start, {current} MiB after, "
-          f"peak {peak} MiB")  # fmt: skip
+    print(
+        f"\n200 requests (20 hostile) in {took:.1f} s; server RSS {started} MiB after start, {current} MiB after, "
+        f"peak {peak} MiB"
+    )
     assert peak - started < 300, f"the server grew from {started} to a peak of {peak} MiB"
