@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._version import __version__ as __version__
 from .errors import HubPeftError, IncompatibleAdapterError, InvalidInputError, NotFoundError, UnsafeFileError
-
-__version__ = "0.1.0"
 
 _LAZY = {
     "load_base_model": "base_model",

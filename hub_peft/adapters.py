@@ -133,7 +133,7 @@ def parse_hub_spec(text: str) -> tuple[str, str | None, str | None]:
 
 
 def _is_reft(model: Any) -> bool:
-    from .reft import ReftModel
+    from .reft.model import ReftModel
 
     return isinstance(model, ReftModel)
 
@@ -190,7 +190,7 @@ def save_adapter(
     """
     from peft import PeftModel
 
-    from .reft.model import innermost_model
+    from .modeling import innermost_model
 
     reft = _is_reft(model)
     if not reft and not isinstance(model, PeftModel):
@@ -264,7 +264,7 @@ def _stores_vocabulary_rows(folder: Path, base_config: Any) -> bool:
 def _quantization_of(model: Any) -> str | None:
     """The quantization a model's config names, if any of its layers really is quantized (a config can say
     4-bit over layers bitsandbytes' loader skipped, e.g. Falcon's ``FalconLinear`` ones)."""
-    from .reft.model import innermost_model
+    from .modeling import innermost_model
 
     core = innermost_model(model)
     q = getattr(getattr(core, "config", None), "quantization_config", None)
@@ -629,8 +629,8 @@ def _load_folder(
     """:func:`load_adapter` once the adapter's folder is known: ``folder`` holds the adapter itself."""
     from peft import PeftModel
 
-    from .reft import ReftModel
-    from .reft.model import innermost_model
+    from .modeling import innermost_model
+    from .reft.model import ReftModel
     from .targets import expand_target_modules
     from .validate import read_safetensors_header
 

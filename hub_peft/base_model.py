@@ -241,7 +241,7 @@ def _quantize_blocks(model: Any, config: Any, name: str) -> tuple[str | None, st
     quantization to record ("nf4", or None when no layer is 4-bit) and "k/n" 4-bit decoder linears."""
     import warnings
 
-    from .reft.model import find_decoder_layers
+    from .modeling import find_decoder_layers
 
     layers = find_decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers) + "."

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from . import __version__
 from ._atomic import write_text
+from ._version import __version__
 from .tasks import task_of
 
 CARD_INFO_NAME = "hub_peft_card.json"

@@ -380,7 +380,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_trained
     from .examples import check_rows, split_validation, without
     from .hf_trainer import is_main_process, single_cpu_launch_warning
-    from .reft.model import find_decoder_layers
+    from .modeling import find_decoder_layers
     from .training import TrainSettings, planned_steps, save_trained, token_counter, train_adapter
 
     if args.push:

@@ -115,7 +115,7 @@ def check_causal_checkpoint(config: Any, name: str) -> None:
 
 def require_causal_lm(model: Any, where: str = "the multi-adapter engine") -> None:
     """Refuse a model (under any PEFT/ReFT wrappers) that is not a causal LM: ``where`` serves causal LMs."""
-    from .reft.model import innermost_model
+    from .modeling import innermost_model
 
     core = innermost_model(model)
     name = type(core).__name__
@@ -152,7 +152,7 @@ def require_causal_adapter(folder: str | Path, source: Any, where: str) -> None:
 
 def labels_of(model: Any, adapter_name: str = "default") -> dict[str, str] | None:
     """A classifier adapter's labels (its base's ``id2label``) for the card; None for other task types."""
-    from .reft.model import innermost_model
+    from .modeling import innermost_model
 
     configs = getattr(model, "peft_config", None)
     config = configs.get(adapter_name) if isinstance(configs, dict) else None

@@ -124,7 +124,7 @@ def train_adapter(
     those rows' response tokens, computed without gradients."""
     from .base_model import load_base_model
     from .chat import prompt_template
-    from .reft.model import find_decoder_layers
+    from .modeling import find_decoder_layers
 
     settings = settings or TrainSettings()
     model, tokenizer = base or load_base_model(settings.base, load_in_4bit=settings.load_in_4bit)

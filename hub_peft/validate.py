@@ -10,15 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .limits import MAX_CONFIG_BYTES, MAX_HEADER_BYTES, MAX_RANK, MAX_SANE_BYTES, MAX_TENSORS
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-MAX_SANE_BYTES = 4 * 2**30  # adapter_model.safetensors, and what load_adapter takes by default (max_bytes)
-# Limits on untrusted files (see SECURITY.md): safetensors itself allows a 100 MB header; 100k tensors of an
-# adapter (~150 bytes of header each) fit in 16 MiB
-MAX_HEADER_BYTES = 16 * 2**20
-MAX_TENSORS = 100_000
-MAX_CONFIG_BYTES = 16 * 2**20  # adapter_config.json (a big rank_pattern takes ~100 KB)
-MAX_RANK = 65_536  # r, rank_pattern values, ReFT's rank: a LoRA rank over a model's width buys nothing
 # bits per element of every dtype safetensors 0.8 reads (F4 and F6 pack several elements per byte)
 DTYPE_BITS = {
     "BOOL": 8,

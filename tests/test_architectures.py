@@ -154,7 +154,7 @@ def bases(local_hub, alice, tmp_path_factory):
 
 
 def _block_linears(model) -> dict[str, torch.nn.Module]:
-    from hub_peft.reft.model import find_decoder_layers, innermost_model
+    from hub_peft.modeling import find_decoder_layers, innermost_model
     from hub_peft.serving.engine import _is_linear
 
     core = innermost_model(model)

@@ -370,7 +370,7 @@ def test_every_step_is_one_forward_over_prompt_chunks_and_decode_tokens_together
     """Requests arrive while others decode: each step is a single forward of the model whose rows mix prompt
     chunks (a long one chunked) of LoRA, ReFT, IA3 and mixes with one token of every decoding request, and every
     request still gets exactly the tokens it gets alone."""
-    from hub_peft.reft.model import find_decoder
+    from hub_peft.modeling import find_decoder
     from hub_peft.serving.sampling import SamplingParams
     from hub_peft.serving.scheduler import Request, Scheduler
 

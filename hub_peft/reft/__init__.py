@@ -4,10 +4,11 @@ A reader can follow it in four files: ``config.py`` (what and where), ``interven
 formulas), ``model.py`` (hooks, positions, generate, files) and ``trainer.py`` (fast training).
 """
 
+from ..modeling import find_decoder_layers
 from ..optimize import Example, TrainResult, encode_examples
 from .config import INTERVENTIONS, ReftConfig
 from .interventions import Intervention
-from .model import ReftModel, find_decoder_layers, prompt_positions
+from .model import ReftModel, prompt_positions
 from .trainer import train_reft
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import InvalidInputError
-from ..validate import MAX_RANK
+from ..limits import MAX_RANK
 
 MAX_LAYER = 10_000  # layer indices (models have at most a few hundred layers)
 MAX_HIDDEN = 2**20  # hidden_size

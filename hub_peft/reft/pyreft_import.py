@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from .._atomic import atomic_dir
+from .._version import __version__
 from ..cards import CardInfo, write_card
 from ..errors import InvalidInputError, NotFoundError, UnsafeFileError
 from .config import COMPONENTS, ReftConfig

@@ -35,10 +35,11 @@ from torch import nn
 
 from .._bnb import keep_4bit_trainable
 from ..errors import InvalidInputError
+from ..modeling import find_decoder, innermost_model, text_config
 from ..optimize import Example, TrainResult, fit, pad_batch, prompt_lengths, response_loss_sum
 from ._kernels import Gemms, OneDnnLinears, faster_gemms, is_frozen_float32_linear, linear_cross_entropy
 from ._lean_layer import LeanLayer
-from .model import ReftModel, find_decoder, innermost_model, prompt_positions, text_config
+from .model import ReftModel, prompt_positions
 
 log = logging.getLogger(__name__)
 

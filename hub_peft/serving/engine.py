@@ -35,17 +35,8 @@ from torch import nn
 from .._bnb import keep_4bit_trainable
 from .._onednn import PackedLinear, packable, packed_is_faster
 from ..errors import IncompatibleAdapterError, InvalidInputError
-from ..reft.model import (
-    component_module,
-    edit_positions,
-    find_decoder,
-    find_decoder_layers,
-    innermost_model,
-    input_edit_hook,
-    output_edit_hook,
-    prompt_positions,
-    text_config,
-)
+from ..modeling import component_module, find_decoder, find_decoder_layers, innermost_model, text_config
+from ..reft.model import edit_positions, input_edit_hook, output_edit_hook, prompt_positions
 from . import kv_cache, solo
 from .cache import AdapterCache, _Entry, _Ia3, _Lora, _Reft
 from .sampling import Sampled, SamplingParams, sample_row
