@@ -269,7 +269,7 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
         seconds, _ = timed(lambda folder=folder, i=i: engine.add(f"lora{i:02d}", folder))
         loads.append(seconds)
     engine.add("reft", reft_folder)
-    adapter_mb = sum(e["bytes"] for e in engine.loaded()) / 2**20
+    adapter_mb = sum(e["bytes"] for e in engine.cache.loaded()) / 2**20
     rss_loaded = rss_mb()
     print(
         f"hot-load from local disk: median {1000 * statistics.median(loads):.0f} ms, max {1000 * max(loads):.0f} ms "

@@ -31,11 +31,41 @@ class HubAuthError(HubPeftError, PermissionError):
     """A Hub operation needs a (different) token: missing, invalid, or not allowed to write there."""
 
 
+# --- serving ------------------------------------------------------------------------------------------
+
+
+class QueueFullError(HubPeftError):
+    """The server has as many waiting requests as it accepts; retry later (the API answers 429)."""
+
+
+class PromptTooLongError(InvalidInputError):
+    """A prompt has more tokens than the server accepts; shorten it (the API answers 413)."""
+
+
+class ApiError(HubPeftError):
+    """An HTTP error of the OpenAI server, in OpenAI's shape: ``status``, ``message`` (what to do), the
+    request field at fault (``param``), a machine-readable ``code``, extra ``headers`` (``Retry-After``)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
 __all__ = [
+    "ApiError",
     "HubAuthError",
     "HubPeftError",
     "IncompatibleAdapterError",
     "InvalidInputError",
     "NotFoundError",
+    "PromptTooLongError",
+    "QueueFullError",
     "UnsafeFileError",
 ]

@@ -155,7 +155,7 @@ def bases(local_hub, alice, tmp_path_factory):
 
 def _block_linears(model) -> dict[str, torch.nn.Module]:
     from hub_peft.modeling import find_decoder_layers, innermost_model
-    from hub_peft.serving.engine import _is_linear
+    from hub_peft.serving.row_deltas import is_linear as _is_linear
 
     core = innermost_model(model)
     prefix = next(n for n, m in core.named_modules() if m is find_decoder_layers(core))
@@ -340,7 +340,7 @@ def test_on_a_per_sequence_base_a_failing_request_fails_alone(bases, adapters):
     """A request whose adapter breaks mid-step fails alone; the others, retried one by one from where they
     were (their caches cropped back), answer what they answer alone and stream nothing twice."""
     from hub_peft.serving import MultiAdapterModel
-    from hub_peft.serving.cache import _Cached
+    from hub_peft.serving.cache import CachedCopy
     from hub_peft.serving.sampling import SamplingParams
     from hub_peft.serving.scheduler import Request, Scheduler
 
@@ -349,9 +349,9 @@ def test_on_a_per_sequence_base_a_failing_request_fails_alone(bases, adapters):
     for name in ("lora_a", "ia3", "reft"):
         engine.add(name, folders[name])
     engine.add("broken", folders["lora_b"])
-    entry = engine._entries["broken"]
-    entry.cached = _Cached("damaged", entry.kind, entry.folder)  # its own copy of the weights, then damaged
-    engine._materialize(entry)
+    entry = engine.cache.entries["broken"]
+    entry.cached = CachedCopy("damaged", entry.kind, entry.folder)  # its own copy of the weights, then damaged
+    engine.cache.materialize(entry)
     module = sorted(entry.payload.weights)[-1]  # the last layer's: the earlier layers' caches are written first
     A, B = entry.payload.weights[module]
     entry.payload.weights[module] = (A[:-1], B)  # a shape no matmul accepts
@@ -452,7 +452,7 @@ def test_reft_hooks_are_attached_only_for_what_loaded_adapters_use(bases, tmp_pa
     folder = save_adapter(mlp, tmp_path / "mlp-reft")
     with pytest.raises(IncompatibleAdapterError, match="OPTDecoderLayer has no MLP sub-module"):
         engine.add("mlp", folder)
-    assert engine.loaded() == [] and engine._reft_sites == set()
+    assert engine.cache.loaded() == [] and engine._reft_sites == set()
     block = get_reft_model(load_base_model(bases("opt"))[0], ReftConfig(layers=[1], components=["block_output"]))
     engine.add("block", save_adapter(block, tmp_path / "block-reft"))
     assert engine._reft_sites == {(1, "block_output")}

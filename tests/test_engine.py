@@ -255,14 +255,14 @@ def test_lru_eviction_pinning_and_transparent_reload(adapters):
     engine.add("reft", adapters["reft"], pin=True)
     engine.add("lora", adapters["lora"])
     engine.add("rslora", adapters["rslora"])
-    state = {e["name"]: e["resident"] for e in engine.loaded()}
+    state = {e["name"]: e["resident"] for e in engine.cache.loaded()}
     assert state == {"reft": True, "lora": False, "rslora": False}  # over budget: only the pinned one stays
-    assert engine.stats["evictions"] >= 2 and all(e["bytes"] > 0 for e in engine.loaded())
+    assert engine.cache.stats["evictions"] >= 2 and all(e["bytes"] > 0 for e in engine.cache.loaded())
     reply = engine.generate([PROMPTS[0]], ["lora"], max_new_tokens=5)
-    assert reply == [alone(adapters["lora"], PROMPTS[0])[0]] and engine.stats["loads"] == 4  # reloaded from disk
-    engine.memory_budget = 10**9
+    assert reply == [alone(adapters["lora"], PROMPTS[0])[0]] and engine.cache.stats["loads"] == 4  # reloaded from disk
+    engine.cache.memory_budget = 10**9
     engine.generate(PROMPTS[:2], ["lora", "rslora"], max_new_tokens=2)
-    assert all(e["resident"] for e in engine.loaded())
+    assert all(e["resident"] for e in engine.cache.loaded())
     engine.remove("lora")
     with pytest.raises(NotFoundError, match=r"No adapter named 'lora'; loaded: \['reft', 'rslora'\]"):
         engine.generate([PROMPTS[0]], ["lora"])
@@ -279,18 +279,19 @@ def test_the_cache_is_keyed_by_the_resolved_commit_or_the_files(adapters, alice,
     v1 = engine.add("v1", repo_id)
     assert v1["commit"] == first and v1["key"] == f"hub:{repo_id}@{first}"
     assert engine.add("main", repo_id, revision="main")["key"] == v1["key"]  # one commit, two names, one copy
-    assert engine.stats["loads"] == 1 and engine.resident_bytes() == v1["bytes"]
+    assert engine.cache.stats["loads"] == 1 and engine.cache.resident_bytes() == v1["bytes"]
     push_adapter(adapters["rslora"], repo_id, token=alice)
     v2 = engine.add("v2", repo_id)
     second = v2["commit"]
     assert second != first and engine.add("old", repo_id, revision=first)["commit"] == first
-    assert engine.stats["loads"] == 2 and engine.info("main")["key"] == v1["key"]  # "main" stays on what it resolved
+    # "main" stays on what it resolved
+    assert engine.cache.stats["loads"] == 2 and engine.cache.info("main")["key"] == v1["key"]
     copy = shutil.copytree(adapters["rslora"], tmp_path / ("0123456789abcdef" * 3)[:40])
     local = engine.add("local", copy)
     assert local["commit"] is None and local["key"].startswith("sha256:") and len(local["key"]) == 7 + 64
-    assert engine.add("same-files", adapters["rslora"])["key"] == local["key"] and engine.stats["loads"] == 3
+    assert engine.add("same-files", adapters["rslora"])["key"] == local["key"] and engine.cache.stats["loads"] == 3
     engine.remove("local")
-    assert engine.info("same-files")["resident"]  # the copy stays while a name uses it
+    assert engine.cache.info("same-files")["resident"]  # the copy stays while a name uses it
     logits = engine.next_token_logits([PROMPTS[1]] * 2, ["v1", "v2"])
     torch.testing.assert_close(logits[0], alone(adapters["lora"], PROMPTS[1])[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits[1], alone(adapters["rslora"], PROMPTS[1])[1], rtol=1e-4, atol=1e-4)

@@ -409,6 +409,7 @@ def test_a_closed_stream_frees_its_slot_and_a_full_queue_answers_429(adapters, m
         with client.stream("POST", "/v1/chat/completions", json=body) as held:
             next(held.iter_lines())
             waiting = pool.submit(chat, client, "lora", "c", max_tokens=3)
+            deadline = time.time() + 20
             while client.get("/health").json()["waiting"] == 0:
                 assert time.time() < deadline, "the second request never queued"
                 time.sleep(0.01)
@@ -426,7 +427,7 @@ def test_a_request_past_its_timeout_ends_with_504(adapters):  # noqa: F811
 
 
 def test_a_failing_request_does_not_fail_its_neighbours_and_nothing_is_streamed_twice(adapters):  # noqa: F811
-    from hub_peft.serving.cache import _Cached
+    from hub_peft.serving.cache import CachedCopy
 
     engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()))
     for name in ("lora", "reft", "ia3"):
@@ -442,9 +443,9 @@ def test_a_failing_request_does_not_fail_its_neighbours_and_nothing_is_streamed_
     jobs = [
         Request(PROMPTS[i], name, SamplingParams(max_tokens=4), row=i, on_update=update) for i, name in enumerate(names)
     ]
-    entry = engine._entries["broken"]
-    entry.cached = _Cached("damaged", entry.kind, entry.folder)  # its own copy of the weights, then damaged
-    engine._materialize(entry)
+    entry = engine.cache.entries["broken"]
+    entry.cached = CachedCopy("damaged", entry.kind, entry.folder)  # its own copy of the weights, then damaged
+    engine.cache.materialize(entry)
     module, (A, B) = next(iter(entry.payload.weights.items()))
     entry.payload.weights[module] = (A[:-1], B)  # a shape no matmul accepts
     scheduler.submit(*jobs)

@@ -307,7 +307,7 @@ def test_chat_and_the_engine_refuse_non_causal_adapters_and_bases(task_bases, tm
     from peft import LoraConfig, get_peft_model
 
     from hub_peft.cli import main
-    from hub_peft.serving.engine import MultiAdapterModel
+    from hub_peft.serving import MultiAdapterModel
 
     seq_cls = save_adapter(make_adapter(CASES["llama-seq-cls"]), tmp_path / "seq-cls")  # fits the tiny Llama
     t5 = seq2seq_adapter(tmp_path, task_bases)
@@ -325,8 +325,8 @@ def test_chat_and_the_engine_refuse_non_causal_adapters_and_bases(task_bases, tm
     for folder, task in ((seq_cls, "SEQ_CLS"), (t5, "SEQ_2_SEQ_LM")):
         with pytest.raises(IncompatibleAdapterError, match=rf"is a {task} adapter .*engine \(hub-peft serve\) serves"):
             engine.add("nope", folder)
-    assert engine.loaded() == []
+    assert engine.cache.loaded() == []
     for task_type in ("CAUSAL_LM", None):  # causal LM adapters, with or without a task type, still serve
         lora = get_peft_model(load_tiny(), LoraConfig(task_type=task_type, r=2, target_modules=["q_proj"]))
         engine.add(f"ok-{task_type}", save_adapter(lora, tmp_path / f"ok-{task_type}"))
-    assert len(engine.loaded()) == 2
+    assert len(engine.cache.loaded()) == 2

@@ -32,29 +32,32 @@ DOWNLOAD_SLACK = 64 * 2**20  # a repo's files beyond the weights: card, tokenize
 
 
 @dataclass
-class _Lora:
+class LoraPayload:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (Aᵀ [in, r], (scale·B)ᵀ [r, out])
 
 
 @dataclass
-class _Ia3:
+class Ia3Payload:
     scales: dict[str, tuple[torch.Tensor, bool]]  # module name -> (l − 1, scales the input (feed-forward))
 
 
 @dataclass
-class _Reft:
+class ReftPayload:
     config: ReftConfig
     sites: dict[tuple[int, str], list[tuple[str, Intervention]]]  # (layer, component) -> [(group, intervention)]
 
 
 @dataclass
-class _Solo:
+class SoloPayload:
     model: Any  # the PeftModel on a shadow of the base (see .solo), attached once
     nbytes: int  # its own tensors: the adapter's weights and whatever PEFT copied
 
 
+Payload = LoraPayload | Ia3Payload | ReftPayload | SoloPayload
+
+
 @dataclass
-class _Cached:
+class CachedCopy:
     """One resident copy of an adapter's weights, shared by every name that resolves to the same files."""
 
     key: str  # hub:{repo}@{commit}[:{subfolder}] for a Hub repo, sha256:{digest of its files} for a folder
@@ -62,20 +65,20 @@ class _Cached:
     folder: Path
     nbytes: int = 0
     last_used: float = 0.0
-    payload: _Lora | _Ia3 | _Reft | _Solo | None = None
+    payload: LoraPayload | Ia3Payload | ReftPayload | SoloPayload | None = None
     peft_config: Any = None  # a solo adapter's PeftConfig, its target_modules resolved to explicit names
     users: int = 0  # queued or running requests that reserved it (never evicted meanwhile, see reserve)
 
 
 @dataclass
-class _Entry:
+class Entry:
     """A name requests route to."""
 
     name: str
     source: str
     revision: str | None
     commit: str | None  # the resolved Hub commit; None for a local folder
-    cached: _Cached
+    cached: CachedCopy
     template: str | None
     pinned: bool = False
     solo_reason: str | None = None
@@ -91,7 +94,7 @@ class _Entry:
         return self.cached.folder
 
     @property
-    def payload(self) -> _Lora | _Ia3 | _Reft | _Solo | None:
+    def payload(self) -> LoraPayload | Ia3Payload | ReftPayload | SoloPayload | None:
         return self.cached.payload
 
 
@@ -123,8 +126,8 @@ class AdapterCache:
         self.max_adapter_bytes = max(memory_budget, 64 * 2**20) if max_adapter_bytes is None else max_adapter_bytes
         self.prepare = prepare  # called with an adapter's config before it is added; raises to refuse it
         self.base_config, self.base_name = base_config, base_name
-        self.entries: dict[str, _Entry] = {}
-        self.copies: dict[str, _Cached] = {}  # cache key -> the one copy all names of those files share
+        self.entries: dict[str, Entry] = {}
+        self.copies: dict[str, CachedCopy] = {}  # cache key -> the one copy all names of those files share
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
         self._lock = threading.RLock()
 
@@ -182,12 +185,12 @@ class AdapterCache:
         key = resolved.cache_key
         peft_config = peft_config_of(config) if kind == "solo" else None
         with self._lock:
-            cached = self.copies.get(key) or _Cached(key, kind, folder, peft_config=peft_config)
+            cached = self.copies.get(key) or CachedCopy(key, kind, folder, peft_config=peft_config)
         self._materialize(cached)  # before the name exists: a failed attach leaves nothing behind
         with self._lock:
             cached = self.copies.setdefault(key, cached)  # a copy another thread added meanwhile wins
             peft_type = str(config.get("peft_type", "")).lower()
-            self.entries[name] = _Entry(
+            self.entries[name] = Entry(
                 name,
                 str(source),
                 revision,
@@ -249,7 +252,7 @@ class AdapterCache:
     def resident_bytes(self) -> int:
         return sum(c.nbytes for c in self.copies.values() if c.payload is not None)
 
-    def get(self, name: str) -> _Entry:
+    def get(self, name: str) -> Entry:
         if name not in self.entries:
             raise NotFoundError(f"No adapter named {name!r}; loaded: {sorted(self.entries) or 'none'}.")
         return self.entries[name]
@@ -266,7 +269,7 @@ class AdapterCache:
         self.evict(keep={name for name, _ in spec})
         return parts
 
-    def reserve(self, spec: tuple[tuple[str, float], ...]) -> tuple[_Cached, ...]:
+    def reserve(self, spec: tuple[tuple[str, float], ...]) -> tuple[CachedCopy, ...]:
         """Load ``spec``'s adapters if evicted and keep them resident until :meth:`unreserve` is given what this
         returns (for a request that waits in a queue: the step that runs it then finds its adapters built,
         and never loads or attaches one)."""
@@ -281,16 +284,16 @@ class AdapterCache:
             raise
         return copies
 
-    def unreserve(self, copies: tuple[_Cached, ...]) -> None:
+    def unreserve(self, copies: tuple[CachedCopy, ...]) -> None:
         with self._lock:
             for cached in copies:
                 cached.users -= 1
             self._evict(keep=set())
 
-    def materialize(self, entry: _Entry) -> Any:
+    def materialize(self, entry: Entry) -> Any:
         return self._materialize(entry.cached)
 
-    def _materialize(self, cached: _Cached) -> _Lora | _Ia3 | _Reft | _Solo:
+    def _materialize(self, cached: CachedCopy) -> LoraPayload | Ia3Payload | ReftPayload | SoloPayload:
         """``cached``'s payload, loaded first if it is not resident. The load runs outside the cache's lock
         (an attach may take seconds): nothing else waits for it, a thread that needs the same copy meanwhile
         loads its own and one of the two stays."""
@@ -304,7 +307,9 @@ class AdapterCache:
         if cached.kind == "solo":
             if self.attach is None:
                 raise IncompatibleAdapterError(f"{cached.key}: this cache has no base to attach a solo adapter to.")
-            payload: _Lora | _Ia3 | _Reft | _Solo = _Solo(*self.attach(cached.folder, cached.peft_config))
+            payload: LoraPayload | Ia3Payload | ReftPayload | SoloPayload = SoloPayload(
+                *self.attach(cached.folder, cached.peft_config)
+            )
         elif cached.kind == "reft":
             payload = _load_reft(cached.folder)
         else:
@@ -390,7 +395,7 @@ def _adapts_outside_blocks(targets: Any) -> bool:
     return any(str(t).rsplit(".", 1)[-1] in outside for t in targets or [])
 
 
-def _load_lora(folder: Path, targets: set[str]) -> _Lora:
+def _load_lora(folder: Path, targets: set[str]) -> LoraPayload:
     from safetensors.torch import load_file
 
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -413,10 +418,10 @@ def _load_lora(folder: Path, targets: set[str]) -> _Lora:
                 "apply LoRA there only)."
             )
         weights[module] = (ab["A"].T.contiguous(), (ab["B"] * scale).T.contiguous())
-    return _Lora(weights)
+    return LoraPayload(weights)
 
 
-def _load_ia3(folder: Path, targets: set[str]) -> _Ia3:
+def _load_ia3(folder: Path, targets: set[str]) -> Ia3Payload:
     from safetensors.torch import load_file
 
     scales = {}
@@ -426,10 +431,10 @@ def _load_ia3(folder: Path, targets: set[str]) -> _Ia3:
             raise IncompatibleAdapterError(f"{folder}: {key} does not name an IA3 vector of this base model's layers.")
         feed_forward = tensor.shape[0] == 1 and tensor.shape[1] != 1  # PEFT stores [1, in] vs [out, 1]
         scales[module] = (tensor.float().reshape(-1) - 1, feed_forward)
-    return _Ia3(scales)
+    return Ia3Payload(scales)
 
 
-def _load_reft(folder: Path) -> _Reft:
+def _load_reft(folder: Path) -> ReftPayload:
     from safetensors.torch import load_file
 
     config = ReftConfig.from_dict(json.loads((folder / "adapter_config.json").read_text()))
@@ -447,14 +452,14 @@ def _load_reft(folder: Path) -> _Reft:
         )
         module.load({n.rsplit(".", 1)[1]: t for n, t in tensors.items() if n.startswith(f"reft.{key}.")}, name=key)
         sites.setdefault((layer, component), []).append((group, module.freeze()))
-    return _Reft(config, sites)
+    return ReftPayload(config, sites)
 
 
-def _payload_bytes(payload: _Lora | _Ia3 | _Reft | _Solo) -> int:
-    if isinstance(payload, _Solo):
+def _payload_bytes(payload: LoraPayload | Ia3Payload | ReftPayload | SoloPayload) -> int:
+    if isinstance(payload, SoloPayload):
         return payload.nbytes
-    if isinstance(payload, _Lora):
+    if isinstance(payload, LoraPayload):
         return sum(a.nbytes + b.nbytes for a, b in payload.weights.values())
-    if isinstance(payload, _Ia3):
+    if isinstance(payload, Ia3Payload):
         return sum(s.nbytes for s, _ in payload.scales.values())
     return sum(p.nbytes for site in payload.sites.values() for _, m in site for p in m.parameters())

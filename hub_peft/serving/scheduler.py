@@ -1,4 +1,4 @@
-"""Iteration-level (continuous) batching over :class:`MultiAdapterModel`.
+"""Iteration-level (continuous) batching over the engine (:class:`~.engine.Engine`).
 
 Each :meth:`Scheduler.step` admits waiting requests into free cache slots (first come, first
 served), runs **one** forward over the prompt chunks of newly admitted requests (at most
@@ -7,11 +7,11 @@ request, samples each row's next token, and retires the requests that ended: the
 at the next step. A request therefore joins at the step after it arrives and leaves at the step it
 ends, whatever else runs. Cancelled and timed-out requests leave at the next step.
 
-Adapters that cannot share a forward (DoRA, prefix tuning, ...; ``MultiAdapterModel.info()["mixable"]``
+Adapters that cannot share a forward (DoRA, prefix tuning, ...; ``engine.cache.info(name)["mixable"]``
 is False) and bases the ragged engine cannot run take the engine's ``generate`` path instead, one
 sub-batch per adapter per step: correct, but those requests do not batch continuously.
 
-:meth:`Scheduler.run` drives it from one worker thread for the server; ``MultiAdapterModel`` uses the
+:meth:`Scheduler.run` drives it from one worker thread for the server; ``MultiAdapterModel`` (:mod:`.offline`) uses the
 same steps synchronously for its own ``generate_tokens``.
 """
 
@@ -22,66 +22,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from ..errors import HubPeftError, InvalidInputError
-from .engine import (
-    AdapterSpec,
-    Completion,
-    Generation,
-    MultiAdapterModel,
-    Prompt,
-    check_prompt_length,
-)
-from .sampling import Sampled, SamplingParams
+from ..errors import InvalidInputError, QueueFullError
+from .engine import Engine
+from .request import Generation, Request, check_prompt_length
+from .sampling import Sampled
 
 logger = logging.getLogger(__name__)
-
-
-class QueueFullError(HubPeftError):
-    """The server has as many waiting requests as it accepts; retry later."""
-
-
-@dataclass(eq=False)
-class Request:
-    """One completion asked of the scheduler. ``on_update(request, samples, text_delta)`` is called from
-    the scheduler's thread with each step's new tokens and the text they complete (stop strings held
-    back until they are ruled out, never emitted); ``finish_reason`` is set before ``done`` fires."""
-
-    prompt: Prompt
-    adapter: AdapterSpec
-    params: SamplingParams
-    raw: bool = False
-    on_update: Callable[[Request, list[Sampled], str], None] | None = None
-    on_finish: Callable[[Request], None] | None = None  # called from the scheduler's thread once it ended
-    timeout: float | None = None  # seconds from submission
-    label: str = "base"  # for metrics
-    row: int = 0  # the caller's index (a choice of a request with n > 1, a row of generate_tokens)
-    generation: Generation | None = None
-    finish_reason: str | None = None  # stop | length | cancelled | timeout | error
-    error: Exception | None = None
-    text: str = ""  # the completion's text so far (stop string excluded)
-    emitted: int = 0  # characters of text already handed to on_update
-    submitted: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    cancelled: bool = False
-    solo: bool = False
-    reserved: tuple = ()  # a solo request's adapter copies, kept resident (built) until it ends
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.generation.output if self.generation is not None else []
-
-    def completion(self) -> Completion:
-        gen = self.generation
-        finish = "stop" if self.finish_reason == "stop" else "length"
-        return Completion(
-            list(gen.output),
-            len(gen.prompt_ids),
-            finish,
-            list(gen.samples) if self.params.logprobs is not None else None,
-        )
 
 
 class Scheduler:
@@ -89,7 +36,7 @@ class Scheduler:
 
     def __init__(
         self,
-        engine: MultiAdapterModel,
+        engine: Engine,
         *,
         max_waiting: int = 256,
         prefill_budget: int = 2048,
@@ -114,10 +61,10 @@ class Scheduler:
         engine = self.engine
         try:
             for request in requests:
-                spec = engine._normalize([request.adapter], 1)[0]
+                spec = request.spec = engine.normalize([request.adapter], 1)[0]
                 request.solo = bool(engine.solo_names(spec))
                 if request.solo:
-                    prompt_ids = engine._encode([request.prompt], [spec], [request.raw])[0]
+                    prompt_ids = engine.encode([request.prompt], [spec], [request.raw])[0]
                     check_prompt_length(len(prompt_ids), self.max_prompt_tokens)
                     # NOTE(security): a solo adapter is attached (or re-attached after an eviction) here, on
                     # the submitting thread, and kept until the request ends: the step loop never attaches.
@@ -125,7 +72,7 @@ class Scheduler:
                 else:
                     limit = self.max_prompt_tokens
                     request.generation = engine.generation(
-                        request.prompt, request.adapter, request.params, raw=request.raw, max_prompt_tokens=limit
+                        request.prompt, spec, request.params, raw=request.raw, max_prompt_tokens=limit
                     )
             with self.lock:
                 if len(self.waiting) + len(requests) > self.max_waiting:
@@ -269,7 +216,7 @@ class Scheduler:
         """Requests whose adapter cannot share a forward: the engine's ``generate`` path, whole completions."""
         for r in requests:
             try:
-                out = self.engine.generate_static([r.prompt], [r.adapter], [r.params], raw=[r.raw])[0]
+                out = self.engine.generate_static([r.prompt], [r.spec], [r.params], raw=[r.raw])[0]
             except Exception as e:
                 r.error = e
                 self._finish(r, "error")

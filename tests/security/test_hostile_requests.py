@@ -21,7 +21,8 @@ from test_server import BASE, chat, reference, serving
 
 from hub_peft import push_adapter, save_adapter
 from hub_peft.adapters import WEIGHTS_NAME
-from hub_peft.serving import MultiAdapterModel, api_server
+from hub_peft.serving import MultiAdapterModel
+from hub_peft.serving.openai import server as api_server
 
 HOSTILE_REGEX = "(.|.)*!"  # backtracks exponentially in the length of every module name under Python's re
 
@@ -147,8 +148,8 @@ def test_models_and_errors_show_no_filesystem_path(engine, hostile_repos, adapte
 
 def test_bodies_and_prompts_are_limited_before_they_are_parsed_or_tokenized(engine, monkeypatch):
     encoded = []
-    real_encode = engine._encode
-    monkeypatch.setattr(engine, "_encode", lambda *a, **k: encoded.append(1) or real_encode(*a, **k))
+    real_encode = engine.encode
+    monkeypatch.setattr(engine, "encode", lambda *a, **k: encoded.append(1) or real_encode(*a, **k))
     with serving(engine, max_prompt_tokens=40, max_body_bytes=2**20) as client:
         start = time.monotonic()
         huge = chat(client, "lora", "a " * (5 * 2**20))  # 10 MB
@@ -304,17 +305,17 @@ def test_a_solo_adapter_is_attached_once_off_the_step_loop_and_a_slow_attach_blo
         assert good.json()["choices"][0]["message"]["content"].strip() == want
         release.set()
         assert slow.result().json()["choices"][0]["message"]["content"].strip() == dora_answer
-        info = engine.info("alice/served-dora")
+        info = engine.cache.info("alice/served-dora")
         assert info["resident"] and info["bytes"] == sum(t.nbytes for t in load_file(folder / WEIGHTS_NAME).values())
-        budget, engine.memory_budget = engine.memory_budget, 0  # evicted as soon as no request holds it
+        budget, engine.cache.memory_budget = engine.cache.memory_budget, 0  # evicted as soon as no request holds it
         try:
             engine.cache.evict()
-            assert not engine.info("alice/served-dora")["resident"]
+            assert not engine.cache.info("alice/served-dora")["resident"]
             again = chat(client, "alice/served-dora", "a")  # re-attached by the request's submission
             assert again.json()["choices"][0]["message"]["content"].strip() == dora_answer
-            assert not engine.info("alice/served-dora")["resident"]  # released once it ended
+            assert not engine.cache.info("alice/served-dora")["resident"]  # released once it ended
         finally:
-            engine.memory_budget = budget
+            engine.cache.memory_budget = budget
     assert len(threads) == 2 and "hub-peft-scheduler" not in threads, threads
     assert [(n, id(m)) for n, m in engine.model.named_modules()] == modules_before  # the base was never touched
     engine.remove("alice/served-dora")
@@ -323,13 +324,13 @@ def test_a_solo_adapter_is_attached_once_off_the_step_loop_and_a_slow_attach_blo
 def test_a_reserved_adapter_stays_resident_until_its_request_ends(engine, tmp_path):
     folder = save_adapter(make_lora(6, 4, use_dora=True), tmp_path / "dora")
     engine.add("dora", folder)
-    budget, engine.memory_budget = engine.memory_budget, 0
+    budget, engine.cache.memory_budget = engine.cache.memory_budget, 0
     try:
         reserved = engine.cache.reserve((("dora", 1.0),))
         engine.cache.evict()
-        assert engine.info("dora")["resident"]
+        assert engine.cache.info("dora")["resident"]
         engine.cache.unreserve(reserved)
-        assert not engine.info("dora")["resident"] and engine.info("lora")["resident"]  # pinned stays
+        assert not engine.cache.info("dora")["resident"] and engine.cache.info("lora")["resident"]  # pinned stays
     finally:
-        engine.memory_budget = budget
+        engine.cache.memory_budget = budget
         engine.remove("dora")

@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from .engine import MAX_MIX_ADAPTERS, MAX_MIX_WEIGHT
-from .sampling import MAX_TOP_LOGPROBS, SamplingParams
+from ..request import MAX_MIX_ADAPTERS, MAX_MIX_WEIGHT
+from ..sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
 class _Strict(BaseModel):

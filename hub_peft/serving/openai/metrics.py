@@ -10,14 +10,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from .engine import MultiAdapterModel
-    from .scheduler import Request, Scheduler
+    from ..engine import Engine
+    from ..request import Request
+    from ..scheduler import Scheduler
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
 class Metrics:
-    def __init__(self, engine: MultiAdapterModel, scheduler: Scheduler) -> None:
+    def __init__(self, engine: Engine, scheduler: Scheduler) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -66,7 +67,7 @@ class Metrics:
 class _EngineCollector:
     """Per-adapter running/waiting requests and the adapter cache, read at scrape time."""
 
-    def __init__(self, engine: MultiAdapterModel, scheduler: Scheduler) -> None:
+    def __init__(self, engine: Engine, scheduler: Scheduler) -> None:
         self.engine, self.scheduler = engine, scheduler
 
     def collect(self):
@@ -84,7 +85,7 @@ class _EngineCollector:
                 family.add_metric([label], count)
         yield running
         yield waiting
-        loaded = self.engine.loaded()
+        loaded = self.engine.cache.loaded()
         yield GaugeMetricFamily("hub_peft:adapters_loaded", "Adapters known by name.", value=len(loaded))
         yield GaugeMetricFamily(
             "hub_peft:adapters_resident",
@@ -92,9 +93,11 @@ class _EngineCollector:
             value=sum(e["resident"] for e in loaded),
         )
         yield GaugeMetricFamily(
-            "hub_peft:adapter_cache_bytes", "Bytes of resident adapter weights.", value=self.engine.resident_bytes()
+            "hub_peft:adapter_cache_bytes",
+            "Bytes of resident adapter weights.",
+            value=self.engine.cache.resident_bytes(),
         )
         for name in ("hits", "misses", "evictions", "loads"):
             yield CounterMetricFamily(
-                f"hub_peft:adapter_cache_{name}", f"Adapter cache {name}.", value=self.engine.stats[name]
+                f"hub_peft:adapter_cache_{name}", f"Adapter cache {name}.", value=self.engine.cache.stats[name]
             )

@@ -1,0 +1,306 @@
+"""What the OpenAI server sends back: error bodies (one mapping from hub_peft's errors to HTTP statuses), the
+response of one request whole or streamed (:class:`Answer`), and the body-size guard (:class:`BodyLimit`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ...errors import (
+    ApiError,
+    HubPeftError,
+    IncompatibleAdapterError,
+    InvalidInputError,
+    NotFoundError,
+    PromptTooLongError,
+    QueueFullError,
+)
+from ..request import Request
+from ..sampling import Sampled
+from ..scheduler import Scheduler
+from .metrics import Metrics
+
+# NOTE: the one mapping from hub_peft's errors to HTTP statuses; the first class an error is an instance of wins
+STATUS = (
+    (PromptTooLongError, 413),
+    (QueueFullError, 429),
+    (NotFoundError, 404),
+    (InvalidInputError, 400),
+    (HubPeftError, 422),
+)
+
+
+def status_of(error: BaseException) -> int:
+    return next((status for kind, status in STATUS if isinstance(error, kind)), 500)
+
+
+def api_error(error: HubPeftError, param: str | None = None, code: str | None = None) -> ApiError:
+    """``error`` as the API's error: its status from :data:`STATUS`, its message with no path of this machine."""
+    return ApiError(status_of(error), public(str(error)), param, code)
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = (
+        "invalid_request_error"
+        if status in (400, 404, 409, 413, 422)
+        else "authentication_error"
+        if status in (401, 403)
+        else "rate_limit_error"
+        if status == 429
+        else "server_error"
+    )
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
+
+
+# an absolute path of two or more parts (not the path of a URL: no word character, ':' or '/' just before it)
+_PATH = re.compile(r"(?<![\w:/.])(?:/[^\s/'\"(),:;]+){2,}/?")
+
+
+def public(message: str) -> str:
+    """``message`` with every absolute filesystem path cut to its last part, for a client to read."""
+    return _PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes (by ``Content-Length`` or as it streams in) gets
+    an OpenAI-shaped 413 before the app parses any of it."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps(
+            error_body(
+                413, f"The request body is over this server's limit of {self.limit} bytes.", code="request_too_large"
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(send)
+        seen, refused, started = 0, False, False
+
+        async def limited() -> dict:
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit and not started:
+                    refused = True
+                    await self._refuse(send)
+                    return {"type": "http.disconnect"}  # the app stops reading; its own answer is dropped
+            return message
+
+        async def guarded(message: dict) -> None:
+            nonlocal started
+            if not refused:
+                started = True
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded)
+        except Exception:
+            if not refused:
+                raise
+
+
+def http_status(job: Request) -> int:
+    """The HTTP status a finished request stands for (499: the client went away)."""
+    if job.finish_reason in ("stop", "length"):
+        return 200
+    if job.finish_reason in ("timeout", "cancelled"):
+        return 504 if job.finish_reason == "timeout" else 499
+    if isinstance(job.error, (NotFoundError, IncompatibleAdapterError)):
+        return status_of(job.error)
+    return 500
+
+
+class Answer:
+    """The response of one request (``n`` choices), whole or as server-sent events."""
+
+    def __init__(
+        self,
+        ident: str,
+        created: int,
+        model: str,
+        chat: bool,
+        jobs: list[Request],
+        tokenizer,
+        metrics: Metrics,
+        scheduler: Scheduler,
+    ) -> None:
+        self.ident, self.created, self.model, self.chat = ident, created, model, chat
+        self.jobs, self.tokenizer, self.metrics, self.scheduler = jobs, tokenizer, metrics, scheduler
+        self.object = "chat.completion" if chat else "text_completion"
+        self.offsets = [0] * len(jobs)  # characters of text already described by completion logprobs
+        self.described = [0] * len(jobs)  # tokens already described by logprobs
+        self.last_token = [0.0] * len(jobs)
+
+    def _observe(self, job: Request, samples: list[Sampled]) -> None:
+        now = time.monotonic()
+        if self.last_token[job.row] and samples:
+            for _ in samples:
+                self.metrics.itl.observe(now - self.last_token[job.row])
+        if samples:
+            self.last_token[job.row] = now
+
+    def usage(self) -> dict:
+        prompt = len(self.jobs[0].generation.prompt_ids) if self.jobs[0].generation else 0
+        completion = sum(len(j.tokens) for j in self.jobs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _piece(self, context: list[int], token: int) -> str:
+        """The text ``token`` adds after ``context`` (so a completion's pieces add up to its text)."""
+        before = self.tokenizer.decode(context[-8:], skip_special_tokens=True) if context else ""
+        return self.tokenizer.decode([*context[-8:], token], skip_special_tokens=True)[len(before) :]
+
+    def logprobs(self, job: Request, samples: list[Sampled]) -> dict | None:
+        if job.params.logprobs is None:
+            return None
+        output = job.generation.output
+        first = self.described[job.row]
+        self.described[job.row] += len(samples)
+        entries = []
+        for k, s in enumerate(samples, start=first):
+            context = output[:k]
+            entries.append(
+                (self._piece(context, s.token), s.logprob, [(self._piece(context, t), lp) for t, lp in s.top])
+            )
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        "token": t,
+                        "logprob": lp,
+                        "bytes": list(t.encode()),
+                        "top_logprobs": [{"token": tt, "logprob": tl, "bytes": list(tt.encode())} for tt, tl in top],
+                    }
+                    for t, lp, top in entries
+                ]
+            }
+        offsets = []
+        for t, _, _ in entries:
+            offsets.append(self.offsets[job.row])
+            self.offsets[job.row] += len(t)
+        return {
+            "tokens": [t for t, _, _ in entries],
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(top) for _, _, top in entries],
+            "text_offset": offsets,
+        }
+
+    def _failure(self, job: Request) -> ApiError:
+        if job.finish_reason == "timeout":
+            return ApiError(504, f"The request ran past the server's timeout of {job.timeout:.0f} s.")
+        return ApiError(http_status(job), f"Generation failed: {public(str(job.error))}")
+
+    async def whole(self, events: asyncio.Queue, http) -> dict:
+        pending = {id(j) for j in self.jobs}
+        try:
+            while pending:
+                try:
+                    job, samples, _ = await asyncio.wait_for(events.get(), timeout=0.5)
+                except TimeoutError:
+                    if await http.is_disconnected():
+                        raise asyncio.CancelledError from None
+                    continue
+                if samples is None:
+                    pending.discard(id(job))
+                else:
+                    self._observe(job, samples)
+        except asyncio.CancelledError:
+            for job in self.jobs:
+                self.scheduler.cancel(job)
+            raise
+        failed = [j for j in self.jobs if j.finish_reason not in ("stop", "length")]
+        if failed:
+            raise self._failure(failed[0])
+        choices = []
+        for job in self.jobs:
+            choice: dict[str, Any] = {
+                "index": job.row,
+                "finish_reason": job.finish_reason,
+                "logprobs": self.logprobs(job, job.generation.samples),
+            }
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": job.text}
+            else:
+                choice["text"] = job.text
+            choices.append(choice)
+        return {
+            "id": self.ident,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        body = {
+            "id": self.ident,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return {"data": json.dumps(body)}
+
+    async def stream(self, events: asyncio.Queue, include_usage: bool) -> AsyncIterator[dict]:
+        pending = {id(j) for j in self.jobs}
+        try:
+            if self.chat:
+                yield self._chunk(
+                    [
+                        {
+                            "index": j.row,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                        for j in self.jobs
+                    ]
+                )
+            while pending:
+                job, samples, delta = await events.get()
+                if samples is None:
+                    pending.discard(id(job))
+                    if job.finish_reason not in ("stop", "length"):
+                        failure = self._failure(job)
+                        yield {"data": json.dumps(error_body(failure.status, failure.message))}
+                        continue
+                    end = {"index": job.row, "finish_reason": job.finish_reason, "logprobs": None}
+                    end.update({"delta": {}} if self.chat else {"text": ""})
+                    yield self._chunk([end])
+                    continue
+                self._observe(job, samples)
+                logprobs = self.logprobs(job, samples)
+                if not delta and logprobs is None:
+                    continue
+                choice = {"index": job.row, "finish_reason": None, "logprobs": logprobs}
+                choice.update({"delta": {"content": delta}} if self.chat else {"text": delta})
+                yield self._chunk([choice])
+            if include_usage:
+                yield self._chunk([], self.usage())
+            yield {"data": "[DONE]"}
+        finally:
+            if pending:  # the client went away: free the slots at the next step
+                for job in self.jobs:
+                    self.scheduler.cancel(job)

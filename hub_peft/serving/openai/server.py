@@ -1,0 +1,445 @@
+"""The OpenAI-compatible HTTP API over the engine (FastAPI; models in :mod:`.protocol`,
+responses in :mod:`.responses`).
+
+As vLLM lays out its server: :class:`OpenAIServer` holds the state and does the work (resolve a model name,
+load an adapter, submit a completion); the routes are thin functions that hand it the parsed request.
+
+``/v1/chat/completions`` and ``/v1/completions`` (``stream`` as server-sent events, ``n``, ``logprobs``,
+``stop``, seeded batch-invariant sampling), ``/v1/models``, ``/metrics`` (Prometheus), ``/health``, and
+admin routes to load and unload adapters, closed unless an admin token is configured. Requests run on the
+continuous-batching :class:`Scheduler` in one worker thread. Errors have OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field (named in ``param``), 401/403
+for admin auth, 404 for an unknown model (the message lists the known ones), 413 for a prompt over
+``max_prompt_tokens`` (``code: "context_length_exceeded"``) or a body over ``max_body_bytes``, 422 for an
+adapter that cannot load, 429 with ``Retry-After`` when the queue is full, 504 when a request runs past
+``request_timeout`` or an adapter's download and checks past ``adapter_load_timeout``.
+
+Everything a client sends is untrusted (see SECURITY.md): a ``model`` is a Hub repo id, never a path, and
+is loaded only when it matches ``allow_hub_pattern``; local folders are served only when the operator
+loaded them at start or they lie under one of ``adapter_dirs`` (admin route); no filesystem path is shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hmac
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from ...adapters import parse_adapter_spec, parse_hub_spec
+from ...errors import ApiError, HubPeftError, InvalidInputError, NotFoundError, PromptTooLongError, QueueFullError
+from ..offline import MultiAdapterModel
+from ..request import Request
+from ..sampling import Sampled
+from ..scheduler import Scheduler
+from .metrics import Metrics
+from .protocol import AdapterLoad, ChatCompletionRequest, CompletionRequest
+from .responses import Answer, BodyLimit, api_error, error_body, http_status, public
+
+logger = logging.getLogger(__name__)
+
+LOAD_WORKERS = 2  # threads loading adapters (downloads, checks, decoding) at once
+MAX_PENDING_LOADS = 16  # adapters loading or waiting for a thread; beyond it a request naming a new one gets 429
+
+
+class OpenAIServer:
+    """The server's state and work, for the routes of :func:`create_app` (see there for the options)."""
+
+    def __init__(
+        self,
+        engine: MultiAdapterModel,
+        *,
+        base_name: str,
+        allow_hub_pattern: str | None,
+        max_prompt_tokens: int,
+        max_waiting: int,
+        default_max_tokens: int,
+        request_timeout: float,
+        admin_token: str | None,
+        adapter_dirs: Sequence[str | Path],
+        adapter_load_timeout: float,
+    ) -> None:
+        self.engine, self.base_name, self.allow_hub_pattern = engine, base_name, allow_hub_pattern
+        self.max_prompt_tokens, self.default_max_tokens = max_prompt_tokens, default_max_tokens
+        self.request_timeout, self.admin_token, self.adapter_load_timeout = (
+            request_timeout,
+            admin_token,
+            adapter_load_timeout,
+        )
+        self.scheduler = Scheduler(engine, max_waiting=max_waiting, max_prompt_tokens=max_prompt_tokens)
+        self.metrics = Metrics(engine, self.scheduler)
+        self.scheduler.on_step = self.metrics.step
+        tokenizer = self.tokenizer = engine.tokenizer
+        # NOTE(security): a token's text is at most this many characters (byte-level BPE: one per byte), so a
+        # prompt of more than max_prompt_tokens × this many characters is over the limit without tokenizing it
+        max_token_chars = max(map(len, tokenizer.get_vocab()), default=1) if hasattr(tokenizer, "get_vocab") else 64
+        self.max_prompt_chars = max_prompt_tokens * max_token_chars
+        self.allowed_dirs = [Path(os.path.realpath(d)) for d in adapter_dirs]
+        # NOTE(security): adapter loads run on threads of their own: slow or hostile downloads hold at most
+        # LOAD_WORKERS of them, never the threads that submit requests; a load that timed out keeps its place in
+        # `loading` until its thread ends, so asking for the name again waits for it instead of starting another.
+        self.load_pool = ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="hub_peft-load")
+        self.loading: dict[str, asyncio.Future] = {}  # adapters being loaded, by name
+
+    # --- model names -----------------------------------------------------------------------------
+
+    async def resolve(self, model: Any) -> tuple[Any, str]:
+        """The engine's adapter spec for ``model`` and its metrics label."""
+        if model in (None, "", self.base_name):
+            return None, "base"
+        if isinstance(model, dict):  # hub_peft extension: a weighted mix
+            for name in model:
+                await self.resolve(name)
+            return model, "mix"
+        known = {e["name"] for e in self.engine.cache.loaded()}
+        if model in known:
+            return model, model
+        if isinstance(model, str) and self.hub_allowed(model):  # REPO[@REVISION][:SUBFOLDER], loaded under that name
+            await self.load(model, *parse_hub_spec(model), hub_only=True, param="model")
+            return model, model
+        raise ApiError(
+            404,
+            f"Unknown model {public(repr(model))}. Available: {sorted(known | {self.base_name})}.",
+            "model",
+            "model_not_found",
+        )
+
+    def hub_allowed(self, spec: str) -> bool:
+        """Whether ``spec`` (``REPO[@REVISION][:SUBFOLDER]``) names a repo that ``allow_hub_pattern`` lets in."""
+        try:
+            repo = parse_hub_spec(spec)[0]
+        except InvalidInputError:
+            return False
+        return bool(self.allow_hub_pattern) and fnmatch.fnmatchcase(repo, self.allow_hub_pattern)
+
+    def operator_folder(self, source: str) -> bool:
+        """Whether ``source`` is a folder under one of ``adapter_dirs`` (symbolic links resolved first)."""
+        real = Path(os.path.realpath(source))
+        return real.is_dir() and any(real.is_relative_to(d) for d in self.allowed_dirs)
+
+    async def load(
+        self,
+        name: str,
+        source: str,
+        revision: str | None,
+        subfolder: str | None = None,
+        pin: bool = False,
+        hub_only: bool = False,
+        param: str = "source",
+    ) -> dict:
+        # NOTE(security): adapters are untrusted data: download, checks and decoding run on a worker thread,
+        # never on the step loop, with a deadline; whatever fails is the adapter's fault (a 4xx that names the
+        # problem), and the message never shows a path of this machine.
+        work = self.loading.get(name)
+        if work is not None and param != "model":
+            raise ApiError(409, f"{name!r} is being loaded; try again when that load ends.", "name")
+        if work is None:  # one load per name at a time (requests for it share it); other names load beside it
+            if len(self.loading) >= MAX_PENDING_LOADS:
+                raise ApiError(
+                    429,
+                    f"{len(self.loading)} adapters are loading; try again in a minute.",
+                    param,
+                    headers={"Retry-After": "30"},
+                )
+            call = partial(self.engine.add, name, source, revision, subfolder=subfolder, pin=pin, hub_only=hub_only)
+            work = self.loading[name] = asyncio.get_running_loop().run_in_executor(self.load_pool, call)
+            work.add_done_callback(lambda done: (self.loading.pop(name, None), done.cancelled() or done.exception()))
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), self.adapter_load_timeout)
+        except TimeoutError:
+            raise ApiError(
+                504,
+                f"Loading {name!r} took longer than {self.adapter_load_timeout:.0f} s; try again later, or "
+                "ask the operator to load it at start.",
+                param,
+            ) from None
+        except NotFoundError as e:
+            raise api_error(e, param, "model_not_found" if param == "model" else None) from None
+        except HubPeftError as e:  # whatever else fails is the adapter's fault, whichever class says so
+            raise ApiError(422, public(str(e)), param, "invalid_adapter") from None
+        except Exception as e:  # a malformed file that slipped past the checks: still the adapter's fault
+            logger.warning("adapter %r failed to load: %r", name, e)
+            raise ApiError(
+                422,
+                f"The adapter {name!r} could not be loaded ({type(e).__name__}: {public(str(e))[:300]}).",
+                param,
+                "invalid_adapter",
+            ) from None
+
+    # --- completions -----------------------------------------------------------------------------
+
+    def prompt_of(self, body: ChatCompletionRequest | CompletionRequest, chat: bool) -> tuple[Any, int]:
+        """The engine's prompt (text, or chat messages) and ``max_tokens`` of a request, its length checked by
+        characters before anything is tokenized."""
+        if chat:
+            prompt: Any = [
+                {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+            ]
+            if not any(m["role"] == "user" for m in prompt):
+                raise ApiError(400, "messages: at least one message must have role 'user'.", "messages")
+            max_tokens = body.max_completion_tokens or body.max_tokens or self.default_max_tokens
+        else:
+            prompt, max_tokens = body.text(), body.max_tokens or 16
+            if not prompt:
+                raise ApiError(400, "prompt must be a non-empty string.", "prompt")
+        chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
+        if chars > self.max_prompt_chars or (chat and len(prompt) > self.max_prompt_tokens):
+            raise ApiError(
+                413,
+                f"The prompt has {chars} characters in {len(prompt) if chat else 1} message(s), more "
+                f"than fit in the limit of {self.max_prompt_tokens} tokens; shorten it.",
+                "messages" if chat else "prompt",
+                "context_length_exceeded",
+            )
+        return prompt, max_tokens
+
+    async def complete(self, body: ChatCompletionRequest | CompletionRequest, http: HttpRequest, chat: bool):
+        try:
+            logprobs = body.wanted_logprobs() if chat else body.logprobs
+        except ValueError as e:
+            raise ApiError(400, str(e), "top_logprobs") from None
+        prompt, max_tokens = self.prompt_of(body, chat)
+        adapter, label = await self.resolve(body.model)
+        try:
+            params = body.sampling(max_tokens, logprobs)
+        except InvalidInputError as e:
+            raise ApiError(400, str(e)) from None
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def updated(request: Request, samples: list[Sampled], delta: str) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (request, samples, delta))
+
+        def finished(request: Request) -> None:  # metrics here: a stream whose client left reads no more events
+            self.metrics.finished(request, http_status(request))
+            loop.call_soon_threadsafe(events.put_nowait, (request, None, None))
+
+        # choice i samples with seed + i (or its own random noise), so the n choices differ
+        jobs = [
+            Request(
+                prompt,
+                adapter,
+                replace(params, seed=None if body.seed is None else body.seed + i),
+                raw=not chat,
+                label=label,
+                row=i,
+                timeout=self.request_timeout,
+                on_update=updated,
+                on_finish=finished,
+            )
+            for i in range(body.n)
+        ]
+        try:
+            await asyncio.to_thread(self.scheduler.submit, *jobs)
+        except HubPeftError as e:
+            error = _submission_error(e, chat)
+            if error.status in (413, 429):
+                self.metrics.requests.labels(label, str(error.status)).inc()
+            raise error from None
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        name = body.model if isinstance(body.model, str) and body.model else self.base_name if not body.model else "mix"
+        answer = Answer(ident, int(time.time()), name, chat, jobs, self.tokenizer, self.metrics, self.scheduler)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(answer.stream(events, include_usage), ping=15, sep="\n")
+        return await answer.whole(events, http)
+
+
+def _submission_error(error: HubPeftError, chat: bool) -> ApiError:
+    if isinstance(error, QueueFullError):
+        return ApiError(429, str(error), code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(error, PromptTooLongError):
+        return api_error(error, "messages" if chat else "prompt", "context_length_exceeded")
+    return api_error(error, "model" if isinstance(error, NotFoundError) else None)
+
+
+# --- the app -------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+def _server(http: HttpRequest) -> OpenAIServer:
+    return http.app.state.server
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
+    return await _server(http).complete(body, http, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, http: HttpRequest):
+    return await _server(http).complete(body, http, chat=False)
+
+
+@router.get("/v1/models")
+async def models(http: HttpRequest):
+    server = _server(http)
+    data = [{"id": server.base_name, "object": "model", "owned_by": "hub_peft", "type": "base"}]
+    data += [
+        {
+            "id": e["name"],
+            "object": "model",
+            "owned_by": "hub_peft",
+            "type": e["type"],
+            "source": e["source"] if e["commit"] else None,  # a local folder's path is not for clients
+            "commit": e["commit"],
+            "key": e["key"],
+            "bytes": e["bytes"],
+            "resident": e["resident"],
+        }
+        for e in server.engine.cache.loaded()
+    ]
+    return {"object": "list", "data": data}
+
+
+def _authorize(http: HttpRequest) -> OpenAIServer:
+    server = _server(http)
+    if server.admin_token is None:
+        raise ApiError(403, "Admin routes are disabled: start the server with HUB_PEFT_ADMIN_TOKEN set.")
+    given = http.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {server.admin_token}".encode()):
+        raise ApiError(401, "Admin routes need 'Authorization: Bearer <admin token>'.")
+    return server
+
+
+@router.post("/admin/adapters")
+async def admin_load(body: AdapterLoad, http: HttpRequest):
+    server = _authorize(http)
+    try:
+        source, revision, subfolder = parse_adapter_spec(body.source)
+    except InvalidInputError as e:
+        raise ApiError(400, str(e), "source") from None
+    for field, given, in_source in (("revision", body.revision, revision), ("subfolder", body.subfolder, subfolder)):
+        if given is not None and in_source is not None and given != in_source:
+            raise ApiError(
+                400, f"{field} is given twice ({in_source!r} in source, {given!r} as {field}); give it once.", field
+            )
+    if server.operator_folder(source):
+        hub_only = False
+    elif server.hub_allowed(body.source):
+        hub_only = True
+        source, revision, subfolder = parse_hub_spec(body.source)
+    else:
+        raise ApiError(
+            403,
+            f"{body.source!r} is neither under a folder the server was started with (--adapter-dir) nor a Hub "
+            f"repo matching --allow-hub-pattern ({server.allow_hub_pattern or 'off'}).",
+            "source",
+        )
+    return await server.load(
+        body.name, source, revision or body.revision, subfolder or body.subfolder, pin=body.pin, hub_only=hub_only
+    )
+
+
+@router.delete("/admin/adapters/{name:path}")
+async def admin_unload(name: str, http: HttpRequest):
+    server = _authorize(http)
+    try:
+        await asyncio.to_thread(server.engine.remove, name)
+    except NotFoundError as e:
+        raise api_error(e) from None
+    return {"removed": name}
+
+
+@router.get("/metrics")
+async def metrics_route(http: HttpRequest):
+    return Response(_server(http).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/health")
+async def health(http: HttpRequest):
+    server = _server(http)
+    return {
+        "status": "ok",
+        "adapters": len(server.engine.cache.loaded()),
+        "running": len(server.scheduler.running),
+        "waiting": len(server.scheduler.waiting),
+    }
+
+
+async def _api_error(_: HttpRequest, e: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status, headers=e.headers)
+
+
+async def _unexpected(_: HttpRequest, e: Exception) -> JSONResponse:  # a bug: say so, show no traceback
+    logger.exception("unexpected error")
+    return JSONResponse(error_body(500, f"Internal error ({type(e).__name__}); see the server's log."), 500)
+
+
+async def _invalid(_: HttpRequest, e: RequestValidationError) -> JSONResponse:
+    first = e.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = loc[0] if loc else None
+    if first.get("type") == "json_invalid":
+        message = f"The request body is not valid JSON ({first.get('msg')})."
+    elif first.get("type") == "extra_forbidden":
+        message = f"Unsupported field {'.'.join(loc)!r}: this server does not implement it."
+    else:
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg')}"
+    return JSONResponse(error_body(400, message, param), status_code=400)
+
+
+def create_app(
+    engine: MultiAdapterModel,
+    *,
+    base_name: str,
+    allow_hub_pattern: str | None = None,
+    max_prompt_tokens: int = 1024,
+    max_waiting: int = 256,
+    max_running: int | None = None,
+    default_max_tokens: int = 256,
+    request_timeout: float = 600.0,
+    admin_token: str | None = None,
+    start_scheduler: bool = True,
+    adapter_dirs: Sequence[str | Path] = (),
+    max_body_bytes: int = 4 * 2**20,
+    adapter_load_timeout: float = 120.0,
+) -> FastAPI:
+    """The FastAPI app. ``allow_hub_pattern`` (fnmatch, e.g. ``"me/*"``) lets ``model`` name Hub repos,
+    loaded on demand and through the admin routes; off by default. ``adapter_dirs``: folders whose adapters
+    the admin route may load (none by default). ``max_running`` caps the sequences decoding at once (the
+    engine's cache slots), ``max_waiting`` the queue behind them. The scheduler (``app.state.scheduler``)
+    runs in a thread of its own unless ``start_scheduler`` is False: then call its ``serve_forever()`` from
+    the thread that should do the model's work (see there; ``hub-peft serve`` does)."""
+    if max_running is not None:
+        if engine.started and max_running != engine.max_running:
+            raise InvalidInputError("max_running must be set before the engine runs its first request.")
+        engine.max_running = max_running
+    server = OpenAIServer(
+        engine,
+        base_name=base_name,
+        allow_hub_pattern=allow_hub_pattern,
+        max_prompt_tokens=max_prompt_tokens,
+        max_waiting=max_waiting,
+        default_max_tokens=default_max_tokens,
+        request_timeout=request_timeout,
+        admin_token=admin_token,
+        adapter_dirs=adapter_dirs,
+        adapter_load_timeout=adapter_load_timeout,
+    )
+    if start_scheduler:
+        server.scheduler.run_forever()
+    app = FastAPI(title="hub_peft", description=__doc__.split("\n\n")[0], version="1")
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.include_router(router)
+    app.state.server, app.state.scheduler, app.state.metrics = server, server.scheduler, server.metrics
+    return app

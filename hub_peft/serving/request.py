@@ -1,0 +1,146 @@
+"""The serving layer's value types: what a caller asks (:class:`Request`, an :data:`AdapterSpec` normalized
+once into a :data:`Spec`, a :data:`Prompt`) and what the engine runs and returns (:class:`Generation`,
+:class:`Completion`). They hold data only; the engine and the scheduler act on them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidInputError, PromptTooLongError
+from .sampling import Sampled, SamplingParams
+
+AdapterSpec = str | dict[str, float] | None  # a name, a {name: weight} mix, or None (the bare base)
+Spec = tuple[tuple[str, float], ...]  # an AdapterSpec normalized: ((name, weight), ...) sorted; () the bare base
+Prompt = str | Sequence[dict[str, str]]  # a prompt, or chat messages [{"role": ..., "content": ...}]
+MAX_MIX_ADAPTERS = 8  # adapters in one weighted mix
+MAX_MIX_WEIGHT = 16.0  # |weight| of one adapter in a mix: beyond it a mix only produces garbage (or inf/NaN)
+
+
+def check_prompt_length(tokens: int, limit: int | None) -> None:
+    if limit is not None and tokens > limit:
+        raise PromptTooLongError(f"The prompt is {tokens} tokens; the limit is {limit}.")
+
+
+def normalize_spec(adapter: AdapterSpec | Spec) -> Spec:
+    """``adapter`` as a :data:`Spec`: a name is ``((name, 1.0),)``, a mix its sorted ``(name, weight)`` pairs
+    (at most :data:`MAX_MIX_ADAPTERS`, each weight finite and within :data:`MAX_MIX_WEIGHT`), None or "" the
+    bare base ``()``; a Spec is returned as it is. Whether the names are loaded is the engine's question."""
+    if adapter is None or adapter == "":
+        return ()
+    if isinstance(adapter, tuple):
+        return adapter
+    if isinstance(adapter, str):
+        return ((adapter, 1.0),)
+    if isinstance(adapter, dict) and adapter:
+        if len(adapter) > MAX_MIX_ADAPTERS:
+            raise InvalidInputError(f"A mix takes at most {MAX_MIX_ADAPTERS} adapters, got {len(adapter)}.")
+        for name, weight in adapter.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not abs(weight) <= MAX_MIX_WEIGHT:
+                raise InvalidInputError(
+                    f"Mix weight for {name!r} must be a finite number between "
+                    f"-{MAX_MIX_WEIGHT} and {MAX_MIX_WEIGHT}, got {weight!r}."
+                )
+        return tuple(sorted((k, float(v)) for k, v in adapter.items()))
+    raise InvalidInputError(f"An adapter entry is a name, a {{name: weight}} mix or None, got {adapter!r}.")
+
+
+def check_messages(messages: Any) -> None:
+    roles = ("system", "user", "assistant")
+    ok = (
+        isinstance(messages, (list, tuple))
+        and messages
+        and all(isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str) for m in messages)
+    )
+    if not ok or not any(m["role"] == "user" for m in messages):
+        raise InvalidInputError(
+            "A chat prompt is a non-empty list of {'role': 'system'|'user'|'assistant', 'content': str} messages "
+            "with at least one user message."
+        )
+
+
+def last_user_turn(messages: Sequence[dict[str, str]]) -> str:
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # generated ids, EOS included when the model stopped
+    prompt_tokens: int
+    finish_reason: str  # stop | length
+    logprobs: list[Sampled] | None = None  # per generated token, when asked for
+
+
+@dataclass(eq=False)
+class Generation:
+    """One completion running on the engine's KV cache (see :meth:`.engine.Engine.forward_ragged`)."""
+
+    prompt_ids: list[int]
+    spec: Spec
+    params: SamplingParams
+    output: list[int] = field(default_factory=list)
+    samples: list[Sampled] = field(default_factory=list)
+    slot: int = -1  # -1: holds no slot
+    cached: int = 0  # tokens whose keys/values are in the slot
+    past: Any = None  # a per-sequence transformers cache, on bases that cannot use the slots (see ragged_reason)
+    past_tokens: int = 0  # tokens ``past`` may hold: more than ``cached`` after a failed or retried step
+    parts: tuple = ()  # ((payload, weight), ...) for spec, held even if the cache evicts them meanwhile
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.prompt_ids)
+
+    @property
+    def capacity(self) -> int:
+        """Cache positions this sequence can need: its prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+
+@dataclass(eq=False)
+class Request:
+    """One completion asked of the scheduler. ``on_update(request, samples, text_delta)`` is called from
+    the scheduler's thread with each step's new tokens and the text they complete (stop strings held
+    back until they are ruled out, never emitted); ``finish_reason`` is set before ``done`` fires."""
+
+    prompt: Prompt
+    adapter: AdapterSpec
+    params: SamplingParams
+    spec: Spec = ()  # ``adapter`` normalized, once, when the request is submitted
+    raw: bool = False
+    on_update: Callable[[Request, list[Sampled], str], None] | None = None
+    on_finish: Callable[[Request], None] | None = None  # called from the scheduler's thread once it ended
+    timeout: float | None = None  # seconds from submission
+    label: str = "base"  # for metrics
+    row: int = 0  # the caller's index (a choice of a request with n > 1, a row of generate_tokens)
+    generation: Generation | None = None
+    finish_reason: str | None = None  # stop | length | cancelled | timeout | error
+    error: Exception | None = None
+    text: str = ""  # the completion's text so far (stop string excluded)
+    emitted: int = 0  # characters of text already handed to on_update
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+    solo: bool = False
+    reserved: tuple = ()  # a solo request's adapter copies, kept resident (built) until it ends
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.generation.output if self.generation is not None else []
+
+    def completion(self) -> Completion:
+        gen = self.generation
+        finish = "stop" if self.finish_reason == "stop" else "length"
+        return Completion(
+            list(gen.output),
+            len(gen.prompt_ids),
+            finish,
+            list(gen.samples) if self.params.logprobs is not None else None,
+        )
