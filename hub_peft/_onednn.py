@@ -18,6 +18,8 @@ from functools import cache
 import torch
 from torch import nn
 
+from .errors import InvalidInputError
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` by oneDNN; ``weight`` may be a transposed view (no copy is made) or a
@@ -110,7 +112,7 @@ class PackedLinear(nn.Module):
     def __init__(self, module: nn.Linear, rows: int = ROWS) -> None:
         super().__init__()
         if not packable(module):
-            raise ValueError("PackedLinear needs a float32 nn.Linear on the CPU and a torch with oneDNN.")
+            raise InvalidInputError("PackedLinear needs a float32 nn.Linear on the CPU and a torch with oneDNN.")
         self.linear, self.rows = module, rows
         self._packed, self._version = reorder(module.weight, rows), module.weight._version
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from ._atomic import atomic_dir
 from ._bnb import four_bit_layers, keep_4bit_trainable, quantize_linear_subclasses
-from .errors import NotFoundError
+from .errors import InvalidInputError, NotFoundError
 
 EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_BASE = EMBEDDED_BASE
@@ -201,7 +201,7 @@ def load_base_model(
     from .tasks import check_causal_checkpoint
 
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        raise InvalidInputError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     hub_id, path, converted_from = resolve_base(name_or_path)
     torch_dtype = getattr(torch, dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import InvalidInputError
+
 
 def format_prompt(tokenizer: Any, prompt: str, *, raw: bool = False, system: str | None = None) -> str:
     """Apply the tokenizer's chat template to one user turn (or return ``prompt`` as is with ``raw``)."""
@@ -26,7 +28,7 @@ def prompt_template(tokenizer: Any, *, raw: bool = False, system: str | None = N
     sentinel = "\x00HUB_PEFT_PROMPT\x00"
     template = format_prompt(tokenizer, sentinel, system=system)
     if template.count(sentinel) != 1:
-        raise ValueError("The tokenizer's chat template does not render the user prompt verbatim.")
+        raise InvalidInputError("The tokenizer's chat template does not render the user prompt verbatim.")
     return template.replace(PLACEHOLDER, "{{prompt}}").replace(sentinel, PLACEHOLDER)
 
 
@@ -77,7 +79,7 @@ def generate_replies(
     import torch
 
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if template is None and not raw:
         template = trained_prompt_template(model)
     if template is None:

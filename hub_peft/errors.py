@@ -42,6 +42,14 @@ class PromptTooLongError(InvalidInputError):
     """A prompt has more tokens than the server accepts; shorten it (the API answers 413)."""
 
 
+class GenerationError(HubPeftError, RuntimeError):
+    """A request failed inside the engine, a server-side failure of that request alone: send it again."""
+
+
+class ConcurrentUseError(HubPeftError, RuntimeError):
+    """An object that runs one call at a time was called again before its call ended: use one per thread."""
+
+
 class ApiError(HubPeftError):
     """An HTTP error of the OpenAI server, in OpenAI's shape: ``status``, ``message`` (what to do), the
     request field at fault (``param``), a machine-readable ``code``, extra ``headers`` (``Retry-After``)."""
@@ -60,6 +68,8 @@ class ApiError(HubPeftError):
 
 __all__ = [
     "ApiError",
+    "ConcurrentUseError",
+    "GenerationError",
     "HubAuthError",
     "HubPeftError",
     "IncompatibleAdapterError",

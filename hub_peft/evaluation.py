@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .chat import generate_replies
+from .errors import InvalidInputError
 
 EVAL_ROWS = 16  # held-out rows both models answer: enough for a table and a first exact-match figure, in seconds
 MAX_NEW_TOKENS = 48
@@ -54,7 +55,7 @@ class Evaluation:
 def exact_match(answers: list[str], references: list[str]) -> float:
     """The share of ``answers`` equal to their reference, surrounding whitespace ignored."""
     if not references:
-        raise ValueError("exact_match needs at least one reference.")
+        raise InvalidInputError("exact_match needs at least one reference.")
     return sum(a.strip() == r.strip() for a, r in zip(answers, references, strict=True)) / len(references)
 
 

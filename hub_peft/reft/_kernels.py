@@ -22,6 +22,7 @@ from torch import nn
 
 from .._onednn import best_of, is_frozen_float32_linear, onednn_available, runs_on_onednn
 from .._onednn import linear as _linear
+from ..errors import InvalidInputError
 
 __all__ = [
     "Gemms",
@@ -176,5 +177,5 @@ def linear_cross_entropy(
     doc), its forward and backward products by oneDNN where ``gemms`` says so and this torch build
     has it, else by torch's GEMM."""
     if linear.bias is not None or linear.weight.requires_grad:
-        raise ValueError("linear_cross_entropy needs a frozen linear layer without bias.")
+        raise InvalidInputError("linear_cross_entropy needs a frozen linear layer without bias.")
     return _LinearCrossEntropy.apply(hidden, linear.weight, targets, gemms if runs_on_onednn(linear) else Gemms())

@@ -20,7 +20,7 @@ from torch import nn
 
 from .._atomic import write_text
 from .._version import __version__
-from ..errors import IncompatibleAdapterError, InvalidInputError, NotFoundError
+from ..errors import ConcurrentUseError, IncompatibleAdapterError, InvalidInputError, NotFoundError
 from ..modeling import component_module, find_decoder, find_decoder_layers, innermost_model, text_config
 from .config import ReftConfig
 from .interventions import Intervention
@@ -170,7 +170,7 @@ class ReftModel(nn.Module):
     def intervening(self, positions: dict[str, torch.Tensor]) -> Iterator[None]:
         """Intervene at ``positions`` (group -> [batch, n] indices) in the next forward of the base model."""
         if self._call is not None:
-            raise RuntimeError("ReftModel calls cannot be nested or run concurrently on one instance.")
+            raise ConcurrentUseError("ReftModel calls cannot be nested or run concurrently on one instance.")
         self._call = _Call(positions)
         try:
             yield

@@ -33,7 +33,7 @@ from torch import nn
 
 from .._bnb import keep_4bit_trainable
 from .._onednn import PackedLinear, packable, packed_is_faster
-from ..errors import InvalidInputError
+from ..errors import GenerationError, InvalidInputError
 from ..modeling import component_module, find_decoder, find_decoder_layers, innermost_model, text_config
 from ..reft.model import edit_positions, input_edit_hook, output_edit_hook
 from . import kv_cache, solo
@@ -537,7 +537,7 @@ def _rolled_back(past: Any, length: int) -> Any:
             if extra > 0:
                 layer.crop(-extra)
     except Exception as e:
-        raise RuntimeError(
+        raise GenerationError(
             f"this request's cache cannot be rolled back after a failed step ({e}); send the request again."
         ) from None  # a server-side failure of this request alone (HTTP 500)
     return past
