@@ -1,11 +1,10 @@
 """oneDNN for frozen float32 linear layers on the CPU: the plain call, and a weight reordered once.
 
-torch's ``nn.Linear`` on a CPU calls MKL's GEMM, which is slow when few rows meet a wide weight: an
-LM head (49152 x 576 for SmolLM2) by 1-64 rows, the shape of every decode step, ran 1.5-3.2x faster
-through oneDNN with the weight reordered once into its blocked layout, on an AVX2 EPYC (the same
-product vLLM's CPU backend runs for its linear layers). The reorder is a copy of the weight, so
-:class:`PackedLinear` is made only where :func:`packed_is_faster` measured a gain on this CPU
-(figures: ``benchmarks/engine_cpu.py``).
+torch's ``nn.Linear`` on a CPU calls MKL's GEMM, which is slow when few rows meet a wide weight (an
+LM head by the 1-64 rows of a decode step); oneDNN with the weight reordered once into its blocked layout
+can be faster there (the same product vLLM's CPU backend runs for its linear layers). Whether it is
+depends on the CPU, and the reorder is a copy of the weight, so :class:`PackedLinear` is made only where
+:func:`packed_is_faster` measured a gain on this CPU (figures: ``benchmarks/README.md``, "Engine CPU facts").
 Results equal ``nn.Linear``'s up to float32 rounding (a different summation order).
 """
 

@@ -116,7 +116,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     print(f"Serving {base_name} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
     # The model's steps run here, on the thread that loaded it; HTTP gets a thread of its own that never
-    # computes (a second computing thread makes libgomp's waits sleep: steps about 2x slower, see
+    # computes (a second computing thread makes libgomp's waits sleep, which slows every step; see
     # Scheduler.serve_forever). uvicorn installs no signal handlers off the main thread, so SIGINT and
     # SIGTERM stop it from here.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))

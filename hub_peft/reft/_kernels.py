@@ -4,9 +4,8 @@ instead of four.
 
 Both compute the same float32 math as ``nn.Linear`` / ``F.cross_entropy`` (up to float rounding).
 They exist because a step of the cached trainer multiplies few rows (the response tokens) by every
-weight of the upper layers, forward and backward. At that shape (e.g. 174 x 576 by 576 x 1536) which
-of oneDNN and the MKL GEMM behind ``nn.Linear`` wins depends on the CPU: on one of our VMs oneDNN was
-1.3-1.5x faster, on another 10% slower, and on an AVX2 EPYC faster forward but slower backward, so
+weight of the upper layers, forward and backward. At that shape which of oneDNN and the MKL GEMM behind
+``nn.Linear`` wins depends on the CPU, and can differ between the forward and the backward, so
 :func:`faster_gemms` times both, each way, on the real shape once.
 And on a CPU every fresh allocation of tens of MB costs more in page faults than the arithmetic done on it.
 """
@@ -41,7 +40,7 @@ __all__ = [
 class Gemms:
     """Which of a frozen linear layer's two products run on oneDNN rather than torch's default GEMM:
     the forward ``x @ weight.T`` and the backward's input gradient ``g @ weight``. They are separate
-    choices: on an AVX2 EPYC oneDNN was 20% faster than MKL for one and 20-35% slower for the other."""
+    choices: on one CPU oneDNN can win one and lose the other."""
 
     forward: bool = False
     backward: bool = False

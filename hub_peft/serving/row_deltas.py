@@ -128,7 +128,7 @@ def pack_loras(plan: Plan, name: str) -> LoraPack | None:
 class LoraStacks:
     """Stacked LoRA A/B per layer for the last few sequences of LoRA payloads a plan used. When a row
     leaves or joins, the next decode plan usually holds the same adapters in the same order, and its
-    layers reuse these stacks instead of stacking again (stacking was about 4% of a saturated decode step).
+    layers reuse these stacks instead of stacking again (stacking is a visible share of a saturated decode step).
     An entry holds its payloads, so their ids are never reused while it lives; at most ``size`` kept."""
 
     def __init__(self, size: int = 2) -> None:

@@ -109,8 +109,8 @@ class Scheduler:
         Give the model's work one thread, the one that loaded the model where possible: libgomp (torch's
         OpenMP on Linux) turns every parallel region's spin-wait into sleeping once more of its threads
         exist than there are cores, and a second thread that ever ran a parallel torch op keeps its own
-        threads for as long as it lives. A decode step of SmolLM2-135M on 2 cores took 389 ms instead of
-        202 ms while one such thread was alive (``benchmarks/engine_cpu.py``)."""
+        threads for as long as it lives, which slows every step while it does (figures:
+        ``benchmarks/README.md``, "Engine CPU facts")."""
         while not until():
             with self.lock:
                 if not self.has_work():
