@@ -64,7 +64,8 @@ def best_of(*candidates: Callable[[], object], repeats: int = 2) -> list[float]:
 
 def is_frozen_float32_linear(module: nn.Module | None) -> bool:
     return (
-        type(module) is nn.Linear
+        module is not None
+        and type(module) is nn.Linear
         and module.weight.dtype == torch.float32
         and not module.weight.requires_grad
         and (module.bias is None or not module.bias.requires_grad)
@@ -75,7 +76,8 @@ def packable(module: nn.Module | None) -> bool:
     """A float32 ``nn.Linear`` on the CPU, with oneDNN in this torch build (:class:`PackedLinear` sends
     products that need a gradient through the layer itself)."""
     return (
-        type(module) is nn.Linear
+        module is not None
+        and type(module) is nn.Linear
         and module.weight.dtype == torch.float32
         and module.weight.device.type == "cpu"
         and onednn_available()

@@ -140,6 +140,7 @@ def _check_downloadable(hub_id: str, *, embedded: bool) -> None:
     except HFValidationError:
         return  # not a repo id (a missing folder, say): transformers says what is wrong
     endpoint = constants.ENDPOINT
+    why: str | None
     if constants.HF_HUB_OFFLINE:
         why = "HF_HUB_OFFLINE is set"
     elif os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -86,7 +86,7 @@ def compare_with_base(
     with without_adapter(model) as base:
         before = generate_replies(base, tokenizer, prompts, template=template, max_new_tokens=max_new_tokens)
     after = generate_replies(model, tokenizer, prompts, template=template, max_new_tokens=max_new_tokens)
-    refs = references or [None] * len(prompts)
+    refs: Sequence[str | None] = references or [None] * len(prompts)
     return [Comparison(p, b, a, r) for p, b, a, r in zip(prompts, before, after, refs, strict=True)]
 
 

@@ -45,7 +45,7 @@ class Table:
         guessed = self.guess_mapping()
         prompt_column, response_column = prompt_column or guessed[0], response_column or guessed[1]
         missing = [c for c in (prompt_column, response_column) if c is None or c not in self.columns]
-        if missing or prompt_column == response_column:
+        if missing or prompt_column is None or response_column is None or prompt_column == response_column:
             raise InvalidInputError(
                 f"Choose which column holds the prompts and which the responses (two different columns); "
                 f"{self.source} has columns {self.columns}."
@@ -173,7 +173,7 @@ def check_rows(rows: list[dict[str, str]], *, count_tokens=None, max_tokens: int
     """
     if len(rows) > MAX_ROWS:
         raise InvalidInputError(f"{len(rows):,} examples; the limit is {MAX_ROWS:,}. Use fewer rows.")
-    kept, problems, seen = [], [], {}
+    kept, problems, seen = [], [], dict[tuple[str, str], int]()
     total = 0
     for i, row in enumerate(rows, 1):
         prompt, response = str(row.get("prompt") or "").strip(), str(row.get("response") or "").strip()

@@ -103,7 +103,7 @@ def build_space(out: Path, *, hardware: str = "cpu-basic") -> Path:
 
 def push_space(repo_id: str, *, private: bool = False, hardware: str = "cpu-basic", token: str | None = None) -> str:
     """Create (or update) the Space ``repo_id`` with the Studio; returns the commit URL."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, SpaceHardware
 
     from .adapters import check_repo_id
 
@@ -112,7 +112,12 @@ def push_space(repo_id: str, *, private: bool = False, hardware: str = "cpu-basi
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_space(Path(tmp) / "space", hardware=hardware)
         api.create_repo(
-            repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True, space_hardware=hardware
+            repo_id,
+            repo_type="space",
+            space_sdk="gradio",
+            private=private,
+            exist_ok=True,
+            space_hardware=SpaceHardware(hardware),
         )
         info = api.upload_folder(
             repo_id=repo_id,

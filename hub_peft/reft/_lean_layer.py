@@ -74,9 +74,17 @@ class LeanLayer:
         if not head_dim or not hasattr(attention, "scaling") or not hasattr(attention, "layer_idx"):
             return None
         heads, kv_heads = linears[0].out_features // head_dim, linears[1].out_features // head_dim
+        q, k, v, o, gate, up, down = linears
         return cls(
-            *norms,
-            *linears,
+            norms[0],
+            norms[1],
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
             heads=heads,
             kv_heads=kv_heads,
             head_dim=head_dim,

@@ -15,7 +15,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,13 +319,13 @@ class AdapterCache:
                 cached.payload, cached.nbytes = payload, _payload_bytes(payload)
             return cached.payload
 
-    def evict(self, keep: set[str] = frozenset()) -> None:
+    def evict(self, keep: Set[str] = frozenset()) -> None:
         """Drop least recently used copies until the resident ones fit the budget (pinned and ``keep`` names stay);
         a running sequence keeps its own reference, so it is never affected."""
         with self._lock:
             self._evict(keep)
 
-    def _evict(self, keep: set[str]) -> None:
+    def _evict(self, keep: Set[str]) -> None:
         held = {id(e.cached) for e in self.entries.values() if e.pinned or e.name in keep}
         while self.resident_bytes() > self.memory_budget:
             victims = [c for c in self.copies.values() if c.payload is not None and id(c) not in held and not c.users]
@@ -371,7 +371,7 @@ def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
             blockers.append("it adapts the embeddings or the output head, outside the decoder blocks")
     if blockers:
         return "solo", f"{source} cannot share a batch with other adapters ({'; '.join(blockers)})"
-    return peft_type.lower(), None
+    return str(peft_type).lower(), None
 
 
 def _modules_outside(folder: Path, targets: set[str]) -> str | None:
@@ -438,6 +438,8 @@ def _load_reft(folder: Path) -> ReftPayload:
     from safetensors.torch import load_file
 
     config = ReftConfig.from_dict(json.loads((folder / "adapter_config.json").read_text()))
+    if config.hidden_size is None:
+        raise IncompatibleAdapterError(f"{folder}: the ReFT config does not say its hidden_size; save it again.")
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     sites: dict[tuple[int, str], list[tuple[str, Intervention]]] = {}
     for layer, component, group in config.sites():

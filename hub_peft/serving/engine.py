@@ -21,6 +21,7 @@ the scheduler (:mod:`.scheduler`) and the offline helpers (:mod:`.offline`) call
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import threading
 from collections.abc import Iterator, Sequence
@@ -228,7 +229,7 @@ class Engine(StaticGeneration):
         chat = prompt_template(self.tokenizer)
         encoded = []
         for prompt, spec, is_raw in zip(prompts, specs, raw, strict=True):
-            recorded = {self.cache.entries[n].template for n, _ in spec} - {None}
+            recorded = {t for n, _ in spec if (t := self.cache.entries[n].template) is not None}
             template = PLACEHOLDER if is_raw else recorded.pop() if len(recorded) == 1 else chat
             if isinstance(prompt, str):
                 encoded.append(encode_prompt(self.tokenizer, prompt, template))
@@ -244,7 +245,7 @@ class Engine(StaticGeneration):
     def generation(
         self,
         prompt: Prompt,
-        adapter: AdapterSpec = None,
+        adapter: AdapterSpec | Spec = None,
         params: SamplingParams | None = None,
         *,
         raw: bool = False,
@@ -377,7 +378,7 @@ class Engine(StaticGeneration):
             if len(feed) != n or n < 1:
                 raise InvalidInputError(f"row {b} has {len(feed)} tokens to feed, not {n}.")
             new += feed
-        if self.ragged_reason is not None:
+        if self.ragged_reason is not None or self._kv is None:  # no slot cache on this base
             return self._forward_each(rows)
         step = kv_cache.RaggedStep.build(self._kv, slots, [seq.cached for seq, _ in rows], [n for _, n in rows])
         ids = torch.tensor([new])
@@ -409,7 +410,7 @@ class Engine(StaticGeneration):
                 if seq.past is _NO_CACHE:  # a model without a KV cache (GPT-1): the whole sequence again
                     seq.cached, n = 0, seq.cached + n
                 ids = torch.tensor([seq.tokens[seq.cached : seq.cached + n]])
-                cache = {} if seq.past in (None, _NO_CACHE) else {_cache_argument(type(self.core)): seq.past}
+                cache = {} if seq.past in (None, _NO_CACHE) else {_cache_argument(self.core): seq.past}
                 self.plans.current = self._ragged_plan([(seq, n)], reuse=False)
                 try:
                     result = self.core(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)
@@ -520,7 +521,7 @@ def _ragged_blocker(core: nn.Module) -> str | None:
         attention = [m for m in layer.modules() if "Attention" in type(m).__name__ and hasattr(m, "layer_idx")]
         if len(attention) != 1 or attention[0].layer_idx != i:
             return f"its decoder blocks ({type(layer).__name__}) do not hold one numbered attention module each"
-        if not _uses_attention_interface(type(attention[0])):
+        if not _uses_attention_interface(attention[0]):
             return f"{type(attention[0]).__name__} does not dispatch through transformers' attention interface"
     return None
 
@@ -543,18 +544,22 @@ def _rolled_back(past: Any, length: int) -> Any:
     return past
 
 
-@functools.cache
-def _cache_argument(cls: type) -> str:
+def _cache_argument(model: nn.Module) -> str:
     """The forward argument that takes a KV cache: ``cache`` (transformers 5.25+), else ``past_key_values``."""
-    import inspect
+    return "cache" if "cache" in _forward_signature(model.__class__).parameters else "past_key_values"
 
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+def _uses_attention_interface(module: nn.Module) -> bool:
+    return _forward_uses_attention_interface(module.__class__)
 
 
 @functools.cache
-def _uses_attention_interface(cls: type) -> bool:
-    import inspect
+def _forward_signature(cls: Any) -> inspect.Signature:
+    return inspect.signature(cls.forward)
 
+
+@functools.cache
+def _forward_uses_attention_interface(cls: Any) -> bool:
     try:
         return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
     except (OSError, TypeError):

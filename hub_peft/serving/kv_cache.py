@@ -183,7 +183,7 @@ def ragged_attention(
         mask = run.mask_for(sliding_window)
         if isinstance(run.tokens, slice):  # one prompt chunk: [1, kv_heads, group * n, dim], query-major per head
             q = queries[run.tokens].permute(1, 2, 0, 3).reshape(1, kv_heads, -1, dim)
-            if group > 1:
+            if group > 1 and mask is not None:
                 mask = mask.repeat(1, 1, group, 1)
             attended = _attend(q, cached_keys, cached_values, mask, scaling, softcap)
             out[run.tokens] = attended.reshape(kv_heads, group, -1, dim).permute(2, 0, 1, 3)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidInputError, PromptTooLongError
+from ..errors import GenerationError, InvalidInputError, PromptTooLongError
 from .sampling import Sampled, SamplingParams
 
 AdapterSpec = str | dict[str, float] | None  # a name, a {name: weight} mix, or None (the bare base)
@@ -135,8 +135,15 @@ class Request:
     def tokens(self) -> list[int]:
         return self.generation.output if self.generation is not None else []
 
+    @property
+    def gen(self) -> Generation:
+        """``generation``, which a request has from its submission (a solo one once it ran)."""
+        if self.generation is None:
+            raise GenerationError("This request has not been submitted (or, run solo, has not run) yet.")
+        return self.generation
+
     def completion(self) -> Completion:
-        gen = self.generation
+        gen = self.gen
         finish = "stop" if self.finish_reason == "stop" else "length"
         return Completion(
             list(gen.output),

@@ -163,7 +163,7 @@ class Scheduler:
         with self.lock:
             while self.waiting:
                 request = self.waiting[0]
-                if not request.solo and not self.engine.admit(request.generation):
+                if not request.solo and not self.engine.admit(request.gen):
                     break
                 self.waiting.popleft()
                 self.running.append(request)
@@ -173,7 +173,7 @@ class Scheduler:
         and one token of every decoding request; then each row whose prompt is all in samples a token."""
         budget, rows = self.prefill_budget, []
         for r in requests:  # admission order
-            gen = r.generation
+            gen = r.gen
             if r.finish_reason is not None:
                 continue
             if not gen.prefilling:
@@ -184,11 +184,11 @@ class Scheduler:
                 budget -= n
         if not rows:
             return
-        rows.sort(key=lambda row: row[0].generation.slot)
-        logits = self.engine.forward_ragged([(r.generation, n) for r, n in rows])
+        rows.sort(key=lambda row: row[0].gen.slot)
+        logits = self.engine.forward_ragged([(r.gen, n) for r, n in rows])
         for (r, _), row in zip(rows, logits, strict=True):
-            if not r.generation.prefilling:  # its whole prompt is in: its next token
-                self._sampled(r, self.engine.sample(r.generation, row))
+            if not r.gen.prefilling:  # its whole prompt is in: its next token
+                self._sampled(r, self.engine.sample(r.gen, row))
 
     def _isolate(self, requests: list[Request], error: Exception) -> None:
         """After a failed shared forward, each of its requests runs alone from where it was. Keys/values a
@@ -197,7 +197,7 @@ class Scheduler:
         for r in requests:
             if r.finish_reason is not None:
                 continue
-            gen = r.generation
+            gen = r.gen
             try:
                 if gen.cached == len(gen.tokens):  # fed, but its token was never sampled
                     gen.cached -= 1
@@ -231,7 +231,7 @@ class Scheduler:
 
     def _sampled(self, request: Request, sampled: Sampled | None) -> None:
         """Detokenize, look for stop strings, emit the new text, and retire the request if it ended."""
-        gen, params, tokenizer = request.generation, request.params, self.engine.tokenizer
+        gen, params, tokenizer = request.gen, request.params, self.engine.tokenizer
         if request.first_token_at is None:
             request.first_token_at = time.monotonic()
         eos = tokenizer.eos_token_id

@@ -9,23 +9,39 @@ models): it uses the engine's tokenizer, cache, lock and plan slot.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import InvalidInputError
 from ..reft.model import prompt_positions
-from .cache import Ia3Payload, LoraPayload
+from .cache import AdapterCache, Ia3Payload, LoraPayload, ReftPayload
 from .request import AdapterSpec, Completion, Prompt, Spec, check_messages
-from .row_deltas import Group, Plan
+from .row_deltas import Group, Plan, PlanSlot
 from .sampling import Sampled, SamplingParams, sample_row
 
 
 class StaticGeneration:
     """``generate_static`` and the padded-batch helpers it shares with ``next_token_logits``."""
+
+    # what the engine this is mixed into provides
+    model: nn.Module
+    tokenizer: Any
+    cache: AdapterCache
+    plans: PlanSlot
+    _lock: threading.RLock
+
+    if TYPE_CHECKING:
+
+        def normalize(self, adapters: Sequence[AdapterSpec | Spec] | None, n: int) -> list[Spec]: ...
+
+        def encode(self, prompts: Sequence[Prompt], specs: Sequence[Spec], raw: Sequence[bool]) -> list[list[int]]: ...
+
+        def solo_names(self, spec: Spec) -> list[str]: ...
 
     @contextmanager
     def _planned(self, specs: list[Spec], attention_mask: torch.Tensor) -> Iterator[None]:
@@ -42,6 +58,7 @@ class StaticGeneration:
                 elif isinstance(payload, Ia3Payload):
                     group.ia3s.append((payload, weight))
                 else:
+                    assert isinstance(payload, ReftPayload), name  # materialized by _batch; solo rows never plan
                     first, last = payload.config.first_last
                     group.refts.append((payload, weight, prompt_positions(attention_mask[start:end], first, last)))
             groups.append(group)
@@ -88,7 +105,7 @@ class StaticGeneration:
         with self._lock:
             parts = self._parts(prompts, adapters)
             if len(parts) > 1:  # adapters that cannot share a batch run in sub-batches of their own
-                out: list[Completion | None] = [None] * len(prompts)
+                done: dict[int, Completion] = {}
                 for rows in parts:
                     part = self.generate_static(
                         [prompts[i] for i in rows],
@@ -96,9 +113,8 @@ class StaticGeneration:
                         [params[i] for i in rows],
                         raw=_pick(raw, rows),
                     )
-                    for i, completion in zip(rows, part, strict=True):
-                        out[i] = completion
-                return out
+                    done.update(zip(rows, part, strict=True))
+                return [done[i] for i in range(len(prompts))]
             order, specs, ids, mask = self._batch(prompts, adapters, raw)
             ordered = [params[i] for i in order]
             prompt_ids = [ids[i][mask[i].bool()].tolist() for i in range(len(order))]
@@ -118,7 +134,7 @@ class StaticGeneration:
                     pad_token_id=self.tokenizer.pad_token_id,
                     **extra,
                 )
-        out = [None] * len(prompts)
+        out: dict[int, Completion] = {}
         for position, original in enumerate(order):
             samples, p = processor.samples[position], ordered[position]
             tokens = [s.token for s in samples]
@@ -129,7 +145,7 @@ class StaticGeneration:
             out[original] = Completion(
                 tokens, len(prompt_ids[position]), finish, samples if p.logprobs is not None else None
             )
-        return out
+        return [out[i] for i in range(len(prompts))]
 
     def _parts(self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None) -> list[list[int]]:
         """Row indices per sub-batch: every row that can share a batch, then one part per solo adapter."""

@@ -16,6 +16,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def plan_vllm(
     python: str = sys.executable,
     host: str = "127.0.0.1",
     port: int = 8000,
-    extra: list[str] = (),
+    extra: Sequence[str] = (),
     check_installed: bool = True,
 ) -> VllmLaunch:
     """Resolve and check ``adapters`` (``(name, repo id or folder, revision[, subfolder])``) and build vLLM's

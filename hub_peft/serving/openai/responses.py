@@ -172,7 +172,7 @@ class Answer:
     def logprobs(self, job: Request, samples: list[Sampled]) -> dict | None:
         if job.params.logprobs is None:
             return None
-        output = job.generation.output
+        output = job.gen.output
         first = self.described[job.row]
         self.described[job.row] += len(samples)
         entries = []
@@ -235,7 +235,7 @@ class Answer:
             choice: dict[str, Any] = {
                 "index": job.row,
                 "finish_reason": job.finish_reason,
-                "logprobs": self.logprobs(job, job.generation.samples),
+                "logprobs": self.logprobs(job, job.gen.samples),
             }
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": job.text}
@@ -252,7 +252,7 @@ class Answer:
         }
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
-        body = {
+        body: dict[str, Any] = {
             "id": self.ident,
             "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": self.created,
@@ -286,8 +286,11 @@ class Answer:
                         failure = self._failure(job)
                         yield {"data": json.dumps(error_body(failure.status, failure.message))}
                         continue
-                    end = {"index": job.row, "finish_reason": job.finish_reason, "logprobs": None}
-                    end.update({"delta": {}} if self.chat else {"text": ""})
+                    end: dict[str, Any] = {"index": job.row, "finish_reason": job.finish_reason, "logprobs": None}
+                    if self.chat:
+                        end["delta"] = {}
+                    else:
+                        end["text"] = ""
                     yield self._chunk([end])
                     continue
                 self._observe(job, samples)

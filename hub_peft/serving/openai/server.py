@@ -125,7 +125,8 @@ class OpenAIServer:
             repo = parse_hub_spec(spec)[0]
         except InvalidInputError:
             return False
-        return bool(self.allow_hub_pattern) and fnmatch.fnmatchcase(repo, self.allow_hub_pattern)
+        pattern = self.allow_hub_pattern
+        return bool(pattern) and fnmatch.fnmatchcase(repo, pattern or "")
 
     def operator_folder(self, source: str) -> bool:
         """Whether ``source`` is a folder under one of ``adapter_dirs`` (symbolic links resolved first)."""
@@ -186,7 +187,7 @@ class OpenAIServer:
     def prompt_of(self, body: ChatCompletionRequest | CompletionRequest, chat: bool) -> tuple[Any, int]:
         """The engine's prompt (text, or chat messages) and ``max_tokens`` of a request, its length checked by
         characters before anything is tokenized."""
-        if chat:
+        if isinstance(body, ChatCompletionRequest):
             prompt: Any = [
                 {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
             ]
@@ -210,7 +211,7 @@ class OpenAIServer:
 
     async def complete(self, body: ChatCompletionRequest | CompletionRequest, http: HttpRequest, chat: bool):
         try:
-            logprobs = body.wanted_logprobs() if chat else body.logprobs
+            logprobs = body.wanted_logprobs() if isinstance(body, ChatCompletionRequest) else body.logprobs
         except ValueError as e:
             raise ApiError(400, str(e), "top_logprobs") from None
         prompt, max_tokens = self.prompt_of(body, chat)
@@ -290,7 +291,7 @@ async def completions(body: CompletionRequest, http: HttpRequest):
 @router.get("/v1/models")
 async def models(http: HttpRequest):
     server = _server(http)
-    data = [{"id": server.base_name, "object": "model", "owned_by": "hub_peft", "type": "base"}]
+    data: list[dict[str, Any]] = [{"id": server.base_name, "object": "model", "owned_by": "hub_peft", "type": "base"}]
     data += [
         {
             "id": e["name"],
@@ -373,7 +374,8 @@ async def health(http: HttpRequest):
     }
 
 
-async def _api_error(_: HttpRequest, e: ApiError) -> JSONResponse:
+async def _api_error(_: HttpRequest, e: Exception) -> JSONResponse:
+    assert isinstance(e, ApiError)
     return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status, headers=e.headers)
 
 
@@ -382,7 +384,8 @@ async def _unexpected(_: HttpRequest, e: Exception) -> JSONResponse:  # a bug: s
     return JSONResponse(error_body(500, f"Internal error ({type(e).__name__}); see the server's log."), 500)
 
 
-async def _invalid(_: HttpRequest, e: RequestValidationError) -> JSONResponse:
+async def _invalid(_: HttpRequest, e: Exception) -> JSONResponse:
+    assert isinstance(e, RequestValidationError)
     first = e.errors()[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = loc[0] if loc else None
