@@ -42,7 +42,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_hub_serve(args: argparse.Namespace) -> int:
-    from .hub.server import parse_tokens, read_tokens_file, serve
+    from .hub.server import serve
+    from .hub.tokens import parse_tokens, read_tokens_file
 
     specs = list(args.token or [])
     sources = [f"--token #{i + 1}" for i in range(len(specs))]  # errors name the entry, never its text

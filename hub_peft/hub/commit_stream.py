@@ -25,7 +25,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .storage import COMMIT_ID, AddFile, BadRequest, DeletePath, StagedBlob, check_new_path, check_path
+from ..errors import BadRequest
+from .storage import COMMIT_ID, AddFile, DeletePath, StagedBlob, check_new_path, check_path
 
 INLINE_LIMIT = 1 << 20  # a line up to this size is parsed whole; past it, its content streams to a file
 MAX_AFTER_CONTENT = 16 << 10  # what may follow a streamed content string: '"path"' (at most 1000 characters)...
