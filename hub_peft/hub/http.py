@@ -28,8 +28,8 @@ def header_value(text: str, limit: int = 500) -> str:
     """``text`` as an HTTP header value that always encodes: control characters (CR, LF...) as spaces,
     non-ASCII as ``\\uXXXX`` escapes, at most ``limit`` characters.
 
-    NOTE(security): header values come out as latin-1, so a file name such as ``名前.txt`` made the response
-    fail (500, which the client retries for 23 s); a CR or LF must never reach a header either."""
+    NOTE(security): header values come out as latin-1, so a file name such as ``名前.txt`` would make the
+    response fail (a 500, which the client retries); a CR or LF must never reach a header either."""
     return _CONTROL_CHARS.sub(" ", text).encode("ascii", "backslashreplace").decode("ascii")[:limit]
 
 
