@@ -280,8 +280,9 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 def _cmd_card(args: argparse.Namespace) -> int:
     from .cards import write_card
+    from .validate import card_facts
 
-    print(write_card(args.dir, repo_id=args.repo_id))
+    print(write_card(args.dir, repo_id=args.repo_id, **card_facts(args.dir)))
     return 0
 
 
