@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 from ..errors import BadRequest, HTTPError
 from .card import HEAD_BYTES, card_metadata_errors
 from .commit_stream import CommitStream
-from .http import repo_url
+from .route_helpers import repo_url
 from .storage import AddFile, Repo, check_new_path
 
 _FEED_BYTES = 4 << 20  # body bytes handed to the commit parser per thread hop

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from .http import error_response
+from .route_helpers import error_response
 from .storage import check_path
 
 CHUNK = 1 << 20

@@ -9,8 +9,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from ..errors import HTTPError, StorageError
-from .http import html_response
 from .pages import SESSION_COOKIE, client_key, cookie_session, cross_site_problem, safe_next
+from .route_helpers import html_response
 
 log = logging.getLogger("hub_peft.hub")
 

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..errors import Conflict, EntryNotFound, HTTPError
 from .card import HEAD_BYTES, MAX_CARD_BYTES, read_card_data
-from .http import folder_oid, json_body, repo_url
+from .route_helpers import folder_oid, json_body, repo_url
 from .storage import Commit, Repo, check_name, check_path, check_repo_type
 
 

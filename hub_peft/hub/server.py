@@ -29,7 +29,6 @@ from ..errors import HTTPError, LocalHubError, RepoNotFound
 from .card import card_metadata_errors
 from .commit_routes import DEFAULT_MAX_COMMIT_BYTES, CommitRoutes
 from .download_routes import DownloadRoutes
-from .http import check_revision, error_response, is_api_repo_type, is_commit, json_body
 from .page_routes import PageRoutes
 from .pages import (
     DEFAULT_LOGIN_MAX_FAILURES,
@@ -42,6 +41,7 @@ from .pages import (
     cookie_session,
 )
 from .repo_routes import RepoRoutes
+from .route_helpers import check_revision, error_response, is_api_repo_type, is_commit, json_body
 from .storage import Repo, Storage
 
 log = logging.getLogger("hub_peft.hub")
