@@ -130,11 +130,21 @@ def _size(folder: Path) -> str:
 
 
 def render_card(
-    folder: str | Path, *, repo_id: str | None = None, vllm_ok: bool | None = None, name: str | None = None
+    folder: str | Path,
+    *,
+    repo_id: str | None = None,
+    vllm_ok: bool | None = None,
+    name: str | None = None,
+    tensors: dict[str, tuple[str, list[int]]] | None = None,
 ) -> str:
     """The full ``README.md`` text for the adapter in ``folder``. Its usage snippets load ``repo_id``, else
-    ``name`` (the path a folder not pushed yet will have, when ``folder`` is a staging copy), else ``folder``."""
-    from huggingface_hub import ModelCardData, constants
+    ``name`` (the path a folder not pushed yet will have, when ``folder`` is a staging copy), else ``folder``.
+
+    The card states what it is given and checks nothing: ``vllm_ok`` (whether the adapter passes
+    ``validate_adapter(folder, for_engine="vllm")``; None: not known, the card says how to check) and ``tensors``
+    (the weights' safetensors header, for a classifier head's size when no labels were recorded).
+    :func:`hub_peft.validate.card_facts` gives both."""
+    from huggingface_hub import constants
 
     folder = Path(folder)
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -147,51 +157,11 @@ def render_card(
     if quantization and variants[0] == "LORA":
         variants.append("QLORA")
     family = "reft" if variants[0] == "REFT" else "peft"
-    tags = [v.lower() for v in variants] + ["hub_peft", family]
-    if family == "peft":
-        tags.append("base_model:adapter:" + base_id)
-    license_ = info.license or info.base.get("license") or EMBEDDED_LICENSES.get(base_id)
-    metadata = ModelCardData(
-        base_model=base_id,
-        library_name="peft" if family == "peft" else "hub_peft",
-        pipeline_tag=task.pipeline_tag,
-        tags=tags,
-        license=license_,
-        datasets=info.datasets or None,
-        model_name=repo_id,
-        eval_results=None,
-    )
-    meta = metadata.to_dict()
-    meta["base_model_relation"] = "adapter"
-    if info.evaluation and repo_id:
-        dataset = {
-            "name": _data_name(info) + ", validation split",
-            "type": (info.datasets or ["custom"])[0],
-            "split": "validation",
-        }
-        metrics = [{"type": k, "value": v, "name": METRIC_NAMES.get(k, k)} for k, v in sorted(info.evaluation.items())]
-        result = {"task": {"type": task.pipeline_tag}, "dataset": dataset, "metrics": metrics}
-        meta["model-index"] = [{"name": repo_id, "results": [result]}]
-    meta.pop("model_name", None)
-    citations = _citations()
-    cite_keys = list(dict.fromkeys([*(v for v in variants if v in citations), "PEFT" if family == "peft" else "REFT"]))
     trainable, total = info.params.get("trainable"), info.params.get("total")
-    if vllm_ok is None:
-        from .validate import validate_adapter
-
-        vllm_ok = validate_adapter(folder, for_engine="vllm").ok
-    serving = (
-        "vLLM-compatible LoRA (checked with `hub-peft validate --for vllm`); also loads with PEFT and `hub-peft serve`."
-        if vllm_ok
-        else "Loads with PEFT and `hub-peft serve`. Not vLLM-compatible (`hub-peft validate --for vllm` lists why)."
-    )
-    if task.task_type != "CAUSAL_LM":  # chat and the engine generate with causal LMs
-        serving = (
-            f"Loads with PEFT and `hub_peft.load_adapter` on `{task.auto_class}`. `hub-peft chat` and "
-            f"`hub-peft serve` run causal LM adapters only, so they refuse this {task.task_type} adapter."
-        )
     context = {
-        "metadata_yaml": yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(),
+        "metadata_yaml": yaml.safe_dump(
+            _metadata(info, task, variants, family, base_id, repo_id), sort_keys=False, allow_unicode=True
+        ).strip(),
         "title": repo_id or f"{variants[0]} adapter for {base_id}",
         "description": info.description
         or f"A {' + '.join(variants)} adapter for [`{base_id}`]({constants.ENDPOINT}/{base_id}), made with hub_peft.",
@@ -223,43 +193,102 @@ def render_card(
             "seconds": info.training_seconds,
             "args": info.training_args,
         },
-        "evaluation": {
-            "metrics": info.evaluation,
-            "names": METRIC_NAMES,
-            "details": info.evaluation_details,
-            "comparisons": info.comparisons,
-            "has_references": any(c.get("reference") is not None for c in info.comparisons),
-        },
-        "serving": serving,
-        "limitations": info.limitations
-        or (
-            "This adapter inherits the limitations and biases of its base model and was trained on the small dataset "
-            "summarised above; check its answers before relying on them. It is meant for research and demos of "
-            "parameter-efficient fine-tuning, not for high-stakes decisions."
-        ),
-        "citation": "\n".join(citations[k].strip() for k in cite_keys),
+        "evaluation": _evaluation(info),
+        "serving": _serving(task, vllm_ok),
+        "limitations": info.limitations or _LIMITATIONS,
+        "citation": _citation(variants, family),
         "example_prompt": info.example_prompt,
         "reft": {"prompt_template": reft.get("prompt_template")},
         "prompt_template": info.prompt_template,
         "task": task,
-        "head_kwargs": _head_kwargs(task, info, folder),
+        "head_kwargs": _head_kwargs(task, info, tensors or {}),
         "version": __version__,
     }
     return _env().get_template(f"{family}.md.j2").render(**context)
 
 
-def _head_kwargs(task: Any, info: CardInfo, folder: Path) -> str:
+def _citation(variants: list[str], family: str) -> str:
+    """The BibTeX entries of the method and its variants, then of PEFT (or ReFT)."""
+    citations = _citations()
+    keys = list(dict.fromkeys([*(v for v in variants if v in citations), "PEFT" if family == "peft" else "REFT"]))
+    return "\n".join(citations[k].strip() for k in keys)
+
+
+def _evaluation(info: CardInfo) -> dict[str, Any]:
+    return {
+        "metrics": info.evaluation,
+        "names": METRIC_NAMES,
+        "details": info.evaluation_details,
+        "comparisons": info.comparisons,
+        "has_references": any(c.get("reference") is not None for c in info.comparisons),
+    }
+
+
+_LIMITATIONS = (
+    "This adapter inherits the limitations and biases of its base model and was trained on the small dataset "
+    "summarised above; check its answers before relying on them. It is meant for research and demos of "
+    "parameter-efficient fine-tuning, not for high-stakes decisions."
+)
+
+
+def _metadata(
+    info: CardInfo, task: Any, variants: list[str], family: str, base_id: str, repo_id: str | None
+) -> dict[str, Any]:
+    """The card's YAML metadata: what the Hub indexes (base model, library, tags, license, datasets) and, for an
+    evaluated run pushed to ``repo_id``, its ``model-index`` results."""
+    from huggingface_hub import ModelCardData
+
+    tags = [v.lower() for v in variants] + ["hub_peft", family]
+    if family == "peft":
+        tags.append("base_model:adapter:" + base_id)
+    metadata = ModelCardData(
+        base_model=base_id,
+        library_name="peft" if family == "peft" else "hub_peft",
+        pipeline_tag=task.pipeline_tag,
+        tags=tags,
+        license=info.license or info.base.get("license") or EMBEDDED_LICENSES.get(base_id),
+        datasets=info.datasets or None,
+        model_name=repo_id,
+        eval_results=None,
+    )
+    meta = metadata.to_dict()
+    meta["base_model_relation"] = "adapter"
+    if info.evaluation and repo_id:
+        dataset = {
+            "name": _data_name(info) + ", validation split",
+            "type": (info.datasets or ["custom"])[0],
+            "split": "validation",
+        }
+        metrics = [{"type": k, "value": v, "name": METRIC_NAMES.get(k, k)} for k, v in sorted(info.evaluation.items())]
+        result = {"task": {"type": task.pipeline_tag}, "dataset": dataset, "metrics": metrics}
+        meta["model-index"] = [{"name": repo_id, "results": [result]}]
+    meta.pop("model_name", None)
+    return meta
+
+
+def _serving(task: Any, vllm_ok: bool | None) -> str:
+    """What serves the adapter, as the card says it; ``vllm_ok``: the verdict of ``validate --for vllm``."""
+    if task.task_type != "CAUSAL_LM":  # chat and the engine generate with causal LMs
+        return (
+            f"Loads with PEFT and `hub_peft.load_adapter` on `{task.auto_class}`. `hub-peft chat` and "
+            f"`hub-peft serve` run causal LM adapters only, so they refuse this {task.task_type} adapter."
+        )
+    if vllm_ok is None:
+        return "Loads with PEFT and `hub-peft serve`; `hub-peft validate --for vllm` says whether vLLM serves it too."
+    if vllm_ok:
+        return (
+            "vLLM-compatible LoRA (checked with `hub-peft validate --for vllm`); also loads with PEFT and "
+            "`hub-peft serve`."
+        )
+    return "Loads with PEFT and `hub-peft serve`. Not vLLM-compatible (`hub-peft validate --for vllm` lists why)."
+
+
+def _head_kwargs(task: Any, info: CardInfo, tensors: dict[str, tuple[str, list[int]]]) -> str:
     """``from_pretrained`` arguments that give a classifier's base the adapter's head size and labels."""
     if task.call not in ("classify", "tag"):
         return ""
     labels = info.labels
     if not labels:  # saved without hub_peft's card inputs: the head's size from its saved weight
-        from .validate import read_safetensors_header
-
-        try:
-            tensors = read_safetensors_header(folder / "adapter_model.safetensors")
-        except (OSError, ValueError, KeyError):
-            return ""
         rows = [
             shape[0]
             for name, (_, shape) in tensors.items()
@@ -290,9 +319,17 @@ def _reft_summary(config: dict) -> str:
     )
 
 
-def write_card(folder: str | Path, *, repo_id: str | None = None, name: str | None = None) -> Path:
+def write_card(
+    folder: str | Path,
+    *,
+    repo_id: str | None = None,
+    name: str | None = None,
+    vllm_ok: bool | None = None,
+    tensors: dict[str, tuple[str, list[int]]] | None = None,
+) -> Path:
     """Write (or refresh) ``folder/README.md`` and, when the run was evaluated, ``.eval_results/``;
-    also draws the loss curve when a history is known. ``name``: see :func:`render_card`."""
+    also draws the loss curve when a history is known. ``name``, ``vllm_ok``, ``tensors``: see
+    :func:`render_card` (the caller validates; ``write_card(folder, **card_facts(folder))``)."""
     folder = Path(folder)
     info = CardInfo.load(folder)
     if info.history and not (folder / LOSS_CURVE_NAME).is_file():
@@ -304,7 +341,7 @@ def write_card(folder: str | Path, *, repo_id: str | None = None, name: str | No
         (folder / EVAL_RESULTS_PATH).parent.mkdir(exist_ok=True)
         write_text(folder / EVAL_RESULTS_PATH, yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False))
     path = folder / "README.md"
-    write_text(path, render_card(folder, repo_id=repo_id, name=name))
+    write_text(path, render_card(folder, repo_id=repo_id, name=name, vllm_ok=vllm_ok, tensors=tensors))
     return path
 
 

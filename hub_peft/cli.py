@@ -42,7 +42,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_hub_serve(args: argparse.Namespace) -> int:
-    from .hub.server import parse_tokens, read_tokens_file, serve
+    from .hub.server import serve
+    from .hub.tokens import parse_tokens, read_tokens_file
 
     specs = list(args.token or [])
     sources = [f"--token #{i + 1}" for i in range(len(specs))]  # errors name the entry, never its text
@@ -279,8 +280,9 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 def _cmd_card(args: argparse.Namespace) -> int:
     from .cards import write_card
+    from .validate import card_facts
 
-    print(write_card(args.dir, repo_id=args.repo_id))
+    print(write_card(args.dir, repo_id=args.repo_id, **card_facts(args.dir)))
     return 0
 
 

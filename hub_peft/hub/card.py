@@ -7,8 +7,8 @@ already stored reads as no metadata. The front matter and the data it expands to
 JSON values are allowed (strings, numbers, booleans, null, lists, mappings), since the data goes out as JSON.
 
 The front matter is found by a linear scan (a lazy regular expression over the whole card backtracks
-quadratically on a README that opens with ``---`` and many blank lines: a 1 MiB one takes hours); the
-commit checks, ``model_info`` and the HTML pages all read cards through this module.
+quadratically on a README that opens with ``---`` and many blank lines); the commit checks, ``model_info``
+and the HTML pages all read cards through this module.
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ import re
 
 import yaml
 
+from ..errors import CardError
+
 MAX_FRONT_MATTER_BYTES = 64 << 10  # the YAML between the two '---' lines, UTF-8 encoded
 MAX_CARD_DATA_BYTES = 256 << 10  # the parsed metadata, measured as (about) the size of its JSON
 MAX_CARD_DEPTH = 64  # lists and mappings nested in one another
 HEAD_BYTES = MAX_FRONT_MATTER_BYTES + 4096  # how much of a README can hold its front matter (with its '---' lines)
+MAX_CARD_BYTES = 1 << 20  # a larger README.md is served as a file but not read as a card
 
 _OPENING = re.compile(r"---[^\S\n]*\n")  # the first line: '---' and nothing but spaces
 _CLOSING = re.compile(r"^---[^\S\n]*(?:\n|\Z)", re.M)  # the first later line of the same shape
@@ -29,13 +32,9 @@ _LEADING_BLANK_LINES = re.compile(r"\A(?:[^\S\n]*\n)+")
 _ADVICE = "use only strings, numbers, booleans, null, lists and mappings (quote dates and other special values)"
 
 
-class CardError(ValueError):
-    """The front matter cannot be accepted; the message says why and what to do."""
-
-
-# NOTE(card-loader): the C loader when PyYAML has it (a 64 KiB front matter parses in ~0.1 s; the pure-Python
-# one takes ~0.7 s, on every model_info and for each repo of list_models). Timestamps stay the strings they were
-# written as: a datetime is not JSON, and ``date: 2024-01-01`` in a card used to break model_info.
+# NOTE(card-loader): the C loader when PyYAML has it: a card is parsed on every model_info and for each repo of
+# list_models, and the pure-Python loader is several times slower. Timestamps stay the strings they were written
+# as: a datetime is not JSON, so a ``date: 2024-01-01`` in a card would break model_info.
 class _CardLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """``yaml.safe_load``'s loader, with timestamps kept as strings."""
 
@@ -153,3 +152,38 @@ def _scalar_size(value: object) -> int:
             raise CardError(f"the YAML front matter holds NaN or an infinity, which JSON cannot carry: {_ADVICE}.")
         return 24
     raise CardError(f"the YAML front matter holds a value of type {type(value).__name__!r}: {_ADVICE}.")
+
+
+_STRING_LIST_FIELDS = ("tags", "datasets", "language", "metrics", "base_model")
+
+
+def card_metadata_errors(text: str, *, complete: bool = True) -> list[str]:
+    """What the Hub would refuse in a model card's YAML front matter (empty list when valid); ``complete=False``
+    when ``text`` is only the README's first :data:`~hub_peft.hub.card.HEAD_BYTES` bytes.
+
+    NOTE(security): parsed without anchors or aliases and within size limits (see above), so that a card that
+    would expand on every model_info/list_models never gets in."""
+    if len(text) > HEAD_BYTES:  # (validate-yaml's whole text) only the head can hold an acceptable front matter
+        text, complete = text[:HEAD_BYTES], False
+    try:
+        front, _ = split_card(text, complete=complete)
+        data = load_card_data(front) if front is not None else None
+    except CardError as e:
+        return [str(e)]
+    if data is None:
+        return []
+    errors = []
+    for key in _STRING_LIST_FIELDS:
+        value = data.get(key)
+        if (
+            value is not None
+            and not isinstance(value, str)
+            and not (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            errors.append(f"'{key}' must be a string or a list of strings.")
+    for key in ("license", "library_name", "pipeline_tag", "base_model_relation"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            errors.append(f"'{key}' must be a string.")
+    if data.get("model-index") is not None and not isinstance(data["model-index"], list):
+        errors.append("'model-index' must be a list.")
+    return errors

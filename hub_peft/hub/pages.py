@@ -32,8 +32,8 @@ from urllib.parse import quote, urlsplit
 from jinja2 import DictLoader, Environment, select_autoescape
 from markdown_it import MarkdownIt
 
-from ..errors import InvalidInputError
-from .storage import REPO_TYPES, Commit, Repo, Storage, StorageError
+from ..errors import InvalidInputError, StorageError
+from .storage import REPO_TYPES, Commit, Repo, Storage
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -475,7 +475,8 @@ def cross_site_problem(request: Request, *, cookie_auth: bool) -> str | None:
 def split_front_matter(text: str) -> tuple[dict, str]:
     """A card's ``(YAML metadata, Markdown body)``; ``{}`` when there is no front matter or it is refused (an
     alias, too large...: the checks of :mod:`.card`, which the commit path applies too)."""
-    from .card import CardError, load_card_data, split_card
+    from ..errors import CardError
+    from .card import load_card_data, split_card
 
     try:
         front, body = split_card(text)

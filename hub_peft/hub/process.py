@@ -13,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import HubPeftError, InvalidInputError
+from ..errors import HubPeftError, InvalidInputError, StorageError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -139,7 +139,7 @@ def _check_tokens(tokens: dict[str, str]) -> None:
     """Refuse, before anything starts, what the server would refuse or misread in its tokens file: a user
     name it does not accept, an empty token, a line break in one (a second line), two users with one token.
     NOTE(security): the errors name users, never a token."""
-    from .storage import StorageError, check_name
+    from .storage import check_name
 
     owners: dict[str, str] = {}
     for user, token in tokens.items():

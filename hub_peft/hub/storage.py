@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .._atomic import write_bytes, write_text
+from ..errors import BadRequest, Conflict, EntryNotFound, PreconditionFailed, RepoNotFound, RevisionNotFound
 
 REPO_TYPES = ("model", "dataset", "space")
 DEFAULT_BRANCH = "main"
@@ -40,40 +41,6 @@ INITIAL_GITATTRIBUTES = b"""*.bin filter=lfs diff=lfs merge=lfs -text
 *.safetensors filter=lfs diff=lfs merge=lfs -text
 *.zip filter=lfs diff=lfs merge=lfs -text
 """
-
-
-class StorageError(Exception):
-    """Base of the storage errors; the server maps each to the HTTP error the real Hub gives."""
-
-    status = 400
-    code: str | None = None
-
-
-class BadRequest(StorageError):
-    status = 400
-
-
-class RepoNotFound(StorageError):
-    status = 404
-    code = "RepoNotFound"
-
-
-class RevisionNotFound(StorageError):
-    status = 404
-    code = "RevisionNotFound"
-
-
-class EntryNotFound(StorageError):
-    status = 404
-    code = "EntryNotFound"
-
-
-class Conflict(StorageError):
-    status = 409
-
-
-class PreconditionFailed(StorageError):
-    status = 412
 
 
 def check_name(part: str, what: str) -> str:

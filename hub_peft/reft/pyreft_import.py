@@ -65,33 +65,11 @@ def import_pyreft(
     overwrite: bool = False,
 ) -> Path:
     """Write a hub_peft ReFT adapter folder (config, safetensors, card) from a pyreft save in ``src``."""
-    from safetensors.torch import save_file
-
     from ..base_model import DEFAULT_BASE
 
     src = Path(src)
-    config_path = src / "config.json"
-    if not config_path.is_file():
-        raise NotFoundError(f"{src} has no config.json; point at a directory written by pyreft's ReftModel.save.")
-    try:
-        pyvene = json.loads(config_path.read_text())
-        keys, types, dims = pyvene["sorted_keys"], pyvene["intervention_types"], pyvene["intervention_dimensions"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InvalidInputError(f"{config_path} is not a pyvene/pyreft config ({e}).") from None
-    if not keys or not len(keys) == len(types) == len(dims):
-        raise InvalidInputError(f"{config_path}: sorted_keys, intervention_types and intervention_dimensions differ.")
-    kinds = {re.sub(r"^.*\.|'>$", "", str(t)) for t in types}
-    if len(kinds) != 1 or next(iter(kinds)) not in _KINDS:
-        raise InvalidInputError(
-            f"Cannot import pyreft interventions {sorted(kinds)}: supported are {sorted(_KINDS)} (one type per save)."
-        )
-    kind = _KINDS[next(iter(kinds))]
-    sites: dict[tuple[int, str], list[tuple[int, str]]] = {}
-    for key in keys:
-        m = _KEY.match(str(key))
-        if not m or m.group(2) not in COMPONENTS:
-            raise InvalidInputError(f"Unsupported pyreft intervention key {key!r} (need pos units on {COMPONENTS}).")
-        sites.setdefault((int(m.group(1)), m.group(2)), []).append((int(m.group(4)), str(key)))
+    keys, dims, kind = _read_pyvene_config(src)
+    sites = _sites(keys)
     layers = sorted({layer for layer, _ in sites})
     components = sorted({comp for _, comp in sites})
     if set(sites) != {(layer, comp) for layer in layers for comp in components}:
@@ -114,6 +92,7 @@ def import_pyreft(
     if set(int(d) for d in dims) != {hidden}:
         raise InvalidInputError(f"intervention_dimensions {sorted(set(dims))} do not match the weights' {hidden}.")
     if base is None:
+        # NOTE(pyreft-base): a pyreft save does not name its base; 576 is the hidden size of hub_peft's default base
         if hidden != 576:
             raise InvalidInputError("pyreft saves do not name their base model; pass --base HUB_ID.")
         base = DEFAULT_BASE
@@ -129,13 +108,60 @@ def import_pyreft(
         hidden_size=int(hidden),
         prompt_template=prompt_template,
     )
+    _write(Path(dst), src, config, _state(kind, tensors, config), overwrite=overwrite)
+    return Path(dst)
+
+
+def _read_pyvene_config(src: Path) -> tuple[list, list, str]:
+    """``(sorted_keys, intervention_dimensions, kind)`` of a pyreft save's pyvene ``config.json``."""
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise NotFoundError(f"{src} has no config.json; point at a directory written by pyreft's ReftModel.save.")
+    try:
+        pyvene = json.loads(config_path.read_text())
+        keys, types, dims = pyvene["sorted_keys"], pyvene["intervention_types"], pyvene["intervention_dimensions"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InvalidInputError(f"{config_path} is not a pyvene/pyreft config ({e}).") from None
+    if not keys or not len(keys) == len(types) == len(dims):
+        raise InvalidInputError(f"{config_path}: sorted_keys, intervention_types and intervention_dimensions differ.")
+    kinds = {re.sub(r"^.*\.|'>$", "", str(t)) for t in types}
+    if len(kinds) != 1 or next(iter(kinds)) not in _KINDS:
+        raise InvalidInputError(
+            f"Cannot import pyreft interventions {sorted(kinds)}: supported are {sorted(_KINDS)} (one type per save)."
+        )
+    return keys, dims, _KINDS[next(iter(kinds))]
+
+
+def _sites(keys: list) -> dict[tuple[int, str], list[tuple[int, str]]]:
+    """(layer, component) -> [(unit position, pyreft key)] of the save's intervention keys."""
+    sites: dict[tuple[int, str], list[tuple[int, str]]] = {}
+    for key in keys:
+        m = _KEY.match(str(key))
+        if not m or m.group(2) not in COMPONENTS:
+            raise InvalidInputError(f"Unsupported pyreft intervention key {key!r} (need pos units on {COMPONENTS}).")
+        sites.setdefault((int(m.group(1)), m.group(2)), []).append((int(m.group(4)), str(key)))
+    return sites
+
+
+def _state(kind: str, tensors: dict[str, dict[str, torch.Tensor]], config: ReftConfig) -> dict[str, torch.Tensor]:
+    """hub_peft's state dict of the interventions, each loaded (and checked) as an :class:`Intervention`."""
     state: dict[str, torch.Tensor] = {}
     for key, params in tensors.items():
-        module = Intervention(kind, hidden, int(rank), proj_bias=config.proj_bias)
+        module = Intervention(kind, config.hidden_size, config.rank, proj_bias=config.proj_bias)
         module.load({k: v.float() for k, v in params.items()}, name=key)  # checks shapes and R's orthonormality
         state.update({f"reft.{key}.{name}": t for name, t in module.export().items()})
+    return state
+
+
+def _write(dst: Path, src: Path, config: ReftConfig, state: dict[str, torch.Tensor], *, overwrite: bool) -> None:
+    """The adapter folder, atomically: weights, config, card inputs and the card (validated here, see cards.py)."""
+    from safetensors.torch import save_file
+
+    from ..validate import card_facts
+
     config.hub_peft_version = __version__
-    with atomic_dir(Path(dst), overwrite=overwrite) as tmp:
+    base, kind = config.base_model_name_or_path, config.intervention
+    with atomic_dir(dst, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "REFT"})
         (tmp / CONFIG_NAME).write_text(config.to_json())
         CardInfo(
@@ -143,5 +169,4 @@ def import_pyreft(
             base={"hub_id": base},
             params={"trainable": sum(t.numel() for t in state.values())},
         ).save(tmp)
-        write_card(tmp, name=str(dst))
-    return Path(dst)
+        write_card(tmp, name=str(dst), **card_facts(tmp))

@@ -25,7 +25,8 @@ from hub_peft import load_adapter
 from hub_peft.adapters import check_adapter_folder
 from hub_peft.cli import main
 from hub_peft.errors import IncompatibleAdapterError, InvalidInputError
-from hub_peft.targets import expand_target_modules, pasted_problem
+from hub_peft.target_regex import pasted_problem
+from hub_peft.targets import expand_target_modules
 from hub_peft.validate import validate_adapter
 
 IDS = torch.tensor([[5, 9, 17, 33, 40, 7]])
