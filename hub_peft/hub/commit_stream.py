@@ -59,14 +59,14 @@ class CommitStream:
         view = memoryview(data)
         while view:
             if self._blob is not None and self._after is None:
-                end = _find(view, b'"')
+                end = _find(data, view, b'"')
                 piece = view if end < 0 else view[:end]
                 self._blob.write(piece)
                 if end < 0:
                     return
                 self._after, view = bytearray(), view[end + 1 :]
                 continue
-            newline = _find(view, b"\n")
+            newline = _find(data, view, b"\n")
             piece = view if newline < 0 else view[:newline]
             if self._after is not None and len(self._after) + len(piece) > MAX_AFTER_CONTENT:
                 raise BadRequest(
@@ -100,8 +100,8 @@ class CommitStream:
         if self._blob is not None:
             self._blob.discard()
         for op in self.ops:
-            if isinstance(op, AddFile) and op.staged is not None:
-                op.staged.path.unlink(missing_ok=True)
+            if isinstance(op, AddFile) and isinstance(op.content, StagedBlob):
+                op.content.path.unlink(missing_ok=True)
 
     # --- lines -----------------------------------------------------------------------------------
     def _start_streaming(self) -> None:
@@ -129,7 +129,7 @@ class CommitStream:
             try:
                 _, value = self._item(line)  # the key is "file": the prefix matched _CONTENT_PREFIX
                 path = self._file_path(value)
-                self._add(AddFile(path, staged=staged.close(path)))
+                self._add(AddFile(path, staged.close(path)))
             except BaseException:
                 staged.discard()
                 raise
@@ -151,7 +151,7 @@ class CommitStream:
             staged = _Staging(self.staging)
             try:
                 staged.add_base64(value["content"], path)
-                self._add(AddFile(path, staged=staged.close(path)))
+                self._add(AddFile(path, staged.close(path)))
             except BaseException:
                 staged.discard()
                 raise
@@ -212,8 +212,8 @@ class CommitStream:
 
     def _add(self, op: AddFile | DeletePath) -> None:
         if len(self.ops) >= MAX_COMMIT_OPERATIONS:
-            if isinstance(op, AddFile):
-                op.staged.path.unlink(missing_ok=True)
+            if isinstance(op, AddFile) and isinstance(op.content, StagedBlob):
+                op.content.path.unlink(missing_ok=True)
             raise BadRequest(
                 f"A commit may add or delete at most {MAX_COMMIT_OPERATIONS} files: split it into "
                 "several commits (huggingface_hub's upload_large_folder does)."
@@ -283,8 +283,8 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _find(view: memoryview, byte: bytes) -> int:
-    """Index of ``byte`` in ``view`` (-1 if absent), searched in place in the bytes ``view`` is a suffix of."""
-    start = len(view.obj) - len(view)
-    at = view.obj.find(byte, start)
+def _find(data: bytes, view: memoryview, byte: bytes) -> int:
+    """Index of ``byte`` in ``view`` (-1 if absent), searched in place in ``data``, of which ``view`` is a suffix."""
+    start = len(data) - len(view)
+    at = data.find(byte, start)
     return at - start if at >= 0 else -1

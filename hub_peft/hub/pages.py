@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 from urllib.parse import quote, urlsplit
 
 from jinja2 import DictLoader, Environment, select_autoescape
@@ -272,10 +272,22 @@ class LoginLimiter:
                 failures.remove(stamp)
 
 
+class _IndexRow(TypedDict):
+    repo: Repo
+    url: str
+    updated: str
+
+
 class Pages:
     """Renders the HTML routes for :class:`hub_peft.hub.server.LocalHub` (which checks tokens and visibility)."""
 
-    def __init__(self, storage: Storage, visible, card_text, sessions: Sessions | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        visible: Callable[[str | None, str, str], Repo],
+        card_text: Callable[[Commit], str],
+        sessions: Sessions | None = None,
+    ) -> None:
         self.storage, self.visible, self.card_text = storage, visible, card_text
         self.sessions = sessions or Sessions()
 
@@ -287,7 +299,7 @@ class Pages:
 
     # --- routes ----------------------------------------------------------------------------------
     def index(self, user: str | None, search: str, author: str, here: str, *, csrf: str = "") -> Page:
-        rows = []
+        rows: list[_IndexRow] = []
         for repo_type in REPO_TYPES:
             for repo in self.storage.list_repos(repo_type):
                 if repo.private and repo.owner != user:
@@ -389,10 +401,10 @@ class Pages:
         changes = []
         for path in sorted(set(before) | set(commit.tree)):
             old, new = before.get(path), commit.tree.get(path)
-            if old is None:
-                changes.append(("added", path, human_size(new.size)))
-            elif new is None:
+            if new is None:
                 changes.append(("deleted", path, ""))
+            elif old is None:
+                changes.append(("added", path, human_size(new.size)))
             elif old.oid != new.oid:
                 changes.append(("modified", path, human_size(new.size)))
         return self.render(
@@ -423,7 +435,9 @@ def render_card(markdown: str, files_url: str) -> str:
     for token in tokens:
         for child in token.children or []:
             attr = "src" if child.type == "image" else "href" if child.type == "link_open" else None
-            target = child.attrGet(attr) if attr else None
+            if attr is None:
+                continue
+            target = child.attrGet(attr)
             if target and not re.match(r"^([a-z][a-z0-9+.-]*:|/|#)", str(target), re.I):
                 child.attrSet(attr, files_url + str(target).removeprefix("./"))
     return _MARKDOWN.renderer.render(tokens, _MARKDOWN.options, {})

@@ -20,10 +20,11 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 from .._atomic import write_bytes, write_text
 from ..errors import BadRequest, Conflict, EntryNotFound, PreconditionFailed, RepoNotFound, RevisionNotFound
@@ -43,7 +44,8 @@ INITIAL_GITATTRIBUTES = b"""*.bin filter=lfs diff=lfs merge=lfs -text
 """
 
 
-def check_name(part: str, what: str) -> str:
+def check_name(part: object, what: str) -> str:
+    """``part`` (from a request: any JSON value) when it is a valid repo or namespace name; else BadRequest."""
     if not isinstance(part, str) or not _NAME.fullmatch(part) or ".." in part or "--" in part:
         raise BadRequest(
             f"Invalid {what} {part!r}: use letters, digits, '-', '_' or '.', at most 96 characters, "
@@ -58,8 +60,9 @@ def check_repo_type(repo_type: str) -> str:
     return repo_type
 
 
-def check_path(path: str) -> str:
-    """Refuse any path that could escape the repo or is not a plain relative file path."""
+def check_path(path: object) -> str:
+    """``path`` (from a request: any JSON value) when it is a plain relative file path that cannot escape the
+    repo; else BadRequest."""
     if not isinstance(path, str) or not path or len(path) > MAX_PATH_LENGTH:
         raise BadRequest(f"Invalid path in repo: {path!r} (empty or longer than {MAX_PATH_LENGTH}).")
     if path.startswith("/") or "\\" in path or "\x00" in path or re.match(r"^[A-Za-z]:", path):
@@ -77,10 +80,10 @@ def check_path(path: str) -> str:
 _UNSAFE_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
-def check_new_path(path: str) -> str:
+def check_new_path(path: object) -> str:
     """:func:`check_path`, and refuse a name that would display as something else or break a line-based listing
     (control characters, line breaks, bidi overrides): for files a commit adds, so old ones can still be deleted."""
-    check_path(path)
+    path = check_path(path)
     bad = _UNSAFE_NAME_CHARS.search(path)
     if bad:
         raise BadRequest(
@@ -90,7 +93,7 @@ def check_new_path(path: str) -> str:
     return path
 
 
-def file_folder_conflict(tree: dict[str, object], added: Iterable[str]) -> tuple[str, str] | None:
+def file_folder_conflict(tree: Mapping[str, object], added: Iterable[str]) -> tuple[str, str] | None:
     """``(file, path inside it)`` when a path of ``added`` is both a file and a folder in ``tree`` (the tree the
     commit would make), else None. Only the added paths are checked, so a repo that already holds such a pair
     (committed before this check) can still take other commits."""
@@ -165,18 +168,17 @@ class StagedBlob:
 @dataclass(frozen=True)
 class AddFile:
     path: str
-    data: bytes | None = None
-    staged: StagedBlob | None = None  # instead of ``data``: moved into the blob store, never read back
+    content: bytes | StagedBlob  # the bytes, or a file already staged: moved into the blob store, never read back
 
     @property
     def size(self) -> int:
-        return len(self.data) if self.data is not None else self.staged.size
+        return self.content.size if isinstance(self.content, StagedBlob) else len(self.content)
 
     def head(self, limit: int) -> bytes:
         """The file's first ``limit`` bytes (for checks such as the card's metadata)."""
-        if self.data is not None:
-            return self.data[:limit]
-        with open(self.staged.path, "rb") as f:
+        if not isinstance(self.content, StagedBlob):
+            return self.content[:limit]
+        with open(self.content.path, "rb") as f:
             return f.read(limit)
 
 
@@ -308,7 +310,7 @@ class Storage:
                 return
             commit = self.read_commit(commit.parents[0])
 
-    def open_blob(self, entry: FileEntry):
+    def open_blob(self, entry: FileEntry) -> BinaryIO:
         return open(self.blob_path(entry.sha256), "rb")
 
     # -- writing ---------------------------------------------------------------------------------
@@ -335,12 +337,13 @@ class Storage:
         ops = list(ops)
         new_tree = dict(tree)
         for op in ops:
-            if isinstance(op, AddFile) and op.staged is not None:
-                staged = op.staged
-                new_tree[op.path] = FileEntry(op.path, staged.sha256, staged.oid, staged.size)
-            elif isinstance(op, AddFile):
-                sha256 = hashlib.sha256(op.data).hexdigest()
-                new_tree[op.path] = FileEntry(op.path, sha256, git_blob_oid(op.data), len(op.data))
+            if isinstance(op, AddFile):
+                if isinstance(op.content, StagedBlob):
+                    staged = op.content
+                    new_tree[op.path] = FileEntry(op.path, staged.sha256, staged.oid, staged.size)
+                else:
+                    sha256 = hashlib.sha256(op.content).hexdigest()
+                    new_tree[op.path] = FileEntry(op.path, sha256, git_blob_oid(op.content), len(op.content))
             elif op.folder:
                 prefix = op.path.rstrip("/") + "/"
                 doomed = [p for p in new_tree if p.startswith(prefix)]
@@ -360,15 +363,17 @@ class Storage:
                 "other. Rename one of them, or delete the file (or the folder) in the same commit."
             )
         for op in ops:
-            if isinstance(op, AddFile) and op.staged is not None:
-                target = self.blob_path(op.staged.sha256)
+            if not isinstance(op, AddFile):
+                continue
+            if isinstance(op.content, StagedBlob):
+                target = self.blob_path(op.content.sha256)
                 if target.exists():
-                    op.staged.path.unlink(missing_ok=True)
+                    op.content.path.unlink(missing_ok=True)
                 else:
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(op.staged.path, target)  # same file system: one atomic rename
-            elif isinstance(op, AddFile):
-                self._store_blob(op.data)
+                    os.replace(op.content.path, target)  # same file system: one atomic rename
+            else:
+                self._store_blob(op.content)
         body = {
             "repo_uid": repo_uid,
             "parents": list(parents),
