@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -10,7 +13,7 @@ from ..errors import BadRequest, HTTPError
 from .card import HEAD_BYTES, card_metadata_errors
 from .commit_stream import CommitStream
 from .route_helpers import repo_url
-from .storage import AddFile, Repo, check_new_path
+from .storage import AddFile, Repo, Storage, check_new_path
 
 _FEED_BYTES = 4 << 20  # body bytes handed to the commit parser per thread hop
 DEFAULT_MAX_COMMIT_BYTES = 2 << 30
@@ -19,7 +22,14 @@ DEFAULT_MAX_COMMIT_BYTES = 2 << 30
 class CommitRoutes:
     """POST /api/{type}s/{ns}/{name}/preupload/{rev} and /commit/{rev}, as a part of :class:`LocalHub`."""
 
-    async def _body_chunks(self, request: Request, limit: int | None = None):
+    storage: Storage  # LocalHub's
+    max_commit_bytes: int
+
+    if TYPE_CHECKING:  # what this mixin calls on LocalHub (server.py)
+
+        def _writable_repo(self, user: str | None, repo_type: str, repo_id: str) -> Repo: ...
+
+    async def _body_chunks(self, request: Request, limit: int | None = None) -> AsyncIterator[bytes]:
         """The request body as it arrives, refused past ``limit`` (default ``max_commit_bytes``) while it is read."""
         size, limit = 0, self.max_commit_bytes if limit is None else limit
         async for chunk in request.stream():
@@ -33,6 +43,7 @@ class CommitRoutes:
         the body parsed as it arrives (see commit_stream.py), the size limit enforced while reading."""
         repo_type, repo_id, revision = seg[1][:-1], f"{seg[2]}/{seg[3]}", seg[5]
         repo = await run_in_threadpool(self._writable_repo, user, repo_type, repo_id)
+        assert user is not None  # _writable_repo refuses an anonymous request (401)
         if request.query_params.get("create_pr") in ("1", "true"):
             raise HTTPError(400, "Pull requests are not supported by the local hub; commit to a branch.")
         stream = CommitStream(self.storage.root / "tmp")

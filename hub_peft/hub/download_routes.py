@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from .route_helpers import error_response
-from .storage import check_path
+from .storage import FileEntry, Repo, Storage, check_path
 
 CHUNK = 1 << 20
 
@@ -17,7 +18,15 @@ CHUNK = 1 << 20
 class DownloadRoutes:
     """GET/HEAD ``resolve``, as a part of :class:`LocalHub`."""
 
-    def _resolve(self, request: Request, user, repo_type: str, repo_id: str, revision: str, path: str) -> Response:
+    storage: Storage  # LocalHub's
+
+    if TYPE_CHECKING:  # what this mixin calls on LocalHub (server.py)
+
+        def _visible_repo(self, user: str | None, repo_type: str, repo_id: str) -> Repo: ...
+
+    def _resolve(
+        self, request: Request, user: str | None, repo_type: str, repo_id: str, revision: str, path: str
+    ) -> Response:
         repo = self._visible_repo(user, repo_type, repo_id)
         commit = self.storage.resolve(repo, revision)
         check_path(path)
@@ -50,7 +59,7 @@ class DownloadRoutes:
             return Response(status_code=status, headers=headers)
         return StreamingResponse(self._read_range(entry, start, length), status_code=status, headers=headers)
 
-    def _read_range(self, entry, start: int, length: int) -> Iterator[bytes]:
+    def _read_range(self, entry: FileEntry, start: int, length: int) -> Iterator[bytes]:
         with self.storage.open_blob(entry) as f:
             f.seek(start)
             while length > 0:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from ..errors import HTTPError, StorageError
-from .pages import SESSION_COOKIE, client_key, cookie_session, cross_site_problem, safe_next
+from .pages import SESSION_COOKIE, LoginLimiter, Pages, client_key, cookie_session, cross_site_problem, safe_next
 from .route_helpers import html_response
 
 log = logging.getLogger("hub_peft.hub")
@@ -17,6 +18,15 @@ log = logging.getLogger("hub_peft.hub")
 
 class PageRoutes:
     """The HTML pages, ``/login`` and ``/logout``, as a part of :class:`LocalHub`."""
+
+    pages: Pages  # LocalHub's
+    login_limiter: LoginLimiter
+
+    if TYPE_CHECKING:  # what this mixin calls on LocalHub (server.py)
+
+        def _viewer(self, request: Request, user: str | None) -> str | None: ...
+
+        def _token_user(self, token: str) -> str | None: ...
 
     def _page(self, request: Request, user: str | None, repo_type: str, seg: list[str]) -> Response | None:
         user = self._viewer(request, user)
@@ -64,7 +74,7 @@ class PageRoutes:
         stamp, wait = self.login_limiter.begin(client)
         if stamp is None:
             message = f"Too many failed log-ins from your address: wait {wait} s, then try again with a valid token."
-            response = html_response(self.pages.login_form(viewer, target, message, status=429, csrf=csrf))
+            response: Response = html_response(self.pages.login_form(viewer, target, message, status=429, csrf=csrf))
             response.headers["Retry-After"] = str(wait)
             return response
         known = self._token_user((form.get("token") or [""])[0].strip())

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from starlette.requests import Request
@@ -12,11 +12,24 @@ from starlette.responses import JSONResponse, Response
 from ..errors import Conflict, EntryNotFound, HTTPError
 from .card import HEAD_BYTES, MAX_CARD_BYTES, read_card_data
 from .route_helpers import folder_oid, json_body, repo_url
-from .storage import Commit, Repo, check_name, check_path, check_repo_type
+from .storage import Commit, Repo, Storage, check_name, check_path, check_repo_type
+
+if TYPE_CHECKING:
+    from starlette.datastructures import QueryParams
 
 
 class RepoRoutes:
     """The ``/api/`` routes of accounts and repos, as a part of :class:`LocalHub`."""
+
+    storage: Storage  # LocalHub's
+
+    if TYPE_CHECKING:  # what this mixin calls on the other parts of LocalHub (server.py, commit_routes.py)
+
+        def _visible_repo(self, user: str | None, repo_type: str, repo_id: str) -> Repo: ...
+
+        def _writable_repo(self, user: str | None, repo_type: str, repo_id: str) -> Repo: ...
+
+        def _preupload(self, repo: Repo, revision: str, payload: dict) -> Response: ...
 
     def _whoami(self, user: str | None) -> Response:
         if user is None:
@@ -65,7 +78,7 @@ class RepoRoutes:
         self.storage.delete_repo(repo_type, repo_id)
         return JSONResponse({})
 
-    def _list_repos(self, repo_type: str, user: str | None, params) -> Response:
+    def _list_repos(self, repo_type: str, user: str | None, params: QueryParams) -> Response:
         author, search = params.get("author"), (params.get("search") or "").lower()
         full = params.get("full") in ("1", "true", "True")
         try:
@@ -83,7 +96,16 @@ class RepoRoutes:
                 break
         return JSONResponse(out)
 
-    def _repo_api(self, request, base, user, body, repo_type, repo_id, rest) -> Response:
+    def _repo_api(
+        self,
+        request: Request,
+        base: str,
+        user: str | None,
+        body: bytes,
+        repo_type: str,
+        repo_id: str,
+        rest: list[str],
+    ) -> Response:
         method = request.method
         if not rest and method == "GET":
             repo = self._visible_repo(user, repo_type, repo_id)
