@@ -44,7 +44,7 @@ def short_pattern(pattern: str, limit: int = 80) -> str:
 def _regex_tree(pattern: str, field: str) -> Any:
     """The parse tree of ``pattern`` as Python's ``re`` (what PEFT matches with) reads it; InvalidInputError when
     it is too long or not a regex. ``re.compile`` only compiles, it never backtracks."""
-    from re import _parser  # the parser re.compile uses
+    from re import _parser  # type: ignore[attr-defined]  # the parser re.compile uses (private: no stub)
 
     if len(pattern) > MAX_REGEX_CHARS:
         raise InvalidInputError(
@@ -84,7 +84,7 @@ def _parts(op: Any, av: Any) -> list[Any]:
 
 def _unrolled_size(tree: Any) -> int:
     """How big a regex gets once every counted repeat is written out (``x{n}`` as n copies of x)."""
-    from re import _constants
+    from re import _constants  # type: ignore[attr-defined]  # private: no stub
 
     total = 0
     for op, av in _items(tree):

@@ -4,7 +4,7 @@ against the model before training (``hub-peft train --target-modules``) and agai
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import InvalidInputError
@@ -73,16 +73,17 @@ def adapted_modules(tensors: Iterable[str], targets: str | list[str]) -> dict[st
     ``base_model.model.<path>.<adapter weight>``) belong to: the longest dotted prefix ``targets`` matches. A
     regex ``targets`` is matched with a bound (InvalidInputError when too costly)."""
     out: dict[str, str] = {}
+    match: Callable[[str], bool] | None = None
     # bounded: the regex comes from an untrusted adapter (InvalidInputError when it is too costly)
     if isinstance(targets, str):
         fullmatch, known = BoundedMatcher().matcher(targets, "target_modules"), {}
 
-        def match(path: str) -> bool:  # each path once: tensors share their modules' paths
+        def match_once(path: str) -> bool:  # each path once: tensors share their modules' paths
             if path not in known:
                 known[path] = fullmatch(path)
             return known[path]
-    else:
-        match = None
+
+        match = match_once
     for tensor in tensors:
         if not tensor.startswith("base_model.model."):
             continue
@@ -138,6 +139,7 @@ def resolve_lora_targets(model: Any, setting: str | list[str]) -> tuple[str | li
     setting = parse_target_modules(setting)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     layers = linear_layers(model)
+    targets: str | list[str]
     if setting == ALL_LINEAR:
         targets, wrapped = setting, list(layers.values())
     else:
@@ -308,7 +310,8 @@ def expand_target_modules(config: dict, module_names: Iterable[str], *, budget_s
         raise InvalidInputError(f"Invalid adapter config: {problems[0][0]}. Fix: {problems[0][1]}.")
     out = dict(config)
     values = {field: _string_list(config, field) for field in REGEX_FIELDS}
-    regexes = [f for f, v in values.items() if isinstance(v, str) and not (f == "target_modules" and _all_linear(v))]
+    # field -> its regex, for the fields that are one
+    regexes = {f: v for f, v in values.items() if isinstance(v, str) and not (f == "target_modules" and _all_linear(v))}
     if not regexes or str(config.get("peft_type", "")).upper() in NOT_REGEX_TYPES:
         return out
     if "target_modules" in regexes and (
@@ -322,21 +325,26 @@ def expand_target_modules(config: dict, module_names: Iterable[str], *, budget_s
     matcher = BoundedMatcher(budget_s)
     targets = values["target_modules"]
     if "target_modules" in regexes:
-        targets = out["target_modules"] = matcher.fullmatches(values["target_modules"], names, "target_modules")
+        targets = out["target_modules"] = matcher.fullmatches(regexes["target_modules"], names, "target_modules")
         if not targets and not config.get("target_parameters"):
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             raise IncompatibleAdapterError(
-                f"target_modules {short_pattern(values['target_modules'])} matches no module of the base model "
+                f"target_modules {short_pattern(regexes['target_modules'])} matches no module of the base model "
                 f"(its modules: {shown}): this adapter was made for another base. Fix: load it on "
                 f"{config.get('base_model_name_or_path') or 'the base it was trained on'}."
             )
         _check_exact("target_modules", targets, names)
     if "exclude_modules" in regexes:
-        out["exclude_modules"] = matcher.fullmatches(values["exclude_modules"], names, "exclude_modules")
+        out["exclude_modules"] = matcher.fullmatches(regexes["exclude_modules"], names, "exclude_modules")
         _check_exact("exclude_modules", out["exclude_modules"], names)
     feedforward = values["feedforward_modules"]
-    ia3 = str(config.get("peft_type", "")).upper() == "IA3" and feedforward is not None
-    if ia3 and isinstance(targets, list) and ("target_modules" in regexes or "feedforward_modules" in regexes):
+    ia3 = str(config.get("peft_type", "")).upper() == "IA3"
+    if (
+        ia3
+        and feedforward is not None
+        and isinstance(targets, list)
+        and ("target_modules" in regexes or "feedforward_modules" in regexes)
+    ):
         # NOTE: PEFT checks that feedforward_modules is a subset of target_modules once both are lists, so both
         # become full names. PEFT's rule for a feedforward list is key.endswith(entry), without a dot.
         if "target_modules" not in regexes:
@@ -347,5 +355,5 @@ def expand_target_modules(config: dict, module_names: Iterable[str], *, budget_s
         else:
             out["feedforward_modules"] = [n for n in targets if any(n.endswith(f) for f in feedforward)]
     elif "feedforward_modules" in regexes:
-        out["feedforward_modules"] = matcher.fullmatches(feedforward, names, "feedforward_modules")
+        out["feedforward_modules"] = matcher.fullmatches(regexes["feedforward_modules"], names, "feedforward_modules")
     return out
