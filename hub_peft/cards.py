@@ -302,7 +302,7 @@ def _head_kwargs(task: Any, info: CardInfo, tensors: dict[str, tuple[str, list[i
 
 
 def _quantization_label(quantization: str | None, four_bit_layers: str | None) -> str | None:
-    label = {"nf4": "NF4 4-bit (bitsandbytes)"}.get(quantization, quantization)
+    label = "NF4 4-bit (bitsandbytes)" if quantization == "nf4" else quantization
     if label and four_bit_layers:
         done, total = four_bit_layers.split("/")
         label += f", {done} of {total} decoder linear layers"
@@ -310,7 +310,8 @@ def _quantization_label(quantization: str | None, four_bit_layers: str | None) -
 
 
 def _reft_summary(config: dict) -> str:
-    formula = _REFT_FORMULAS.get(config.get("intervention"), config.get("intervention"))
+    intervention = config.get("intervention")
+    formula = _REFT_FORMULAS.get(intervention, intervention) if isinstance(intervention, str) else intervention
     return (
         f"ReFT edits hidden representations instead of weights: {formula}, rank {config.get('rank')}, applied to "
         f"`{', '.join(config.get('components') or [])}` of layers {config.get('layers')} at prompt positions "
@@ -356,7 +357,7 @@ def eval_result_entries(info: CardInfo, *, repo_id: str | None = None) -> list:
     in ``notes``. Without a repo id (a folder not pushed yet) only a Hub dataset can be named."""
     from huggingface_hub import EvalResultEntry, constants
 
-    dataset = (info.datasets or [repo_id])[0]
+    dataset = info.datasets[0] if info.datasets else repo_id
     if not info.evaluation or dataset is None:
         return []
     details = info.evaluation_details

@@ -189,7 +189,8 @@ def _peft_modules(model: Any) -> dict[str, Any]:
     model, or a PeftModel's base model): every module but the root and the insides of layers an adapter wraps."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    out, wrapped = {}, ()
+    out: dict[str, Any] = {}
+    wrapped: tuple[str, ...] = ()
     for name, module in model.named_modules():
         if not name or name.startswith(wrapped):
             continue
@@ -237,7 +238,7 @@ def _unsaved_lora_bytes(
     total = 0
     for name, module in modules.items():
         weight = getattr(module, "weight", None)
-        if name in saved or getattr(weight, "ndim", 0) < 2 or not list_matches(name, entries):
+        if weight is None or name in saved or getattr(weight, "ndim", 0) < 2 or not list_matches(name, entries):
             continue
         key = lookup(name)
         rank = patterns[key] if key is not None else r

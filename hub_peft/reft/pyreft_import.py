@@ -108,7 +108,7 @@ def import_pyreft(
         hidden_size=int(hidden),
         prompt_template=prompt_template,
     )
-    _write(Path(dst), src, config, _state(kind, tensors, config), overwrite=overwrite)
+    _write(Path(dst), src, config, _state(kind, tensors, config, int(hidden)), overwrite=overwrite)
     return Path(dst)
 
 
@@ -143,11 +143,14 @@ def _sites(keys: list) -> dict[tuple[int, str], list[tuple[int, str]]]:
     return sites
 
 
-def _state(kind: str, tensors: dict[str, dict[str, torch.Tensor]], config: ReftConfig) -> dict[str, torch.Tensor]:
-    """hub_peft's state dict of the interventions, each loaded (and checked) as an :class:`Intervention`."""
+def _state(
+    kind: str, tensors: dict[str, dict[str, torch.Tensor]], config: ReftConfig, hidden_size: int
+) -> dict[str, torch.Tensor]:
+    """hub_peft's state dict of the interventions, each loaded (and checked) as an :class:`Intervention` of
+    ``hidden_size`` (the weights' own, which ``config`` records)."""
     state: dict[str, torch.Tensor] = {}
     for key, params in tensors.items():
-        module = Intervention(kind, config.hidden_size, config.rank, proj_bias=config.proj_bias)
+        module = Intervention(kind, hidden_size, config.rank, proj_bias=config.proj_bias)
         module.load({k: v.float() for k, v in params.items()}, name=key)  # checks shapes and R's orthonormality
         state.update({f"reft.{key}.{name}": t for name, t in module.export().items()})
     return state

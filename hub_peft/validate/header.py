@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import InvalidInputError
 from ..limits import MAX_HEADER_BYTES, MAX_TENSORS
@@ -40,7 +40,7 @@ DTYPE_BITS = {
 }
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
