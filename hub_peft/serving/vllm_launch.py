@@ -58,7 +58,7 @@ def has_vllm(python: str) -> bool:
 
 def plan_vllm(
     base: str | None,
-    adapters: list[tuple[str, str, str | None] | tuple[str, str, str | None, str | None]],
+    adapters: Sequence[tuple[str, str, str | None] | tuple[str, str, str | None, str | None]],
     *,
     python: str = sys.executable,
     host: str = "127.0.0.1",
