@@ -29,7 +29,8 @@ from _machine import cpu_description
 def train(model, examples, template, *, method: str, epochs: int, layers: list[int], lr: float):
     import torch
 
-    from hub_peft.reft import ReftConfig, get_reft_model, train_reft
+    from hub_peft.reft import ReftConfig, get_reft_model
+    from hub_peft.training import train_reft
 
     torch.manual_seed(0)
     reft = get_reft_model(model, ReftConfig(layers=layers, rank=4, positions="l1", prompt_template=template))
@@ -71,8 +72,8 @@ def main() -> None:
     from hub_peft.base_model import load_base_model
     from hub_peft.chat import generate_reply, prompt_template
     from hub_peft.presets import held_out_prompts, load_preset
-    from hub_peft.reft import ReftConfig, encode_examples, get_reft_model, train_reft
-    from hub_peft.training import DEFAULTS
+    from hub_peft.reft import ReftConfig, get_reft_model
+    from hub_peft.training import DEFAULTS, encode_examples, train_reft
 
     model, tokenizer = load_base_model(None)
     template = prompt_template(tokenizer)

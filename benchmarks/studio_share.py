@@ -1,7 +1,7 @@
 """The Studio shared by two people: one trains the emoji ReFT demo while the other chats, side by side.
 
 Three runs of the same training (hub_peft's default demo config on the embedded SmolLM2-135M-Instruct):
-alone; next to a chat loop with the cores split as the Studio splits them (``hub_peft.training_queue.
+alone; next to a chat loop with the cores split as the Studio splits them (``hub_peft.training.queue.
 Cores``: one core for the chat, the rest for the training); and next to the same chat loop with every
 thread count left at the machine's core count (what two unaware workers do: oversubscribed). The chat
 loop answers a 24-token prompt over and over on its own model instance, as the Studio's chat does.
@@ -25,7 +25,7 @@ def main() -> None:
     from hub_peft.chat import generate_reply
     from hub_peft.presets import load_preset
     from hub_peft.training import TrainSettings, train_adapter
-    from hub_peft.training_queue import Cores
+    from hub_peft.training.queue import Cores
 
     train_base, chat_base = load_base_model(None), load_base_model(None)
     cores = Cores()

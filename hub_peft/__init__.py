@@ -19,7 +19,7 @@ _LAZY = {
     "ReftConfig": "reft",
     "ReftModel": "reft",
     "get_reft_model": "reft",
-    "train_reft": "reft",
+    "train_reft": "training",
     "TrainSettings": "training",
     "train_adapter": "training",
 }
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from .base_model import DEFAULT_BASE, load_base_model
     from .chat import generate_reply
     from .hub import start_local_hub
-    from .reft import ReftConfig, ReftModel, get_reft_model, train_reft
-    from .training import TrainSettings, train_adapter
+    from .reft import ReftConfig, ReftModel, get_reft_model
+    from .training import TrainSettings, train_adapter, train_reft
     from .validate import validate_adapter
 
 

@@ -363,103 +363,10 @@ def _cmd_import_pyreft(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_rows(path: Path, args: argparse.Namespace) -> list[dict[str, str]]:
-    from .errors import InvalidInputError
-    from .examples import read_table
-
-    if not path.is_file():
-        raise InvalidInputError(f"{path} does not exist.")
-    return read_table(path.read_bytes(), path.name).rows(args.prompt_column, args.response_column)
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    from .training.console import train_from_args
 
-    from .adapters import check_repo_id, push_adapter
-    from .base_model import load_base_model
-    from .chat import prompt_template
-    from .errors import InvalidInputError
-    from .evaluation import evaluate_trained
-    from .examples import check_rows, split_validation, without
-    from .hf_trainer import is_main_process, single_cpu_launch_warning
-    from .modeling import find_decoder_layers
-    from .training import TrainSettings, planned_steps, save_trained, token_counter, train_adapter
-
-    if args.push:
-        check_repo_id(args.push)
-    path = Path(args.examples)
-    rows = _read_rows(path, args)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    settings = TrainSettings(
-        method=args.method,
-        base=args.base,
-        load_in_4bit=args.load_in_4bit,
-        rank=args.rank,
-        lr=args.lr,
-        epochs=args.epochs,
-        layers=layers,
-        positions=args.positions,
-        target_loss=args.target_loss,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        trainer=args.trainer,
-        early_stop=args.early_stop,
-        target_modules=args.target_modules,
-    )
-    main = is_main_process()  # under accelerate launch only rank 0 prints, writes and pushes
-    if warning := single_cpu_launch_warning():
-        print(f"warning: {warning}", file=sys.stderr)
-    model, tokenizer = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
-    if main:
-        _say_quantization(model)
-    preview = check_rows(rows, count_tokens=token_counter(tokenizer, prompt_template(tokenizer)))
-    for problem in preview.problems if main else ():
-        print(f"{'error' if problem.blocking else 'note'}: {problem.message}", file=sys.stderr)
-    if main:
-        print(preview.summary())
-    if not preview.ok:
-        raise InvalidInputError("Fix the rows above (or remove them) and run again.")
-    rows, held_out = preview.rows, []
-    if args.validation:
-        held_out = check_rows(_read_rows(Path(args.validation), args)).rows
-        rows = without(rows, held_out)
-        if main and len(rows) < len(preview.rows):
-            print(f"note: {len(preview.rows) - len(rows)} training row(s) also in {args.validation} were left out")
-    elif not args.no_validation:
-        rows, held_out = split_validation(rows, seed=args.seed)
-    if main and held_out:
-        print(f"validation: {len(held_out)} rows held out, {len(rows)} to train on")
-    resolved = settings.resolved(len(find_decoder_layers(model)))
-    with tqdm(
-        total=planned_steps(len(rows), resolved), desc=f"training {args.method}", unit="step", disable=not main
-    ) as bar:
-
-        def on_step(entry: dict) -> None:
-            bar.set_postfix(loss=f"{entry['loss']:.3f}")
-            bar.update(1)
-
-        trained = train_adapter(rows, settings, base=(model, tokenizer), on_step=on_step, validation_rows=held_out)
-    if not main:
-        return 0
-    first, last = trained.result.history[0]["loss"], trained.result.history[-1]["loss"]
-    print(f"trained {trained.result.steps} steps in {trained.result.seconds:.1f} s, loss {first:.3f} -> {last:.3f}")
-    if trained.result.stopped == "early_stop":
-        print(
-            f"early stop: no lower validation loss for {settings.early_stop} epoch(s); "
-            f"kept epoch {trained.result.args['restored_epoch']}'s weights"
-        )
-    validated = [h["val_loss"] for h in trained.result.history if "val_loss" in h]
-    if validated:
-        print(f"validation loss by epoch: {' '.join(f'{v:.3f}' for v in validated)}")
-    evaluation = evaluate_trained(trained) if held_out else None
-    if evaluation:
-        metrics = ", ".join(f"{k} {v}" for k, v in sorted(evaluation.metrics.items()))
-        print(f"evaluation on {len(evaluation.comparisons)} of {evaluation.rows} held-out rows (greedy): {metrics}")
-    out = save_trained(trained, args.out, overwrite=args.overwrite, dataset_name=path.name, evaluation=evaluation)
-    print(f"saved {out}")
-    if args.push:
-        print(push_adapter(out, args.push, private=args.private))
-    return 0
+    return train_from_args(args, say_quantization=_say_quantization)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -538,53 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dir")
     convert.set_defaults(func=_cmd_convert_bin)
 
+    from .training.console import add_train_arguments  # the standard library only: the parser stays fast
+
     train = sub.add_parser("train", help="Train a small LoRA or ReFT adapter from a CSV/JSONL/JSON file of examples.")
-    train.add_argument("--examples", required=True, help="Rows with prompt/response (JSONL: one object per line).")
-    train.add_argument("--method", choices=["reft", "lora"], default="reft")
-    train.add_argument("--base", default=None, help="Hub id or path (default: embedded SmolLM2-135M-Instruct).")
-    train.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="Load the base in NF4 4-bit.")
-    train.add_argument("--out", required=True, help="Folder to write the adapter and its card to.")
-    train.add_argument("--overwrite", action="store_true")
-    train.add_argument("--push", metavar="REPO_ID", default=None, help="Also push it to the Hub.")
-    train.add_argument("--private", action="store_true")
-    train.add_argument("--epochs", type=int, default=None)
-    train.add_argument("--lr", type=float, default=None)
-    train.add_argument("--rank", type=int, default=None)
-    train.add_argument("--layers", default=None, help="ReFT layers, e.g. 8,16 (default: by depth).")
-    train.add_argument("--positions", default="l1", help="ReFT prompt positions (default: l1).")
-    train.add_argument(
-        "--target-modules",
-        default=None,
-        metavar="MODULES",
-        help="LoRA: all-linear (default: every linear layer but the output head), peft-default "
-        "(PEFT's per-architecture list), or module names such as c_attn,c_proj.",
-    )
-    train.add_argument("--target-loss", type=float, default=None, help="Stop once a step's loss is this low.")
-    train.add_argument(
-        "--validation",
-        metavar="FILE",
-        default=None,
-        help="Validation rows (default: 10%% of the rows held out when there are 20 or more).",
-    )
-    train.add_argument("--no-validation", action="store_true", help="Train on every row, no validation split.")
-    train.add_argument(
-        "--early-stop",
-        type=int,
-        default=None,
-        metavar="EPOCHS",
-        help="Stop after EPOCHS epochs without a lower validation loss; keep the best epoch's weights.",
-    )
-    train.add_argument("--seed", type=int, default=0, help="Seed of the training order and the validation split.")
-    train.add_argument("--batch-size", type=int, default=10, help="Global batch (split over accelerate's processes).")
-    train.add_argument(
-        "--trainer",
-        choices=["auto", "transformers"],
-        default="auto",
-        help="auto: hub_peft's cached trainer for ReFT in one process, transformers' Trainer "
-        "otherwise; transformers: always Trainer.",
-    )
-    train.add_argument("--prompt-column", default=None)
-    train.add_argument("--response-column", default=None)
+    add_train_arguments(train)
     train.set_defaults(func=_cmd_train)
 
     imp = sub.add_parser("import-pyreft", help="Convert a pyreft ReftModel.save directory to hub_peft's format.")

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from hub_peft.peft_catalog import NO_4BIT, UNSUPPORTED, catalog
+from peft_catalog import NO_4BIT, UNSUPPORTED, catalog
 
 ALL_CASES = catalog()
 CASES = [c for c in ALL_CASES if c.key not in UNSUPPORTED]

@@ -17,7 +17,8 @@ from transformers import __version__ as transformers_version
 
 from hub_peft import load_adapter, push_adapter, save_adapter
 from hub_peft.errors import IncompatibleAdapterError, InvalidInputError, UnsafeFileError
-from hub_peft.reft import INTERVENTIONS, Example, Intervention, ReftConfig, get_reft_model, train_reft
+from hub_peft.reft import INTERVENTIONS, Intervention, ReftConfig, get_reft_model
+from hub_peft.training import Example, train_reft
 from hub_peft.validate import validate_adapter
 
 HIDDEN = 64
@@ -241,7 +242,7 @@ def test_the_cached_trainer_gives_the_plain_loops_losses(kwargs, shared, onednn,
     """Same seed and data: the fast path (cached prefix, packed, skipped layers) and the plain
     full-forward loop must follow the same loss trajectory and end with the same weights, whichever
     GEMM the cached trainer picks for its linear layers."""
-    from hub_peft.reft import trainer
+    from hub_peft.training import reft_cache as trainer
 
     force_gemm(monkeypatch, onednn)
     computed_once = []  # how many leading tokens the cached trainer ran once for all examples
@@ -269,7 +270,8 @@ def test_the_cached_trainer_gives_the_plain_loops_losses(kwargs, shared, onednn,
 def force_gemm(monkeypatch, onednn: tuple[bool, bool]) -> None:
     """Make the cached trainer pick oneDNN (where this torch build has it) or the default GEMM everywhere,
     for the forward and the backward products as ``onednn`` says."""
-    from hub_peft.reft import _kernels, trainer
+    from hub_peft.reft import _kernels
+    from hub_peft.training import reft_cache as trainer
 
     available = _kernels.onednn_available()
     gemms = _kernels.Gemms(forward=onednn[0] and available, backward=onednn[1] and available)
@@ -347,7 +349,7 @@ def test_the_cached_trainer_checks_its_shortcuts_against_the_model(monkeypatch):
     from transformers import AutoModelForCausalLM, Gemma2Config
 
     from hub_peft.reft import _kernels
-    from hub_peft.reft.trainer import _CachedSteps
+    from hub_peft.training.reft_cache import _CachedSteps
 
     model = get_reft_model(tiny_llama(), ReftConfig(layers=[1], positions="l1"))
     steps = _CachedSteps(model, random_examples(), batch_size=4)
@@ -417,7 +419,7 @@ def test_the_lean_layers_give_the_models_own_loss_and_gradients(base, shared):
     """The cached trainer's written-out Llama-family layer (forward and backward): same loss and
     intervention gradients as the model's own layers through autograd, with cached prefixes, grouped
     key/value heads, padding in the per-example attention, and an intervention on an upper layer's output."""
-    from hub_peft.reft.trainer import _CachedSteps
+    from hub_peft.training.reft_cache import _CachedSteps
 
     torch.manual_seed(3)
     model = get_reft_model(base(layers=5), ReftConfig(layers=[1, 3], positions="f1+l2", rank=3))
@@ -440,7 +442,7 @@ def test_lean_layers_are_used_only_where_they_reproduce_the_model(monkeypatch):
     there), and not at all when the first batch shows a different output: then training falls back to
     the model's own layers and still gives the plain loop's losses."""
     from hub_peft.reft import _lean_layer
-    from hub_peft.reft.trainer import _CachedSteps
+    from hub_peft.training.reft_cache import _CachedSteps
 
     model = get_reft_model(tiny_llama(), ReftConfig(layers=[1, 2], components=["block_output", "mlp_output"]))
     assert sorted(_CachedSteps(model, random_examples(), batch_size=4).lean_layers) == [3]
@@ -548,7 +550,7 @@ def test_a_model_the_cached_trainer_cannot_run_trains_with_the_plain_loop(caplog
 def test_the_cached_trainer_leaves_memory_to_spare(monkeypatch, caplog):
     """Its prefix cache grows with the examples' prompts; where it would take more than half of the free
     memory, training uses the plain loop (whose memory is one batch's) instead."""
-    from hub_peft.reft import trainer
+    from hub_peft.training import reft_cache as trainer
 
     model = reft_on_tiny()
     examples = random_examples()
@@ -584,7 +586,7 @@ def test_training_stops_at_a_loss_target_or_when_cancelled():
 
 def test_encode_examples_uses_the_template_and_appends_eos():
     from hub_peft.chat import apply_template
-    from hub_peft.reft import encode_examples
+    from hub_peft.training import encode_examples
 
     tok = tiny_tokenizer()
     template = "a b {prompt} c"

@@ -12,8 +12,8 @@ import torch
 
 from hub_peft.chat import generate_reply, prompt_template
 from hub_peft.presets import held_out_prompts, load_preset
-from hub_peft.reft import ReftConfig, encode_examples, get_reft_model, train_reft
-from hub_peft.training import DEFAULTS
+from hub_peft.reft import ReftConfig, get_reft_model
+from hub_peft.training import DEFAULTS, encode_examples, train_reft
 
 pytestmark = pytest.mark.slow
 

@@ -388,7 +388,7 @@ def test_the_evaluation_compares_the_base_and_the_adapter_on_held_out_rows(tiny_
 def test_early_stop_ends_training_and_keeps_the_best_epochs_weights(monkeypatch, tiny_base_repo):  # noqa: F811
     """Validation losses 3.0, 2.0, 2.5, 2.7 with patience 2: training stops after epoch 4 (of 10) and the
     adapter gets back exactly the weights it had after epoch 2; its validation loss is epoch 2's."""
-    from hub_peft import training
+    from hub_peft.training import adapter as training
 
     for method in ("reft", "lora"):
         losses, seen = iter([3.0, 2.0, 2.5, 2.7, 1.0]), []

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hub_peft.errors import InvalidInputError
-from hub_peft.training_queue import CANCELLED, DONE, FAILED, RUNNING, WAITING, Cores, TrainingQueue
+from hub_peft.training.queue import CANCELLED, DONE, FAILED, RUNNING, WAITING, Cores, TrainingQueue
 
 
 def wait_for(condition, timeout: float = 10.0) -> None:

@@ -1,15 +1,14 @@
 """Native ReFT (representation fine-tuning): interventions on hidden states via forward hooks.
 
-A reader can follow it in four files: ``config.py`` (what and where), ``interventions.py`` (the
-formulas), ``model.py`` (hooks, positions, generate, files) and ``trainer.py`` (fast training).
+A reader can follow it in three files: ``config.py`` (what and where), ``interventions.py`` (the
+formulas) and ``model.py`` (hooks, positions, generate, files). Training lives with the other loops:
+:func:`hub_peft.training.train_reft` (``training/reft_loop.py``, ``training/reft_cache.py``).
 """
 
 from ..modeling import find_decoder_layers
-from ..optimize import Example, TrainResult, encode_examples
 from .config import INTERVENTIONS, ReftConfig
 from .interventions import Intervention
 from .model import ReftModel, prompt_positions
-from .trainer import train_reft
 
 
 def get_reft_model(base, config: ReftConfig) -> ReftModel:
@@ -21,14 +20,10 @@ def get_reft_model(base, config: ReftConfig) -> ReftModel:
 
 __all__ = [
     "INTERVENTIONS",
-    "Example",
     "Intervention",
     "ReftConfig",
     "ReftModel",
-    "TrainResult",
-    "encode_examples",
     "find_decoder_layers",
     "get_reft_model",
     "prompt_positions",
-    "train_reft",
 ]

@@ -8,7 +8,7 @@ the matrix products. The weights are frozen, so the backward carries only the in
 needs no weight gradient: about 30 ops per layer, forward and backward together.
 
 The trainer uses it only for layers built exactly like this (:meth:`LeanLayer.of`) and only after
-checking, on one example, that it gives the plain model's logits (see ``trainer.py``).
+checking, on one example, that it gives the plain model's logits (see ``hub_peft/training/reft_cache.py``).
 The attention is per example over its cached prefix, as in the trainer's packed attention.
 """
 

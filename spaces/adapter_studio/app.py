@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
@@ -27,20 +28,20 @@ from hub_peft.base_model import DEFAULT_BASE, load_base_model
 from hub_peft.cards import render_card
 from hub_peft.chat import generate_reply, prompt_template
 from hub_peft.errors import HubPeftError
-from hub_peft.evaluation import Evaluation, evaluate_trained
-from hub_peft.examples import MAX_FILE_BYTES, MAX_ROWS, Table, check_rows, read_table, split_validation, without
+from hub_peft.evaluation import Evaluation
+from hub_peft.examples import MAX_FILE_BYTES, MAX_ROWS, Table, check_rows, read_table
 from hub_peft.presets import held_out_prompts, load_preset
 from hub_peft.targets import ALL_LINEAR
 from hub_peft.training import (
     DEFAULTS,
+    Reporter,
+    TrainingPlan,
     TrainSettings,
     detach_adapter,
-    planned_steps,
-    save_trained,
+    plan_training,
     token_counter,
-    train_adapter,
 )
-from hub_peft.training_queue import CANCELLED, FAILED, WAITING, Cores, Job, TrainingQueue
+from hub_peft.training.queue import CANCELLED, FAILED, WAITING, Cores, Job, TrainingQueue
 
 WORK = Path(os.environ.get("HUB_PEFT_STUDIO_DIR") or tempfile.mkdtemp(prefix="adapter_studio_"))
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
@@ -138,13 +139,8 @@ def on_upload(path: str | None):
         return _table_from(rows), hidden, hidden, None, f"Loaded {len(rows)} rows from {file.name}."
     choices = gr.update(choices=table.columns, value=None, visible=True)
     note = f"{file.name} has columns {table.columns}: pick the prompt and response columns."
-    return (
-        gr.update(),
-        choices,
-        choices,
-        {"records": table.records, "columns": table.columns, "source": file.name},
-        note,
-    )
+    pending = {"records": table.records, "columns": table.columns, "source": file.name}
+    return gr.update(), choices, choices, pending, note
 
 
 def on_mapping(prompt_col: str | None, response_col: str | None, pending: dict | None):
@@ -226,35 +222,48 @@ def _before_after(evaluation: Evaluation | None) -> pd.DataFrame:
     return pd.DataFrame(rows or [["", "", "", ""]], columns=BEFORE_AFTER_COLUMNS)
 
 
-def _training_job(rows, held_out, settings: TrainSettings, folder: Path, prompts: list[str] | None):
+class _JobReport(Reporter):
+    """A queued training's progress goes to its job (and so to its page); the job's Cancel stops it."""
+
+    def __init__(self, job: Job, share) -> None:
+        self.job, self.share = job, share
+
+    def step(self, entry: dict) -> None:
+        self.share()  # fewer threads while someone chats
+        self.job.report(entry)
+
+    def should_stop(self) -> bool:
+        return self.job.cancelled.is_set()
+
+
+def _training_job(plan: TrainingPlan, folder: Path, prompts: list[str] | None):
     """The work of one queued training, run by the queue's worker on the "train" model instance."""
 
     def run(job: Job) -> tuple[Any, Evaluation | None]:
         with CORES.train() as share:
-            model, tokenizer = MODELS.get(settings.base, settings.load_in_4bit, "train")
-
-            def on_step(entry: dict) -> None:
-                share()  # fewer threads while someone chats
-                job.report(entry)
-
-            trained = train_adapter(
-                rows,
-                settings,
-                base=(model, tokenizer),
-                on_step=on_step,
-                should_stop=job.cancelled.is_set,
-                validation_rows=held_out,
+            base = MODELS.get(plan.settings.base, plan.settings.load_in_4bit, "train")
+            done = plan.run(
+                base,
+                folder,
+                reporter=_JobReport(job, share),
+                prompts=prompts,
+                overwrite=True,
+                dataset_name="adapter-studio-examples",
+                release=True,  # the "train" base model is shared by every session's training
             )
-            try:
-                evaluation = None if job.cancelled.is_set() else evaluate_trained(trained, prompts=prompts)
-                save_trained(
-                    trained, folder, overwrite=True, dataset_name="adapter-studio-examples", evaluation=evaluation
-                )
-            finally:
-                trained.release()
-        return trained, evaluation
+        return done.trained, done.evaluation
 
     return run
+
+
+def _plan(table, validation_rows, settings: TrainSettings) -> TrainingPlan:
+    """The rows checked and split when the training is queued: bad rows are refused at once, not in turn."""
+    rows, held_out = _rows_from(table), list(validation_rows or []) or None
+    count_tokens = _count_tokens(settings.base, settings.load_in_4bit)
+    try:
+        return plan_training(rows, settings, count_tokens=count_tokens, validation_rows=held_out)
+    except HubPeftError as e:
+        raise gr.Error(str(e)) from None
 
 
 def _waiting_status(job: Job) -> str:
@@ -283,62 +292,63 @@ def train(
     its progress, the train/validation loss curve, elapsed time and ETA."""
     user = _user(request)
     settings = _settings(method, base_name, four_bit, rank, layers, positions, lr, epochs, target_modules)
-    checked = check_rows(_rows_from(table), count_tokens=_count_tokens(settings.base, settings.load_in_4bit))
-    if not checked.ok:
-        raise gr.Error(checked.summary() + " " + "; ".join(p.message for p in checked.problems if p.blocking))
-    if validation_rows:
-        rows, held_out = without(checked.rows, validation_rows), list(validation_rows)
-    else:
-        rows, held_out = split_validation(checked.rows)
-    if not rows:
-        raise gr.Error("Every example is also in the validation file: nothing is left to train on.")
-    preset = [dict(r) for r in load_preset()]
-    prompts = held_out_prompts() if not held_out and checked.rows == preset else None
-    total = planned_steps(len(rows), settings)
+    plan = _plan(table, validation_rows, settings)
+    preset = not plan.held_out and plan.preview.rows == [dict(r) for r in load_preset()]
+    prompts = held_out_prompts() if preset else None  # the preset has no validation rows: show other prompts
     folder = WORK / re.sub(r"[^A-Za-z0-9_-]", "_", user) / "adapter"
     try:
-        job = QUEUE.submit(user, _training_job(rows, held_out, settings, folder, prompts), total)
+        job = QUEUE.submit(user, _training_job(plan, folder, prompts), plan.planned_steps)
     except HubPeftError as e:
         raise gr.Error(str(e)) from None
-    history: list[dict] = []
-    keep = gr.update()
     try:
-        shown = None
-        while True:
-            try:
-                entry = job.updates.get(timeout=0.5)
-            except queue.Empty:
-                entry = {}
-            if entry is None:
-                break
-            if not entry:  # no new step: show the place in the queue, or that it has started
-                if history:
-                    continue
-                started = f"Training {settings.method.upper()}: starting…"
-                status = _waiting_status(job) if job.state == WAITING else started
-                if status != shown:
-                    progress(0, desc=status)
-                    yield status, keep, state, keep, keep, keep
-                    shown = status
-                continue
-            history.append(entry)
-            eta = QUEUE.eta(job)
-            progress((entry["step"], total), desc=f"step {entry['step']}/{total}, loss {entry['loss']:.3f}")
-            shown = (
-                f"Training {settings.method.upper()}: step {entry['step']}/{total}, loss {entry['loss']:.3f}"
-                + (f", validation loss {entry['val_loss']:.3f}" if "val_loss" in entry else "")
-                + (f", about {eta:.0f} s left" if eta is not None else "")
-            )
-            yield shown, _curve(history), state, keep, keep, keep
+        yield from _progress_updates(job, settings.method, plan.planned_steps, state, progress)
     except BaseException:  # the page went away: leave the queue, or stop after the current step
         QUEUE.cancel(user)
         raise
+    yield _outcome(job, settings, folder, state)
+
+
+def _progress_updates(job: Job, method: str, total: int, state, progress):
+    """The job's place in the queue while it waits, then each step's loss (and validation loss) and ETA."""
+    keep = gr.update()
+    history: list[dict] = []
+    shown = None
+    while True:
+        try:
+            entry = job.updates.get(timeout=0.5)
+        except queue.Empty:
+            entry = {}
+        if entry is None:
+            return
+        if not entry:  # no new step: show the place in the queue, or that it has started
+            if history:
+                continue
+            started = f"Training {method.upper()}: starting…"
+            status = _waiting_status(job) if job.state == WAITING else started
+            if status != shown:
+                progress(0, desc=status)
+                yield status, keep, state, keep, keep, keep
+                shown = status
+            continue
+        history.append(entry)
+        eta = QUEUE.eta(job)
+        progress((entry["step"], total), desc=f"step {entry['step']}/{total}, loss {entry['loss']:.3f}")
+        shown = (
+            f"Training {method.upper()}: step {entry['step']}/{total}, loss {entry['loss']:.3f}"
+            + (f", validation loss {entry['val_loss']:.3f}" if "val_loss" in entry else "")
+            + (f", about {eta:.0f} s left" if eta is not None else "")
+        )
+        yield shown, _curve(history), state, keep, keep, keep
+
+
+def _outcome(job: Job, settings: TrainSettings, folder: Path, state):
+    """The last update of a finished job: its status line, curve, session state, card, zip and before/after."""
+    keep = gr.update()
     if job.state == FAILED:
         error = job.error
         raise gr.Error(str(error) if isinstance(error, HubPeftError) else f"Training failed: {error!r}")
     if job.result is None:
-        yield "Cancelled before it started.", keep, state, keep, keep, keep
-        return
+        return "Cancelled before it started.", keep, state, keep, keep, keep
     trained, evaluation = job.result
     result = trained.result
     verb = "Cancelled" if result.stopped == "cancelled" else "Done"
@@ -348,15 +358,10 @@ def train(
         status = f"{verb}: {result.steps} steps in {result.seconds:.1f} s, loss {first:.3f} → {last:.3f}"
     if evaluation and evaluation.metrics:
         status += "; " + ", ".join(f"{k} {v}" for k, v in sorted(evaluation.metrics.items()))
-    state = {
-        **(state or {}),
-        "adapter": str(folder),
-        "base": settings.base or DEFAULT_BASE,
-        "four_bit": settings.load_in_4bit,
-        "method": settings.method,
-    }
+    state = {**(state or {}), "adapter": str(folder), "base": settings.base or DEFAULT_BASE}
+    state.update(four_bit=settings.load_in_4bit, method=settings.method)
     card = card_preview(render_card(folder))
-    yield status, _curve(result.history), state, card, _zip(folder), _before_after(evaluation)
+    return status, _curve(result.history), state, card, _zip(folder), _before_after(evaluation)
 
 
 def card_preview(card: str) -> str:
@@ -376,8 +381,7 @@ def cancel_training(request: gr.Request) -> str:
 
 
 def _zip(folder: Path) -> str:
-    archive = shutil.make_archive(str(folder.parent / "adapter"), "zip", folder)
-    return archive
+    return shutil.make_archive(str(folder.parent / "adapter"), "zip", folder)
 
 
 # --- 3. chat -------------------------------------------------------------------------------------
@@ -428,158 +432,154 @@ def push(repo_id: str, private: bool, token: str, state: dict | None, oauth_toke
 # --- layout --------------------------------------------------------------------------------------
 
 
-def build() -> gr.Blocks:
+def _examples_section(ui: SimpleNamespace) -> None:
+    with gr.Group():
+        gr.Markdown("## 1. Examples")
+        with gr.Row():
+            ui.upload = gr.File(
+                label="CSV, JSONL or JSON (prompt/response)", file_types=[".csv", ".jsonl", ".json"], elem_id="upload"
+            )
+            with gr.Column():
+                ui.preset = gr.Button("Load the emoji preset", elem_id="preset")
+                ui.load_note = gr.Markdown()
+        with gr.Row():
+            ui.prompt_col = gr.Dropdown(label="Prompt column", visible=False)
+            ui.response_col = gr.Dropdown(label="Response column", visible=False)
+        ui.table = gr.Dataframe(
+            value=EMPTY_TABLE,
+            headers=["prompt", "response"],
+            column_count=(2, "fixed"),
+            interactive=True,
+            wrap=True,
+            label="Examples (editable)",
+            elem_id="examples",
+        )
+        ui.summary = gr.Markdown(elem_id="preview")
+        with gr.Row():
+            ui.validation_upload = gr.File(
+                label="Validation rows (optional; else 10% held out at 20+ examples)",
+                file_types=[".csv", ".jsonl", ".json"],
+                elem_id="validation-upload",
+            )
+            ui.validation_note = gr.Markdown(elem_id="validation-note")
+
+
+def _settings_inputs(ui: SimpleNamespace) -> None:
     reft, lora = DEFAULTS["reft"], DEFAULTS["lora"]
+    with gr.Row():
+        ui.base_name = gr.Dropdown([DEFAULT_BASE], value=DEFAULT_BASE, allow_custom_value=True, label="Base model")
+        ui.four_bit = gr.Checkbox(False, label="Load in 4-bit (NF4)")
+        ui.method = gr.Radio(["ReFT", "LoRA"], value="ReFT", label="Method")
+    with gr.Accordion("Advanced", open=False):
+        with gr.Row():
+            ui.rank = gr.Number(None, label=f"Rank (default ReFT {reft['rank']}, LoRA {lora['rank']})", precision=0)
+            ui.epochs = gr.Number(
+                None,
+                label=f"Epochs (default ReFT {reft['epochs']}, LoRA {lora['epochs']})",
+                precision=0,
+                elem_id="epochs",
+            )
+            ui.lr = gr.Number(None, label=f"Learning rate (default {reft['lr']})")
+        with gr.Row():
+            ui.layers = gr.Textbox("", label="ReFT layers (default: 8,16 on a 30-layer model)")
+            ui.positions = gr.Textbox("l1", label="ReFT positions (l1 = last prompt token, f1+l1, ...)")
+            ui.target_modules = gr.Textbox(
+                ALL_LINEAR,
+                elem_id="target-modules",
+                label="LoRA target modules (all-linear, peft-default, or names such as q_proj,v_proj)",
+            )
+
+
+def _train_section(ui: SimpleNamespace) -> None:
+    with gr.Group():
+        gr.Markdown("## 2. Train")
+        _settings_inputs(ui)
+        with gr.Row():
+            ui.train_button = gr.Button("Train", variant="primary", elem_id="train")
+            ui.cancel_button = gr.Button("Cancel", elem_id="cancel")
+        ui.status = gr.Markdown(elem_id="status")
+        ui.curve = gr.LinePlot(
+            x="step", y="loss", color="series", title="Training and validation loss", height=260, elem_id="loss-curve"
+        )
+        gr.Markdown(
+            "**Before / after**: the base model and your adapter on prompts it was not trained on "
+            "(the validation rows, or the preset's held-out prompts), greedy decoding."
+        )
+        ui.before_after = gr.Dataframe(
+            value=_before_after(None),
+            headers=BEFORE_AFTER_COLUMNS,
+            interactive=False,
+            wrap=True,
+            column_widths=["22%", "14%", "32%", "32%"],
+            elem_id="before-after",
+        )
+
+
+def _chat_and_share_sections(ui: SimpleNamespace) -> None:
+    with gr.Group():
+        gr.Markdown("## 3. Chat: base model vs your adapter")
+        ui.prompt = gr.Textbox(label="Prompt", value=held_out_prompts()[0], elem_id="prompt")
+        gr.Examples(held_out_prompts(), inputs=ui.prompt, label="Prompts not in the preset")
+        ui.ask = gr.Button("Ask both", elem_id="ask")
+        with gr.Row():
+            ui.plain_answer = gr.Textbox(label="Base model", elem_id="base-answer", interactive=False)
+            ui.tuned_answer = gr.Textbox(label="With the adapter", elem_id="adapter-answer", interactive=False)
+    with gr.Group():
+        gr.Markdown("## 4. Share")
+        with gr.Row():
+            ui.repo_id = gr.Textbox(label="Repo id (namespace/name)", placeholder="me/emoji-adapter", elem_id="repo")
+            ui.private = gr.Checkbox(False, label="Private")
+            ui.token = gr.Textbox(label="Write token (empty: your login or HF_TOKEN)", type="password")
+        if ON_SPACE:
+            gr.LoginButton()
+        with gr.Row():
+            ui.push_button = gr.Button("Push to the Hub", variant="primary", elem_id="push")
+            ui.download = gr.DownloadButton("Download the adapter (.zip)", elem_id="download")
+        ui.pushed = gr.Markdown(elem_id="pushed")
+        with gr.Accordion("Model card preview", open=True):
+            ui.card = gr.Markdown(elem_id="card")
+
+
+def _wire(ui: SimpleNamespace) -> None:
+    preview_inputs = [ui.table, ui.base_name, ui.four_bit]
+    ui.upload.upload(on_upload, ui.upload, [ui.table, ui.prompt_col, ui.response_col, ui.pending, ui.load_note]).then(
+        preview, preview_inputs, ui.summary
+    )
+    for dropdown in (ui.prompt_col, ui.response_col):
+        dropdown.change(on_mapping, [ui.prompt_col, ui.response_col, ui.pending], [ui.table, ui.load_note]).then(
+            preview, preview_inputs, ui.summary
+        )
+    ui.preset.click(
+        lambda: (_table_from(load_preset()), "Loaded the emoji preset (10 rows)."), None, [ui.table, ui.load_note]
+    ).then(preview, preview_inputs, ui.summary)
+    ui.table.input(preview, preview_inputs, ui.summary)
+    ui.validation_upload.change(on_validation_upload, ui.validation_upload, [ui.validation_rows, ui.validation_note])
+    settings = [ui.method, ui.base_name, ui.four_bit, ui.rank, ui.layers, ui.positions, ui.lr, ui.epochs]
+    # Many handlers may wait at once: the training queue, not Gradio's, runs them one at a time and shows
+    # each its position.
+    ui.train_button.click(
+        train,
+        [ui.table, ui.validation_rows, *settings, ui.state, ui.target_modules],  # train()'s parameters, in order
+        [ui.status, ui.curve, ui.state, ui.card, ui.download, ui.before_after],
+        concurrency_limit=16,
+        concurrency_id="train",
+    )
+    ui.cancel_button.click(cancel_training, None, ui.status, queue=False)
+    ui.ask.click(chat, [ui.prompt, ui.state], [ui.plain_answer, ui.tuned_answer], concurrency_limit=4)
+    ui.push_button.click(push, [ui.repo_id, ui.private, ui.token, ui.state], ui.pushed)
+
+
+def build() -> gr.Blocks:
     with gr.Blocks(title="Adapter Studio") as demo:
-        state = gr.State({})
-        pending = gr.State(None)
-        validation_rows = gr.State([])
+        ui = SimpleNamespace(state=gr.State({}), pending=gr.State(None), validation_rows=gr.State([]))
         gr.Markdown(
             "# 🧪 Adapter Studio\nTrain a small **ReFT** or **LoRA** adapter from a few examples, chat with it next to "
             f"the base model, and push it to the Hub with a generated model card. Default base: `{DEFAULT_BASE}`."
         )
-        with gr.Group():
-            gr.Markdown("## 1. Examples")
-            with gr.Row():
-                upload = gr.File(
-                    label="CSV, JSONL or JSON (prompt/response)",
-                    file_types=[".csv", ".jsonl", ".json"],
-                    elem_id="upload",
-                )
-                with gr.Column():
-                    preset = gr.Button("Load the emoji preset", elem_id="preset")
-                    load_note = gr.Markdown()
-            with gr.Row():
-                prompt_col = gr.Dropdown(label="Prompt column", visible=False)
-                response_col = gr.Dropdown(label="Response column", visible=False)
-            table = gr.Dataframe(
-                value=EMPTY_TABLE,
-                headers=["prompt", "response"],
-                column_count=(2, "fixed"),
-                interactive=True,
-                wrap=True,
-                label="Examples (editable)",
-                elem_id="examples",
-            )
-            summary = gr.Markdown(elem_id="preview")
-            with gr.Row():
-                validation_upload = gr.File(
-                    label="Validation rows (optional; else 10% held out at 20+ examples)",
-                    file_types=[".csv", ".jsonl", ".json"],
-                    elem_id="validation-upload",
-                )
-                validation_note = gr.Markdown(elem_id="validation-note")
-        with gr.Group():
-            gr.Markdown("## 2. Train")
-            with gr.Row():
-                base_name = gr.Dropdown([DEFAULT_BASE], value=DEFAULT_BASE, allow_custom_value=True, label="Base model")
-                four_bit = gr.Checkbox(False, label="Load in 4-bit (NF4)")
-                method = gr.Radio(["ReFT", "LoRA"], value="ReFT", label="Method")
-            with gr.Accordion("Advanced", open=False):
-                with gr.Row():
-                    rank = gr.Number(
-                        None, label=f"Rank (default ReFT {reft['rank']}, LoRA {lora['rank']})", precision=0
-                    )
-                    epochs = gr.Number(
-                        None,
-                        label=f"Epochs (default ReFT {reft['epochs']}, LoRA {lora['epochs']})",
-                        precision=0,
-                        elem_id="epochs",
-                    )
-                    lr = gr.Number(None, label=f"Learning rate (default {reft['lr']})")
-                with gr.Row():
-                    layers = gr.Textbox("", label="ReFT layers (default: 8,16 on a 30-layer model)")
-                    positions = gr.Textbox("l1", label="ReFT positions (l1 = last prompt token, f1+l1, ...)")
-                    target_modules = gr.Textbox(
-                        ALL_LINEAR,
-                        elem_id="target-modules",
-                        label="LoRA target modules (all-linear, peft-default, or names such as q_proj,v_proj)",
-                    )
-            with gr.Row():
-                train_button = gr.Button("Train", variant="primary", elem_id="train")
-                cancel_button = gr.Button("Cancel", elem_id="cancel")
-            status = gr.Markdown(elem_id="status")
-            curve = gr.LinePlot(
-                x="step",
-                y="loss",
-                color="series",
-                title="Training and validation loss",
-                height=260,
-                elem_id="loss-curve",
-            )
-            gr.Markdown(
-                "**Before / after**: the base model and your adapter on prompts it was not trained on "
-                "(the validation rows, or the preset's held-out prompts), greedy decoding."
-            )
-            before_after = gr.Dataframe(
-                value=_before_after(None),
-                headers=BEFORE_AFTER_COLUMNS,
-                interactive=False,
-                wrap=True,
-                column_widths=["22%", "14%", "32%", "32%"],
-                elem_id="before-after",
-            )
-        with gr.Group():
-            gr.Markdown("## 3. Chat: base model vs your adapter")
-            prompt = gr.Textbox(label="Prompt", value=held_out_prompts()[0], elem_id="prompt")
-            gr.Examples(held_out_prompts(), inputs=prompt, label="Prompts not in the preset")
-            ask = gr.Button("Ask both", elem_id="ask")
-            with gr.Row():
-                plain_answer = gr.Textbox(label="Base model", elem_id="base-answer", interactive=False)
-                tuned_answer = gr.Textbox(label="With the adapter", elem_id="adapter-answer", interactive=False)
-        with gr.Group():
-            gr.Markdown("## 4. Share")
-            with gr.Row():
-                repo_id = gr.Textbox(label="Repo id (namespace/name)", placeholder="me/emoji-adapter", elem_id="repo")
-                private = gr.Checkbox(False, label="Private")
-                token = gr.Textbox(label="Write token (empty: your login or HF_TOKEN)", type="password")
-            if ON_SPACE:
-                gr.LoginButton()
-            with gr.Row():
-                push_button = gr.Button("Push to the Hub", variant="primary", elem_id="push")
-                download = gr.DownloadButton("Download the adapter (.zip)", elem_id="download")
-            pushed = gr.Markdown(elem_id="pushed")
-            with gr.Accordion("Model card preview", open=True):
-                card = gr.Markdown(elem_id="card")
-
-        preview_inputs = [table, base_name, four_bit]
-        upload.upload(on_upload, upload, [table, prompt_col, response_col, pending, load_note]).then(
-            preview, preview_inputs, summary
-        )
-        for dropdown in (prompt_col, response_col):
-            dropdown.change(on_mapping, [prompt_col, response_col, pending], [table, load_note]).then(
-                preview, preview_inputs, summary
-            )
-        preset.click(
-            lambda: (_table_from(load_preset()), "Loaded the emoji preset (10 rows)."), None, [table, load_note]
-        ).then(preview, preview_inputs, summary)
-        table.input(preview, preview_inputs, summary)
-        validation_upload.change(on_validation_upload, validation_upload, [validation_rows, validation_note])
-        # Many handlers may wait at once: the training queue, not Gradio's, runs them one at a time and shows
-        # each its position.
-        train_button.click(
-            train,
-            [
-                table,
-                validation_rows,
-                method,
-                base_name,
-                four_bit,
-                rank,
-                layers,
-                positions,
-                lr,
-                epochs,
-                state,
-                target_modules,
-            ],
-            [status, curve, state, card, download, before_after],
-            concurrency_limit=16,
-            concurrency_id="train",
-        )
-        cancel_button.click(cancel_training, None, status, queue=False)
-        ask.click(chat, [prompt, state], [plain_answer, tuned_answer], concurrency_limit=4)
-        push_button.click(push, [repo_id, private, token, state], pushed)
+        _examples_section(ui)
+        _train_section(ui)
+        _chat_and_share_sections(ui)
+        _wire(ui)
     return demo
 
 

@@ -1,29 +1,26 @@
-"""Train ReFT interventions on prompt → response pairs, fast on a CPU without changing the math.
+"""The cached ReFT trainer: exact, several times faster on a CPU than the plain loop.
 
 The base model is frozen and the interventions only touch chosen prompt positions at chosen layers,
 so for each example everything below the lowest intervened layer, and the keys/values of every
-position before the first intervened one, are the same in every epoch. :func:`train_reft` computes
+position before the first intervened one, are the same in every epoch. :class:`_CachedSteps` computes
 them once (no-grad forwards of the plain model; the tokens all examples start with, such as a chat
 template's system prompt, only once for all) and each step then runs only the layers from the lowest
 intervened one up (above it, for a block_output edit), on the positions from the first intervened one
 on, all examples packed into one sequence without padding (attention per example over its cached
 prefix), with logits only where a response token is predicted.
 
-The step's few rows are kept cheap by :mod:`._kernels` (each linear layer on the GEMM that is faster
-here for its shape, an in-place chunked cross-entropy) and :mod:`._lean_layer` (Llama-family layers as
-one autograd Function each). Before training, the cached path checks its logits on one example against
-a plain forward; where it cannot reproduce them, :func:`train_reft` uses the plain loop.
-``method="full"`` is the plain reference loop (whole forward, same loss); both give the same losses up
-to float rounding.
+The step's few rows are kept cheap by :mod:`hub_peft.reft._kernels` (each linear layer on the GEMM that is
+faster here for its shape, an in-place chunked cross-entropy) and :mod:`hub_peft.reft._lean_layer`
+(Llama-family layers as one autograd Function each). Before training, the cached path checks its logits on
+one example against a plain forward; where it cannot reproduce them it raises :class:`_NotCacheable` and
+:func:`hub_peft.training.reft_loop.train_reft` uses the plain loop.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -33,86 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._bnb import keep_4bit_trainable
-from ..errors import InvalidInputError
 from ..modeling import find_decoder, innermost_model, text_config
-from ..optimize import Example, TrainResult, fit, pad_batch, prompt_lengths, response_loss_sum
-from ._kernels import Gemms, OneDnnLinears, faster_gemms, is_frozen_float32_linear, linear_cross_entropy
-from ._lean_layer import LeanLayer
-from .model import ReftModel, prompt_positions
-
-log = logging.getLogger(__name__)
-
-
-def train_reft(
-    model: ReftModel,
-    examples: list[Example],
-    *,
-    epochs: int = 100,
-    lr: float = 4e-3,
-    batch_size: int = 10,
-    weight_decay: float = 0.0,
-    schedule: str = "linear",
-    target_loss: float | None = None,
-    seed: int = 0,
-    method: str = "cached",
-    on_step: Callable[[dict[str, float]], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Train ``model``'s interventions (see :func:`hub_peft.optimize.fit` for the loop and stopping rules).
-
-    ``method="cached"`` (default) is the fast path described above; ``"full"`` the plain loop. The
-    cached path first checks itself against the plain model on one example; where it cannot reproduce
-    it (a model whose attention it cannot run per example, examples longer than a sliding window, ...),
-    or when its prefix cache would take more than half the free memory, training uses the plain loop
-    instead, with a logged warning saying why. ``result.args["method"]``
-    records which one ran.
-    """
-    if method not in ("cached", "full"):
-        raise InvalidInputError(f"method must be 'cached' or 'full', got {method!r}.")
-    if not examples:
-        raise InvalidInputError("No training examples.")
-    started = time.perf_counter()  # the result's time includes the cached trainer's precompute
-    keep_4bit_trainable(model.base_model)
-    named = list(model.interventions.named_parameters())
-    for _, p in named:
-        p.requires_grad_(True)
-    model.base_model.eval()
-    model.interventions.train()
-    try:
-        steps: _CachedSteps | _FullSteps = _FullSteps(model, examples)
-        if method == "cached":
-            try:
-                steps = _CachedSteps(model, examples, batch_size)
-            except _NotCacheable as why:
-                log.warning("Training with the plain loop: the cached trainer cannot reproduce it here (%s).", why)
-                method = "full"
-        result = fit(
-            # No weight decay on R's orthogonal parametrization: decaying its (gradient-free) diagonal would break R.
-            [p for n, p in named if "parametrizations" not in n],
-            steps.loss,
-            len(examples),
-            frozen_decay=[p for n, p in named if "parametrizations" in n],
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            weight_decay=weight_decay,
-            schedule=schedule,
-            target_loss=target_loss,
-            seed=seed,
-            on_step=on_step,
-            should_stop=should_stop,
-            started=started,
-            on_epoch_end=on_epoch_end,
-        )
-        result.args["method"] = method
-        return result
-    finally:
-        model.interventions.eval()
-        for _, p in named:
-            p.requires_grad_(False)
-
+from ..reft._kernels import Gemms, OneDnnLinears, faster_gemms, is_frozen_float32_linear, linear_cross_entropy
+from ..reft._lean_layer import LeanLayer
+from ..reft.model import ReftModel, prompt_positions
+from .optimize import Example
 
 _CHUNK = 16  # examples per precompute forward
 
@@ -153,19 +75,6 @@ def _free_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-class _FullSteps:
-    """Reference: a right-padded forward of whole examples, logits only where a response token is predicted
-    (``logits_to_keep``, as the LoRA loop does), mean cross-entropy there."""
-
-    def __init__(self, model: ReftModel, examples: list[Example]) -> None:
-        self.model, self.examples = model, examples
-
-    def loss(self, rows: list[int]) -> torch.Tensor:
-        batch = [self.examples[i] for i in rows]
-        total, count = response_loss_sum(self.model, *pad_batch(batch), prompt_lengths(batch))
-        return total / count
 
 
 @dataclass

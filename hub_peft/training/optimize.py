@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from .chat import encode_prompt
-from .errors import InvalidInputError
+from ..chat import encode_prompt
+from ..errors import InvalidInputError
+from .settings import Callbacks, HyperParams
 
 
 @dataclass
@@ -108,59 +109,47 @@ def fit(
     params: list[torch.nn.Parameter],
     loss_of: Callable[[list[int]], torch.Tensor],
     n_examples: int,
+    hparams: HyperParams,
+    callbacks: Callbacks | None = None,
     *,
     frozen_decay: list[torch.nn.Parameter] = (),
-    epochs: int = 10,
-    lr: float = 1e-3,
-    batch_size: int = 10,
-    weight_decay: float = 0.0,
-    schedule: str = "linear",
-    target_loss: float | None = None,
-    seed: int = 0,
-    on_step: Callable[[dict[str, float]], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
     started: float | None = None,
-    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """AdamW over shuffled mini-batches of example indices; ``loss_of(indices)`` returns a batch's loss.
 
-    The learning rate decays linearly to 0 over all planned steps (like transformers' Trainer) or
-    stays constant. Stops after ``epochs``, once a step's loss is at most ``target_loss``, or when
-    ``should_stop()`` returns true (checked before each step). ``on_step`` gets each history entry.
-    ``frozen_decay`` are trained without weight decay. ``on_epoch_end`` gets the epoch's last history entry
-    (it may add to it, e.g. a validation loss). Times count from ``started`` (a
-    ``time.perf_counter()`` value, e.g. taken before the caller's own preparation) or from this call.
+    ``hparams`` (see :class:`~hub_peft.training.settings.HyperParams`) sets the optimisation and when it ends;
+    ``callbacks.should_stop()`` is checked before each step, ``on_step`` gets each history entry and
+    ``on_epoch_end`` the epoch's last one (it may add to it, e.g. a validation loss). ``frozen_decay`` are
+    trained without weight decay. Times count from ``started`` (a ``time.perf_counter()`` value, e.g. taken
+    before the caller's own preparation) or from this call.
     """
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise InvalidInputError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1 and lr ({lr}) > 0.")
-    if schedule not in ("linear", "constant"):
-        raise InvalidInputError(f"schedule must be 'linear' or 'constant', got {schedule!r}.")
+    hparams.check()
     if n_examples < 1:
         raise InvalidInputError("No training examples.")
+    callbacks = callbacks or Callbacks()
     started = time.perf_counter() if started is None else started
     groups = [
-        {"params": list(params), "weight_decay": weight_decay},
+        {"params": list(params), "weight_decay": hparams.weight_decay},
         {"params": list(frozen_decay), "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
-    batches_per_epoch = math.ceil(n_examples / batch_size)
-    total_steps = epochs * batches_per_epoch
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hparams.lr)
+    batches_per_epoch = math.ceil(n_examples / hparams.batch_size)
+    total_steps = hparams.epochs * batches_per_epoch
+    linear = hparams.schedule == "linear"
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, (lambda step: 1.0 - step / total_steps) if schedule == "linear" else (lambda step: 1.0)
+        optimizer, (lambda step: 1.0 - step / total_steps) if linear else (lambda step: 1.0)
     )
-    rng = random.Random(seed)
-    args = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "schedule": schedule}
-    result = TrainResult(args={**args, "target_loss": target_loss, "seed": seed, "optimizer": "AdamW"})
-    result.planned_steps = total_steps
+    rng = random.Random(hparams.seed)
+    result = TrainResult(args=hparams.record(), planned_steps=total_steps)
     try:
-        for epoch in range(epochs):
+        for epoch in range(hparams.epochs):
             order = list(range(n_examples))
             rng.shuffle(order)
             for b in range(batches_per_epoch):
-                if should_stop is not None and should_stop():
+                if callbacks.stopping():
                     result.stopped = "cancelled"
                     return result
-                loss = loss_of(order[b * batch_size : (b + 1) * batch_size])
+                loss = loss_of(order[b * hparams.batch_size : (b + 1) * hparams.batch_size])
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
@@ -173,13 +162,11 @@ def fit(
                     "seconds": round(time.perf_counter() - started, 3),
                 }
                 result.history.append(entry)
-                if on_step is not None:
-                    on_step(entry)
-                if target_loss is not None and entry["loss"] <= target_loss:
+                callbacks.step(entry)
+                if hparams.target_loss is not None and entry["loss"] <= hparams.target_loss:
                     result.stopped = "target_loss"
                     return result
-            if on_epoch_end is not None:
-                on_epoch_end(result.history[-1])
+            callbacks.epoch_end(result.history[-1])
         return result
     finally:
         result.seconds = time.perf_counter() - started

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 WAITING, RUNNING, DONE, FAILED, CANCELLED = "waiting", "running", "done", "failed", "cancelled"
 

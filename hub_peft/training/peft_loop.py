@@ -8,8 +8,8 @@ the whole global batch: each process sums its tokens' losses and divides by the 
 ``P`` processes with ``B / P`` each compute the same loss and the same gradient, up to float rounding.
 Logits are computed only where a response token is predicted (``logits_to_keep``).
 
-The optimizer and schedule match :func:`hub_peft.optimize.fit`: AdamW without weight decay, the learning
-rate decaying linearly to 0 over the planned steps, no gradient clipping.
+The optimizer and schedule match :func:`hub_peft.training.optimize.fit`: AdamW without weight decay, the
+learning rate decaying linearly to 0 over the planned steps, no gradient clipping.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 from .optimize import Example, TrainResult, pad_batch, prompt_lengths, response_loss_sum
+from .settings import Callbacks, HyperParams
 
 
 def world_size() -> int:
@@ -91,7 +92,7 @@ def _trainer_class():
     return ResponseLossTrainer
 
 
-def _callback(result: TrainResult, started: float, target_loss: float | None, on_step, should_stop, on_epoch_end):
+def _callback(result: TrainResult, started: float, target_loss: float | None, callbacks: Callbacks):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -101,8 +102,8 @@ def _callback(result: TrainResult, started: float, target_loss: float | None, on
         trainer = None
 
         def _stop_if_asked(self, control) -> None:
-            # Trainer looks at should_training_stop after a step and after an epoch, never before a step
-            if should_stop is not None and should_stop():
+            # NOTE: Trainer looks at should_training_stop after a step and after an epoch, never before a step.
+            if callbacks.stopping():
                 result.stopped = "cancelled"
                 control.should_training_stop = True
 
@@ -117,72 +118,45 @@ def _callback(result: TrainResult, started: float, target_loss: float | None, on
             }
             result.history.append(entry)
             result.steps = state.global_step
-            if on_step is not None:
-                on_step(entry)
+            callbacks.step(entry)
             if target_loss is not None and entry["loss"] <= target_loss:
                 result.stopped = "target_loss"
                 control.should_training_stop = True
             self._stop_if_asked(control)
 
         def on_epoch_end(self, args, state, control, **kwargs):
-            if on_epoch_end is not None and result.history and result.stopped == "completed":  # not cancelled
-                on_epoch_end(result.history[-1])
+            if result.history and result.stopped == "completed":  # not cancelled
+                callbacks.epoch_end(result.history[-1])
             self._stop_if_asked(control)
 
     return Progress()
 
 
-def train_with_trainer(
-    model: nn.Module,
-    examples: list[Example],
-    *,
-    epochs: int = 10,
-    lr: float = 1e-3,
-    batch_size: int = 10,
-    target_loss: float | None = None,
-    seed: int = 0,
-    on_step: Callable[[dict[str, float]], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
-    reft: bool = False,
-) -> TrainResult:
-    """Train ``model``'s trainable parameters (a PEFT model, or a ReftModel with ``reft=True``) with
-    ``Trainer``; ``batch_size`` is the global batch, split evenly over the processes."""
-    from transformers import PrinterCallback, TrainingArguments
-
+def _check(model: nn.Module, examples: list[Example], hparams: HyperParams) -> int:
+    """The number of processes, once the examples, the batch and the model are fit for ``Trainer``."""
     if not examples:
         raise InvalidInputError("No training examples.")
+    if hparams.weight_decay or hparams.schedule != "linear":
+        raise InvalidInputError("transformers' Trainer here trains without weight decay, on a linear schedule.")
     processes = world_size()
-    if batch_size % processes:
+    if hparams.batch_size % processes:
         raise InvalidInputError(
-            f"batch_size {batch_size} does not split over {processes} processes: give a "
+            f"batch_size {hparams.batch_size} does not split over {processes} processes: give a "
             f"multiple of {processes} (--batch-size)."
         )
     if not any(p.requires_grad for p in model.parameters()):
         raise InvalidInputError("The model has no trainable parameters.")
-    started = time.perf_counter()
-    result = TrainResult(
-        args={
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "weight_decay": 0.0,
-            "schedule": "linear",
-            "target_loss": target_loss,
-            "seed": seed,
-            "optimizer": "AdamW",
-            "trainer": "transformers.Trainer",
-            "processes": processes,
-        }
-    )
-    result.planned_steps = epochs * math.ceil(len(examples) / batch_size)
-    output = tempfile.mkdtemp(prefix="hub_peft_trainer_")  # Trainer wants a folder; nothing is saved there
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    args = TrainingArguments(
+    return processes
+
+
+def _training_arguments(output: str, hparams: HyperParams, processes: int, on_cpu: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=output,
-        num_train_epochs=epochs,
-        learning_rate=lr,
-        per_device_train_batch_size=batch_size // processes,
+        num_train_epochs=hparams.epochs,
+        learning_rate=hparams.lr,
+        per_device_train_batch_size=hparams.batch_size // processes,
         lr_scheduler_type="linear",
         warmup_steps=0,
         weight_decay=0.0,
@@ -192,17 +166,43 @@ def train_with_trainer(
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        seed=seed,
-        data_seed=seed,
+        seed=hparams.seed,
+        data_seed=hparams.seed,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=on_cpu,
         average_tokens_across_devices=True,
         ddp_find_unused_parameters=False,
     )
-    progress = _callback(result, started, target_loss, on_step, should_stop, on_epoch_end)
+
+
+def train_with_trainer(
+    model: nn.Module,
+    examples: list[Example],
+    hparams: HyperParams,
+    callbacks: Callbacks | None = None,
+    *,
+    reft: bool = False,
+) -> TrainResult:
+    """Train ``model``'s trainable parameters (a PEFT model, or a ReftModel with ``reft=True``) with
+    ``Trainer``; ``hparams.batch_size`` is the global batch, split evenly over the processes."""
+    from transformers import PrinterCallback
+
+    processes = _check(model, examples, hparams)
+    started = time.perf_counter()
+    result = TrainResult(
+        args={**hparams.record(), "trainer": "transformers.Trainer", "processes": processes},
+        planned_steps=hparams.epochs * math.ceil(len(examples) / hparams.batch_size),
+    )
+    output = tempfile.mkdtemp(prefix="hub_peft_trainer_")  # Trainer wants a folder; nothing is saved there
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    progress = _callback(result, started, hparams.target_loss, callbacks or Callbacks())
     trainer = _trainer_class()(
-        model=model, args=args, train_dataset=_Rows(examples), data_collator=_collate(reft), callbacks=[progress]
+        model=model,
+        args=_training_arguments(output, hparams, processes, on_cpu),
+        train_dataset=_Rows(examples),
+        data_collator=_collate(reft),
+        callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)  # progress is the caller's (tqdm in the CLI, gr.Progress in the Space)
     trainer.model_accepts_loss_kwargs = True  # count the global batch's tokens and pass them to compute_loss
