@@ -46,7 +46,7 @@ class Reporter:
         """One step's history entry (``step``, ``epoch``, ``loss``, ``seconds``)."""
 
     def should_stop(self) -> bool:
-        """True to cancel: training stops before its next step, and the run neither evaluates."""
+        """True to cancel: training stops after its current step, and the run does not evaluate."""
         return False
 
     def trained(self, trained: Trained) -> None:
@@ -96,7 +96,7 @@ class TrainingPlan:
 
         reporter = reporter or Reporter()
         model, _ = base
-        settings = self.settings.resolved(len(find_decoder_layers(model)))  # the one place they are resolved
+        settings = self.settings.resolved(len(find_decoder_layers(model)))  # once: the loops get them whole
         callbacks = Callbacks(on_step=reporter.step, should_stop=reporter.should_stop)
         with reporter.training(planned_steps(len(self.rows), settings)):
             trained = train_resolved(self.rows, settings, base, callbacks, validation_rows=self.held_out)
