@@ -9,6 +9,7 @@ export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 .venv/bin/ruff check hub_peft tests benchmarks spaces scripts
 .venv/bin/ruff format --check hub_peft tests benchmarks spaces scripts
 .venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
+.venv/bin/mypy
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

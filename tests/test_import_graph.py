@@ -109,3 +109,11 @@ def test_no_module_imports_a_package_above_it():
         if is_package(target, modules()) and name.startswith(target + ".")
     )
     assert upward == []
+
+
+def test_every_package_ships_in_the_wheel():
+    """A sub-package missing from pyproject's list works in the editable checkout and is absent when installed."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    assert {name for name, path in modules().items() if path.name == "__init__.py"} <= listed

@@ -121,21 +121,24 @@ def train_resolved(
 
 
 def _attach(model: Any, settings: TrainSettings, template: str) -> Any:
-    """A fresh, trainable ReFT or LoRA adapter of ``settings`` over ``model``."""
+    """A fresh, trainable ReFT or LoRA adapter of ``settings`` (resolved: every default filled in) over ``model``."""
+    rank, layers = settings.rank, settings.layers
+    if rank is None or (layers is None and settings.method == "reft"):
+        raise InvalidInputError("_attach needs resolved settings: call TrainSettings.resolved(n_layers) first.")
     if settings.method == "reft":
         from ..reft import ReftConfig, get_reft_model
 
-        config = ReftConfig(
-            layers=settings.layers, rank=settings.rank, positions=settings.positions, prompt_template=template
-        )
+        config = ReftConfig(layers=layers or [], rank=rank, positions=settings.positions, prompt_template=template)
         return get_reft_model(model, config)
     from peft import LoraConfig, get_peft_model
 
-    targets, fan_in_fan_out = resolve_lora_targets(model, settings.target_modules)  # a clear error, before 4-bit
+    targets, fan_in_fan_out = resolve_lora_targets(
+        model, settings.target_modules or ALL_LINEAR
+    )  # a clear error, before 4-bit
     keep_4bit_trainable(model)
     config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=2 * settings.rank,
+        r=rank,
+        lora_alpha=2 * rank,
         target_modules=targets,
         fan_in_fan_out=fan_in_fan_out,
         lora_dropout=0.0,

@@ -73,7 +73,8 @@ class ConsoleReport(Reporter):
     (rank 0) prints."""
 
     def __init__(self, main: bool, method: str, validation_file: str | None) -> None:
-        self.main, self.method, self.validation_file, self._bar = main, method, validation_file, None
+        self.main, self.method, self.validation_file = main, method, validation_file
+        self._bar: Any = None  # the tqdm bar while training
 
     def checked(self, preview) -> None:
         for problem in preview.problems if self.main else ():

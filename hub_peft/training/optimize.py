@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +112,7 @@ def fit(
     hparams: HyperParams,
     callbacks: Callbacks | None = None,
     *,
-    frozen_decay: list[torch.nn.Parameter] = (),
+    frozen_decay: Sequence[torch.nn.Parameter] = (),
     started: float | None = None,
 ) -> TrainResult:
     """AdamW over shuffled mini-batches of example indices; ``loss_of(indices)`` returns a batch's loss.

@@ -42,6 +42,7 @@ from hub_peft.training import (
     token_counter,
 )
 from hub_peft.training.queue import CANCELLED, FAILED, WAITING, Cores, Job, TrainingQueue
+from hub_peft.validate import card_facts
 
 WORK = Path(os.environ.get("HUB_PEFT_STUDIO_DIR") or tempfile.mkdtemp(prefix="adapter_studio_"))
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
@@ -360,7 +361,7 @@ def _outcome(job: Job, settings: TrainSettings, folder: Path, state):
         status += "; " + ", ".join(f"{k} {v}" for k, v in sorted(evaluation.metrics.items()))
     state = {**(state or {}), "adapter": str(folder), "base": settings.base or DEFAULT_BASE}
     state.update(four_bit=settings.load_in_4bit, method=settings.method)
-    card = card_preview(render_card(folder))
+    card = card_preview(render_card(folder, **card_facts(folder)))
     return status, _curve(result.history), state, card, _zip(folder), _before_after(evaluation)
 
 
