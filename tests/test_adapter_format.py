@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, snapshot_download
-from test_peft_methods import load_tiny, tiny_base_repo  # noqa: F401 - shared session fixture
+from test_peft_methods import load_tiny, tiny_base_repo, tiny_llama_config  # noqa: F401 - shared session fixture
 
 from hub_peft import load_adapter, push_adapter, save_adapter
 from hub_peft.errors import (
@@ -233,18 +233,9 @@ def test_missing_config_and_unknown_type(saved_lora):
 
 
 def test_adapter_for_another_base_names_both(saved_lora):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    other = AutoModelForCausalLM.from_config(
-        LlamaConfig(
-            vocab_size=128,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    other = AutoModelForCausalLM.from_config(tiny_llama_config(hidden_size=32, max_position_embeddings=2048))
     other.config._name_or_path = "someone/other-base"
     with pytest.raises(IncompatibleAdapterError, match=r"made for alice/tiny-llama.*someone/other-base"):
         load_adapter(other, saved_lora)

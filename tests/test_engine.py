@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_peft_methods import load_tiny, tiny_base_repo, tiny_tokenizer  # noqa: F401 - shared session fixture
+from test_peft_methods import load_tiny, tiny_base_repo, tiny_llama_config, tiny_tokenizer  # noqa: F401 - shared session fixture
 
 from hub_peft import load_adapter, push_adapter, save_adapter
 from hub_peft.errors import InvalidInputError, NotFoundError
@@ -418,21 +418,13 @@ def test_every_step_is_one_forward_over_prompt_chunks_and_decode_tokens_together
 def test_a_chunked_prefill_keeps_reft_positions_and_matches_the_plain_model(tmp_path):
     """A prompt longer than the step's token budget is fed in chunks; the ReFT edits of its first and last
     tokens land in the chunks that hold them, and the logits equal one plain forward of the ReftModel."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from hub_peft.serving.sampling import SamplingParams
     from hub_peft.serving.scheduler import Request, Scheduler
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    config = tiny_llama_config(max_position_embeddings=512)
     base = AutoModelForCausalLM.from_config(config).eval()
     reft = get_reft_model(base, ReftConfig(layers=[0, 1], positions="f3+l2", prompt_template="{prompt}"))
     with torch.no_grad():

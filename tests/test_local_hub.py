@@ -19,6 +19,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import get_session, hf_raise_for_status
+from test_peft_methods import tiny_llama_config
 
 
 def _make_folder(tmp_path: Path) -> dict[str, bytes]:
@@ -282,18 +283,10 @@ def test_concurrent_uploads_keep_every_commit(api, alice, repo_name):
 
 def test_transformers_loads_a_model_from_the_local_hub(api, alice, repo_name, tmp_path):
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config(vocab_size=64, hidden_size=32)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(tmp_path / "m")
     repo_id = f"alice/{repo_name}"

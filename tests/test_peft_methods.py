@@ -19,18 +19,10 @@ BASE_REPO = "alice/tiny-llama"
 def tiny_base_repo(local_hub, tmp_path_factory, alice):
     """A seeded 2-layer Llama pushed to the local Hub, so adapters name a base anyone can fetch."""
     from huggingface_hub import HfApi
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config()
     folder = tmp_path_factory.mktemp("tiny_base")
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
@@ -54,6 +46,23 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
     )
+
+
+def tiny_llama_config(**sizes):
+    """A seeded-test-sized Llama config (2 layers, 4 heads, 2 KV heads); ``sizes`` override any field."""
+    from transformers import LlamaConfig
+
+    hidden = sizes.get("hidden_size", 64)
+    defaults = {
+        "vocab_size": 128,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
+    return LlamaConfig(**{**defaults, **sizes})
 
 
 def load_tiny(load_in_4bit: bool = False):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from packaging.version import Version
-from test_peft_methods import load_tiny, tiny_base_repo, tiny_tokenizer  # noqa: F401 - shared session fixture
+from test_peft_methods import load_tiny, tiny_base_repo, tiny_llama_config, tiny_tokenizer  # noqa: F401 - shared session fixture
 from transformers import __version__ as transformers_version
 
 from hub_peft import load_adapter, push_adapter, save_adapter
@@ -26,17 +26,11 @@ EOS = 2  # LlamaConfig's default eos_token_id
 
 
 def tiny_llama(layers: int = 4, seed: int = 0):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+    config = tiny_llama_config(
+        hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers, max_position_embeddings=128
     )
     return AutoModelForCausalLM.from_config(config).eval()
 

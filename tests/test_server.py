@@ -16,7 +16,7 @@ import openai
 import pytest
 import torch
 from test_engine import PROMPTS, adapters  # noqa: F401 - module fixture
-from test_peft_methods import load_tiny, tiny_base_repo, tiny_tokenizer  # noqa: F401
+from test_peft_methods import load_tiny, tiny_base_repo, tiny_llama_config, tiny_tokenizer  # noqa: F401
 
 from hub_peft import push_adapter, save_adapter
 from hub_peft.hub.process import free_port
@@ -326,7 +326,7 @@ def test_bad_requests_get_clear_errors_in_openais_shape(server):
 
 def test_adapters_load_on_demand_and_through_admin_routes(server, adapters, alice, tmp_path):  # noqa: F811
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     repo = "alice/served-lora"
     push_adapter(adapters["lora"], repo, token=alice)
@@ -346,14 +346,7 @@ def test_adapters_load_on_demand_and_through_admin_routes(server, adapters, alic
     assert server.delete("/admin/adapters/again", headers=auth).json() == {"removed": "again"}
     assert chat(server, "again", "a").status_code == 404
 
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = tiny_llama_config(hidden_size=32, max_position_embeddings=2048)
     other = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(target_modules=["q_proj"]))
     folder = str(save_adapter(other, Path(adapters["ia3"]).parent / "other"))  # under the served --adapter-dir
     elsewhere = str(save_adapter(other, tmp_path / "elsewhere"))

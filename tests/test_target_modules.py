@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_peft_methods import tiny_tokenizer
+from test_peft_methods import tiny_llama_config, tiny_tokenizer
 
 from hub_peft import load_adapter
 from hub_peft.base_model import load_base_model
@@ -168,18 +168,10 @@ def test_target_module_settings_are_checked():
 
 
 def _llama(folder, hidden: int):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config(hidden_size=hidden)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
 

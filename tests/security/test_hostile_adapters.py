@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_peft_methods import tiny_llama_config
 
 from hub_peft import load_adapter
 from hub_peft.adapters import check_adapter_folder
@@ -43,18 +44,10 @@ def tiny_llama(folder: Path):
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
     """A seeded 2-layer Llama, saved in a folder."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config(hidden_size=32)
     folder = tmp_path_factory.mktemp("tiny_llama")
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
