@@ -22,27 +22,9 @@ def train(
 ) -> tuple[dict, subprocess.CompletedProcess]:
     examples = tmp_path / "examples.jsonl"
     examples.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    command = [
-        "-m",
-        "hub_peft.cli",
-        "train",
-        "--examples",
-        str(examples),
-        "--method",
-        method,
-        "--base",
-        "alice/tiny-llama",
-        "--out",
-        str(tmp_path / name),
-        "--epochs",
-        "3",
-        "--batch-size",
-        "4",
-        "--lr",
-        "0.02",
-        "--no-validation",
-        *extra,
-    ]
+    command = ["-m", "hub_peft.cli", "train", "--examples", str(examples), "--method", method]
+    command += ["--base", "alice/tiny-llama", "--out", str(tmp_path / name), "--epochs", "3", "--batch-size", "4"]
+    command += ["--lr", "0.02", "--no-validation", *extra]
     if method == "reft":
         command += ["--layers", "1"]
     if processes > 1:  # accelerate's own launcher (torchrun underneath); on a CPU-only machine it uses gloo

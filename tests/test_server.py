@@ -76,6 +76,37 @@ def sdk(server):
     return openai.OpenAI(base_url=str(server.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0)
 
 
+@contextlib.contextmanager
+def serve_process(*args: str):
+    """``hub-peft serve ARGS`` on a free port, started as an operator starts it: yields the process and its URL
+    once ``/health`` answers; then SIGTERM, after which it must exit with status 0."""
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    command = [sys.executable, "-m", "hub_peft.cli", "serve", "--port", str(port), *args]
+    process = subprocess.Popen(command, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            assert time.time() < deadline, "hub-peft serve did not come up"
+            try:
+                httpx.get(f"{url}/health", timeout=10).raise_for_status()
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        yield process, url
+    except BaseException:
+        process.kill()
+        process.wait(20)
+        raise
+    process.terminate()  # SIGTERM: the steps stop on the main thread, HTTP shuts down, exit status 0
+    assert process.wait(20) == 0, process.stdout.read()
+
+
 def chat(client, model, content, **extra):
     body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 5, **GREEDY, **extra}
     return client.post("/v1/chat/completions", json=body)
@@ -480,39 +511,14 @@ def test_the_serve_command(adapters, alice, tiny_base_repo, tmp_path, engine):  
     import sys
 
     commit = push_adapter(adapters["reft"], "alice/served-reft", token=alice).rsplit("/", 1)[-1]
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "hub_peft.cli",
-        "serve",
-        "--base",
-        tiny_base_repo,
-        "--port",
-        str(port),
-        "--adapter",
-        f"lora={adapters['lora']}",
-        "--adapter",
-        f"reft=alice/served-reft@{commit}",
-    ]
-    process = subprocess.Popen(command, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.time() + 90
-            while True:
-                assert process.poll() is None, process.stdout.read()
-                assert time.time() < deadline, "hub-peft serve did not come up"
-                try:
-                    models = client.get("/v1/models").json()["data"]
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.3)
-            assert {m["id"]: m.get("commit") for m in models}["reft"] == commit
-            answer = chat(client, "reft", PROMPTS[1])
-            assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
-            assert answer.json()["choices"][0]["message"]["content"].strip() == reference(engine, PROMPTS[1], "reft")
-    finally:
-        process.terminate()  # SIGTERM: the steps stop on the main thread, HTTP shuts down, exit status 0
-        assert process.wait(20) == 0, process.stdout.read()
-    bad = subprocess.run([*command[:4], "--adapter", "no-equals-sign"], capture_output=True, text=True, env=os.environ)
+    served = ["--base", tiny_base_repo, "--adapter", f"lora={adapters['lora']}"]
+    served += ["--adapter", f"reft=alice/served-reft@{commit}"]
+    with serve_process(*served) as (_, url), httpx.Client(base_url=url, timeout=30) as client:
+        models = client.get("/v1/models").json()["data"]
+        assert {m["id"]: m.get("commit") for m in models}["reft"] == commit
+        answer = chat(client, "reft", PROMPTS[1])
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+        assert answer.json()["choices"][0]["message"]["content"].strip() == reference(engine, PROMPTS[1], "reft")
+    command = [sys.executable, "-m", "hub_peft.cli", "serve", "--adapter", "no-equals-sign"]
+    bad = subprocess.run(command, capture_output=True, text=True, env=os.environ)
     assert bad.returncode == 2 and "--adapter takes NAME=REPO_ID[@REVISION]" in bad.stderr

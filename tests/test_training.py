@@ -90,24 +90,8 @@ def test_hub_peft_train_cli_trains_saves_and_pushes(tiny_base_repo, alice, repo_
     examples.write_text("\n".join(json.dumps(r) for r in [*ROWS, {"prompt": "", "response": "x"}]) + "\n")
     repo_id = f"alice/{repo_name}"
     env = {**os.environ, "HF_TOKEN": alice}
-    cmd = [
-        sys.executable,
-        "-m",
-        "hub_peft.cli",
-        "train",
-        "--examples",
-        str(examples),
-        "--method",
-        "reft",
-        "--base",
-        "alice/tiny-llama",
-        "--out",
-        str(tmp_path / "out"),
-        "--epochs",
-        "3",
-        "--push",
-        repo_id,
-    ]
+    cmd = [sys.executable, "-m", "hub_peft.cli", "train", "--examples", str(examples), "--method", "reft"]
+    cmd += ["--base", "alice/tiny-llama", "--out", str(tmp_path / "out"), "--epochs", "3", "--push", repo_id]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "row 9: empty prompt (skipped)" in out.stderr and "8 examples to train on" in out.stdout
@@ -261,18 +245,8 @@ def test_train_holds_out_a_validation_split_and_reports_its_loss(method, tiny_ba
         base += ["--layers", "1"]
 
     def train(out: str, *extra: str):
-        cmd = [
-            sys.executable,
-            "-m",
-            "hub_peft.cli",
-            "train",
-            "--examples",
-            str(examples),
-            "--out",
-            str(tmp_path / out),
-            *base,
-            *extra,
-        ]
+        cmd = [sys.executable, "-m", "hub_peft.cli", "train", "--examples", str(examples), "--out", str(tmp_path / out)]
+        cmd += [*base, *extra]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ)
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads((tmp_path / out / "hub_peft_card.json").read_text()), done.stdout

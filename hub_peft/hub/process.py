@@ -96,21 +96,8 @@ def start_local_hub(
         with os.fdopen(fd, "w") as f:
             f.writelines(f"{user}={token}\n" for user, token in tokens.items())
         log_path = root / "server.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "hub_peft.cli",
-            "hub",
-            "serve",
-            "--root",
-            str(root),
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--tokens-file",
-            str(tokens_file),
-        ]
+        cmd = [sys.executable, "-m", "hub_peft.cli", "hub", "serve", "--root", str(root), "--host", host]
+        cmd += ["--port", str(port), "--tokens-file", str(tokens_file)]
         if session_idle_s is not None:
             cmd += ["--session-idle-seconds", str(session_idle_s)]
         if session_max_s is not None:

@@ -73,22 +73,15 @@ def logged_in_as(c: httpx.Client) -> str | None:
     return match.group(1).strip() if match else None
 
 
+def hub_serve_command(root: Path, tokens_file: Path, port: int) -> list[str]:
+    """``hub-peft hub serve`` as an operator types it."""
+    serve = [sys.executable, "-m", "hub_peft.cli", "hub", "serve"]
+    return [*serve, "--root", str(root), "--port", str(port), "--tokens-file", str(tokens_file)]
+
+
 def run_serve(root: Path, tokens_file: Path) -> subprocess.CompletedProcess:
     """``hub-peft hub serve`` with ``tokens_file``, as an operator runs it (exits at once when refused)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "hub_peft.cli",
-        "hub",
-        "serve",
-        "--root",
-        str(root),
-        "--port",
-        str(free_port()),
-        "--tokens-file",
-        str(tokens_file),
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    return subprocess.run(hub_serve_command(root, tokens_file, free_port()), capture_output=True, text=True, timeout=60)
 
 
 def write_tokens(path: Path, text: str, mode: int = 0o600) -> Path:
@@ -355,19 +348,7 @@ def test_a_tokens_file_of_mode_600_or_stricter_is_accepted(tmp_path):
     secret = f"hf_{secrets.token_hex(16)}"
     tokens_file = write_tokens(tmp_path / "tokens", f"alice={secret}\n", 0o400)
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "hub_peft.cli",
-        "hub",
-        "serve",
-        "--root",
-        str(tmp_path / "root"),
-        "--port",
-        str(port),
-        "--tokens-file",
-        str(tokens_file),
-    ]
+    cmd = hub_serve_command(tmp_path / "root", tokens_file, port)
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline, whoami = time.monotonic() + 30, None

@@ -4,9 +4,6 @@ a 4xx, and the server's memory stays bounded (its peak is printed)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,9 +12,9 @@ import httpx
 from test_engine import PROMPTS, adapters  # noqa: F401 - module fixture
 from test_hostile_requests import engine, hostile_repos  # noqa: F401 - module fixtures
 from test_peft_methods import tiny_base_repo  # noqa: F401
+from test_server import serve_process
 
 from hub_peft import push_adapter
-from hub_peft.hub.process import free_port
 
 
 def _memory(pid: int) -> tuple[int, int]:
@@ -54,68 +51,37 @@ def test_two_hundred_requests_one_in_ten_hostile_against_hub_peft_serve(
         (m, p): engine.generate([p], [None if m is None else "lora"], max_new_tokens=5)[0].strip() for m, p in goods
     }
     kinds = [*hostile_repos, "path", "nul-revision", "nan-mix", "huge-body", "long-prompt"]
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "hub_peft.cli",
-        "serve",
-        "--base",
-        tiny_base_repo,
-        "--port",
-        str(port),
-        "--adapter",
-        f"lora={adapters['lora']}",
-        "--allow-hub-pattern",
-        "alice/served-*",
-        "--max-prompt-tokens",
-        "40",
-        "--max-body-mb",
-        "1",
-    ]
-    server = subprocess.Popen(command, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=None)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits) as client:
-            deadline = time.time() + 90
-            while True:
-                assert server.poll() is None, server.stdout.read()
-                assert time.time() < deadline, "hub-peft serve did not come up"
-                try:
-                    client.get("/health").raise_for_status()
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.3)
-            started, _ = _memory(server.pid)
+    served = ["--base", tiny_base_repo, "--adapter", f"lora={adapters['lora']}", "--max-body-mb", "1"]
+    served += ["--allow-hub-pattern", "alice/served-*", "--max-prompt-tokens", "40"]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=None)
+    with serve_process(*served) as (server, url), httpx.Client(base_url=url, timeout=120, limits=limits) as client:
+        started, _ = _memory(server.pid)
 
-            def send(i: int) -> tuple[int, str | None, str | None]:
-                if i % 10 == 9:
-                    kind = kinds[(i // 10) % len(kinds)]
-                    how, what = _hostile(kind, hostile_repos)
-                    if how == "raw":
-                        answer = client.post(
-                            "/v1/completions" if b'"prompt"' in what else "/v1/chat/completions",
-                            content=what,
-                            headers={"content-type": "application/json"},
-                        )
-                    else:
-                        answer = client.post("/v1/chat/completions", json=what)
-                    return answer.status_code, kind, answer.text
-                model, prompt = goods[i % len(goods)]
-                body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 5, "temperature": 0}
-                answer = client.post("/v1/chat/completions", json=body | ({"model": model} if model else {}))
-                text = answer.json()["choices"][0]["message"]["content"].strip() if answer.status_code == 200 else None
-                return answer.status_code, None, None if text == want[(model, prompt)] else answer.text
+        def send(i: int) -> tuple[int, str | None, str | None]:
+            if i % 10 == 9:
+                kind = kinds[(i // 10) % len(kinds)]
+                how, what = _hostile(kind, hostile_repos)
+                if how == "raw":
+                    answer = client.post(
+                        "/v1/completions" if b'"prompt"' in what else "/v1/chat/completions",
+                        content=what,
+                        headers={"content-type": "application/json"},
+                    )
+                else:
+                    answer = client.post("/v1/chat/completions", json=what)
+                return answer.status_code, kind, answer.text
+            model, prompt = goods[i % len(goods)]
+            body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 5, "temperature": 0}
+            answer = client.post("/v1/chat/completions", json=body | ({"model": model} if model else {}))
+            text = answer.json()["choices"][0]["message"]["content"].strip() if answer.status_code == 200 else None
+            return answer.status_code, None, None if text == want[(model, prompt)] else answer.text
 
-            start = time.monotonic()
-            with ThreadPoolExecutor(16) as pool:
-                results = list(pool.map(send, range(200)))
-            took = time.monotonic() - start
-            current, peak = _memory(server.pid)
-            assert client.get("/health").status_code == 200
-    finally:
-        server.terminate()
-        server.wait(20)
+        start = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(send, range(200)))
+        took = time.monotonic() - start
+        current, peak = _memory(server.pid)
+        assert client.get("/health").status_code == 200
     hostile = [(status, kind, text) for status, kind, text in results if kind]
     good = [(status, text) for status, kind, text in results if not kind]
     assert len(hostile) == 20 and len(good) == 180
