@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import quote, urlsplit
 
 from jinja2 import DictLoader, Environment, select_autoescape
@@ -320,9 +320,7 @@ class Pages:
             repos=rows,
             search=search,
             author=author,
-            user=user,
-            here=here,
-            csrf=csrf,
+            **_viewer(user, here, csrf),
         )
 
     def repo(self, user: str | None, repo_type: str, repo_id: str, here: str, *, csrf: str = "") -> Page:
@@ -347,9 +345,7 @@ class Pages:
             base=base,
             badges=badges,
             files=_listing(repo, commit, "main", ""),
-            user=user,
-            here=here,
-            csrf=csrf,
+            **_viewer(user, here, csrf),
             loss_curve=f"{base}/resolve/{commit.id}/loss_curve.png" if loss else None,
             card_html=render_card(body, f"{base}/resolve/{commit.id}/") if body.strip() else "<p><em>No card.</em></p>",
         )
@@ -361,7 +357,7 @@ class Pages:
         commit = self.storage.resolve(repo, revision)
         files = _listing(repo, commit, revision, path)
         if path and not files:
-            return self.error(404, f"No folder {path!r} at {revision}.", user=user, here=here, csrf=csrf)
+            return self.error(404, f"No folder {path!r} at {revision}.", **_viewer(user, here, csrf))
         return self.render(
             "tree.html",
             title=f"{repo.repo_id}/{path}",
@@ -371,9 +367,7 @@ class Pages:
             files=files,
             path=path,
             revision=revision,
-            user=user,
-            here=here,
-            csrf=csrf,
+            **_viewer(user, here, csrf),
         )
 
     def commits(
@@ -388,9 +382,7 @@ class Pages:
             commits=history,
             base=repo_url(repo),
             revision=revision,
-            user=user,
-            here=here,
-            csrf=csrf,
+            **_viewer(user, here, csrf),
         )
 
     def commit(self, user: str | None, repo_type: str, repo_id: str, sha: str, here: str, *, csrf: str = "") -> Page:
@@ -415,9 +407,7 @@ class Pages:
             parent=parent,
             changes=changes,
             base=repo_url(repo),
-            user=user,
-            here=here,
-            csrf=csrf,
+            **_viewer(user, here, csrf),
         )
 
     def login_form(
@@ -500,6 +490,11 @@ def split_front_matter(text: str) -> tuple[dict, str]:
         return (load_card_data(front) if front is not None else None) or {}, body
     except CardError:  # refused metadata is not shown, the Markdown is
         return {}, body
+
+
+def _viewer(user: str | None, here: str, csrf: str) -> dict[str, Any]:
+    """What every page shows of who looks at it: the user, the page's own address, the CSRF token of its forms."""
+    return {"user": user, "here": here, "csrf": csrf}
 
 
 def _listing(repo: Repo, commit: Commit, revision: str, path: str) -> list[dict]:
