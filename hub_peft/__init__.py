@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._lazy import lazy_attributes
 from ._version import __version__ as __version__
 from .errors import HubPeftError, IncompatibleAdapterError, InvalidInputError, NotFoundError, UnsafeFileError
 
@@ -34,13 +35,8 @@ if TYPE_CHECKING:
     from .validate import validate_adapter
 
 
-def __getattr__(name: str):
-    # Heavy modules (torch, transformers) load on first use so `hub-peft hub serve` starts fast.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'hub_peft' has no attribute {name!r}")
+# Heavy modules (torch, transformers) load on first use so `hub-peft hub serve` starts fast.
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -65,7 +65,7 @@ class CachedCopy:
     folder: Path
     nbytes: int = 0
     last_used: float = 0.0
-    payload: LoraPayload | Ia3Payload | ReftPayload | SoloPayload | None = None
+    payload: Payload | None = None
     peft_config: Any = None  # a solo adapter's PeftConfig, its target_modules resolved to explicit names
     users: int = 0  # queued or running requests that reserved it (never evicted meanwhile, see reserve)
 
@@ -94,7 +94,7 @@ class Entry:
         return self.cached.folder
 
     @property
-    def payload(self) -> LoraPayload | Ia3Payload | ReftPayload | SoloPayload | None:
+    def payload(self) -> Payload | None:
         return self.cached.payload
 
 
@@ -290,10 +290,10 @@ class AdapterCache:
                 cached.users -= 1
             self._evict(keep=set())
 
-    def materialize(self, entry: Entry) -> Any:
+    def materialize(self, entry: Entry) -> Payload:
         return self._materialize(entry.cached)
 
-    def _materialize(self, cached: CachedCopy) -> LoraPayload | Ia3Payload | ReftPayload | SoloPayload:
+    def _materialize(self, cached: CachedCopy) -> Payload:
         """``cached``'s payload, loaded first if it is not resident. The load runs outside the cache's lock
         (an attach may take seconds): nothing else waits for it, a thread that needs the same copy meanwhile
         loads its own and one of the two stays."""
@@ -307,9 +307,7 @@ class AdapterCache:
         if cached.kind == "solo":
             if self.attach is None:
                 raise IncompatibleAdapterError(f"{cached.key}: this cache has no base to attach a solo adapter to.")
-            payload: LoraPayload | Ia3Payload | ReftPayload | SoloPayload = SoloPayload(
-                *self.attach(cached.folder, cached.peft_config)
-            )
+            payload: Payload = SoloPayload(*self.attach(cached.folder, cached.peft_config))
         elif cached.kind == "reft":
             payload = _load_reft(cached.folder)
         else:
@@ -457,7 +455,7 @@ def _load_reft(folder: Path) -> ReftPayload:
     return ReftPayload(config, sites)
 
 
-def _payload_bytes(payload: LoraPayload | Ia3Payload | ReftPayload | SoloPayload) -> int:
+def _payload_bytes(payload: Payload) -> int:
     if isinstance(payload, SoloPayload):
         return payload.nbytes
     if isinstance(payload, LoraPayload):

@@ -136,7 +136,7 @@ class Engine(StaticGeneration):
         """A solo adapter attached by PEFT to a shadow of the base (see :mod:`.solo`) and the bytes it adds:
         called by the cache when the adapter is loaded, never by a step."""
         swap = {id(wrapper): wrapper.base_layer for _, _, wrapper in self._wrapped}
-        model = solo.attach(self.model, folder, config, swap=swap, snapshot=lambda: self._lock)
+        model = solo.attach(self.model, folder, config, swap=swap, lock=self._lock)
         return model, solo.own_bytes(model, self.model)
 
     def _prepare_adapter(self, config: dict) -> None:
@@ -198,9 +198,7 @@ class Engine(StaticGeneration):
         pin: bool = False,
         hub_only: bool = False,
     ) -> dict:
-        """Load an adapter (folder or repo id; the one in its ``subfolder`` if given) under ``name`` without
-        touching the base or the others; a Hub repo is resolved to one commit first (see :class:`AdapterCache`).
-        ``hub_only``: ``source`` is read as a Hub repo id, never as a local folder (a name from a stranger)."""
+        """Load an adapter under ``name``: :meth:`.cache.AdapterCache.add`, which says how."""
         return self.cache.add(name, source, revision, subfolder=subfolder, pin=pin, hub_only=hub_only)
 
     def remove(self, name: str) -> None:

@@ -14,7 +14,8 @@ step loop; a step only picks the already built model by reference.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +63,16 @@ def attach(
     config: Any,
     *,
     swap: Mapping[int, nn.Module] = {},
-    snapshot: Callable[[], Any] | None = None,
+    lock: AbstractContextManager[Any] | None = None,
 ) -> nn.Module:
     """``base`` with the adapter in ``folder`` attached the ordinary PEFT way, on a shadow of ``base``.
 
     ``config`` is the adapter's checked :class:`~peft.PeftConfig` (its ``target_modules`` resolved to explicit
-    names, so PEFT runs no regex of the adapter's); ``snapshot``, if given, is a context manager the module
-    tree is copied under (the engine's lock: no hook is added meanwhile)."""
-    from contextlib import nullcontext
-
+    names, so PEFT runs no regex of the adapter's); the module tree is copied under ``lock`` (the engine's: no
+    hook is added meanwhile)."""
     from peft import PeftModel
 
-    with snapshot() if snapshot is not None else nullcontext():
+    with lock or nullcontext():
         copy = shadow(base, swap)
     with torch.inference_mode():  # as the engine's forwards run: DoRA's norms of 4-bit weights dequantize here
         return PeftModel.from_pretrained(copy, folder, config=config).eval()

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from ..reft.model import prompt_positions
-from .cache import AdapterCache, Ia3Payload, LoraPayload, ReftPayload
+from .cache import AdapterCache, Ia3Payload, LoraPayload, ReftPayload, SoloPayload
 from .request import AdapterSpec, Completion, Prompt, Spec, check_messages
 from .row_deltas import Group, Plan, PlanSlot
 from .sampling import Sampled, SamplingParams, sample_row
@@ -170,7 +170,9 @@ class StaticGeneration:
             if entry.peft_type == "multitask_prompt_tuning":  # its prompts per task: the engine serves task 0
                 extra["task_ids"] = torch.zeros(mask.shape[0], dtype=torch.long)
             # built when it was loaded; a queued request reserved it (Scheduler.submit), so this is a hit
-            yield self.cache.materialize(entry).model, extra
+            payload = self.cache.materialize(entry)
+            assert isinstance(payload, SoloPayload), entry.name  # solo_names: only solo adapters come here
+            yield payload.model, extra
         else:
             with self._planned(specs, mask):
                 yield self.model, {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._lazy import lazy_attributes
 from .run import Reporter, TrainingPlan, TrainingRun, plan_training, run_training
 from .settings import DEFAULTS, METHODS, Callbacks, HyperParams, TrainSettings, planned_steps
 
@@ -48,12 +49,7 @@ if TYPE_CHECKING:
     from .reft_loop import train_reft
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'hub_peft.training' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [
