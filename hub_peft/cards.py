@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import yaml
 
@@ -129,14 +129,16 @@ def _size(folder: Path) -> str:
     return f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
-def render_card(
-    folder: str | Path,
-    *,
-    repo_id: str | None = None,
-    vllm_ok: bool | None = None,
-    name: str | None = None,
-    tensors: dict[str, tuple[str, list[int]]] | None = None,
-) -> str:
+class CardFacts(TypedDict, total=False):
+    """What a card states beyond its folder: ``name`` (the path a staged folder will have), ``vllm_ok`` and
+    ``tensors`` (from :func:`hub_peft.validate.card_facts`); see :func:`render_card`."""
+
+    name: str | None
+    vllm_ok: bool | None
+    tensors: dict[str, tuple[str, list[int]]] | None
+
+
+def render_card(folder: str | Path, *, repo_id: str | None = None, **facts: Unpack[CardFacts]) -> str:
     """The full ``README.md`` text for the adapter in ``folder``. Its usage snippets load ``repo_id``, else
     ``name`` (the path a folder not pushed yet will have, when ``folder`` is a staging copy), else ``folder``.
 
@@ -145,6 +147,8 @@ def render_card(
     (the weights' safetensors header, for a classifier head's size when no labels were recorded).
     :func:`hub_peft.validate.card_facts` gives both."""
     from huggingface_hub import constants
+
+    name, vllm_ok, tensors = facts.get("name"), facts.get("vllm_ok"), facts.get("tensors")
 
     folder = Path(folder)
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -320,17 +324,10 @@ def _reft_summary(config: dict) -> str:
     )
 
 
-def write_card(
-    folder: str | Path,
-    *,
-    repo_id: str | None = None,
-    name: str | None = None,
-    vllm_ok: bool | None = None,
-    tensors: dict[str, tuple[str, list[int]]] | None = None,
-) -> Path:
+def write_card(folder: str | Path, *, repo_id: str | None = None, **facts: Unpack[CardFacts]) -> Path:
     """Write (or refresh) ``folder/README.md`` and, when the run was evaluated, ``.eval_results/``;
-    also draws the loss curve when a history is known. ``name``, ``vllm_ok``, ``tensors``: see
-    :func:`render_card` (the caller validates; ``write_card(folder, **card_facts(folder))``)."""
+    also draws the loss curve when a history is known. ``facts``: see :func:`render_card` (the caller
+    validates; ``write_card(folder, **card_facts(folder))``)."""
     folder = Path(folder)
     info = CardInfo.load(folder)
     if info.history and not (folder / LOSS_CURVE_NAME).is_file():
@@ -342,7 +339,7 @@ def write_card(
         (folder / EVAL_RESULTS_PATH).parent.mkdir(exist_ok=True)
         write_text(folder / EVAL_RESULTS_PATH, yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False))
     path = folder / "README.md"
-    write_text(path, render_card(folder, repo_id=repo_id, name=name, vllm_ok=vllm_ok, tensors=tensors))
+    write_text(path, render_card(folder, repo_id=repo_id, **facts))
     return path
 
 

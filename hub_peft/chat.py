@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import InvalidInputError
+from .modeling import GREEDY_GENERATE
 
 
 def format_prompt(tokenizer: Any, prompt: str, *, raw: bool = False, system: str | None = None) -> str:
@@ -85,11 +86,8 @@ def generate_replies(
     if template is None:
         template = prompt_template(tokenizer, raw=raw)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample, "pad_token_id": pad}
-    if sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad}
+    kwargs.update({"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else GREEDY_GENERATE)
     replies = []
     for start in range(0, len(prompts), batch_size):
         encoded = [encode_prompt(tokenizer, p, template) for p in prompts[start : start + batch_size]]

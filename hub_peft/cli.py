@@ -83,9 +83,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from tqdm import tqdm
 
+    from ._args import from_args
     from .base_model import load_base_model
     from .errors import InvalidInputError
-    from .serving import MultiAdapterModel, create_app
+    from .serving import MultiAdapterModel, ServerSettings, create_app
+    from .serving.openai.settings import DEFAULT_BASE_NAME
 
     adapters = [_parse_adapter_spec(spec) for spec in args.adapter or []]
     if args.engine == "vllm":
@@ -99,22 +101,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         adapters, desc="loading adapters", unit="adapter", disable=not adapters
     ):
         engine.add(name, source, revision, subfolder=subfolder, pin=True)
-    base_name = args.base or "HuggingFaceTB/SmolLM2-135M-Instruct"
-    app = create_app(
-        engine,
-        base_name=base_name,
-        allow_hub_pattern=args.allow_hub_pattern,
-        max_running=args.max_running,
-        max_waiting=args.max_waiting,
-        max_prompt_tokens=args.max_prompt_tokens,
-        default_max_tokens=args.default_max_tokens,
-        request_timeout=args.request_timeout,
+    settings = from_args(
+        ServerSettings,
+        args,
+        base_name=args.base or DEFAULT_BASE_NAME,
         admin_token=os.environ.get("HUB_PEFT_ADMIN_TOKEN") or None,
         adapter_dirs=args.adapter_dir or (),
         max_body_bytes=int(args.max_body_mb * 2**20),
-        adapter_load_timeout=args.adapter_load_timeout,
-        start_scheduler=False,
     )
+    app = create_app(engine, settings, start_scheduler=False)
+    base_name = settings.base_name
     print(f"Serving {base_name} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
     # The model's steps run here, on the thread that loaded it; HTTP gets a thread of its own that never
     # computes (a second computing thread makes libgomp's waits sleep, which slows every step; see
@@ -369,6 +365,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return train_from_args(args, say_quantization=_say_quantization)
 
 
+_SERVE_LIMITS = (  # hub-peft serve's limits: (option, help); type and default from ServerSettings
+    ("--max-waiting", "Queued requests; beyond them HTTP 429."),
+    ("--max-prompt-tokens", "Longest prompt in tokens; beyond: 413."),
+    ("--default-max-tokens", "max_tokens of a chat request that gives none."),
+    ("--request-timeout", "Seconds before a request is ended."),
+    ("--adapter-load-timeout", "Seconds a request may wait for a Hub adapter to download and load; beyond: 504."),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hub-peft", description="Share and serve adapters on the Hugging Face Hub.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -481,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     space_push.add_argument("--hardware", default="cpu-basic", help="Suggested Space hardware (default: cpu-basic).")
     space_push.set_defaults(func=_cmd_space_push)
 
+    from .serving.openai.settings import ServerSettings  # the standard library only
+
     serve_api = sub.add_parser("serve", help="Serve many adapters over one base model (OpenAI-compatible API).")
     serve_api.add_argument("--base", default=None, help="Base model (default: the embedded SmolLM2-135M-Instruct).")
     serve_api.add_argument("--load-in-4bit", action="store_true", help="Load the base in NF4 4-bit (bitsandbytes).")
@@ -512,25 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="Sequences decoding at once (cache slots); more requests wait.",
     )
-    serve_api.add_argument("--max-waiting", type=int, default=256, help="Queued requests; beyond them HTTP 429.")
-    serve_api.add_argument("--max-prompt-tokens", type=int, default=1024)
-    serve_api.add_argument(
-        "--default-max-tokens", type=int, default=256, help="max_tokens of a chat request that gives none."
-    )
-    serve_api.add_argument("--request-timeout", type=float, default=600.0, help="Seconds before a request is ended.")
+    limits = ServerSettings()
+    for flag, help_text in _SERVE_LIMITS:
+        default = getattr(limits, flag[2:].replace("-", "_"))
+        serve_api.add_argument(flag, type=type(default), default=default, help=help_text)
     serve_api.add_argument(
         "--memory-budget-mb",
         type=float,
         default=256.0,
         help="Adapter cache budget (MiB); also the most one adapter's weights may take (at least 64 MiB).",
     )
-    serve_api.add_argument("--max-body-mb", type=float, default=4.0, help="Largest request body (MiB); beyond: 413.")
-    serve_api.add_argument(
-        "--adapter-load-timeout",
-        type=float,
-        default=120.0,
-        help="Seconds a request may wait for a Hub adapter to download and load; beyond: 504.",
-    )
+    body_mb = limits.max_body_bytes / 2**20
+    serve_api.add_argument("--max-body-mb", type=float, default=body_mb, help="Largest request body (MiB); then 413.")
     serve_api.add_argument("--log-level", default="warning")
     serve_api.add_argument(
         "--engine",

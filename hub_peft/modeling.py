@@ -9,6 +9,10 @@ from torch import nn
 
 from .errors import IncompatibleAdapterError
 
+# NOTE: greedy ``generate`` keywords: a model's generation_config may set sampling fields, which transformers
+# warns about (and ignores) when do_sample is False; clearing them keeps greedy runs quiet and exact.
+GREEDY_GENERATE: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
 
 def innermost_model(model: nn.Module) -> nn.Module:
     """The transformers ``PreTrainedModel`` under PEFT / ReFT wrappers."""

@@ -66,25 +66,12 @@ def test_4bit_base_answers_a_chat_prompt_sensibly(base_4bit):
 
 
 def test_cli_chat_raw_and_templated():
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     prompt = "What is the capital of France?"
-    out = subprocess.run(
-        [sys.executable, "-m", "hub_peft.cli", "chat", prompt, "--4bit", "--max-new-tokens", "20"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    out = _cli("chat", prompt, "--4bit", "--max-new-tokens", "20")
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "base: 210 of 210 decoder linear layers in 4-bit; recorded as NF4 4-bit" in out.stderr  # 30 layers x 7
-    raw = subprocess.run(
-        [sys.executable, "-m", "hub_peft.cli", "chat", "The capital of France is", "--raw", "--max-new-tokens", "5"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    raw = _cli("chat", "The capital of France is", "--raw", "--max-new-tokens", "5")
     assert raw.returncode == 0, raw.stderr
     assert "Paris" in raw.stdout
 
@@ -101,12 +88,14 @@ def test_bf16_base_loads_and_answers():
 
 
 def test_demo_starts_the_hub_and_answers(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "hub_peft.cli", "demo", "--exit", "--hub-root", str(tmp_path / "hub")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _cli("demo", "--exit", "--hub-root", str(tmp_path / "hub"))
     assert out.returncode == 0, out.stderr
     assert "Local Hub started: http://127.0.0.1:" in out.stdout
     assert "Paris" in out.stdout.split("assistant>")[1]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """``hub-peft *args`` in a fresh process, its output unbuffered and captured."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "hub_peft.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

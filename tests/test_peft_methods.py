@@ -52,6 +52,12 @@ def tiny_llama_config(**sizes):
     """A seeded-test-sized Llama config (2 layers, 4 heads, 2 KV heads); ``sizes`` override any field."""
     from transformers import LlamaConfig
 
+    return tiny_decoder_config(LlamaConfig, **sizes)
+
+
+def tiny_decoder_config(config_class, **sizes):
+    """A test-sized config of a Llama-like decoder class (Qwen2, Mistral, Gemma2...): 2 layers, 4 heads, 2 KV
+    heads, a vocabulary of 128; ``sizes`` override any field."""
     hidden = sizes.get("hidden_size", 64)
     defaults = {
         "vocab_size": 128,
@@ -62,7 +68,7 @@ def tiny_llama_config(**sizes):
         "num_key_value_heads": 2,
         "max_position_embeddings": 64,
     }
-    return LlamaConfig(**{**defaults, **sizes})
+    return config_class(**{**defaults, **sizes})
 
 
 def load_tiny(load_in_4bit: bool = False):

@@ -12,7 +12,12 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from packaging.version import Version
-from test_peft_methods import load_tiny, tiny_base_repo, tiny_llama_config, tiny_tokenizer  # noqa: F401 - shared session fixture
+from test_peft_methods import (  # noqa: F401 - tiny_base_repo: a shared session fixture
+    load_tiny,
+    tiny_base_repo,
+    tiny_decoder_config,
+    tiny_tokenizer,
+)
 from transformers import __version__ as transformers_version
 
 from hub_peft import load_adapter, push_adapter, save_adapter
@@ -26,11 +31,18 @@ EOS = 2  # LlamaConfig's default eos_token_id
 
 
 def tiny_llama(layers: int = 4, seed: int = 0):
+    from transformers import LlamaConfig
+
+    return tiny_causal_lm(LlamaConfig, layers, seed)
+
+
+def tiny_causal_lm(config_class, layers: int, seed: int = 0, **fields):
+    """A seeded causal LM of ``config_class`` (Llama-like), width ``HIDDEN``, ``fields`` set on its config."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_llama_config(
-        hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers, max_position_embeddings=128
+    config = tiny_decoder_config(
+        config_class, hidden_size=HIDDEN, num_hidden_layers=layers, max_position_embeddings=128, **fields
     )
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -340,7 +352,7 @@ def test_the_cached_trainer_checks_its_shortcuts_against_the_model(monkeypatch):
     """The fast loss is used only where the model's logits are exactly its output layer on the decoder's
     output. Gemma 2 soft-caps its logits (and its attention scores, which sends the packed attention to
     Gemma's own attention function): it gets the generic loss, and the plain loop's losses all the same."""
-    from transformers import AutoModelForCausalLM, Gemma2Config
+    from transformers import Gemma2Config
 
     from hub_peft.reft import _kernels
     from hub_peft.training.reft_cache import _CachedSteps
@@ -353,20 +365,7 @@ def test_the_cached_trainer_checks_its_shortcuts_against_the_model(monkeypatch):
     steps = _CachedSteps(model, random_examples(), batch_size=4)
     assert len(steps.linears.swaps) == (7 * 2 if _kernels.onednn_available() else 0)  # the 7 linears of layers 2, 3
     assert steps.head_gemms == _kernels.Gemms(_kernels.onednn_available(), _kernels.onednn_available())
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=128,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        final_logit_softcapping=2.0,
-        attn_logit_softcapping=0.3,
-    )
-    base = AutoModelForCausalLM.from_config(config).eval()
+    base = tiny_causal_lm(Gemma2Config, 4, head_dim=16, final_logit_softcapping=2.0, attn_logit_softcapping=0.3)
     losses = {}
     for method in ("full", "cached"):
         torch.manual_seed(5)
@@ -389,19 +388,9 @@ def step_loss_and_grads(steps, lean: bool, rows: list[int]) -> tuple[torch.Tenso
 
 
 def tiny_qwen2(layers: int):
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=128,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_causal_lm(Qwen2Config, layers)
 
 
 @pytest.mark.parametrize(
@@ -473,20 +462,9 @@ def plain_and_cached_losses(base, examples: list[Example], epochs: int) -> tuple
 def test_sliding_window_models_train_exactly(window, caplog):
     """Mistral's layers see only the last ``window`` tokens: the cached trainer handles examples shorter
     than that (here with a shared prefix) and hands longer ones to the plain loop, saying so."""
-    from transformers import AutoModelForCausalLM, MistralConfig
+    from transformers import MistralConfig
 
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=128,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        sliding_window=window,
-    )
-    base = AutoModelForCausalLM.from_config(config).eval()
+    base = tiny_causal_lm(MistralConfig, 3, sliding_window=window)
     losses, ran = plain_and_cached_losses(base, random_examples(shared=[5, 6]), epochs=3)
     assert ran == ("full" if window == 6 else "cached")
     assert ("attends over windows of 6" in caplog.text) == (window == 6)
@@ -936,19 +914,10 @@ def test_pyreft_import_refuses_unsafe_or_mismatched_saves(tmp_path):
 def tiny_other_architecture(kind: str):
     from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
+    if kind != "gpt2":
+        return tiny_causal_lm(Qwen2Config, 3)
     torch.manual_seed(0)
-    if kind == "gpt2":
-        config = GPT2Config(vocab_size=128, n_embd=HIDDEN, n_layer=3, n_head=4, n_positions=128)
-    else:
-        config = Qwen2Config(
-            vocab_size=128,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        )
+    config = GPT2Config(vocab_size=128, n_embd=HIDDEN, n_layer=3, n_head=4, n_positions=128)
     return AutoModelForCausalLM.from_config(config).eval()
 
 

@@ -107,9 +107,13 @@ def serve_process(*args: str):
     assert process.wait(20) == 0, process.stdout.read()
 
 
+def chat_body(model, content, **extra) -> dict:
+    """A greedy 5-token chat request for ``model`` with one user message; ``extra`` sets or replaces fields."""
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 5, **GREEDY, **extra}
+
+
 def chat(client, model, content, **extra):
-    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 5, **GREEDY, **extra}
-    return client.post("/v1/chat/completions", json=body)
+    return client.post("/v1/chat/completions", json=chat_body(model, content, **extra))
 
 
 def reference(engine, prompt, model, n=5, raw=False):
@@ -168,14 +172,7 @@ def test_a_short_request_sent_after_a_long_one_finishes_first(server, engine):
     first_token = threading.Event()
 
     def long_request():
-        body = {
-            "model": "lora",
-            "messages": [{"role": "user", "content": "a b"}],
-            "max_tokens": 40,
-            "ignore_eos": True,
-            "stream": True,
-            **GREEDY,
-        }
+        body = chat_body("lora", "a b", max_tokens=40, ignore_eos=True, stream=True)
         with server.stream("POST", "/v1/chat/completions", json=body) as response:
             for line in response.iter_lines():
                 if '"content": "' in line and '"content": ""' not in line:
@@ -194,14 +191,7 @@ def test_a_short_request_sent_after_a_long_one_finishes_first(server, engine):
 
 def test_streaming_sends_the_same_text_as_server_sent_events(server):
     whole = chat(server, "reft", PROMPTS[1]).json()["choices"][0]["message"]["content"]
-    body = {
-        "model": "reft",
-        "messages": [{"role": "user", "content": PROMPTS[1]}],
-        "max_tokens": 5,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        **GREEDY,
-    }
+    body = chat_body("reft", PROMPTS[1], stream=True, stream_options={"include_usage": True})
     with server.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
@@ -410,14 +400,7 @@ def test_a_closed_stream_frees_its_slot_and_a_full_queue_answers_429(adapters, m
 
     monkeypatch.setattr(engine, "forward_ragged", slow_step)
     with serving(engine, max_waiting=1, request_timeout=30) as client, ThreadPoolExecutor(1) as pool:
-        body = {
-            "model": "lora",
-            "messages": [{"role": "user", "content": "a"}],
-            "max_tokens": 50,
-            "ignore_eos": True,
-            "stream": True,
-            **GREEDY,
-        }
+        body = chat_body("lora", "a", max_tokens=50, ignore_eos=True, stream=True)
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             lines = response.iter_lines()
             [next(lines) for _ in range(4)]  # a few chunks, then the client goes away

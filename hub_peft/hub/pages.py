@@ -294,6 +294,10 @@ class Pages:
     def render(self, template: str, code: int = 200, **context) -> Page:
         return Page(code, _ENV.get_template(template).render(**context))
 
+    def render_repo(self, template: str, repo: Repo, viewer: dict[str, Any], **context) -> Page:
+        """A page of ``repo``: its links start at ``base``; ``viewer`` is :func:`_viewer`'s."""
+        return self.render(template, repo=repo, base=repo_url(repo), **viewer, **context)
+
     def error(self, status: int, message: str, **context) -> Page:
         return self.render("error.html", status, title=str(status), status=status, message=message, **context)
 
@@ -337,15 +341,14 @@ class Pages:
             elif value:
                 badges.append((key, str(value)))
         loss = "loss_curve.png" in commit.tree
-        return self.render(
+        return self.render_repo(
             "repo.html",
+            repo,
+            _viewer(user, here, csrf),
             title=repo.repo_id,
-            repo=repo,
             commit=commit,
-            base=base,
             badges=badges,
             files=_listing(repo, commit, "main", ""),
-            **_viewer(user, here, csrf),
             loss_curve=f"{base}/resolve/{commit.id}/loss_curve.png" if loss else None,
             card_html=render_card(body, f"{base}/resolve/{commit.id}/") if body.strip() else "<p><em>No card.</em></p>",
         )
@@ -358,16 +361,15 @@ class Pages:
         files = _listing(repo, commit, revision, path)
         if path and not files:
             return self.error(404, f"No folder {path!r} at {revision}.", **_viewer(user, here, csrf))
-        return self.render(
+        return self.render_repo(
             "tree.html",
+            repo,
+            _viewer(user, here, csrf),
             title=f"{repo.repo_id}/{path}",
-            repo=repo,
             commit=commit,
-            base=repo_url(repo),
             files=files,
             path=path,
             revision=revision,
-            **_viewer(user, here, csrf),
         )
 
     def commits(
@@ -375,15 +377,8 @@ class Pages:
     ) -> Page:
         repo = self.visible(user, repo_type, repo_id)
         history = list(self.storage.history(self.storage.resolve(repo, revision)))
-        return self.render(
-            "commits.html",
-            title=f"{repo.repo_id} history",
-            repo=repo,
-            commits=history,
-            base=repo_url(repo),
-            revision=revision,
-            **_viewer(user, here, csrf),
-        )
+        viewer, title = _viewer(user, here, csrf), f"{repo.repo_id} history"
+        return self.render_repo("commits.html", repo, viewer, title=title, commits=history, revision=revision)
 
     def commit(self, user: str | None, repo_type: str, repo_id: str, sha: str, here: str, *, csrf: str = "") -> Page:
         repo = self.visible(user, repo_type, repo_id)
@@ -399,16 +394,8 @@ class Pages:
                 changes.append(("added", path, human_size(new.size)))
             elif old.oid != new.oid:
                 changes.append(("modified", path, human_size(new.size)))
-        return self.render(
-            "commit.html",
-            title=commit.title,
-            repo=repo,
-            commit=commit,
-            parent=parent,
-            changes=changes,
-            base=repo_url(repo),
-            **_viewer(user, here, csrf),
-        )
+        viewer, title = _viewer(user, here, csrf), commit.title
+        return self.render_repo("commit.html", repo, viewer, title=title, commit=commit, parent=parent, changes=changes)
 
     def login_form(
         self, user: str | None, next_url: str, error: str | None = None, status: int = 200, *, csrf: str = ""

@@ -9,15 +9,31 @@ cache), its scheduler, and an OpenAI-compatible server.
   scheduler; :mod:`.openai`: the OpenAI-compatible server.
 """
 
-from .offline import MultiAdapterModel
-from .request import AdapterSpec, Completion, Prompt
-from .sampling import SamplingParams
+from typing import TYPE_CHECKING
 
-__all__ = ["AdapterSpec", "Completion", "MultiAdapterModel", "Prompt", "SamplingParams", "create_app"]
+from .._lazy import lazy_attributes
 
+# NOTE: torch loads with the first name that needs it, so ``hub-peft serve``'s parser (which reads
+# ServerSettings' defaults) stays fast.
+_LAZY = {
+    "MultiAdapterModel": "offline",
+    **dict.fromkeys(["AdapterSpec", "Completion", "Prompt"], "request"),
+    "SamplingParams": "sampling",
+    **dict.fromkeys(["ServerSettings", "create_app"], "openai"),
+}
+__all__ = [
+    "AdapterSpec",
+    "Completion",
+    "MultiAdapterModel",
+    "Prompt",
+    "SamplingParams",
+    "ServerSettings",
+    "create_app",
+]
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
-def create_app(*args, **kwargs):
-    """The OpenAI-compatible FastAPI app over a :class:`MultiAdapterModel` (see :mod:`.openai.server`)."""
-    from .openai import create_app as _create_app
-
-    return _create_app(*args, **kwargs)
+if TYPE_CHECKING:
+    from .offline import MultiAdapterModel
+    from .openai import ServerSettings, create_app
+    from .request import AdapterSpec, Completion, Prompt
+    from .sampling import SamplingParams

@@ -188,18 +188,10 @@ class Engine(StaticGeneration):
 
     # --- the adapter cache (see cache.py) -----------------------------------------------------------
 
-    def add(
-        self,
-        name: str,
-        source: str | Path,
-        revision: str | None = None,
-        *,
-        subfolder: str | None = None,
-        pin: bool = False,
-        hub_only: bool = False,
-    ) -> dict:
-        """Load an adapter under ``name``: :meth:`.cache.AdapterCache.add`, which says how."""
-        return self.cache.add(name, source, revision, subfolder=subfolder, pin=pin, hub_only=hub_only)
+    def add(self, name: str, source: str | Path, revision: str | None = None, **options: Any) -> dict:
+        """Load an adapter under ``name``: :meth:`.cache.AdapterCache.add`, which says how and takes the
+        ``options`` (``subfolder``, ``pin``, ``hub_only``)."""
+        return self.cache.add(name, source, revision, **options)
 
     def remove(self, name: str) -> None:
         self.cache.remove(name)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
+from ..modeling import GREEDY_GENERATE
 from ..reft.model import prompt_positions
 from .cache import AdapterCache, Ia3Payload, LoraPayload, ReftPayload, SoloPayload
 from .request import AdapterSpec, Completion, Prompt, Spec, check_messages
@@ -126,12 +127,9 @@ class StaticGeneration:
                     input_ids=ids,
                     attention_mask=mask,
                     max_new_tokens=longest,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
                     logits_processor=[processor],
                     pad_token_id=self.tokenizer.pad_token_id,
+                    **GREEDY_GENERATE,
                     **extra,
                 )
         out: dict[int, Completion] = {}

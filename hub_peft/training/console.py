@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .._args import from_args
 from ..errors import InvalidInputError
 from .run import Reporter
 from .settings import TrainSettings
@@ -126,22 +127,8 @@ class ConsoleReport(Reporter):
 
 
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    return TrainSettings(
-        method=args.method,
-        base=args.base,
-        load_in_4bit=args.load_in_4bit,
-        rank=args.rank,
-        lr=args.lr,
-        epochs=args.epochs,
-        layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
-        positions=args.positions,
-        target_loss=args.target_loss,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        trainer=args.trainer,
-        early_stop=args.early_stop,
-        target_modules=args.target_modules,
-    )
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    return from_args(TrainSettings, args, layers=layers)
 
 
 def read_rows(path: Path, args: argparse.Namespace) -> list[dict[str, str]]:

@@ -2,6 +2,14 @@
 request models), :mod:`.server` (the state, the work and thin routes), :mod:`.responses` (answers and the one
 error mapping), :mod:`.metrics` (Prometheus)."""
 
-from .server import create_app
+from typing import TYPE_CHECKING
 
-__all__ = ["create_app"]
+from ..._lazy import lazy_attributes
+
+_LAZY = {"ServerSettings": "settings", "create_app": "server"}
+__all__ = ["ServerSettings", "create_app"]
+__getattr__ = lazy_attributes(__name__, _LAZY)
+
+if TYPE_CHECKING:
+    from .server import create_app
+    from .settings import ServerSettings

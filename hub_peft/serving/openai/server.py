@@ -28,7 +28,6 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
@@ -50,6 +49,7 @@ from ..scheduler import Scheduler
 from .metrics import Metrics
 from .protocol import AdapterLoad, ChatCompletionRequest, CompletionRequest
 from .responses import Answer, BodyLimit, api_error, error_body, http_status, public
+from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -60,28 +60,10 @@ MAX_PENDING_LOADS = 16  # adapters loading or waiting for a thread; beyond it a 
 class OpenAIServer:
     """The server's state and work, for the routes of :func:`create_app` (see there for the options)."""
 
-    def __init__(
-        self,
-        engine: MultiAdapterModel,
-        *,
-        base_name: str,
-        allow_hub_pattern: str | None,
-        max_prompt_tokens: int,
-        max_waiting: int,
-        default_max_tokens: int,
-        request_timeout: float,
-        admin_token: str | None,
-        adapter_dirs: Sequence[str | Path],
-        adapter_load_timeout: float,
-    ) -> None:
-        self.engine, self.base_name, self.allow_hub_pattern = engine, base_name, allow_hub_pattern
-        self.max_prompt_tokens, self.default_max_tokens = max_prompt_tokens, default_max_tokens
-        self.request_timeout, self.admin_token, self.adapter_load_timeout = (
-            request_timeout,
-            admin_token,
-            adapter_load_timeout,
-        )
-        self.scheduler = Scheduler(engine, max_waiting=max_waiting, max_prompt_tokens=max_prompt_tokens)
+    def __init__(self, engine: MultiAdapterModel, settings: ServerSettings) -> None:
+        self.engine, self.settings = engine, settings
+        max_prompt_tokens = settings.max_prompt_tokens
+        self.scheduler = Scheduler(engine, max_waiting=settings.max_waiting, max_prompt_tokens=max_prompt_tokens)
         self.metrics = Metrics(engine, self.scheduler)
         self.scheduler.on_step = self.metrics.step
         tokenizer = self.tokenizer = engine.tokenizer
@@ -89,7 +71,7 @@ class OpenAIServer:
         # prompt of more than max_prompt_tokens × this many characters is over the limit without tokenizing it
         max_token_chars = max(map(len, tokenizer.get_vocab()), default=1) if hasattr(tokenizer, "get_vocab") else 64
         self.max_prompt_chars = max_prompt_tokens * max_token_chars
-        self.allowed_dirs = [Path(os.path.realpath(d)) for d in adapter_dirs]
+        self.allowed_dirs = [Path(os.path.realpath(d)) for d in settings.adapter_dirs]
         # NOTE(security): adapter loads run on threads of their own: slow or hostile downloads hold at most
         # LOAD_WORKERS of them, never the threads that submit requests; a load that timed out keeps its place in
         # `loading` until its thread ends, so asking for the name again waits for it instead of starting another.
@@ -100,7 +82,7 @@ class OpenAIServer:
 
     async def resolve(self, model: Any) -> tuple[Any, str]:
         """The engine's adapter spec for ``model`` and its metrics label."""
-        if model in (None, "", self.base_name):
+        if model in (None, "", self.settings.base_name):
             return None, "base"
         if isinstance(model, dict):  # hub_peft extension: a weighted mix
             for name in model:
@@ -114,7 +96,7 @@ class OpenAIServer:
             return model, model
         raise ApiError(
             404,
-            f"Unknown model {public(repr(model))}. Available: {sorted(known | {self.base_name})}.",
+            f"Unknown model {public(repr(model))}. Available: {sorted(known | {self.settings.base_name})}.",
             "model",
             "model_not_found",
         )
@@ -125,7 +107,7 @@ class OpenAIServer:
             repo = parse_hub_spec(spec)[0]
         except InvalidInputError:
             return False
-        pattern = self.allow_hub_pattern
+        pattern = self.settings.allow_hub_pattern
         return bool(pattern) and fnmatch.fnmatchcase(repo, pattern or "")
 
     def operator_folder(self, source: str) -> bool:
@@ -161,11 +143,11 @@ class OpenAIServer:
             work = self.loading[name] = asyncio.get_running_loop().run_in_executor(self.load_pool, call)
             work.add_done_callback(lambda done: (self.loading.pop(name, None), done.cancelled() or done.exception()))
         try:
-            return await asyncio.wait_for(asyncio.shield(work), self.adapter_load_timeout)
+            return await asyncio.wait_for(asyncio.shield(work), self.settings.adapter_load_timeout)
         except TimeoutError:
             raise ApiError(
                 504,
-                f"Loading {name!r} took longer than {self.adapter_load_timeout:.0f} s; try again later, or "
+                f"Loading {name!r} took longer than {self.settings.adapter_load_timeout:.0f} s; try again later, or "
                 "ask the operator to load it at start.",
                 param,
             ) from None
@@ -193,17 +175,17 @@ class OpenAIServer:
             ]
             if not any(m["role"] == "user" for m in prompt):
                 raise ApiError(400, "messages: at least one message must have role 'user'.", "messages")
-            max_tokens = body.max_completion_tokens or body.max_tokens or self.default_max_tokens
+            max_tokens = body.max_completion_tokens or body.max_tokens or self.settings.default_max_tokens
         else:
             prompt, max_tokens = body.text(), body.max_tokens or 16
             if not prompt:
                 raise ApiError(400, "prompt must be a non-empty string.", "prompt")
         chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
-        if chars > self.max_prompt_chars or (chat and len(prompt) > self.max_prompt_tokens):
+        if chars > self.max_prompt_chars or (chat and len(prompt) > self.settings.max_prompt_tokens):
             raise ApiError(
                 413,
                 f"The prompt has {chars} characters in {len(prompt) if chat else 1} message(s), more "
-                f"than fit in the limit of {self.max_prompt_tokens} tokens; shorten it.",
+                f"than fit in the limit of {self.settings.max_prompt_tokens} tokens; shorten it.",
                 "messages" if chat else "prompt",
                 "context_length_exceeded",
             )
@@ -239,7 +221,7 @@ class OpenAIServer:
                 raw=not chat,
                 label=label,
                 row=i,
-                timeout=self.request_timeout,
+                timeout=self.settings.request_timeout,
                 on_update=updated,
                 on_finish=finished,
             )
@@ -253,7 +235,8 @@ class OpenAIServer:
                 self.metrics.requests.labels(label, str(error.status)).inc()
             raise error from None
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        name = body.model if isinstance(body.model, str) and body.model else self.base_name if not body.model else "mix"
+        base_name = self.settings.base_name
+        name = body.model if isinstance(body.model, str) and body.model else base_name if not body.model else "mix"
         answer = Answer(ident, int(time.time()), name, chat, jobs, self.tokenizer, self.metrics, self.scheduler)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -291,7 +274,8 @@ async def completions(body: CompletionRequest, http: HttpRequest):
 @router.get("/v1/models")
 async def models(http: HttpRequest):
     server = _server(http)
-    data: list[dict[str, Any]] = [{"id": server.base_name, "object": "model", "owned_by": "hub_peft", "type": "base"}]
+    base = {"id": server.settings.base_name, "object": "model", "owned_by": "hub_peft", "type": "base"}
+    data: list[dict[str, Any]] = [base]
     data += [
         {
             "id": e["name"],
@@ -311,10 +295,10 @@ async def models(http: HttpRequest):
 
 def _authorize(http: HttpRequest) -> OpenAIServer:
     server = _server(http)
-    if server.admin_token is None:
+    if server.settings.admin_token is None:
         raise ApiError(403, "Admin routes are disabled: start the server with HUB_PEFT_ADMIN_TOKEN set.")
     given = http.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {server.admin_token}".encode()):
+    if not hmac.compare_digest(given.encode(), f"Bearer {server.settings.admin_token}".encode()):
         raise ApiError(401, "Admin routes need 'Authorization: Bearer <admin token>'.")
     return server
 
@@ -340,7 +324,7 @@ async def admin_load(body: AdapterLoad, http: HttpRequest):
         raise ApiError(
             403,
             f"{body.source!r} is neither under a folder the server was started with (--adapter-dir) nor a Hub "
-            f"repo matching --allow-hub-pattern ({server.allow_hub_pattern or 'off'}).",
+            f"repo matching --allow-hub-pattern ({server.settings.allow_hub_pattern or 'off'}).",
             "source",
         )
     return await server.load(
@@ -400,46 +384,28 @@ async def _invalid(_: HttpRequest, e: Exception) -> JSONResponse:
 
 def create_app(
     engine: MultiAdapterModel,
+    settings: ServerSettings | None = None,
     *,
-    base_name: str,
-    allow_hub_pattern: str | None = None,
-    max_prompt_tokens: int = 1024,
-    max_waiting: int = 256,
-    max_running: int | None = None,
-    default_max_tokens: int = 256,
-    request_timeout: float = 600.0,
-    admin_token: str | None = None,
     start_scheduler: bool = True,
-    adapter_dirs: Sequence[str | Path] = (),
-    max_body_bytes: int = 4 * 2**20,
-    adapter_load_timeout: float = 120.0,
+    **options: Any,
 ) -> FastAPI:
-    """The FastAPI app. ``allow_hub_pattern`` (fnmatch, e.g. ``"me/*"``) lets ``model`` name Hub repos,
-    loaded on demand and through the admin routes; off by default. ``adapter_dirs``: folders whose adapters
-    the admin route may load (none by default). ``max_running`` caps the sequences decoding at once (the
-    engine's cache slots), ``max_waiting`` the queue behind them. The scheduler (``app.state.scheduler``)
-    runs in a thread of its own unless ``start_scheduler`` is False: then call its ``serve_forever()`` from
-    the thread that should do the model's work (see there; ``hub-peft serve`` does)."""
-    if max_running is not None:
-        if engine.started and max_running != engine.max_running:
+    """The FastAPI app over ``engine`` with ``settings`` (:class:`.ServerSettings`; ``options`` replace its
+    fields by name, e.g. ``create_app(engine, base_name="me/base", max_waiting=16)``). The scheduler
+    (``app.state.scheduler``) runs in a thread of its own unless ``start_scheduler`` is False: then call its
+    ``serve_forever()`` from the thread that should do the model's work (see there; ``hub-peft serve`` does)."""
+    try:
+        settings = replace(settings or ServerSettings(), **options)
+    except TypeError as e:
+        raise InvalidInputError(f"{e}: create_app's options are the fields of ServerSettings.") from None
+    if settings.max_running is not None:
+        if engine.started and settings.max_running != engine.max_running:
             raise InvalidInputError("max_running must be set before the engine runs its first request.")
-        engine.max_running = max_running
-    server = OpenAIServer(
-        engine,
-        base_name=base_name,
-        allow_hub_pattern=allow_hub_pattern,
-        max_prompt_tokens=max_prompt_tokens,
-        max_waiting=max_waiting,
-        default_max_tokens=default_max_tokens,
-        request_timeout=request_timeout,
-        admin_token=admin_token,
-        adapter_dirs=adapter_dirs,
-        adapter_load_timeout=adapter_load_timeout,
-    )
+        engine.max_running = settings.max_running
+    server = OpenAIServer(engine, settings)
     if start_scheduler:
         server.scheduler.run_forever()
     app = FastAPI(title="hub_peft", description=__doc__.split("\n\n")[0], version="1")
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(RequestValidationError, _invalid)

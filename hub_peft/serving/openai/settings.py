@@ -1,0 +1,38 @@
+"""What an operator sets on the OpenAI-compatible server: its names, limits and admin surfaces (the standard
+library only, so ``hub-peft serve``'s parser takes its defaults from here without loading torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server's options; every limit is on by default and every admin surface off.
+
+    - ``base_name``: the ``model`` name of the bare base (``/v1/models`` lists it).
+    - ``allow_hub_pattern``: an fnmatch pattern (``"me/*"``) of Hub repos a request's ``model`` may name, loaded
+      on demand and through the admin routes; None: requests name only the adapters loaded at start.
+    - ``adapter_dirs``: folders whose adapters the admin route may load (none: never a local path).
+    - ``admin_token``: opens the admin routes (load/unload); None keeps them closed.
+    - ``max_running``: sequences decoding at once (the engine's cache slots; None keeps the engine's);
+      ``max_waiting``: the queue behind them, beyond which a request gets 429.
+    - ``max_prompt_tokens`` (413 beyond), ``default_max_tokens`` (a request that gives none),
+      ``max_body_bytes`` (413 beyond), ``request_timeout`` and ``adapter_load_timeout`` in seconds (504 beyond).
+    """
+
+    base_name: str = DEFAULT_BASE_NAME
+    allow_hub_pattern: str | None = None
+    adapter_dirs: Sequence[str | Path] = ()
+    admin_token: str | None = None
+    max_running: int | None = None
+    max_waiting: int = 256
+    max_prompt_tokens: int = 1024
+    default_max_tokens: int = 256
+    max_body_bytes: int = 4 * 2**20
+    request_timeout: float = 600.0
+    adapter_load_timeout: float = 120.0
