@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .._bnb import keep_4bit_trainable
+from .._nf4 import fused_nf4
 from .._onednn import PackedLinear, packable, packed_is_faster
 from ..errors import GenerationError, InvalidInputError
 from ..modeling import component_module, find_decoder, find_decoder_layers, innermost_model, text_config
@@ -63,6 +64,8 @@ class Engine(StaticGeneration):
     oneDNN (:class:`~hub_peft._onednn.PackedLinear`, a second copy of the head's weight; see
     ``benchmarks/engine_cpu.py``); ``None`` (the default) does so where that was timed faster on this CPU, timed at the
     first step, on the thread that runs the steps (see :meth:`~.scheduler.Scheduler.serve_forever`).
+    ``fused_4bit``: NF4 layers of the blocks multiply few rows (decode steps) with :mod:`hub_peft._nf4`'s fused
+    kernel, equal to bitsandbytes' dequantized weights up to float32 rounding; False keeps bitsandbytes' path.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Engine(StaticGeneration):
         max_running: int = 32,
         max_model_len: int | None = None,
         packed_head: bool | None = None,
+        fused_4bit: bool = True,
     ) -> None:
         from ..base_model import load_base_model
         from ..tasks import require_causal_lm
@@ -95,7 +99,7 @@ class Engine(StaticGeneration):
         self._layers = find_decoder_layers(self.core)
         self._wrapped: list[tuple[nn.Module, str, RowDeltas]] = []
         module_names = [name for name, _ in self.model.named_modules()]  # what PEFT sees (before the wrapping)
-        self._wrap_linears()
+        self._wrap_linears(fused_4bit)
         self._packed_head = packed_head
         self._reft_sites: set[tuple[int, str]] = set()  # (layer, component) pairs with an edit hook
         self.cache = AdapterCache(
@@ -122,13 +126,13 @@ class Engine(StaticGeneration):
 
     # --- wrapping --------------------------------------------------------------------------------
 
-    def _wrap_linears(self) -> None:
+    def _wrap_linears(self, fused_4bit: bool) -> None:
         prefix = next(n for n, m in self.core.named_modules() if m is self._layers)
         for name, module in list(self.core.named_modules()):
             if not name.startswith(prefix + ".") or not is_linear(module) or not returns_a_tensor(module):
                 continue
             parent, _, child = name.rpartition(".")
-            wrapper = RowDeltas(self.plans, name, module)
+            wrapper = RowDeltas(self.plans, name, module, fused_nf4(module) if fused_4bit else None)
             setattr(self.core.get_submodule(parent), child, wrapper)
             self._wrapped.append((self.core.get_submodule(parent), child, wrapper))
 

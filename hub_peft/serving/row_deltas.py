@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._nf4 import FusedNF4
 from ..errors import IncompatibleAdapterError
 from .cache import Ia3Payload, LoraPayload, ReftPayload
 
@@ -182,9 +183,10 @@ class RowDeltas(nn.Module):
     layer's output, so a mix is the weighted sum of the adapters' deltas.
     """
 
-    def __init__(self, plans: PlanSlot, name: str, base_layer: nn.Module) -> None:
+    def __init__(self, plans: PlanSlot, name: str, base_layer: nn.Module, fused: FusedNF4 | None = None) -> None:
         super().__init__()
         self.plans, self.name, self.base_layer = plans, name, base_layer
+        self.fused = fused  # an NF4 base layer's product for few rows without gradient (see hub_peft._nf4)
 
     def __getattr__(self, name: str) -> Any:
         """The wrapped layer's attributes (``weight``, ``in_features``...), for model code that reads them, as
@@ -197,7 +199,8 @@ class RowDeltas(nn.Module):
             return getattr(self.base_layer, name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+        fused = self.fused
+        out = fused(x) if fused is not None and fused.takes(x) else self.base_layer(x, *args, **kwargs)
         plan = self.plans.current
         if plan is None or self.name not in plan.touched:  # no adapter of this step changes this layer
             return out
@@ -210,7 +213,14 @@ class RowDeltas(nn.Module):
         shape = (-1, 1) if plan.packed else (x.shape[0], -1)
         xs, outs = x.reshape(*shape, x.shape[-1]), out.view(*shape, out.shape[-1])  # a view: writing outs writes out
         pack = plan.lora_pack(self.name)
-        if pack is not None:
+        if pack is not None and pack.A.shape[0] == 1 and pack.keep is None and len(pack.rows) == len(xs):
+            # NOTE(perf): one adapter on every row (a single chat, or all requests on one adapter): two plain
+            # matmuls, no gather and no scatter, which cost more than the LoRA maths itself on a one-row step
+            delta = (x.reshape(-1, x.shape[-1]).float() @ pack.A[0]) @ pack.B[0]
+            if pack.weights is not None:
+                delta = delta * pack.weights[0]
+            out += delta.view(out.shape).to(out.dtype)
+        elif pack is not None:
             slots, fan_in = pack.A.shape[:2]
             rows = xs.index_select(0, pack.rows)  # [slots * m, T, in]
             hidden = torch.bmm(rows.reshape(slots, -1, fan_in).float(), pack.A)

@@ -1,0 +1,191 @@
+"""Single-stream decode against the physical limit: how fast one chat answers, fp32 and NF4.
+
+A decode step of one sequence reads every weight once, so its speed limit is the memory bandwidth divided by the
+bytes read per token. Measured here in one process, on SmolLM2-135M-Instruct (the embedded default base):
+
+1. the bandwidth: a streaming read (``sum``) of a buffer as large as the bytes read per token, best of 5;
+2. the bytes read per token of each precision: fp32 weights (the tied head counted once, as it is read once),
+   and NF4 decoder weights (4-bit codes and their block scales) with the fp32 head and norms;
+3. decode tokens/s of one greedy request (128 new tokens after a short chat prompt, EOS ignored; the time from the
+   first to the last token, so prefill is left out), best of 3, alternating: transformers' own ``generate`` on
+   the bare base (a reference, no adapters) and ``MultiAdapterModel`` bare and with one rank-8 LoRA on every
+   linear layer of the blocks; for NF4 also the engine with ``fused_4bit=False`` (bitsandbytes' own path);
+4. the ratios to the limit and the issue's targets (fp32 >= 0.75 of its limit, NF4 >= 0.5 of its own and
+   >= 1.5x fp32), each printed met or not; and whether the engine's greedy tokens equal transformers' (bare).
+
+Run: .venv/bin/python benchmarks/decode.py [--tokens 128] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import cpu_description
+from serving import make_adapters
+
+PROMPT = "Tell me a short story about a lighthouse keeper."
+
+
+def bytes_per_token(model) -> int:
+    """Bytes one decode step reads: every parameter and buffer of the model once (a tied head once), 4-bit
+    layers as their packed codes plus their quantization statistics."""
+    import torch
+
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)
+        while state is not None:  # NF4: absmax per block (and, double-quantized, its own statistics)
+            total += sum(t.numel() * t.element_size() for t in (state.absmax, state.code) if torch.is_tensor(t))
+            state = getattr(state, "state2", None)
+    return total
+
+
+def stream_bandwidth(nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s of a streaming read of ``nbytes`` (torch's ``sum`` on every thread), best of ``repeats``."""
+    import torch
+
+    buffer = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
+def decode_rate(run) -> tuple[float, list[int]]:
+    """Tokens/s from the first token to the last of ``run(on_token)``, and the tokens."""
+    stamps: list[float] = []
+    tokens = run(lambda: stamps.append(time.perf_counter()))
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens
+
+
+def contenders(load, folder: Path, n: int, four_bit: bool) -> dict:
+    """The runs to time; each engine and the transformers reference on a base of its own (an engine wraps the
+    layers of the base it is given)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    from hub_peft.chat import encode_prompt, prompt_template
+    from hub_peft.serving import MultiAdapterModel
+
+    model, tokenizer = load()
+    engine = MultiAdapterModel(load())
+    engine.add("lora", folder)
+    ids = torch.tensor([encode_prompt(tokenizer, PROMPT, prompt_template(tokenizer))])
+
+    class Stamp(StoppingCriteria):
+        def __init__(self, tick) -> None:
+            self.tick = tick
+
+        def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+            self.tick()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def transformers_generate(tick) -> list[int]:
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.eos_token_id,
+                stopping_criteria=[Stamp(tick)],
+            )
+        return out[0, ids.shape[1] :].tolist()
+
+    def engine_run(adapter, engine=engine):
+        def run(tick) -> list[int]:
+            done = engine.generate_tokens(
+                [PROMPT], [adapter], max_new_tokens=n, ignore_eos=True, on_token=lambda i, token: tick()
+            )
+            return done[0].tokens
+
+        return run
+
+    runs = {
+        "transformers generate, bare": transformers_generate,
+        "hub_peft engine, bare": engine_run(None),
+        "hub_peft engine, 1 LoRA": engine_run("lora"),
+    }
+    if four_bit:  # the engine's NF4 decode before the fused kernel: bitsandbytes' dequantize-then-matmul
+        dequantizing = MultiAdapterModel(load(), fused_4bit=False)
+        dequantizing.add("lora", folder)
+        runs["engine, 1 LoRA, bnb dequantize"] = engine_run("lora", dequantizing)
+    return runs
+
+
+def measure(label: str, four_bit: bool, folder: Path, n: int, repeats: int) -> dict[str, float]:
+    from hub_peft.base_model import load_base_model
+
+    def load():
+        return load_base_model(None, load_in_4bit=four_bit)
+
+    nbytes = bytes_per_token(load()[0])
+    bandwidth = stream_bandwidth(nbytes)
+    limit = bandwidth / nbytes
+    print(
+        f"\n{label}: {nbytes / 1e6:.0f} MB read per token; stream read {bandwidth / 1e9:.1f} GB/s; "
+        f"limit {limit:.1f} tok/s"
+    )
+    runs = contenders(load, folder, n, four_bit)
+    for run in runs.values():  # warm-up: first-step timings (the packed head), caches
+        decode_rate(run)
+    best: dict[str, float] = dict.fromkeys(runs, 0.0)
+    tokens: dict[str, list[int]] = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            rate, tokens[name] = decode_rate(run)
+            best[name] = max(best[name], rate)
+    for name, rate in best.items():
+        print(f"  {name:<30} {rate:6.1f} tok/s  {rate / limit:5.2f} of the limit")
+    same = tokens["hub_peft engine, bare"] == tokens["transformers generate, bare"]
+    print(f"  engine's greedy tokens equal transformers' (bare): {same}")
+    if four_bit:
+        fused = tokens["hub_peft engine, 1 LoRA"] == tokens["engine, 1 LoRA, bnb dequantize"]
+        print(f"  fused kernel's greedy tokens equal bitsandbytes' path (1 LoRA): {fused}")
+    return {"limit": limit, **best}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    import torch
+
+    from hub_peft.base_model import load_base_model
+
+    print(f"CPU: {cpu_description()}; torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = load_base_model(None, load_in_4bit=False)
+        folder = make_adapters(fp32[0], Path(tmp), 1)[0]
+        del fp32
+        full = measure("fp32", False, folder, args.tokens, args.repeats)
+        nf4 = measure("NF4", True, folder, args.tokens, args.repeats)
+    key = "hub_peft engine, 1 LoRA"
+    checks = [
+        ("fp32 engine >= 0.75 of its limit", full[key] / full["limit"], 0.75),
+        ("NF4 engine >= 0.5 of its own limit", nf4[key] / nf4["limit"], 0.5),
+        ("NF4 engine >= 1.5x fp32 engine", nf4[key] / full[key], 1.5),
+    ]
+    print("\ntargets (one LoRA):")
+    for what, value, target in checks:
+        print(f"  {what}: {value:.2f} -> {'met' if value >= target else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
