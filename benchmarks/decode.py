@@ -76,6 +76,7 @@ def contenders(load, folder: Path, n: int, four_bit: bool) -> dict:
     from transformers import StoppingCriteria
 
     from hub_peft.chat import encode_prompt, prompt_template
+    from hub_peft.modeling import GREEDY_GENERATE
     from hub_peft.serving import MultiAdapterModel
 
     model, tokenizer = load()
@@ -98,12 +99,9 @@ def contenders(load, folder: Path, n: int, four_bit: bool) -> dict:
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=n,
                 min_new_tokens=n,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
                 pad_token_id=tokenizer.eos_token_id,
                 stopping_criteria=[Stamp(tick)],
+                **GREEDY_GENERATE,
             )
         return out[0, ids.shape[1] :].tolist()
 
