@@ -69,9 +69,9 @@ def decode_rate(run) -> tuple[float, list[int]]:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens
 
 
-def contenders(load, folder: Path, n: int, four_bit: bool) -> dict:
-    """The runs to time; each engine and the transformers reference on a base of its own (an engine wraps the
-    layers of the base it is given)."""
+def contenders(reference, load, folder: Path, n: int, four_bit: bool) -> dict:
+    """The runs to time: transformers' ``generate`` on ``reference``, each engine on a base of its own from
+    ``load`` (an engine wraps the layers of the base it is given)."""
     import torch
     from transformers import StoppingCriteria
 
@@ -79,7 +79,7 @@ def contenders(load, folder: Path, n: int, four_bit: bool) -> dict:
     from hub_peft.modeling import GREEDY_GENERATE
     from hub_peft.serving import MultiAdapterModel
 
-    model, tokenizer = load()
+    model, tokenizer = reference
     engine = MultiAdapterModel(load())
     engine.add("lora", folder)
     ids = torch.tensor([encode_prompt(tokenizer, PROMPT, prompt_template(tokenizer))])
@@ -132,14 +132,15 @@ def measure(label: str, four_bit: bool, folder: Path, n: int, repeats: int) -> d
     def load():
         return load_base_model(None, load_in_4bit=four_bit)
 
-    nbytes = bytes_per_token(load()[0])
+    reference = load()
+    nbytes = bytes_per_token(reference[0])
     bandwidth = stream_bandwidth(nbytes)
     limit = bandwidth / nbytes
     print(
         f"\n{label}: {nbytes / 1e6:.0f} MB read per token; stream read {bandwidth / 1e9:.1f} GB/s; "
         f"limit {limit:.1f} tok/s"
     )
-    runs = contenders(load, folder, n, four_bit)
+    runs = contenders(reference, load, folder, n, four_bit)
     for run in runs.values():  # warm-up: first-step timings (the packed head), caches
         decode_rate(run)
     best: dict[str, float] = dict.fromkeys(runs, 0.0)

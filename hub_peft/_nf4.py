@@ -10,7 +10,7 @@ dequantized once); the sums run in another order than MKL's, so outputs equal
 ``F.linear(x, dequantize_4bit(W))`` up to float32 rounding (tests: ``tests/test_nf4.py``).
 
 NOTE(build): the C source below is compiled once per machine with the system C compiler (``cc -O3
--march=native -fopenmp``, about a second) into the user's cache; OpenMP shares torch's libgomp thread pool.
+-march=native -fopenmp``) into hub_peft's cache (``base_model.cache_dir()``); OpenMP shares torch's libgomp thread pool.
 Without a compiler, or on a layout the kernel does not take, layers keep bitsandbytes' path.
 """
 
@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base_model import cache_dir
+
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 8  # rows (tokens) up to which the fused product beats dequantize-then-GEMM; beyond, bitsandbytes' path
@@ -41,7 +43,7 @@ _SOURCE = r"""
 
 #include <immintrin.h>
 
-/* 16 bytes of codes -> 32 weights code[q] * s: the 16 high-nibble weights at w, the 16 low ones at w + 16. */
+/* 16 bytes of codes -> 32 weights lut[q] * s: the 16 high-nibble weights at w, the 16 low ones at w + 16. */
 static inline void decode32(const uint8_t *bytes, const float *lut, const float s, float *w) {
 #if defined(__AVX512F__)
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes));
@@ -84,14 +86,13 @@ static inline float dot(const float *x, const float *w, int64_t K) {
 #endif
 }
 
-/* y[m, n] = sum_k x[m, k] * code[q(n, k)] * absmax[(n * K + k) / block] (+ bias[n]); K % block == 0,
+/* y[m, n] = sum_k x[m, k] * lut[q(n, k)] * absmax[(n * K + k) / block] (+ bias[n]); K % block == 0,
    block % 32 == 0. q: two 4-bit codes a byte, the first in the high nibble (bitsandbytes' layout).
    A weight row is decoded 16 bytes (32 weights) at a time into w, the high-nibble weights of the 16 bytes
    first and then the low ones; xs holds each input row permuted the same way, so the dots run on contiguous
    vectors. */
 void nf4_linear(const float *x, int64_t M, int64_t K, const uint8_t *q, const float *absmax, int64_t block,
-                int64_t N, const float *code, const float *bias, float *y) {
-    const float *lut = code;
+                int64_t N, const float *lut, const float *bias, float *y) {
     float *xs = (float *)aligned_alloc(64, M * K * sizeof(float));
     for (int64_t m = 0; m < M; m++)
         for (int64_t c = 0; c < K; c += 32)
@@ -123,11 +124,6 @@ void nf4_linear(const float *x, int64_t M, int64_t K, const uint8_t *q, const fl
 """
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "hub_peft" / "kernels"
-
-
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -142,7 +138,7 @@ def library() -> Any | None:
     compiler = os.environ.get("CC", "cc")
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, platform.machine(), _cpu_flags()]).encode())
-    target = _cache_dir() / f"nf4-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / "kernels" / f"nf4-{key.hexdigest()[:16]}.so"
     if not target.is_file():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -84,10 +84,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ._args import from_args
-    from .base_model import load_base_model
+    from .base_model import DEFAULT_BASE, load_base_model
     from .errors import InvalidInputError
     from .serving import MultiAdapterModel, ServerSettings, create_app
-    from .serving.openai.settings import DEFAULT_BASE_NAME
 
     adapters = [_parse_adapter_spec(spec) for spec in args.adapter or []]
     if args.engine == "vllm":
@@ -104,7 +103,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = from_args(
         ServerSettings,
         args,
-        base_name=args.base or DEFAULT_BASE_NAME,
+        base_name=args.base or DEFAULT_BASE,
         admin_token=os.environ.get("HUB_PEFT_ADMIN_TOKEN") or None,
         adapter_dirs=args.adapter_dir or (),
         max_body_bytes=int(args.max_body_mb * 2**20),
@@ -519,9 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="Sequences decoding at once (cache slots); more requests wait.",
     )
-    limits = ServerSettings()
     for flag, help_text in _SERVE_LIMITS:
-        default = getattr(limits, flag[2:].replace("-", "_"))
+        default = getattr(ServerSettings, flag[2:].replace("-", "_"))
         serve_api.add_argument(flag, type=type(default), default=default, help=help_text)
     serve_api.add_argument(
         "--memory-budget-mb",
@@ -529,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=256.0,
         help="Adapter cache budget (MiB); also the most one adapter's weights may take (at least 64 MiB).",
     )
-    body_mb = limits.max_body_bytes / 2**20
+    body_mb = ServerSettings.max_body_bytes / 2**20
     serve_api.add_argument("--max-body-mb", type=float, default=body_mb, help="Largest request body (MiB); then 413.")
     serve_api.add_argument("--log-level", default="warning")
     serve_api.add_argument(

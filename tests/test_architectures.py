@@ -261,6 +261,12 @@ def _alone(repo: str, folders: dict[str, Path], row, prompt: str, nf4: bool) -> 
     ids = torch.tensor([encode_prompt(tokenizer, prompt, template)])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -1]
+    return greedy_tokens(model, ids), logits
+
+
+def greedy_tokens(model, ids: torch.Tensor) -> list[int]:
+    """``model``'s greedy ``NEW_TOKENS`` after the one prompt ``ids``, by transformers' ``generate``."""
+    with torch.no_grad():
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -268,7 +274,7 @@ def _alone(repo: str, folders: dict[str, Path], row, prompt: str, nf4: bool) -> 
             do_sample=False,
             pad_token_id=2,
         )
-    return out[0, ids.shape[1] :].tolist(), logits
+    return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["fp32", "nf4"])
@@ -427,15 +433,9 @@ def test_what_the_slot_cache_cannot_reproduce_runs_per_sequence_exactly(kind, tm
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), folder).eval()
     for completion, prompt, row in zip(got, PROMPTS, ["lora", None, "lora"], strict=False):
         ids = torch.tensor([tiny_tokenizer()(prompt)["input_ids"]])
-        with torch.no_grad(), plain.disable_adapter() if row is None else torch.no_grad():
-            out = plain.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=2,
-            )
-        assert completion.tokens == out[0, ids.shape[1] :].tolist(), (kind, row)
+        with plain.disable_adapter() if row is None else torch.no_grad():
+            expected = greedy_tokens(plain, ids)
+        assert completion.tokens == expected, (kind, row)
 
 
 def test_reft_hooks_are_attached_only_for_what_loaded_adapters_use(bases, tmp_path):

@@ -60,13 +60,13 @@ def test_calls_the_kernel_does_not_take_keep_their_path():
 
 
 def test_without_a_compiler_layers_keep_bitsandbytes_path(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("HUB_PEFT_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     _nf4.library.cache_clear()
     try:
         assert _nf4.fused_nf4(nf4_layer(64, 32, bias=False, double_quant=False)) is None
         assert "did not build" in caplog.text
-        assert not list((tmp_path / "hub_peft" / "kernels").iterdir())  # nothing half-written left behind
+        assert not list((tmp_path / "kernels").iterdir())  # nothing half-written left behind
     finally:
         _nf4.library.cache_clear()
 

@@ -213,22 +213,20 @@ class RowDeltas(nn.Module):
         shape = (-1, 1) if plan.packed else (x.shape[0], -1)
         xs, outs = x.reshape(*shape, x.shape[-1]), out.view(*shape, out.shape[-1])  # a view: writing outs writes out
         pack = plan.lora_pack(self.name)
-        if pack is not None and pack.A.shape[0] == 1 and pack.keep is None and len(pack.rows) == len(xs):
-            # NOTE(perf): one adapter on every row (a single chat, or all requests on one adapter): two plain
-            # matmuls, no gather and no scatter, which cost more than the LoRA maths itself on a one-row step
-            delta = (x.reshape(-1, x.shape[-1]).float() @ pack.A[0]) @ pack.B[0]
-            if pack.weights is not None:
-                delta = delta * pack.weights[0]
-            out += delta.view(out.shape).to(out.dtype)
-        elif pack is not None:
+        if pack is not None:
             slots, fan_in = pack.A.shape[:2]
-            rows = xs.index_select(0, pack.rows)  # [slots * m, T, in]
+            # NOTE(perf): one slot over every row (a single chat, or all requests on one adapter) needs no gather
+            # and no scatter, which cost more than the LoRA maths itself on a one-row step
+            whole = slots == 1 and pack.keep is None and len(pack.rows) == len(xs)
+            rows = xs if whole else xs.index_select(0, pack.rows)  # [slots * m, T, in]
             hidden = torch.bmm(rows.reshape(slots, -1, fan_in).float(), pack.A)
             delta = torch.bmm(hidden, pack.B)
             if pack.weights is not None:
                 delta = delta * pack.weights
             delta = delta.reshape(rows.shape[0], *outs.shape[1:])
-            if pack.keep is None:
+            if whole:
+                outs += delta.to(out.dtype)
+            elif pack.keep is None:
                 outs.index_add_(0, pack.rows, delta.to(out.dtype))
             else:
                 outs.index_add_(0, pack.rows[pack.keep], delta[pack.keep].to(out.dtype))

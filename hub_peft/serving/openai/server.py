@@ -394,7 +394,7 @@ def create_app(
     (``app.state.scheduler``) runs in a thread of its own unless ``start_scheduler`` is False: then call its
     ``serve_forever()`` from the thread that should do the model's work (see there; ``hub-peft serve`` does)."""
     try:
-        settings = replace(settings or ServerSettings(), **options)
+        settings = ServerSettings(**options) if settings is None else replace(settings, **options)
     except TypeError as e:
         raise InvalidInputError(f"{e}: create_app's options are the fields of ServerSettings.") from None
     if settings.max_running is not None:

@@ -7,12 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """The server's options; every limit is on by default and every admin surface off.
+    """The server's options; every limit is on by default and every admin surface off. The class attributes
+    are the defaults (``ServerSettings.max_waiting``).
 
     - ``base_name``: the ``model`` name of the bare base (``/v1/models`` lists it).
     - ``allow_hub_pattern``: an fnmatch pattern (``"me/*"``) of Hub repos a request's ``model`` may name, loaded
@@ -25,7 +24,7 @@ class ServerSettings:
       ``max_body_bytes`` (413 beyond), ``request_timeout`` and ``adapter_load_timeout`` in seconds (504 beyond).
     """
 
-    base_name: str = DEFAULT_BASE_NAME
+    base_name: str
     allow_hub_pattern: str | None = None
     adapter_dirs: Sequence[str | Path] = ()
     admin_token: str | None = None
