@@ -123,6 +123,7 @@ PROMPTS = ["a b c d e f g h", "i j k", "l m n o p q r s t u v", "w x y z a b", "
 ROWS = ["lora_a", "lora_b", "ia3", {"lora_a": 0.6, "lora_b": 0.4}, None, "reft"]
 NEW_TOKENS = 6
 PER_SEQUENCE = {"bloom"}  # attention outside transformers' interface (ALiBi): each sequence its own forward
+LEAN = ["llama", "qwen2", "qwen3", "mistral"]  # decode steps on hub_peft.serving.lean's step
 RESULTS: dict[str, dict[str, str]] = {}
 
 
@@ -309,8 +310,48 @@ def test_the_engine_serves_a_mixed_batch_exactly(arch, nf4, bases, adapters):
     mode = engine.batching if engine.ragged_reason is None else f"{engine.batching} ({engine.ragged_reason})"
     _record(arch, "engine", mode)
     _record(arch, "nf4" if nf4 else "fp32", "exact")
+    assert (engine.lean_reason is None) == (arch in LEAN), engine.lean_reason
+    assert (engine.lean_steps > 0) == (arch in LEAN)  # the decode steps above ran on it
+    _record(arch, "decode step", "lean" if arch in LEAN else "transformers")
     if nf4:
         _record(arch, "4-bit layers", f"{len(linears)}/{len(linears)}")
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["fp32", "nf4"])
+@pytest.mark.parametrize("arch", LEAN)
+def test_lean_decode_steps_give_transformers_logits(arch, nf4, bases, adapters):
+    """The mixed batch's decode steps on the lean step and on transformers' forward: the same tokens, and every
+    decode step's logits of every row within float32 rounding (the lean step sums in another order)."""
+    from hub_peft.serving import MultiAdapterModel
+
+    raw = [row != "reft" for row in ROWS]
+    seen = {}
+    for lean in (True, False):
+        engine = MultiAdapterModel(load_base_model(bases(arch), load_in_4bit=nf4), packed_head=False, lean_decode=lean)
+        for name, folder in adapters(arch).items():
+            engine.add(name, folder)
+        logits = _record_logits(engine)
+        completions = engine.generate_tokens(PROMPTS, ROWS, max_new_tokens=NEW_TOKENS, raw=raw, ignore_eos=True)
+        seen[lean] = [c.tokens for c in completions], logits
+        assert (engine.lean_steps >= NEW_TOKENS - 1) == lean, engine.lean_reason
+    (tokens, logits), (reference_tokens, reference_logits) = seen[True], seen[False]
+    assert tokens == reference_tokens
+    assert logits.keys() == reference_logits.keys()
+    for prompt, rows in logits.items():
+        torch.testing.assert_close(torch.stack(rows), torch.stack(reference_logits[prompt]), rtol=1e-5, atol=1e-5)
+
+
+def _record_logits(engine) -> dict[tuple[int, ...], list[torch.Tensor]]:
+    """Every logits row ``engine`` samples from from now on, per prompt (its token ids), in order."""
+    logits: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    sample = engine.sample
+
+    def recording(seq, row):
+        logits.setdefault(tuple(seq.prompt_ids), []).append(row.clone())
+        return sample(seq, row)
+
+    engine.sample = recording
+    return logits
 
 
 def test_a_per_sequence_base_streams_and_shares_steps(bases, adapters):
@@ -493,20 +534,25 @@ def _table() -> str:
         "hub_peft) gives its own adapter's greedy tokens alone with PEFT / `ReftModel`, next-token logits within "
         "1e-4. *continuous*: the rows share one packed forward per step on the engine's slot cache; "
         "*per-sequence*: same scheduler, streaming and adapters, but each sequence runs its own forward on "
-        "transformers' cache.",
+        "transformers' cache. *lean*: decode steps run hub_peft's lean step (`hub_peft/serving/lean.py`, the "
+        "same maths with fewer operations; its logits equal transformers' forward's within 1e-5 on that batch); "
+        "*transformers*: every step runs the model's own forward.",
         "",
-        "| architecture | engine batching | LoRA round trip vs PEFT | engine fp32 | engine NF4 | "
+        "| architecture | engine batching | decode step | LoRA round trip vs PEFT | engine fp32 | engine NF4 | "
         "decoder linears in 4-bit |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for arch in ARCHS:
         r = RESULTS[arch]
-        lines.append(f"| {arch} | {r['engine']} | {r['round trip']} | {r['fp32']} | {r['nf4']} | {r['4-bit layers']} |")
+        lines.append(
+            f"| {arch} | {r['engine']} | {r['decode step']} | {r['round trip']} | {r['fp32']} | {r['nf4']} "
+            f"| {r['4-bit layers']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def test_the_docs_table_is_this_matrix():
-    columns = ("engine", "round trip", "fp32", "nf4", "4-bit layers")
+    columns = ("engine", "decode step", "round trip", "fp32", "nf4", "4-bit layers")
     missing = [a for a in ARCHS if any(c not in RESULTS.get(a, {}) for c in columns)]
     if missing:
         pytest.skip(f"run the whole file to build the table (not run here: {missing})")

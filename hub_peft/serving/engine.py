@@ -40,6 +40,7 @@ from ..modeling import component_module, find_decoder, find_decoder_layers, inne
 from ..reft.model import edit_positions, input_edit_hook, output_edit_hook
 from . import kv_cache, solo
 from .cache import AdapterCache, Ia3Payload, LoraPayload
+from .lean import LeanDecoder, lean_blocker
 from .request import (
     AdapterSpec,
     Generation,
@@ -66,6 +67,9 @@ class Engine(StaticGeneration):
     first step, on the thread that runs the steps (see :meth:`~.scheduler.Scheduler.serve_forever`).
     ``fused_4bit``: NF4 layers of the blocks multiply few rows (decode steps) with :mod:`hub_peft._nf4`'s fused
     kernel, equal to bitsandbytes' dequantized weights up to float32 rounding; False keeps bitsandbytes' path.
+    ``lean_decode``: decode steps of Llama-family bases run :mod:`.lean`'s step (same maths, fewer operations;
+    checked against transformers' forward before the first sequence, ``lean_reason`` says why not where it
+    does not run); False keeps transformers' forward for every step.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class Engine(StaticGeneration):
         max_model_len: int | None = None,
         packed_head: bool | None = None,
         fused_4bit: bool = True,
+        lean_decode: bool = True,
     ) -> None:
         from ..base_model import load_base_model
         from ..tasks import require_causal_lm
@@ -100,6 +105,8 @@ class Engine(StaticGeneration):
         self._wrapped: list[tuple[nn.Module, str, RowDeltas]] = []
         module_names = [name for name, _ in self.model.named_modules()]  # what PEFT sees (before the wrapping)
         self._wrap_linears(fused_4bit)
+        self.lean_reason: str | None = lean_blocker(self.core) if lean_decode else "lean_decode=False"
+        self._lean = LeanDecoder(self.core) if self.lean_reason is None else None
         self._packed_head = packed_head
         self._reft_sites: set[tuple[int, str]] = set()  # (layer, component) pairs with an edit hook
         self.cache = AdapterCache(
@@ -117,6 +124,11 @@ class Engine(StaticGeneration):
     def started(self) -> bool:
         """Whether the engine has admitted a sequence (its KV cache exists; ``max_running`` is fixed from then)."""
         return self._kv is not None
+
+    @property
+    def lean_steps(self) -> int:
+        """Decode steps run on the lean step so far (see ``lean_decode``); 0 where it does not run."""
+        return 0 if self._lean is None else self._lean.steps
 
     @property
     def batching(self) -> str:
@@ -298,34 +310,43 @@ class Engine(StaticGeneration):
         prefill step, then one decode step, against the model's own forward over each whole sequence. The
         static checks of :func:`_ragged_blocker` cannot see everything an attention module may do (attention
         sinks, a KV layout of its own...); a difference beyond float noise sends the base to per-sequence
-        mode, with the reason. Returns that reason, or None."""
+        mode, with the reason. Returns that reason, or None. A third step checks the lean decode step
+        (:mod:`.lean`) the same way; where it differs, decode steps keep transformers' forward (``lean_reason``)."""
         vocab = self.core.get_input_embeddings().weight.shape[0]
         generator = torch.Generator().manual_seed(0)
         probes = [
-            Generation(torch.randint(vocab, (n,), generator=generator).tolist(), (), SamplingParams(max_tokens=2))
+            Generation(torch.randint(vocab, (n,), generator=generator).tolist(), (), SamplingParams(max_tokens=3))
             for n in (7, 3)
         ]
         for probe in probes:
             probe.slot, probe.cached = len(self._slots), 0
             self._slots.append(probe)
+        name = type(self.core).__name__
         try:
-            worst = 0.0
-            for step in range(2):
-                rows = [(probe, len(probe.tokens) - probe.cached) for probe in probes]
-                got = self.forward_ragged(rows)
-                for probe, row in zip(probes, got, strict=True):
-                    expected = self.core(input_ids=torch.tensor([probe.tokens])).logits[0, -1]
-                    gap = (row.float() - expected.float()).abs().max() / (1 + expected.float().abs().max())
-                    worst = max(worst, gap.item())
-                    if worst > (1e-4 if row.dtype == torch.float32 else 3e-2):
-                        return (
-                            f"the slot cache's attention does not reproduce {type(self.core).__name__}'s own "
-                            f"(logits differ by {worst:.1e} of their size at step {step + 1} of a check)"
+            for step in range(3 if self._lean is not None else 2):
+                what = "the lean decode step" if step == 2 else "the slot cache's attention"
+                try:
+                    rows = [(probe, len(probe.tokens) - probe.cached) for probe in probes]
+                    got = self._forward_packed(rows, lean=step == 2)
+                    worst = 0.0
+                    for probe, row in zip(probes, got, strict=True):
+                        expected = self.core(input_ids=torch.tensor([probe.tokens])).logits[0, -1]
+                        gap = (row.float() - expected.float()).abs().max() / (1 + expected.float().abs().max())
+                        worst = max(worst, gap.item())
+                        probe.output.append(int(row.argmax()))
+                    reason = None
+                    if worst > (1e-4 if got.dtype == torch.float32 else 3e-2):
+                        reason = (
+                            f"{what} does not reproduce {name}'s own (logits differ by {worst:.1e} of their size "
+                            f"at step {step + 1} of a check)"
                         )
-                    probe.output.append(int(row.argmax()))
+                except Exception as e:  # whatever the model's attention needs that the slot cache lacks
+                    reason = f"{what} fails on {name} ({type(e).__name__}: {e})"[:300]
+                if reason is not None and step == 2:
+                    self.lean_reason, self._lean = reason, None
+                elif reason is not None:
+                    return reason
             return None
-        except Exception as e:  # whatever the model's attention needs that the slot cache lacks
-            return f"the slot cache's attention fails on {type(self.core).__name__} ({type(e).__name__}: {e})"[:300]
         finally:
             del self._slots[-len(probes) :]
 
@@ -366,27 +387,40 @@ class Engine(StaticGeneration):
         slots = [seq.slot for seq, _ in rows]
         if any(b <= a for a, b in itertools.pairwise(slots)) or slots[0] < 0:
             raise InvalidInputError("forward_ragged needs admitted sequences in slot order.")
-        new: list[int] = []
         for b, (seq, n) in enumerate(rows):
             feed = seq.tokens[seq.cached : seq.cached + n]
             if len(feed) != n or n < 1:
                 raise InvalidInputError(f"row {b} has {len(feed)} tokens to feed, not {n}.")
-            new += feed
         if self.ragged_reason is not None or self._kv is None:  # no slot cache on this base
             return self._forward_each(rows)
-        step = kv_cache.RaggedStep.build(self._kv, slots, [seq.cached for seq, _ in rows], [n for _, n in rows])
-        ids = torch.tensor([new])
+        return self._forward_packed(rows, lean=self._lean is not None)
+
+    def _forward_packed(self, rows: list[tuple[Generation, int]], *, lean: bool) -> torch.Tensor:
+        """:meth:`forward_ragged` on the slot cache: a decode step (every row one new token past its prompt) on
+        the lean step when ``lean``, else (and any step with a prompt chunk) transformers' forward."""
+        step = kv_cache.RaggedStep.build(
+            self._kv, [seq.slot for seq, _ in rows], [seq.cached for seq, _ in rows], [n for _, n in rows]
+        )
+        ids = torch.tensor([[t for seq, n in rows for t in seq.tokens[seq.cached : seq.cached + n]]])
+        decoder = self._lean if lean and not any(seq.prefilling for seq, _ in rows) else None
         with self._lock, kv_cache.running(self.core, step), self._packed_head_in():
-            self.plans.current = self._ragged_plan(rows)
+            plan = self.plans.current = self._ragged_plan(rows)
             try:
-                logits = self.core(
-                    input_ids=ids, position_ids=step.token_positions[None], use_cache=False, logits_to_keep=step.last
-                ).logits
+                if decoder is not None:
+                    plan.forwards_seen = 1  # no decoder pre-hook runs; decode tokens take no ReFT edit anyway
+                    logits = decoder(ids, step)
+                else:
+                    logits = self.core(
+                        input_ids=ids,
+                        position_ids=step.token_positions[None],
+                        use_cache=False,
+                        logits_to_keep=step.last,
+                    ).logits[0]
             finally:
                 self.plans.current = None
         for seq, n in rows:
             seq.cached += n
-        return logits[0]
+        return logits
 
     def _forward_each(self, rows: list[tuple[Generation, int]]) -> torch.Tensor:
         """:meth:`forward_ragged` on a base that cannot use the slot cache: each sequence feeds its new tokens

@@ -166,16 +166,41 @@ def ragged_attention(
     """transformers' attention interface over the engine's slots (see the module docstring): ``query``
     ``[1, heads, tokens, dim]`` of the packed row; returns ``[1, tokens, heads, dim]``. ``sliding_window`` and
     ``softcap`` are what the model passes for this layer."""
-    step = _STEP.get()
-    layer = module.layer_idx
-    keys, values = step.cache.keys[layer], step.cache.values[layer]
     _, heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
-    group = heads // kv_heads
-    keys[step.token_slots, :, step.token_positions] = key[0].transpose(0, 1).to(keys.dtype)
-    values[step.token_slots, :, step.token_positions] = value[0].transpose(0, 1).to(values.dtype)
     # [tokens, kv_heads, group, dim]: the query heads of one kv head side by side
-    queries = query[0].transpose(0, 1).reshape(tokens, kv_heads, group, dim).to(keys.dtype)
+    queries = query[0].transpose(0, 1).reshape(tokens, kv_heads, heads // kv_heads, dim)
+    out = attend(
+        _STEP.get(),
+        module.layer_idx,
+        queries,
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        scaling,
+        sliding_window,
+        softcap,
+    )
+    return out.reshape(1, tokens, heads, dim).to(query.dtype), None
+
+
+def attend(
+    step: RaggedStep,
+    layer: int,
+    queries: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Write the packed tokens' ``key``/``value`` ``[tokens, kv_heads, dim]`` into their slots of ``layer`` and
+    attend: ``queries`` ``[tokens, kv_heads, group, dim]`` (the query heads of one kv head side by side), the
+    result in the same layout. Used by :func:`ragged_attention` and by the lean decode step (:mod:`.lean`)."""
+    keys, values = step.cache.keys[layer], step.cache.values[layer]
+    _, kv_heads, group, dim = queries.shape
+    keys[step.token_slots, :, step.token_positions] = key.to(keys.dtype)
+    values[step.token_slots, :, step.token_positions] = value.to(values.dtype)
+    queries = queries.to(keys.dtype)
     out = torch.empty_like(queries)
     for run in step.runs:
         cached_keys = keys[run.slot : run.slot + run.count, :, : run.span]
@@ -188,9 +213,8 @@ def ragged_attention(
             attended = _attend(q, cached_keys, cached_values, mask, scaling, softcap)
             out[run.tokens] = attended.reshape(kv_heads, group, -1, dim).permute(2, 0, 1, 3)
         else:  # one new token per sequence: [count, kv_heads, group, dim]
-            attended = _attend(queries[run.tokens], cached_keys, cached_values, mask, scaling, softcap)
-            out[run.tokens] = attended
-    return out.reshape(1, tokens, heads, dim).to(query.dtype), None
+            out[run.tokens] = _attend(queries[run.tokens], cached_keys, cached_values, mask, scaling, softcap)
+    return out
 
 
 def _attend(
