@@ -46,6 +46,24 @@ def test_the_fused_product_equals_the_dequantized_weights(in_features, out_featu
             torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "plain"])
+def test_every_instruction_set_path_gives_the_same_product(march):
+    """The source's AVX2 and plain-C paths (built here beside the native one, which the test above checks)."""
+    import platform
+
+    if platform.machine() != "x86_64" or (march == "x86-64-v3" and " avx2" not in _nf4._cpu_flags()):
+        pytest.skip(f"this CPU cannot run -march={march} code")
+    lib = _nf4.library(march)
+    assert lib is not None and lib is not _nf4.library()
+    for double_quant in (False, True):
+        layer = nf4_layer(192, 130, bias=True, double_quant=double_quant)
+        weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        for rows in (1, 11):  # one row; a pass of 8 rows and one of 3
+            x = torch.randn(rows, 192)
+            expected = torch.nn.functional.linear(x, weight, layer.bias)
+            torch.testing.assert_close(_nf4.FusedNF4(layer, lib)(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_calls_the_kernel_does_not_take_keep_their_path():
     layer = nf4_layer(64, 32, bias=False, double_quant=False)
     fused = _nf4.fused_nf4(layer)
