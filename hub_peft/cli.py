@@ -95,7 +95,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"{' '.join(args.vllm_args) or '--print-command'}: only with --engine vllm.")
     base = load_base_model(args.base, load_in_4bit=args.load_in_4bit)
     _say_quantization(base[0])
-    engine = MultiAdapterModel(base, memory_budget=int(args.memory_budget_mb * 2**20))
+    engine = MultiAdapterModel(
+        base,
+        memory_budget=int(args.memory_budget_mb * 2**20),
+        prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+    )
     for name, source, revision, subfolder in tqdm(
         adapters, desc="loading adapters", unit="adapter", disable=not adapters
     ):
@@ -526,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=256.0,
         help="Adapter cache budget (MiB); also the most one adapter's weights may take (at least 64 MiB).",
+    )
+    serve_api.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=64.0,
+        help="Memory for the keys/values of earlier prompts' blocks, reused by prompts that start the same way "
+        "on the same adapters (MiB; 0: off).",
     )
     body_mb = ServerSettings.max_body_bytes / 2**20
     serve_api.add_argument("--max-body-mb", type=float, default=body_mb, help="Largest request body (MiB); then 413.")

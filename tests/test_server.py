@@ -166,6 +166,23 @@ def test_concurrent_requests_share_steps_and_each_equals_its_single_reference(se
     assert metric(after, "hub_peft:requests_total", adapter="reft", status="200") >= 4
 
 
+def test_usage_counts_the_prompt_tokens_read_from_the_prefix_cache(server, engine):
+    """A prompt that shares its first 34 tokens with an earlier one on the same adapter reuses their blocks:
+    OpenAI's ``usage.prompt_tokens_details.cached_tokens``, the metric, and the same answer as computed whole."""
+    shared = " ".join(f"w{i % 9}" for i in range(34))
+    before = metric(server.get("/metrics").text, "hub_peft:prefix_cache_hit_tokens_total")
+    bodies = []
+    for question in ("a b c", "d e f"):
+        response = chat(server, "lora", f"{shared} {question}")
+        assert response.status_code == 200, response.text
+        bodies.append(response.json())
+    first, second = (b["usage"]["prompt_tokens_details"]["cached_tokens"] for b in bodies)
+    assert first == 0 and second == 32  # two whole blocks of 16 of the shared tokens
+    after = metric(server.get("/metrics").text, "hub_peft:prefix_cache_hit_tokens_total")
+    assert after - before == second
+    assert bodies[1]["choices"][0]["message"]["content"].strip() == reference(engine, f"{shared} d e f", "lora")
+
+
 def test_a_short_request_sent_after_a_long_one_finishes_first(server, engine):
     """Continuous batching: the short request joins the running batch at the next step and leaves when it ends."""
     done: dict[str, float] = {}

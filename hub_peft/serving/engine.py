@@ -39,8 +39,9 @@ from ..errors import GenerationError, InvalidInputError
 from ..modeling import component_module, find_decoder, find_decoder_layers, innermost_model, text_config
 from ..reft.model import edit_positions, input_edit_hook, output_edit_hook
 from . import kv_cache, solo
-from .cache import AdapterCache, Ia3Payload, LoraPayload
+from .cache import AdapterCache, Ia3Payload, LoraPayload, ReftPayload
 from .lean import LeanDecoder, lean_blocker
+from .prefix_cache import BLOCK, PrefixCache
 from .request import (
     AdapterSpec,
     Generation,
@@ -70,6 +71,8 @@ class Engine(StaticGeneration):
     ``lean_decode``: decode steps of Llama-family bases run :mod:`.lean`'s step (same maths, fewer operations;
     checked against transformers' forward before the first sequence, ``lean_reason`` says why not where it
     does not run); False keeps transformers' forward for every step.
+    ``prefix_cache_bytes``: the most memory the keys/values of finished prompts' blocks may take for later
+    prompts on the same adapters to reuse (:mod:`.prefix_cache`); 0 turns prefix caching off.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class Engine(StaticGeneration):
         packed_head: bool | None = None,
         fused_4bit: bool = True,
         lean_decode: bool = True,
+        prefix_cache_bytes: int = 64 * 2**20,
     ) -> None:
         from ..base_model import load_base_model
         from ..tasks import require_causal_lm
@@ -95,6 +99,7 @@ class Engine(StaticGeneration):
         self.max_running = max_running
         self.max_model_len = max_model_len or min(getattr(config, "max_position_embeddings", 2048) or 2048, 4096)
         self._kv: kv_cache.SlotCache | None = None
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._slots: list[Generation] = []  # slot i holds _slots[i]; kept compact (no holes)
         self._decode_plan: tuple[tuple, Plan] | None = None
         self._stacks = LoraStacks()
@@ -270,6 +275,8 @@ class Engine(StaticGeneration):
         check_prompt_length(len(prompt_ids), max_prompt_tokens)
         parts = self.cache.hold(spec)  # the cache's own lock: never waits for a forward of the model
         seq = Generation(prompt_ids, spec, params, parts=parts)
+        if not any(isinstance(payload, ReftPayload) for payload, _ in parts):  # see prefix_cache's NOTE(reft)
+            seq.prefix_key = tuple((self.cache.get(name).cached.key, weight) for name, weight in spec)
         if seq.capacity > self.max_model_len:
             raise InvalidInputError(
                 f"The prompt ({len(seq.prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
@@ -301,6 +308,15 @@ class Engine(StaticGeneration):
                     self._kv = None
             seq.slot, seq.cached = len(self._slots), 0
             self._slots.append(seq)
+            if self._kv is not None and self.prefix_cache is not None and seq.prefix_key is not None:
+                blocks = self.prefix_cache.match(seq.prefix_key, seq.prompt_ids)
+                if blocks:
+                    self._kv.write(
+                        seq.slot,
+                        torch.cat([b.keys for b in blocks], dim=2),
+                        torch.cat([b.values for b in blocks], dim=2),
+                    )
+                    seq.cached = seq.cached_prompt_tokens = len(blocks) * BLOCK
             return True
 
     @torch.inference_mode()
@@ -419,7 +435,10 @@ class Engine(StaticGeneration):
             finally:
                 self.plans.current = None
         for seq, n in rows:
+            was_prefilling = seq.prefilling
             seq.cached += n
+            if was_prefilling and not seq.prefilling and self.prefix_cache is not None and seq.prefix_key is not None:
+                self.prefix_cache.store(seq.prefix_key, seq.prompt_ids, self._kv.keys, self._kv.values, seq.slot)
         return logits
 
     def _forward_each(self, rows: list[tuple[Generation, int]]) -> torch.Tensor:

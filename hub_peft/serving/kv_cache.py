@@ -138,6 +138,15 @@ class SlotCache:
         self.ready[slot] = end
 
     @torch.inference_mode()
+    def write(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put ``keys``/``values`` ``[layers, kv_heads, n, head_dim]`` at positions ``[0, n)`` of ``slot``."""
+        n = keys.shape[2]
+        self.prepare(slot, n)
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            self.keys[layer][slot, :, :n] = k
+            self.values[layer][slot, :, :n] = v
+
+    @torch.inference_mode()
     def move(self, source: int, target: int, length: int) -> None:
         """Copy a sequence's first ``length`` cached tokens from one slot to another (compaction)."""
         for tensors in (self.keys, self.values):

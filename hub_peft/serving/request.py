@@ -72,6 +72,7 @@ class Completion:
     prompt_tokens: int
     finish_reason: str  # stop | length
     logprobs: list[Sampled] | None = None  # per generated token, when asked for
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys/values the prefix cache gave (see .prefix_cache)
 
 
 @dataclass(eq=False)
@@ -88,6 +89,10 @@ class Generation:
     past: Any = None  # a per-sequence transformers cache, on bases that cannot use the slots (see ragged_reason)
     past_tokens: int = 0  # tokens ``past`` may hold: more than ``cached`` after a failed or retried step
     parts: tuple = ()  # ((payload, weight), ...) for spec, held even if the cache evicts them meanwhile
+    # the adapters' content keys and weights that name its prompt's cached blocks (see .prefix_cache); None: its
+    # prompt neither reuses nor stores blocks (a ReFT adapter, an engine check's probe)
+    prefix_key: tuple | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
     @property
     def tokens(self) -> list[int]:
@@ -150,4 +155,5 @@ class Request:
             len(gen.prompt_ids),
             finish,
             list(gen.samples) if self.params.logprobs is not None else None,
+            gen.cached_prompt_tokens,
         )

@@ -25,6 +25,9 @@ class Metrics:
             "hub_peft:requests", "Finished requests by adapter and HTTP status.", ["adapter", "status"], registry=r
         )
         self.prompt_tokens = Counter("hub_peft:prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.cached_prompt_tokens = Counter(
+            "hub_peft:prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache.", registry=r
+        )
         self.generation_tokens = Counter("hub_peft:generation_tokens", "Generated tokens.", registry=r)
         self.ttft = Histogram(
             "hub_peft:time_to_first_token_seconds", "From arrival to the first token.", buckets=_LATENCY, registry=r
@@ -55,6 +58,7 @@ class Metrics:
         self.requests.labels(request.label, str(status)).inc()
         if request.generation is not None:
             self.prompt_tokens.inc(len(request.generation.prompt_ids))
+            self.cached_prompt_tokens.inc(request.generation.cached_prompt_tokens)
             self.generation_tokens.inc(len(request.generation.output))
         if request.first_token_at is not None:
             self.ttft.observe(request.first_token_at - request.submitted)

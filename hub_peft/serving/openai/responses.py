@@ -160,9 +160,16 @@ class Answer:
             self.last_token[job.row] = now
 
     def usage(self) -> dict:
-        prompt = len(self.jobs[0].generation.prompt_ids) if self.jobs[0].generation else 0
+        """OpenAI's usage, with the prompt tokens read from the prefix cache (``prompt_tokens_details``)."""
+        generation = self.jobs[0].generation
+        prompt = len(generation.prompt_ids) if generation else 0
         completion = sum(len(j.tokens) for j in self.jobs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": generation.cached_prompt_tokens if generation else 0},
+        }
 
     def _piece(self, context: list[int], token: int) -> str:
         """The text ``token`` adds after ``context`` (so a completion's pieces add up to its text)."""
