@@ -10,7 +10,7 @@ bytes read per token. Measured here in one process, on SmolLM2-135M-Instruct (th
    first to the last token, so prefill is left out), best of 3, alternating: transformers' own ``generate`` on
    the bare base (a reference, no adapters) and ``MultiAdapterModel`` bare and with one rank-8 LoRA on every
    linear layer of the blocks, and with one LoRA on transformers' forward (``lean_decode=False``); for NF4 also the
-   engine with ``fused_4bit=False`` (bitsandbytes' own path);
+   engine with ``fused=False`` (bitsandbytes' own path);
 4. the ratios to the limit and the issue's targets (fp32 >= 0.75 of its limit, NF4 >= 0.5 of its own and
    >= 1.5x fp32), each printed met or not; and whether the engine's greedy tokens equal transformers' (bare).
 
@@ -124,7 +124,7 @@ def contenders(reference, load, folder: Path, n: int, four_bit: bool) -> dict:
     transformers_steps.add("lora", folder)
     runs["engine, 1 LoRA, no lean step"] = engine_run("lora", transformers_steps)
     if four_bit:  # the engine's NF4 decode before the fused kernel: bitsandbytes' dequantize-then-matmul
-        dequantizing = MultiAdapterModel(load(), fused_4bit=False)
+        dequantizing = MultiAdapterModel(load(), fused=False)
         dequantizing.add("lora", folder)
         runs["engine, 1 LoRA, bnb dequantize"] = engine_run("lora", dequantizing)
     return runs

@@ -330,7 +330,7 @@ def test_lean_decode_steps_give_transformers_logits(arch, nf4, bases, adapters):
         engine = MultiAdapterModel(load_base_model(bases(arch), load_in_4bit=nf4), packed_head=False, lean_decode=lean)
         for name, folder in adapters(arch).items():
             engine.add(name, folder)
-        logits = _record_logits(engine)
+        logits = record_logits(engine)
         completions = engine.generate_tokens(PROMPTS, ROWS, max_new_tokens=NEW_TOKENS, raw=raw, ignore_eos=True)
         seen[lean] = [c.tokens for c in completions], logits
         assert (engine.lean_steps >= NEW_TOKENS - 1) == lean, engine.lean_reason
@@ -341,7 +341,7 @@ def test_lean_decode_steps_give_transformers_logits(arch, nf4, bases, adapters):
         torch.testing.assert_close(torch.stack(rows), torch.stack(reference_logits[prompt]), rtol=1e-5, atol=1e-5)
 
 
-def _record_logits(engine) -> dict[tuple[int, ...], list[torch.Tensor]]:
+def record_logits(engine) -> dict[tuple[int, ...], list[torch.Tensor]]:
     """Every logits row ``engine`` samples from from now on, per prompt (its token ids), in order."""
     logits: dict[tuple[int, ...], list[torch.Tensor]] = {}
     sample = engine.sample

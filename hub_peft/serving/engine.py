@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .._bnb import keep_4bit_trainable
-from .._nf4 import fused_nf4
+from .._fused import fused_linear
 from .._onednn import PackedLinear, packable, packed_is_faster
 from ..errors import GenerationError, InvalidInputError
 from ..modeling import component_module, find_decoder, find_decoder_layers, innermost_model, text_config
@@ -66,8 +66,9 @@ class Engine(StaticGeneration):
     oneDNN (:class:`~hub_peft._onednn.PackedLinear`, a second copy of the head's weight; see
     ``benchmarks/engine_cpu.py``); ``None`` (the default) does so where that was timed faster on this CPU, timed at the
     first step, on the thread that runs the steps (see :meth:`~.scheduler.Scheduler.serve_forever`).
-    ``fused_4bit``: NF4 layers of the blocks multiply few rows (decode steps) with :mod:`hub_peft._nf4`'s fused
-    kernel, equal to bitsandbytes' dequantized weights up to float32 rounding; False keeps bitsandbytes' path.
+    ``fused``: the linear layers of the blocks (NF4 and float32) multiply few rows (decode steps) with
+    :mod:`hub_peft._fused`'s kernels, a single LoRA over every row inside the same call, equal to the layers' own
+    products up to float32 rounding; False keeps the layers' own paths (bitsandbytes' for NF4).
     ``lean_decode``: decode steps of Llama-family bases run :mod:`.lean`'s step (same maths, fewer operations;
     checked against transformers' forward before the first sequence, ``lean_reason`` says why not where it
     does not run); False keeps transformers' forward for every step.
@@ -84,7 +85,7 @@ class Engine(StaticGeneration):
         max_running: int = 32,
         max_model_len: int | None = None,
         packed_head: bool | None = None,
-        fused_4bit: bool = True,
+        fused: bool = True,
         lean_decode: bool = True,
         prefix_cache_bytes: int = 64 * 2**20,
     ) -> None:
@@ -109,7 +110,7 @@ class Engine(StaticGeneration):
         self._layers = find_decoder_layers(self.core)
         self._wrapped: list[tuple[nn.Module, str, RowDeltas]] = []
         module_names = [name for name, _ in self.model.named_modules()]  # what PEFT sees (before the wrapping)
-        self._wrap_linears(fused_4bit)
+        self._wrap_linears(fused)
         self.lean_reason: str | None = lean_blocker(self.core) if lean_decode else "lean_decode=False"
         self._lean = LeanDecoder(self.core) if self.lean_reason is None else None
         self._packed_head = packed_head
@@ -143,13 +144,13 @@ class Engine(StaticGeneration):
 
     # --- wrapping --------------------------------------------------------------------------------
 
-    def _wrap_linears(self, fused_4bit: bool) -> None:
+    def _wrap_linears(self, fused: bool) -> None:
         prefix = next(n for n, m in self.core.named_modules() if m is self._layers)
         for name, module in list(self.core.named_modules()):
             if not name.startswith(prefix + ".") or not is_linear(module) or not returns_a_tensor(module):
                 continue
             parent, _, child = name.rpartition(".")
-            wrapper = RowDeltas(self.plans, name, module, fused_nf4(module) if fused_4bit else None)
+            wrapper = RowDeltas(self.plans, name, module, fused_linear(module) if fused else None)
             setattr(self.core.get_submodule(parent), child, wrapper)
             self._wrapped.append((self.core.get_submodule(parent), child, wrapper))
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._nf4 import FusedNF4
+from .._fused import Fused
 from ..errors import IncompatibleAdapterError
 from .cache import Ia3Payload, LoraPayload, ReftPayload
 
@@ -84,6 +84,7 @@ class LoraPack:
     weights: torch.Tensor | None  # [slots, 1, 1] mix weight of each slot; None when all are 1
     A: torch.Tensor  # [slots, in, r]
     B: torch.Tensor  # [slots, r, out], the adapter's scale folded in
+    lone: dict[int, tuple | None] = field(default_factory=dict)  # rows -> its one LoRA for the kernel (_one_lora)
 
 
 def pack_loras(plan: Plan, name: str) -> LoraPack | None:
@@ -183,10 +184,10 @@ class RowDeltas(nn.Module):
     layer's output, so a mix is the weighted sum of the adapters' deltas.
     """
 
-    def __init__(self, plans: PlanSlot, name: str, base_layer: nn.Module, fused: FusedNF4 | None = None) -> None:
+    def __init__(self, plans: PlanSlot, name: str, base_layer: nn.Module, fused: Fused | None = None) -> None:
         super().__init__()
         self.plans, self.name, self.base_layer = plans, name, base_layer
-        self.fused = fused  # an NF4 base layer's product for few rows without gradient (see hub_peft._nf4)
+        self.fused = fused  # the base layer's product for few rows without gradient (see hub_peft._fused)
 
     def __getattr__(self, name: str) -> Any:
         """The wrapped layer's attributes (``weight``, ``in_features``...), for model code that reads them, as
@@ -199,10 +200,18 @@ class RowDeltas(nn.Module):
             return getattr(self.base_layer, name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        fused = self.fused
-        out = fused(x) if fused is not None and fused.takes(x) else self.base_layer(x, *args, **kwargs)
         plan = self.plans.current
-        if plan is None or self.name not in plan.touched:  # no adapter of this step changes this layer
+        touched = plan is not None and self.name in plan.touched
+        pack = plan.lora_pack(self.name) if touched else None
+        fused = self.fused
+        if fused is not None and fused.takes(x):
+            inside = _one_lora(pack, plan, x) if pack is not None else None
+            out = fused(x, inside)
+            if inside is not None:
+                pack = None  # its delta is in out already
+        else:
+            out = self.base_layer(x, *args, **kwargs)
+        if plan is None or not touched:  # no adapter of this step changes this layer
             return out
         if not isinstance(out, torch.Tensor):
             raise IncompatibleAdapterError(
@@ -212,7 +221,6 @@ class RowDeltas(nn.Module):
         # rows of the plan's groups: packed tokens ([1, tokens, in] seen as [tokens, 1, in]) or batch rows
         shape = (-1, 1) if plan.packed else (x.shape[0], -1)
         xs, outs = x.reshape(*shape, x.shape[-1]), out.view(*shape, out.shape[-1])  # a view: writing outs writes out
-        pack = plan.lora_pack(self.name)
         if pack is not None:
             slots, fan_in = pack.A.shape[:2]
             # NOTE(perf): one slot over every row (a single chat, or all requests on one adapter) needs no gather
@@ -257,3 +265,16 @@ class RowDeltas(nn.Module):
                     delta += outs[group.rows].float() * s
             outs[group.rows] += delta.to(out.dtype)
         return out
+
+
+def _one_lora(pack: LoraPack, plan: Plan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``pack`` as one LoRA for the fused kernel, ``(A, B, weight)``, when it is one slot over every row of ``x``
+    (a single chat, or every request on one adapter); else None (the batched path adds it). Kept on the pack:
+    a decode plan serves many steps."""
+    rows = x.numel() // x.shape[-1] if plan.packed else x.shape[0]
+    if rows not in pack.lone:
+        whole = pack.A.shape[0] == 1 and pack.keep is None and len(pack.rows) == rows
+        A, Bt = pack.A[0], pack.B[0].t().contiguous() if whole else pack.B[0]  # the kernel reads B per output
+        weight = 1.0 if pack.weights is None else float(pack.weights.reshape(-1)[0])
+        pack.lone[rows] = (A, Bt, weight) if whole and Fused.takes_lora(A, Bt) else None
+    return pack.lone[rows]

@@ -1,0 +1,158 @@
+"""The fused products (hub_peft._fused), NF4 and float32, with and without a LoRA inside, against the layers' own
+products (bitsandbytes' dequantized weights, ``F.linear``) plus ``w·(x A) B``, alone and in the engine."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from bitsandbytes.functional import dequantize_4bit
+from test_architectures import record_logits
+from test_engine import PROMPTS, adapters  # noqa: F401 - adapters: a shared module fixture
+from test_peft_methods import load_tiny, tiny_base_repo, tiny_tokenizer  # noqa: F401 - a shared session fixture
+
+from hub_peft import _fused
+from hub_peft.serving import MultiAdapterModel
+
+
+def nf4_layer(in_features: int, out_features: int, *, bias: bool, double_quant: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    layer = bnb.nn.Linear4bit(
+        in_features, out_features, bias=bias, compute_dtype=torch.float32, compress_statistics=double_quant
+    )
+    weight = torch.randn(out_features, in_features) * 0.05
+    layer.weight = bnb.nn.Params4bit(
+        weight, requires_grad=False, quant_type="nf4", compress_statistics=double_quant
+    )._quantize("cpu")
+    if bias:
+        layer.bias = torch.nn.Parameter(torch.randn(out_features), requires_grad=False)
+    return layer
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double-quant"])
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "bias"), [(64, 48, False), (192, 130, True), (576, 1536, True)]
+)
+def test_the_fused_product_equals_the_dequantized_weights(in_features, out_features, bias, double_quant):
+    layer = nf4_layer(in_features, out_features, bias=bias, double_quant=double_quant)
+    fused = _fused.fused_linear(layer)
+    assert fused is not None
+    weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    for rows in (1, 3, _fused.MAX_ROWS):
+        x = torch.randn(2, rows, in_features)  # batch dims are flattened and restored
+        expected = torch.nn.functional.linear(x, weight, layer.bias)
+        got = fused(x)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # and bitsandbytes' own forward of the same layer
+            torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+        lora = random_lora(in_features, out_features)
+        torch.testing.assert_close(fused(x, lora), with_lora(expected, x, lora), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("in_features", "out_features", "bias"), [(64, 48, False), (70, 130, True), (576, 1536, True)])
+def test_the_float32_product_equals_linear(in_features, out_features, bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(in_features, out_features, bias=bias)
+    fused = _fused.fused_linear(layer)
+    assert isinstance(fused, _fused.FusedF32)
+    for rows in (1, 3, _fused.MAX_ROWS_F32):
+        x = torch.randn(rows, in_features)
+        with torch.no_grad():
+            expected = layer(x)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+        lora = random_lora(in_features, out_features, rank=16)
+        torch.testing.assert_close(fused(x, lora), with_lora(expected, x, lora), rtol=1e-5, atol=1e-5)
+
+
+def random_lora(in_features: int, out_features: int, rank: int = 8) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A, Bt, weight)`` as the kernels take them: A [in, r], B transposed [out, r]."""
+    return torch.randn(in_features, rank) * 0.1, torch.randn(out_features, rank) * 0.1, 0.7
+
+
+def with_lora(base: torch.Tensor, x: torch.Tensor, lora) -> torch.Tensor:
+    A, Bt, weight = lora
+    return base + weight * (x @ A) @ Bt.T
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "plain"])
+def test_every_instruction_set_path_gives_the_same_product(march):
+    """The source's AVX2 and plain-C paths (built here beside the native one, which the test above checks)."""
+    import platform
+
+    if platform.machine() != "x86_64" or (march == "x86-64-v3" and " avx2" not in _fused._cpu_flags()):
+        pytest.skip(f"this CPU cannot run -march={march} code")
+    lib = _fused.library(march)
+    assert lib is not None and lib is not _fused.library()
+    for double_quant in (False, True):
+        layer = nf4_layer(192, 130, bias=True, double_quant=double_quant)
+        weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        for rows in (1, 11):  # one row; a pass of 8 rows and one of 3
+            x = torch.randn(rows, 192)
+            expected = torch.nn.functional.linear(x, weight, layer.bias)
+            torch.testing.assert_close(_fused.FusedNF4(layer, lib)(x), expected, rtol=1e-5, atol=1e-5)
+            lora = random_lora(192, 130)
+            torch.testing.assert_close(_fused.FusedNF4(layer, lib)(x, lora), with_lora(expected, x, lora))
+    linear = torch.nn.Linear(70, 130)  # a width that is no multiple of the vector length
+    x = torch.randn(5, 70)
+    with torch.no_grad():
+        expected = linear(x)
+    torch.testing.assert_close(_fused.FusedF32(linear, lib)(x), expected, rtol=1e-5, atol=1e-5)
+    lora = random_lora(70, 130)
+    torch.testing.assert_close(_fused.FusedF32(linear, lib)(x, lora), with_lora(expected, x, lora))
+
+
+def test_calls_the_kernel_does_not_take_keep_their_path():
+    layer = nf4_layer(64, 32, bias=False, double_quant=False)
+    fused = _fused.fused_linear(layer)
+    assert fused.takes(torch.randn(_fused.MAX_ROWS, 64))
+    assert not fused.takes(torch.randn(_fused.MAX_ROWS + 1, 64))  # a prefill: dequantize once, then a GEMM
+    assert not fused.takes(torch.randn(1, 64, dtype=torch.bfloat16))
+    assert not fused.takes(torch.randn(1, 64, requires_grad=True))  # training needs bitsandbytes' backward
+    with torch.no_grad():
+        assert fused.takes(torch.randn(1, 64, requires_grad=True))
+    assert _fused.fused_linear(nf4_layer(96, 32, bias=False, double_quant=False)) is None  # blocks span two rows
+    assert _fused.fused_linear(torch.nn.Linear(64, 32).bfloat16()) is None
+    assert _fused.fused_linear(torch.nn.Embedding(64, 32)) is None
+
+
+def test_without_a_compiler_layers_keep_bitsandbytes_path(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("HUB_PEFT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    _fused.library.cache_clear()
+    try:
+        assert _fused.fused_linear(nf4_layer(64, 32, bias=False, double_quant=False)) is None
+        assert "did not build" in caplog.text
+        assert not list((tmp_path / "kernels").iterdir())  # nothing half-written left behind
+    finally:
+        _fused.library.cache_clear()
+
+
+@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "fp32"])
+def test_the_engine_decodes_with_the_kernels_as_the_layers_do(adapters, monkeypatch, nf4):  # noqa: F811
+    """A mixed LoRA/IA3/ReFT/mix batch, then one LoRA alone (its delta inside the kernel): the fused steps give
+    the layers' own path's tokens and the logits of every step up to float32 rounding."""
+    calls = []
+    original = _fused.Fused.__call__
+    monkeypatch.setattr(
+        _fused.Fused, "__call__", lambda self, x, lora=None: calls.append(lora) or original(self, x, lora)
+    )
+    batches = [["reft", "lora", None, "ia3", {"lora": 0.6, "rslora": 0.4}], [{"rslora": 0.5}]]
+    results = {}
+    for fused in (True, False):
+        engine = MultiAdapterModel((load_tiny(nf4), tiny_tokenizer()), fused=fused, packed_head=False)
+        for name, folder in adapters.items():
+            engine.add(name, folder)
+        calls.clear()
+        logits = record_logits(engine)
+        tokens = [
+            [c.tokens for c in engine.generate_tokens(PROMPTS[: len(rows)], rows, max_new_tokens=6)] for rows in batches
+        ]
+        results[fused] = tokens, logits, list(calls)
+    (tokens, logits, used), (reference_tokens, reference_logits, unused) = results[True], results[False]
+    assert used and not unused
+    assert any(lora is not None and lora[2] == 0.5 for lora in used)  # the lone weighted LoRA ran inside
+    assert tokens == reference_tokens
+    assert logits.keys() == reference_logits.keys()
+    for prompt, rows in logits.items():
+        torch.testing.assert_close(torch.stack(rows), torch.stack(reference_logits[prompt]), rtol=1e-5, atol=1e-5)
