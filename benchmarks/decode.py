@@ -14,18 +14,25 @@ bytes read per token. Measured here in one process, on SmolLM2-135M-Instruct (th
 4. the ratios to the limit and the issue's targets (fp32 >= 0.75 of its limit, NF4 >= 0.5 of its own and
    >= 1.5x fp32), each printed met or not; and whether the engine's greedy tokens equal transformers' (bare).
 
-Run: .venv/bin/python benchmarks/decode.py [--tokens 128] [--repeats 3]
+Opt-in, llama.cpp (``--llama-cpp DIR --convert-python PY``, see ``_llama_cpp.py``): ``llama-server`` with one slot
+on the same base (F32 GGUF; Q4_1 beside NF4) and the same LoRA, the same prompt tokens, 128 tokens streamed to the
+same kind of client (a stamp per streamed chunk), best of the same repeats; and the target "at least llama.cpp".
+
+Run: .venv/bin/python benchmarks/decode.py [--tokens 128] [--repeats 3] [--llama-cpp DIR --convert-python PY]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _llama_cpp import LlamaCpp
 from _machine import cpu_description
 from serving import make_adapters
 
@@ -130,8 +137,53 @@ def contenders(reference, load, folder: Path, n: int, four_bit: bool) -> dict:
     return runs
 
 
-def measure(label: str, four_bit: bool, folder: Path, n: int, repeats: int) -> dict[str, float]:
+def llama_cpp_run(peer: LlamaCpp, four_bit: bool, folder: Path, out: Path, n: int, ids: list[int]):
+    """llama-server with one slot on the converted base and LoRA: the server process and a run that streams ``n``
+    tokens after the prompt ``ids`` with the LoRA applied (EOS ignored, greedy)."""
+    import httpx
+
+    from hub_peft.base_model import embedded_model_dir
+    from hub_peft.hub.process import free_port
+
+    base_dir = embedded_model_dir()
+    model = peer.base(base_dir, out, "Q4_1" if four_bit else None)
+    port = free_port()
+    command = [*peer.command(model, [peer.lora(base_dir, folder, out)], parallel=1), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if process.poll() is not None:
+            raise SystemExit(f"llama-server exited with {process.returncode}: {' '.join(command)}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    else:
+        process.kill()
+        raise SystemExit(f"llama-server did not come up in 300 s: {' '.join(command)}")
+    body = {"prompt": ids, "n_predict": n, "ignore_eos": True, "temperature": 0, "stream": True}
+    body |= {"return_tokens": True, "cache_prompt": False, "lora": [{"id": 0, "scale": 1.0}]}
+
+    def run(tick) -> list[int]:
+        tokens: list[int] = []
+        with httpx.stream("POST", f"{url}/completion", json=body, timeout=600) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    for token in json.loads(line[6:]).get("tokens") or []:
+                        tick()
+                        tokens.append(token)
+        return tokens
+
+    return process, run
+
+
+def measure(
+    label: str, four_bit: bool, folder: Path, n: int, repeats: int, peer: LlamaCpp | None, out: Path
+) -> dict[str, float]:
     from hub_peft.base_model import load_base_model
+    from hub_peft.chat import encode_prompt, prompt_template
 
     def load():
         return load_base_model(None, load_in_4bit=four_bit)
@@ -145,14 +197,16 @@ def measure(label: str, four_bit: bool, folder: Path, n: int, repeats: int) -> d
         f"limit {limit:.1f} tok/s"
     )
     runs = contenders(reference, load, folder, n, four_bit)
-    for run in runs.values():  # warm-up: first-step timings (the packed head), caches
-        decode_rate(run)
-    best: dict[str, float] = dict.fromkeys(runs, 0.0)
-    tokens: dict[str, list[int]] = {}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            rate, tokens[name] = decode_rate(run)
-            best[name] = max(best[name], rate)
+    server = None
+    if peer is not None:
+        ids = encode_prompt(reference[1], PROMPT, prompt_template(reference[1]))
+        server, runs["llama.cpp, 1 LoRA"] = llama_cpp_run(peer, four_bit, folder, out, n, ids)
+    try:
+        best, tokens = time_runs(runs, repeats)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
     for name, rate in best.items():
         print(f"  {name:<30} {rate:6.1f} tok/s  {rate / limit:5.2f} of the limit")
     same = tokens["hub_peft engine, bare"] == tokens["transformers generate, bare"]
@@ -162,14 +216,33 @@ def measure(label: str, four_bit: bool, folder: Path, n: int, repeats: int) -> d
     if four_bit:
         fused = tokens["hub_peft engine, 1 LoRA"] == tokens["engine, 1 LoRA, bnb dequantize"]
         print(f"  fused kernel's greedy tokens equal bitsandbytes' path (1 LoRA): {fused}")
+    if peer is not None:
+        same = tokens["llama.cpp, 1 LoRA"] == tokens["hub_peft engine, 1 LoRA"]
+        print(f"  llama.cpp's greedy tokens equal the engine's (1 LoRA): {same}")
     return {"limit": limit, **best}
+
+
+def time_runs(runs: dict, repeats: int) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """Best tokens/s of each run over ``repeats`` rounds (alternating), after one warm-up round; the tokens."""
+    for run in runs.values():  # warm-up: first-step timings (the packed head), caches
+        decode_rate(run)
+    best: dict[str, float] = dict.fromkeys(runs, 0.0)
+    tokens: dict[str, list[int]] = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            rate, tokens[name] = decode_rate(run)
+            best[name] = max(best[name], rate)
+    return best, tokens
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--llama-cpp", default=None, help="llama.cpp's source folder with llama-server built (opt-in).")
+    parser.add_argument("--convert-python", default=sys.executable, help="A Python for llama.cpp's converters.")
     args = parser.parse_args()
+    peer = LlamaCpp(args.llama_cpp, args.convert_python) if args.llama_cpp else None
     import torch
 
     from hub_peft.base_model import load_base_model
@@ -179,14 +252,19 @@ def main() -> None:
         fp32 = load_base_model(None, load_in_4bit=False)
         folder = make_adapters(fp32[0], Path(tmp), 1)[0]
         del fp32
-        full = measure("fp32", False, folder, args.tokens, args.repeats)
-        nf4 = measure("NF4", True, folder, args.tokens, args.repeats)
-    key = "hub_peft engine, 1 LoRA"
+        full = measure("fp32", False, folder, args.tokens, args.repeats, peer, Path(tmp))
+        nf4 = measure("NF4", True, folder, args.tokens, args.repeats, peer, Path(tmp))
+    key, peer_key = "hub_peft engine, 1 LoRA", "llama.cpp, 1 LoRA"
     checks = [
         ("fp32 engine >= 0.75 of its limit", full[key] / full["limit"], 0.75),
         ("NF4 engine >= 0.5 of its own limit", nf4[key] / nf4["limit"], 0.5),
         ("NF4 engine >= 1.5x fp32 engine", nf4[key] / full[key], 1.5),
     ]
+    if peer is not None:
+        checks += [
+            ("fp32 engine >= llama.cpp F32", full[key] / full[peer_key], 1.0),
+            ("NF4 engine >= llama.cpp Q4_1", nf4[key] / nf4[peer_key], 1.0),
+        ]
     print("\ntargets (one LoRA):")
     for what, value, target in checks:
         print(f"  {what}: {value:.2f} -> {'met' if value >= target else 'NOT met'}")

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _llama_cpp import LlamaCpp
 from _machine import cpu_description
 from serving import PROMPTS, make_adapters
 
@@ -352,38 +353,14 @@ def vllm_command(python: str, base_dir: Path, folders: list[Path]) -> tuple[list
 def llama_cpp_command(args, base_dir: Path, folders: list[Path], root: Path) -> tuple[list[str], dict, object]:
     """llama-server on the base and LoRAs converted by llama.cpp's own converters (F32; Q4_1 base with --4bit),
     all adapters loaded unapplied and one chosen per request; 32 parallel slots of 1,024 tokens each."""
-    source = Path(args.llama_cpp)
-    server = source / "build" / "bin" / "llama-server"
-    if not server.is_file():
-        raise SystemExit(f"no {server}: run ../shared/tools/build_llama_server.sh first")
-    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
-
-    def convert(*command: str) -> None:
-        subprocess.run([args.convert_python, *command], check=True, env=env, capture_output=True)
-
-    base = root / "base-f32.gguf"
-    convert(str(source / "convert_hf_to_gguf.py"), str(base_dir), "--outtype", "f32", "--outfile", str(base))
-    if args.four_bit:
-        quantize = source / "build" / "bin" / "llama-quantize"
-        if not quantize.is_file():
-            subprocess.run(
-                ["cmake", "--build", str(source / "build"), "--target", "llama-quantize"],
-                check=True,
-                capture_output=True,
-            )
-        quantized = root / "base-q4_1.gguf"
-        subprocess.run([str(quantize), str(base), str(quantized), "Q4_1"], check=True, capture_output=True)
-        base = quantized
-    command = [str(server), "-m", str(base), "--host", "127.0.0.1", "--lora-init-without-apply", "-np", "32"]
-    command += ["-c", str(32 * 1024), "-t", str(os.cpu_count() or 1), "--no-webui"]
-    for i, folder in enumerate(folders):
-        adapter = root / f"lora{i:02d}.gguf"
-        convert(
-            str(source / "convert_lora_to_gguf.py"), "--base", str(base_dir), "--outtype", "f32",
-            "--outfile", str(adapter), str(folder),
-        )  # fmt: skip
-        command += ["--lora", str(adapter)]
-    return command, {}, lambda job: {"lora": [{"id": int(job["model"][4:]), "scale": 1.0}]}
+    peer = LlamaCpp(args.llama_cpp, args.convert_python)
+    model = peer.base(base_dir, root, "Q4_1" if args.four_bit else None)
+    loras = [peer.lora(base_dir, folder, root) for folder in folders]
+    return (
+        peer.command(model, loras, parallel=32),
+        {},
+        lambda job: {"lora": [{"id": int(job["model"][4:]), "scale": 1.0}]},
+    )
 
 
 if __name__ == "__main__":

@@ -197,6 +197,33 @@ def test_the_space_refuses_bad_pushes_without_leaving_a_repo(app, tiny_base_repo
         app.chat(" ", {})
 
 
+def test_the_space_chat_runs_on_the_engine_and_answers_as_peft_does(app, tiny_base_repo, tmp_path):  # noqa: F811
+    """The Studio's chat: the base's and the adapter's answers from the serving engine in one batch, equal to
+    ``generate_reply`` on the base and on PEFT's model; a session that trains again (same folder) is answered
+    by its new adapter, not the one loaded before."""
+    from hub_peft import load_base_model
+
+    folder = tmp_path / "adapter"
+    state = {"base": "alice/tiny-llama", "four_bit": False, "adapter": str(folder)}
+    prompt = "a b c d"
+
+    def ordinary(adapter: bool) -> str:
+        model, tokenizer = load_base_model("alice/tiny-llama")
+        model = load_adapter(model, folder) if adapter else model
+        return generate_reply(model, tokenizer, prompt, max_new_tokens=app.MAX_NEW_TOKENS)
+
+    for seed, epochs in ((0, 3), (1, 6)):
+        torch.manual_seed(seed)
+        trained = train_adapter(ROWS, TrainSettings(epochs=epochs, lr=0.05), base=load_base_model("alice/tiny-llama"))
+        save_trained(trained, folder, overwrite=True)  # as the Studio's training job does
+        plain, tuned = app.chat(prompt, state)
+        assert (plain, tuned) == (ordinary(False), ordinary(True))
+    assert plain != tuned, "the adapter should change the answer"
+    engine = app.MODELS.engine("alice/tiny-llama", False)
+    assert engine.lean_steps > 0  # the chat decoded on the engine's fast path
+    assert sum(name.startswith("session-") for name in engine.cache.entries) == 1  # the first one was removed
+
+
 def test_the_space_is_laid_out_like_a_hub_space():
     import yaml
 

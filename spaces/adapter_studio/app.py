@@ -9,6 +9,7 @@ SmolLM2-135M-Instruct, local Hub). The work itself lives in hub_peft (``examples
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import queue
 import re
@@ -23,21 +24,21 @@ import gradio as gr
 import pandas as pd
 from huggingface_hub import get_token
 
-from hub_peft.adapters import check_repo_id, load_adapter, push_adapter
+from hub_peft.adapters import check_repo_id, push_adapter
 from hub_peft.base_model import DEFAULT_BASE, load_base_model
 from hub_peft.cards import render_card
-from hub_peft.chat import generate_reply, prompt_template
+from hub_peft.chat import prompt_template
 from hub_peft.errors import HubPeftError
 from hub_peft.evaluation import Evaluation
 from hub_peft.examples import MAX_FILE_BYTES, MAX_ROWS, Table, check_rows, read_table
 from hub_peft.presets import held_out_prompts, load_preset
+from hub_peft.serving import MultiAdapterModel
 from hub_peft.targets import ALL_LINEAR
 from hub_peft.training import (
     DEFAULTS,
     Reporter,
     TrainingPlan,
     TrainSettings,
-    detach_adapter,
     plan_training,
     token_counter,
 )
@@ -47,6 +48,7 @@ from hub_peft.validate import card_facts
 WORK = Path(os.environ.get("HUB_PEFT_STUDIO_DIR") or tempfile.mkdtemp(prefix="adapter_studio_"))
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
 MAX_NEW_TOKENS = 24
+NO_ADAPTER_YET = "(train an adapter in step 2 to see its answer here)"
 EMPTY_TABLE = pd.DataFrame({"prompt": [""], "response": [""]})
 BEFORE_AFTER_COLUMNS = ["prompt", "reference", "base model", "with the adapter"]
 
@@ -54,13 +56,13 @@ BEFORE_AFTER_COLUMNS = ["prompt", "reference", "base model", "with the adapter"]
 class Models:
     """Base models shared by every session, one instance per role, so that a chat never waits for a
     training: ``"train"`` is used only by the training queue's worker (one job at a time), ``"chat"``
-    under :data:`CHAT_LOCK` (adapters are attached for one request and detached after it), and
-    ``"preview"`` is a copy of the tokenizer for counting tokens (Rust tokenizers are not shared across
-    threads here)."""
+    under :data:`CHAT_LOCK` through the serving engine (:meth:`engine`), and ``"preview"`` is a copy of
+    the tokenizer for counting tokens (Rust tokenizers are not shared across threads here)."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._loaded: dict[tuple[str, bool, str], tuple[Any, Any]] = {}
+        self._engines: dict[tuple[str, bool], MultiAdapterModel] = {}
 
     def get(self, name: str | None, four_bit: bool, role: str) -> tuple[Any, Any]:
         key = (name or DEFAULT_BASE, bool(four_bit), role)
@@ -71,6 +73,15 @@ class Models:
                 else:
                     self._loaded[key] = load_base_model(key[0], load_in_4bit=key[1])
             return self._loaded[key]
+
+    def engine(self, name: str | None, four_bit: bool) -> MultiAdapterModel:
+        """The chat's engine on the ``"chat"`` instance: the serving engine's decode path (fused products, the
+        lean step), the base's and the adapter's answers in one batch, every session's adapter in its cache."""
+        key = (name or DEFAULT_BASE, bool(four_bit))
+        with self._lock:
+            if key not in self._engines:
+                self._engines[key] = MultiAdapterModel(self.get(name, four_bit, "chat"))
+            return self._engines[key]
 
 
 MODELS = Models()
@@ -395,16 +406,31 @@ def chat(prompt: str, state: dict | None) -> tuple[str, str]:
         raise gr.Error("Type a prompt first.")
     state = state or {}
     with CHAT_LOCK, CORES.chat():
-        model, tokenizer = MODELS.get(state.get("base"), state.get("four_bit", False), "chat")
-        plain = generate_reply(model, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKENS)
+        engine = MODELS.engine(state.get("base"), state.get("four_bit", False))
         if "adapter" not in state:
-            return plain, "(train an adapter in step 2 to see its answer here)"
-        adapted = load_adapter(model, state["adapter"])
-        try:
-            tuned = generate_reply(adapted, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKENS)
-        finally:
-            detach_adapter(adapted)
+            return engine.generate([prompt], max_new_tokens=MAX_NEW_TOKENS)[0], NO_ADAPTER_YET
+        name = _chat_name(engine, Path(state["adapter"]))
+        plain, tuned = engine.generate([prompt, prompt], [None, name], max_new_tokens=MAX_NEW_TOKENS)
     return plain, tuned
+
+
+_CHAT_NAMES: dict[tuple[int, Path], str] = {}  # (engine, adapter folder) -> the name its files are loaded under
+
+
+def _chat_name(engine: MultiAdapterModel, folder: Path) -> str:
+    """The engine's name for the adapter now in ``folder`` (a session's folder is reused when it trains again:
+    the name follows the files, and the previous one is removed). Called under :data:`CHAT_LOCK`."""
+    digest = hashlib.sha256(str(folder).encode())
+    for file in sorted(f for f in folder.iterdir() if f.is_file()):  # a Studio adapter: a few MB
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    name = "session-" + digest.hexdigest()[:16]
+    previous = _CHAT_NAMES.get((id(engine), folder))
+    if previous != name:
+        engine.add(name, folder)
+        if previous is not None:
+            engine.remove(previous)
+        _CHAT_NAMES[(id(engine), folder)] = name
+    return name
 
 
 # --- 4. share ------------------------------------------------------------------------------------
