@@ -9,8 +9,9 @@ bytes read per token. Measured here in one process, on SmolLM2-135M-Instruct (th
 3. decode tokens/s of one greedy request (128 new tokens after a short chat prompt, EOS ignored; the time from the
    first to the last token, so prefill is left out), best of 3, alternating: transformers' own ``generate`` on
    the bare base (a reference, no adapters) and ``MultiAdapterModel`` bare and with one rank-8 LoRA on every
-   linear layer of the blocks, and with one LoRA on transformers' forward (``lean_decode=False``); for NF4 also the
-   engine with ``fused=False`` (bitsandbytes' own path);
+   linear layer of the blocks, with one LoRA on transformers' forward (``lean_decode=False``) and with the opt-in
+   8-bit LM head (``head_bits=8``; its ratio is still to the float32-head limit); for NF4 also the engine with
+   ``fused=False`` (bitsandbytes' own path);
 4. the ratios to the limit and the issue's targets (fp32 >= 0.75 of its limit, NF4 >= 0.5 of its own and
    >= 1.5x fp32), each printed met or not; and whether the engine's greedy tokens equal transformers' (bare).
 
@@ -130,6 +131,9 @@ def contenders(reference, load, folder: Path, n: int, four_bit: bool) -> dict:
     transformers_steps = MultiAdapterModel(load(), lean_decode=False)  # every step through transformers' forward
     transformers_steps.add("lora", folder)
     runs["engine, 1 LoRA, no lean step"] = engine_run("lora", transformers_steps)
+    int8_head = MultiAdapterModel(load(), head_bits=8)  # opt-in: the head read in 8 bits (changes the logits)
+    int8_head.add("lora", folder)
+    runs["engine, 1 LoRA, 8-bit head"] = engine_run("lora", int8_head)
     if four_bit:  # the engine's NF4 decode before the fused kernel: bitsandbytes' dequantize-then-matmul
         dequantizing = MultiAdapterModel(load(), fused=False)
         dequantizing.add("lora", folder)

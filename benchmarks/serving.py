@@ -44,12 +44,15 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def make_adapters(base, root: Path, count: int) -> list[Path]:
-    """``count`` random rank-8 LoRAs on every linear layer (B non-zero so each changes the answers)."""
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapters(base, root: Path, count: int, targets: list[str] = ALL_LINEAR) -> list[Path]:
+    """``count`` random rank-8 LoRAs on ``targets`` (every linear layer by default; B non-zero so each changes
+    the answers)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
     model = get_peft_model(base, config)
     folders = []

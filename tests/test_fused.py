@@ -156,3 +156,40 @@ def test_the_engine_decodes_with_the_kernels_as_the_layers_do(adapters, monkeypa
     assert logits.keys() == reference_logits.keys()
     for prompt, rows in logits.items():
         torch.testing.assert_close(torch.stack(rows), torch.stack(reference_logits[prompt]), rtol=1e-5, atol=1e-5)
+
+
+def test_the_8bit_head_multiplies_by_its_rounded_weight_within_the_rounding_bound():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(70, 300, bias=False)
+    head = _fused.int8_head(layer)
+    x = torch.randn(3, 1, 70)
+    weight = head.dequantized()
+    with torch.no_grad():
+        exact, got = layer(x), head(x)
+    torch.testing.assert_close(got, x @ weight.T, rtol=1e-5, atol=1e-5)  # the kernel: its own weight exactly
+    bound = x.abs() @ (head.scale[:, None] / 2).expand(-1, 70).T  # |x|·scale/2 per output: the rounding's most
+    assert ((got - exact).abs() <= bound + 1e-5).all()
+    assert (weight - layer.weight).abs().max() <= head.scale.max() / 2 + 1e-7
+    assert _fused.int8_head(torch.nn.Linear(8, 8).bfloat16()) is None
+
+
+def test_an_engine_with_an_8bit_head_uses_it_and_stays_within_its_rounding(adapters, monkeypatch):  # noqa: F811
+    from hub_peft.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="head_bits must be 8"):
+        MultiAdapterModel((load_tiny(), tiny_tokenizer()), head_bits=4)
+    calls = []
+    original = _fused.Int8Linear.forward
+    monkeypatch.setattr(_fused.Int8Linear, "forward", lambda self, x: calls.append(1) or original(self, x))
+    rows = ["lora", None, {"lora": 0.6, "rslora": 0.4}]
+    logits = {}
+    for bits in (8, None):
+        engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()), head_bits=bits, packed_head=False)
+        for name, folder in adapters.items():
+            engine.add(name, folder)
+        recorded = record_logits(engine)
+        engine.generate_tokens(PROMPTS[:3], rows, max_new_tokens=1)
+        logits[bits] = torch.stack([r[0] for r in recorded.values()])
+    assert len(calls) >= 1
+    gap = (logits[8] - logits[None]).abs().max() / logits[None].abs().max()
+    assert 0 < gap < 2e-2  # rounded, not changed: a few parts per thousand of the logits' size

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .._bnb import keep_4bit_trainable
-from .._fused import fused_linear
+from .._fused import Int8Linear, fused_linear, int8_head
 from .._onednn import PackedLinear, packable, packed_is_faster
 from ..errors import GenerationError, InvalidInputError
 from ..modeling import component_module, find_decoder, find_decoder_layers, innermost_model, text_config
@@ -72,6 +72,9 @@ class Engine(StaticGeneration):
     ``lean_decode``: decode steps of Llama-family bases run :mod:`.lean`'s step (same maths, fewer operations;
     checked against transformers' forward before the first sequence, ``lean_reason`` says why not where it
     does not run); False keeps transformers' forward for every step.
+    ``head_bits``: 8 multiplies the LM head in the engine's steps through an 8-bit copy of its weight
+    (:class:`~hub_peft._fused.Int8Linear`: a quarter of the bytes a token reads there, logits moved by the rounding;
+    opt-in, None keeps it float32).
     ``prefix_cache_bytes``: the most memory the keys/values of finished prompts' blocks may take for later
     prompts on the same adapters to reuse (:mod:`.prefix_cache`); 0 turns prefix caching off.
     """
@@ -88,6 +91,7 @@ class Engine(StaticGeneration):
         fused: bool = True,
         lean_decode: bool = True,
         prefix_cache_bytes: int = 64 * 2**20,
+        head_bits: int | None = None,
     ) -> None:
         from ..base_model import load_base_model
         from ..tasks import require_causal_lm
@@ -114,6 +118,9 @@ class Engine(StaticGeneration):
         self.lean_reason: str | None = lean_blocker(self.core) if lean_decode else "lean_decode=False"
         self._lean = LeanDecoder(self.core) if self.lean_reason is None else None
         self._packed_head = packed_head
+        if head_bits not in (None, 8):
+            raise InvalidInputError(f"head_bits must be 8 or None (float32), not {head_bits!r}.")
+        self._head_bits = head_bits
         self._reft_sites: set[tuple[int, str]] = set()  # (layer, component) pairs with an edit hook
         self.cache = AdapterCache(
             memory_budget=memory_budget,
@@ -474,12 +481,14 @@ class Engine(StaticGeneration):
         return torch.stack(out)
 
     @functools.cached_property
-    def _head(self) -> PackedLinear | None:
+    def _head(self) -> PackedLinear | Int8Linear | None:
+        if self._head_bits == 8 and (head := int8_head(getattr(self.core, "lm_head", None))) is not None:
+            return head
         return _packed_head(self.core, self._packed_head)
 
     @contextmanager
     def _packed_head_in(self) -> Iterator[None]:
-        """The LM head swapped for its packed twin for one forward (the base itself stays a plain model)."""
+        """The LM head swapped for its packed (or 8-bit) twin for one forward (the base itself stays a plain model)."""
         head = self._head
         if head is None or self.core.lm_head is not head.linear:
             yield
