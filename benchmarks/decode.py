@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _llama_cpp import LlamaCpp
 from _machine import cpu_description
+from online import wait_ready
 from serving import make_adapters
 
 PROMPT = "Tell me a short story about a lighthouse keeper."
@@ -155,18 +156,11 @@ def llama_cpp_run(peer: LlamaCpp, four_bit: bool, folder: Path, out: Path, n: in
     command = [*peer.command(model, [peer.lora(base_dir, folder, out)], parallel=1), "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if process.poll() is not None:
-            raise SystemExit(f"llama-server exited with {process.returncode}: {' '.join(command)}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    else:
+    try:
+        wait_ready(url, process, timeout=300)
+    except RuntimeError:
         process.kill()
-        raise SystemExit(f"llama-server did not come up in 300 s: {' '.join(command)}")
+        raise
     body = {"prompt": ids, "n_predict": n, "ignore_eos": True, "temperature": 0, "stream": True}
     body |= {"return_tokens": True, "cache_prompt": False, "lora": [{"id": 0, "scale": 1.0}]}
 

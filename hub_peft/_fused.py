@@ -54,6 +54,14 @@ _SOURCE = r"""
 
 #define ROWS 8 /* input rows a pass over the weights serves */
 
+#if defined(__AVX2__)
+static inline float hsum256(const __m256 v) { /* the sum of a vector's 8 lanes */
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+#endif
+
 /* The dots of one weight row with M (<= ROWS) input rows: out[m] = sum_k xs[m, k] * lut[q(k)] * scale[k / block].
    The weights never leave registers: each block's 16-entry table is scaled once, each 16 bytes of codes become
    32 weights with two table lookups (the 16 high nibbles, then the 16 low ones; xs holds each input row permuted
@@ -101,9 +109,7 @@ static inline __attribute__((always_inline)) void row_dots(const float *xs, cons
         }
     }
     for (int m = 0; m < M; m++) {
-        const __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
-        const __m128 r2 = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        out[m] = _mm_cvtss_f32(_mm_add_ss(r2, _mm_movehdup_ps(r2)));
+        out[m] = hsum256(acc[m]);
     }
 #else
     float acc[ROWS] = {0};
@@ -213,11 +219,7 @@ void f32_linear(const float *x, int64_t M, int64_t K, const float *W, int64_t N,
                 for (int j = 0; j < count; j++)
                     acc[j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(W + (n0 + j) * K + k), acc[j]);
             }
-            for (int j = 0; j < count; j++) {
-                const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
-                const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-                out[j] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
-            }
+            for (int j = 0; j < count; j++) out[j] = hsum256(acc[j]);
 #else
             float acc[4][16] = {{0}};
             int64_t k = 0;
@@ -268,11 +270,7 @@ void i8_linear(const float *x, int64_t M, int64_t K, const int8_t *q, const floa
                     acc[j] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), acc[j]);
                 }
             }
-            for (int j = 0; j < count; j++) {
-                const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
-                const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-                out[j] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
-            }
+            for (int j = 0; j < count; j++) out[j] = hsum256(acc[j]);
 #endif
             for (int j = 0; j < count; j++) {
                 for (int64_t kk = k; kk < K; kk++) out[j] += xm[kk] * (float)q[(n0 + j) * K + kk];
@@ -315,7 +313,7 @@ def library(march: str = "native") -> Any | None:
             return None
     lib = ctypes.CDLL(str(target))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lora = [pointer, pointer, size, ctypes.c_float]  # A, Bt, r, w
+    lora: list[Any] = [pointer, pointer, size, ctypes.c_float]  # A, Bt, r, w
     lib.nf4_linear.restype = lib.f32_linear.restype = None
     lib.nf4_linear.argtypes = [pointer, size, size, pointer, pointer, size, size, pointer, pointer, pointer, *lora]
     lib.f32_linear.argtypes = [pointer, size, size, pointer, size, pointer, pointer, *lora]

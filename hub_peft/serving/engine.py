@@ -422,8 +422,10 @@ class Engine(StaticGeneration):
     def _forward_packed(self, rows: list[tuple[Generation, int]], *, lean: bool) -> torch.Tensor:
         """:meth:`forward_ragged` on the slot cache: a decode step (every row one new token past its prompt) on
         the lean step when ``lean``, else (and any step with a prompt chunk) transformers' forward."""
+        kv = self._kv
+        assert kv is not None  # forward_ragged sends steps here only on the slot cache
         step = kv_cache.RaggedStep.build(
-            self._kv, [seq.slot for seq, _ in rows], [seq.cached for seq, _ in rows], [n for _, n in rows]
+            kv, [seq.slot for seq, _ in rows], [seq.cached for seq, _ in rows], [n for _, n in rows]
         )
         ids = torch.tensor([[t for seq, n in rows for t in seq.tokens[seq.cached : seq.cached + n]]])
         decoder = self._lean if lean and not any(seq.prefilling for seq, _ in rows) else None
@@ -446,7 +448,7 @@ class Engine(StaticGeneration):
             was_prefilling = seq.prefilling
             seq.cached += n
             if was_prefilling and not seq.prefilling and self.prefix_cache is not None and seq.prefix_key is not None:
-                self.prefix_cache.store(seq.prefix_key, seq.prompt_ids, self._kv.keys, self._kv.values, seq.slot)
+                self.prefix_cache.store(seq.prefix_key, seq.prompt_ids, kv.keys, kv.values, seq.slot)
         return logits
 
     def _forward_each(self, rows: list[tuple[Generation, int]]) -> torch.Tensor:

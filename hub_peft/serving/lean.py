@@ -37,7 +37,7 @@ def lean_blocker(core: nn.Module) -> str | None:
     config = text_config(core.config)
     if config.model_type not in MODEL_TYPES:
         return f"no lean decode step for {config.model_type!r} models (only {', '.join(sorted(MODEL_TYPES))})"
-    body = getattr(core, "model", None)
+    body: Any = getattr(core, "model", None)
     if not all(hasattr(body, a) for a in ("embed_tokens", "rotary_emb", "layers", "norm")) or not hasattr(
         core, "lm_head"
     ):

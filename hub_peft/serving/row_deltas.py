@@ -202,10 +202,10 @@ class RowDeltas(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         plan = self.plans.current
         touched = plan is not None and self.name in plan.touched
-        pack = plan.lora_pack(self.name) if touched else None
+        pack = plan.lora_pack(self.name) if plan is not None and touched else None
         fused = self.fused
         if fused is not None and fused.takes(x):
-            inside = _one_lora(pack, plan, x) if pack is not None else None
+            inside = _one_lora(pack, plan, x) if pack is not None and plan is not None else None
             out = fused(x, inside)
             if inside is not None:
                 pack = None  # its delta is in out already
