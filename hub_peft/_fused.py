@@ -191,50 +191,64 @@ void nf4_linear(const float *x, int64_t M, int64_t K, const uint8_t *q, const fl
     free(xs);
 }
 
+/* out[j] = sum_k x[k] * float(W[j * K + k]) for COUNT (a constant where this is inlined, so the accumulators stay
+   in registers) consecutive weight rows of float32 or int8. */
+#define DEFINE_ROWS_DOT(NAME, T, LOAD512, LOAD256)                                                                 \
+    static inline __attribute__((always_inline)) void NAME(const float *x, const T *W, int64_t K, const int COUNT,  \
+                                                           float *out) {                                          \
+        int64_t k = 0;                                                                                            \
+        for (int j = 0; j < COUNT; j++) out[j] = 0.0f;                                                            \
+        DOT_BODY(LOAD512, LOAD256)                                                                                \
+        for (; k < K; k++)                                                                                        \
+            for (int j = 0; j < COUNT; j++) out[j] += x[k] * (float)W[j * K + k];                                 \
+    }
+#if defined(__AVX512F__)
+#define DOT_BODY(LOAD512, LOAD256)                                                                                 \
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};         \
+    for (; k + 16 <= K; k += 16) {                                                                                \
+        const __m512 xv = _mm512_loadu_ps(x + k);                                                                 \
+        for (int j = 0; j < COUNT; j++) acc[j] = _mm512_fmadd_ps(xv, LOAD512(W + j * K + k), acc[j]);           \
+    }                                                                                                             \
+    for (int j = 0; j < COUNT; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+#elif defined(__AVX2__)
+#define DOT_BODY(LOAD512, LOAD256)                                                                                 \
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};         \
+    for (; k + 8 <= K; k += 8) {                                                                                  \
+        const __m256 xv = _mm256_loadu_ps(x + k);                                                                 \
+        for (int j = 0; j < COUNT; j++) acc[j] = _mm256_fmadd_ps(xv, LOAD256(W + j * K + k), acc[j]);           \
+    }                                                                                                             \
+    for (int j = 0; j < COUNT; j++) out[j] = hsum256(acc[j]);
+#else
+#define DOT_BODY(LOAD512, LOAD256)
+#endif
+#define F32_512(p) _mm512_loadu_ps(p)
+#define F32_256(p) _mm256_loadu_ps(p)
+#define I8_512(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define I8_256(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+DEFINE_ROWS_DOT(f32_rows, float, F32_512, F32_256)
+DEFINE_ROWS_DOT(i8_rows, int8_t, I8_512, I8_256)
+
+/* the dots of rows [n0, n0 + count) of W with x, count <= 4: four streams in flight per core */
+#define ROWS_DOT_SWITCH(FN, x, W, K, count, out)                                                                   \
+    switch (count) {                                                                                              \
+        case 4: FN(x, W, K, 4, out); break;                                                                       \
+        case 3: FN(x, W, K, 3, out); break;                                                                       \
+        case 2: FN(x, W, K, 2, out); break;                                                                       \
+        default: FN(x, W, K, 1, out); break;                                                                      \
+    }
+
 /* y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) (+ w * (x A Btᵀ)[m, n]): float32 weights [N, K], rows split
-   across threads four at a time (four streams in flight per core). */
+   across threads four at a time. */
 void f32_linear(const float *x, int64_t M, int64_t K, const float *W, int64_t N, const float *bias, float *y,
                 const float *A, const float *Bt, int64_t r, float w) {
     float *h = A ? lora_hidden(x, M, K, A, r, w) : NULL;
     #pragma omp parallel for schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += 4) {
-        const int64_t count = N - n0 < 4 ? N - n0 : 4;
+        const int count = N - n0 < 4 ? (int)(N - n0) : 4;
         for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * K;
             float out[4];
-#if defined(__AVX512F__)
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            int64_t k = 0;
-            for (; k + 16 <= K; k += 16) {
-                const __m512 xv = _mm512_loadu_ps(xm + k);
-                for (int j = 0; j < count; j++)
-                    acc[j] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(W + (n0 + j) * K + k), acc[j]);
-            }
-            for (int j = 0; j < count; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
-#elif defined(__AVX2__)
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            int64_t k = 0;
-            for (; k + 8 <= K; k += 8) {
-                const __m256 xv = _mm256_loadu_ps(xm + k);
-                for (int j = 0; j < count; j++)
-                    acc[j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(W + (n0 + j) * K + k), acc[j]);
-            }
-            for (int j = 0; j < count; j++) out[j] = hsum256(acc[j]);
-#else
-            float acc[4][16] = {{0}};
-            int64_t k = 0;
-            for (; k + 16 <= K; k += 16)
-                for (int j = 0; j < count; j++)
-                    for (int l = 0; l < 16; l++) acc[j][l] += xm[k + l] * W[(n0 + j) * K + k + l];
-            for (int j = 0; j < count; j++) {
-                out[j] = 0.0f;
-                for (int l = 0; l < 16; l++) out[j] += acc[j][l];
-            }
-#endif
-            for (int j = 0; j < count; j++) {
-                for (int64_t kk = k; kk < K; kk++) out[j] += xm[kk] * W[(n0 + j) * K + kk];
-                y[m * N + n0 + j] = epilogue(out[j], bias, h, Bt, r, m, n0 + j);
-            }
+            ROWS_DOT_SWITCH(f32_rows, x + m * K, W + n0 * K, K, count, out)
+            for (int j = 0; j < count; j++) y[m * N + n0 + j] = epilogue(out[j], bias, h, Bt, r, m, n0 + j);
         }
     }
     free(h);
@@ -246,36 +260,12 @@ void i8_linear(const float *x, int64_t M, int64_t K, const int8_t *q, const floa
                const float *bias, float *y) {
     #pragma omp parallel for schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += 4) {
-        const int64_t count = N - n0 < 4 ? N - n0 : 4;
+        const int count = N - n0 < 4 ? (int)(N - n0) : 4;
         for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * K;
-            float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            int64_t k = 0;
-#if defined(__AVX512F__)
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (; k + 16 <= K; k += 16) {
-                const __m512 xv = _mm512_loadu_ps(xm + k);
-                for (int j = 0; j < count; j++) {
-                    const __m128i b = _mm_loadu_si128((const __m128i *)(q + (n0 + j) * K + k));
-                    acc[j] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), acc[j]);
-                }
-            }
-            for (int j = 0; j < count; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
-#elif defined(__AVX2__)
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (; k + 8 <= K; k += 8) {
-                const __m256 xv = _mm256_loadu_ps(xm + k);
-                for (int j = 0; j < count; j++) {
-                    const __m128i b = _mm_loadl_epi64((const __m128i *)(q + (n0 + j) * K + k));
-                    acc[j] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), acc[j]);
-                }
-            }
-            for (int j = 0; j < count; j++) out[j] = hsum256(acc[j]);
-#endif
-            for (int j = 0; j < count; j++) {
-                for (int64_t kk = k; kk < K; kk++) out[j] += xm[kk] * (float)q[(n0 + j) * K + kk];
+            float out[4];
+            ROWS_DOT_SWITCH(i8_rows, x + m * K, q + n0 * K, K, count, out)
+            for (int j = 0; j < count; j++)
                 y[m * N + n0 + j] = out[j] * scale[n0 + j] + (bias ? bias[n0 + j] : 0.0f);
-            }
         }
     }
 }

@@ -100,6 +100,9 @@ def test_every_instruction_set_path_gives_the_same_product(march):
     torch.testing.assert_close(_fused.FusedF32(linear, lib)(x), expected, rtol=1e-5, atol=1e-5)
     lora = random_lora(70, 130)
     torch.testing.assert_close(_fused.FusedF32(linear, lib)(x, lora), with_lora(expected, x, lora))
+    head = _fused.Int8Linear(linear, lib)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), x @ head.dequantized().T + linear.bias, rtol=1e-5, atol=1e-5)
 
 
 def test_calls_the_kernel_does_not_take_keep_their_path():
