@@ -121,6 +121,7 @@ ARCHS = [
 ]
 PROMPTS = ["a b c d e f g h", "i j k", "l m n o p q r s t u v", "w x y z a b", "c d e f g h i j k l", "m n o p q r s"]
 ROWS = ["lora_a", "lora_b", "ia3", {"lora_a": 0.6, "lora_b": 0.4}, None, "reft"]
+LORA_ROWS = ["lora_b", {"lora_a": 0.6, "lora_b": 0.4}, None, "lora_a"]
 NEW_TOKENS = 6
 PER_SEQUENCE = {"bloom"}  # attention outside transformers' interface (ALiBi): each sequence its own forward
 LEAN = ["llama", "qwen2", "qwen3", "mistral"]  # decode steps on hub_peft.serving.lean's step
@@ -320,8 +321,9 @@ def test_the_engine_serves_a_mixed_batch_exactly(arch, nf4, bases, adapters):
 @pytest.mark.parametrize("nf4", [False, True], ids=["fp32", "nf4"])
 @pytest.mark.parametrize("arch", LEAN)
 def test_lean_decode_steps_give_transformers_logits(arch, nf4, bases, adapters):
-    """The mixed batch's decode steps on the lean step and on transformers' forward: the same tokens, and every
-    decode step's logits of every row within float32 rounding (the lean step sums in another order)."""
+    """The mixed batch's decode steps on the lean step, then a batch of LoRA rows on the whole-step kernel
+    (:class:`hub_peft.serving.lean.NativeStep`), against transformers' forward: the same tokens, and every
+    decode step's logits of every row within float32 rounding (both sum in another order)."""
     from hub_peft.serving import MultiAdapterModel
 
     raw = [row != "reft" for row in ROWS]
@@ -332,8 +334,12 @@ def test_lean_decode_steps_give_transformers_logits(arch, nf4, bases, adapters):
             engine.add(name, folder)
         logits = record_logits(engine)
         completions = engine.generate_tokens(PROMPTS, ROWS, max_new_tokens=NEW_TOKENS, raw=raw, ignore_eos=True)
-        seen[lean] = [c.tokens for c in completions], logits
         assert (engine.lean_steps >= NEW_TOKENS - 1) == lean, engine.lean_reason
+        assert engine.native_steps == int(lean)  # the engine's one-time check; IA3 rows ran the lean step's Python
+        # LoRA rows only (two adapters, a mix, a base row): the whole step in one call of the fused kernels
+        completions += engine.generate_tokens(PROMPTS[:4], LORA_ROWS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert (engine.native_steps >= NEW_TOKENS - 1) == lean, engine._lean and engine._lean.native_reason
+        seen[lean] = [c.tokens for c in completions], logits
     (tokens, logits), (reference_tokens, reference_logits) = seen[True], seen[False]
     assert tokens == reference_tokens
     assert logits.keys() == reference_logits.keys()

@@ -65,14 +65,35 @@ def test_the_float32_product_equals_linear(in_features, out_features, bias):
         torch.testing.assert_close(fused(x, lora), with_lora(expected, x, lora), rtol=1e-5, atol=1e-5)
 
 
-def random_lora(in_features: int, out_features: int, rank: int = 8) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(A, Bt, weight)`` as the kernels take them: A [in, r], B transposed [out, r]."""
-    return torch.randn(in_features, rank) * 0.1, torch.randn(out_features, rank) * 0.1, 0.7
+def random_lora(in_features: int, out_features: int, rank: int = 8) -> _fused.KernelLoras:
+    """One LoRA on every row as the kernels take it: A [in, r], B transposed [out, r], a weight."""
+    return _fused.KernelLoras.one(torch.randn(in_features, rank) * 0.1, torch.randn(out_features, rank) * 0.1, 0.7)
 
 
-def with_lora(base: torch.Tensor, x: torch.Tensor, lora) -> torch.Tensor:
-    A, Bt, weight = lora
-    return base + weight * (x @ A) @ Bt.T
+def with_lora(base: torch.Tensor, x: torch.Tensor, lora: _fused.KernelLoras) -> torch.Tensor:
+    return base + float(lora.weights[0]) * (x @ lora.A[0]) @ lora.Bt[0].T
+
+
+@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "fp32"])
+def test_each_row_gets_its_own_loras_inside_the_product(nf4):
+    """Rows on different LoRA slots, a row mixing two, a row on none: each row's output is the layer's plus the
+    weighted deltas of its own slots, as ``x A B`` computes them."""
+    torch.manual_seed(1)
+    layer = nf4_layer(128, 96, bias=True, double_quant=True) if nf4 else torch.nn.Linear(128, 96)
+    fused = _fused.fused_linear(layer)
+    x = torch.randn(5, 128)
+    A, Bt = torch.randn(3, 128, 4) * 0.1, torch.randn(3, 96, 4) * 0.1
+    weights = torch.tensor([1.0, 0.6, 0.4])
+    owned = [[0], [1, 2], [], [2], [0]]  # row -> its slots (row 1: a 0.6/0.4 mix of slots 1 and 2; row 2: none)
+    first = torch.tensor([0, *torch.tensor([len(s) for s in owned]).cumsum(0).tolist()])
+    slot = torch.tensor([s for slots in owned for s in slots])
+    got = fused(x, _fused.KernelLoras(A, Bt, weights, first, slot))
+    with torch.no_grad():
+        expected = layer(x).clone()
+    for m, slots in enumerate(owned):
+        for s in slots:
+            expected[m] += weights[s] * (x[m] @ A[s]) @ Bt[s].T
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "plain"])
@@ -133,17 +154,24 @@ def test_without_a_compiler_layers_keep_bitsandbytes_path(monkeypatch, tmp_path,
 
 @pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "fp32"])
 def test_the_engine_decodes_with_the_kernels_as_the_layers_do(adapters, monkeypatch, nf4):  # noqa: F811
-    """A mixed LoRA/IA3/ReFT/mix batch, then one LoRA alone (its delta inside the kernel): the fused steps give
-    the layers' own path's tokens and the logits of every step up to float32 rounding."""
+    """A mixed LoRA/IA3/ReFT/mix batch, a batch of LoRA rows (different adapters, a mix, a base row) and one
+    weighted LoRA alone: the whole-step kernel (decode steps without IA3), the per-layer kernels under
+    transformers' forward, and the layers' own products give the same tokens and every step's logits up to
+    float32 rounding."""
     calls = []
     original = _fused.Fused.__call__
     monkeypatch.setattr(
-        _fused.Fused, "__call__", lambda self, x, lora=None: calls.append(lora) or original(self, x, lora)
+        _fused.Fused, "__call__", lambda self, x, loras=None: calls.append(loras) or original(self, x, loras)
     )
-    batches = [["reft", "lora", None, "ia3", {"lora": 0.6, "rslora": 0.4}], [{"rslora": 0.5}]]
+    batches = [
+        ["reft", "lora", None, "ia3", {"lora": 0.6, "rslora": 0.4}],
+        ["lora", {"lora": 0.6, "rslora": 0.4}, None, "rslora"],
+        [{"rslora": 0.5}],
+    ]
+    setups = {"step": {}, "layers": {"lean_decode": False}, "reference": {"fused": False, "lean_decode": False}}
     results = {}
-    for fused in (True, False):
-        engine = MultiAdapterModel((load_tiny(nf4), tiny_tokenizer()), fused=fused, packed_head=False)
+    for setup, options in setups.items():
+        engine = MultiAdapterModel((load_tiny(nf4), tiny_tokenizer()), packed_head=False, **options)
         for name, folder in adapters.items():
             engine.add(name, folder)
         calls.clear()
@@ -151,14 +179,19 @@ def test_the_engine_decodes_with_the_kernels_as_the_layers_do(adapters, monkeypa
         tokens = [
             [c.tokens for c in engine.generate_tokens(PROMPTS[: len(rows)], rows, max_new_tokens=6)] for rows in batches
         ]
-        results[fused] = tokens, logits, list(calls)
-    (tokens, logits, used), (reference_tokens, reference_logits, unused) = results[True], results[False]
-    assert used and not unused
-    assert any(lora is not None and lora[2] == 0.5 for lora in used)  # the lone weighted LoRA ran inside
-    assert tokens == reference_tokens
-    assert logits.keys() == reference_logits.keys()
-    for prompt, rows in logits.items():
-        torch.testing.assert_close(torch.stack(rows), torch.stack(reference_logits[prompt]), rtol=1e-5, atol=1e-5)
+        results[setup] = tokens, logits, list(calls), engine.native_steps
+    assert results["step"][3] >= 2 * 5 and results["layers"][3] == results["reference"][3] == 0  # batches 2, 3
+    used = [loras for loras in results["layers"][2] if loras is not None]
+    assert any(loras.first is not None for loras in used)  # several slots in one product (batch 2)
+    assert any(loras.first is None and float(loras.weights[0]) == 0.5 for loras in used)  # the lone weighted LoRA
+    assert results["layers"][2] and not results["reference"][2]
+    reference_tokens, reference_logits = results["reference"][:2]
+    for setup in ("step", "layers"):
+        tokens, logits = results[setup][:2]
+        assert tokens == reference_tokens, setup
+        assert logits.keys() == reference_logits.keys()
+        for prompt, rows in logits.items():
+            torch.testing.assert_close(torch.stack(rows), torch.stack(reference_logits[prompt]), rtol=1e-5, atol=1e-5)
 
 
 def test_the_8bit_head_multiplies_by_its_rounded_weight_within_the_rounding_bound():

@@ -144,6 +144,11 @@ class Engine(StaticGeneration):
         return 0 if self._lean is None else self._lean.steps
 
     @property
+    def native_steps(self) -> int:
+        """Of :attr:`lean_steps`, those run as one call of the fused kernels (:class:`.lean.NativeStep`)."""
+        return 0 if self._lean is None else self._lean.native_steps
+
+    @property
     def batching(self) -> str:
         """``"continuous"`` (one packed forward per step on the slot cache) or ``"per-sequence"`` (each
         sequence its own forward on transformers' cache, same steps; see ``ragged_reason``)."""
@@ -435,7 +440,7 @@ class Engine(StaticGeneration):
             try:
                 if decoder is not None:
                     plan.forwards_seen = 1  # no decoder pre-hook runs; decode tokens take no ReFT edit anyway
-                    logits = decoder(ids, step)
+                    logits = decoder(ids, step, plan)
                 else:
                     logits = self.core(
                         input_ids=ids,

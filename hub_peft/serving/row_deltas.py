@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._fused import Fused
+from .._fused import Fused, KernelLoras
 from ..errors import IncompatibleAdapterError
 from .cache import Ia3Payload, LoraPayload, ReftPayload
 
@@ -84,7 +84,7 @@ class LoraPack:
     weights: torch.Tensor | None  # [slots, 1, 1] mix weight of each slot; None when all are 1
     A: torch.Tensor  # [slots, in, r]
     B: torch.Tensor  # [slots, r, out], the adapter's scale folded in
-    lone: dict[int, tuple | None] = field(default_factory=dict)  # rows -> its one LoRA for the kernel (_one_lora)
+    kernel: dict[int, KernelLoras | None] = field(default_factory=dict)  # rows -> the kernel's (_kernel_loras)
 
 
 def pack_loras(plan: Plan, name: str) -> LoraPack | None:
@@ -205,14 +205,17 @@ class RowDeltas(nn.Module):
         pack = plan.lora_pack(self.name) if plan is not None and touched else None
         fused = self.fused
         if fused is not None and fused.takes(x):
-            inside = _one_lora(pack, plan, x) if pack is not None and plan is not None else None
+            tokens = x.numel() // x.shape[-1]
+            rows = tokens if plan is not None and plan.packed else x.shape[0]
+            inside = _kernel_loras(pack, rows, tokens) if pack is not None else None
             out = fused(x, inside)
             if inside is not None:
                 pack = None  # its delta is in out already
         else:
             out = self.base_layer(x, *args, **kwargs)
-        if plan is None or not touched:  # no adapter of this step changes this layer
+        if not touched:  # no adapter of this step changes this layer
             return out
+        assert plan is not None  # touched
         if not isinstance(out, torch.Tensor):
             raise IncompatibleAdapterError(
                 f"{self.name} returns {type(out).__name__}, not a tensor: the engine adds "
@@ -266,15 +269,40 @@ class RowDeltas(nn.Module):
             outs[group.rows] += delta.to(out.dtype)
         return out
 
+    def kernel_loras(self, rows: int) -> tuple[bool, KernelLoras | None]:
+        """The current plan's change of this layer on ``rows`` packed tokens as LoRAs inside the fused kernel
+        (a whole decode step in one call, :mod:`.lean`): ``(True, None)`` when no adapter changes this layer,
+        ``(True, loras)``, or ``(False, None)`` when the change needs this layer's own forward (IA3, a prompt
+        chunk, LoRAs in another dtype)."""
+        plan = self.plans.current
+        if plan is None or self.name not in plan.touched:
+            return True, None
+        pack = plan.lora_pack(self.name)
+        loras = None if plan.own_work or pack is None else _kernel_loras(pack, rows, rows)
+        return loras is not None, loras
 
-def _one_lora(pack: LoraPack, plan: Plan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """``pack`` as one LoRA for the fused kernel, ``(A, B, weight)``, when it is one slot over every row of ``x``
-    (a single chat, or every request on one adapter); else None (the batched path adds it). Kept on the pack:
-    a decode plan serves many steps."""
-    rows = x.numel() // x.shape[-1] if plan.packed else x.shape[0]
-    if rows not in pack.lone:
-        whole = pack.A.shape[0] == 1 and pack.keep is None and len(pack.rows) == rows
-        A, Bt = pack.A[0], pack.B[0].t().contiguous() if whole else pack.B[0]  # the kernel reads B per output
-        weight = 1.0 if pack.weights is None else float(pack.weights.reshape(-1)[0])
-        pack.lone[rows] = (A, Bt, weight) if whole and Fused.takes_lora(A, Bt) else None
-    return pack.lone[rows]
+
+def _kernel_loras(pack: LoraPack, rows: int, tokens: int) -> KernelLoras | None:
+    """``pack`` as LoRA slots for the fused kernel (built once per pack and row count: a decode plan serves many
+    steps), or None where the batched path must add it: LoRAs in another dtype, or several slots over batch rows
+    of more than one token each. One slot over every row needs no row map (a single chat, one adapter for all)."""
+    if rows not in pack.kernel:
+        slots, width = pack.A.shape[0], len(pack.rows) // pack.A.shape[0]
+        whole = slots == 1 and pack.keep is None and len(pack.rows) == rows
+        loras = None
+        if KernelLoras.takes(pack.A, pack.B) and (whole or tokens == rows):
+            Bt = pack.B.transpose(1, 2).contiguous()
+            weights = torch.ones(slots) if pack.weights is None else pack.weights.reshape(-1).float().contiguous()
+            first = slot = None
+            if not whole:  # each row's slots, in row order (a mix: several slots on one row)
+                members, owner = pack.rows, torch.arange(slots).repeat_interleave(width)
+                if pack.keep is not None:
+                    members, owner = members[pack.keep], owner[pack.keep]
+                order = torch.argsort(members, stable=True)
+                slot = owner[order].contiguous()
+                first = torch.cat(
+                    [torch.zeros(1, dtype=torch.int64), torch.bincount(members, minlength=rows).cumsum(0)]
+                )
+            loras = KernelLoras(pack.A.contiguous(), Bt, weights, first, slot)
+        pack.kernel[rows] = loras
+    return pack.kernel[rows]
