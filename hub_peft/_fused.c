@@ -1,6 +1,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 #include <immintrin.h>
@@ -248,10 +249,15 @@ static void linears(const Linear *const *Ls, int count, const float *x, const fl
     }
 }
 
-/* One layer on M rows, from Python: y = x Wᵀ (+ bias) (+ w·(x A) Btᵀ). */
-void linear(const Linear *L, const float *x, int64_t M, float *y) {
+/* One layer on M rows, from Python: y = x Wᵀ (+ bias) (+ the rows' LoRAs). 0, or -1 when out of memory. */
+int linear(const Linear *L, const float *x, int64_t M, float *y) {
     float *xs = L->kind == KIND_NF4 ? (float *)malloc(M * L->K * sizeof(float)) : NULL;
     float *h = L->A ? (float *)malloc((entries(L, M) * L->r + 1) * sizeof(float)) : NULL;
+    if ((L->kind == KIND_NF4 && !xs) || (L->A && !h)) {
+        free(h);
+        free(xs);
+        return -1;
+    }
     if (xs) permute32(x, M, L->K, xs);
     if (h) lora_hidden(L, x, M, h);
     const int64_t at = 0;
@@ -259,6 +265,42 @@ void linear(const Linear *L, const float *x, int64_t M, float *y) {
     linears(&L, 1, x, xs, &h, M, y, &at, L->N, 0);
     free(h);
     free(xs);
+    return 0;
+}
+
+/* W [N, K] = an NF4 layer's weights in float32 (code value times its block's scale), rows split across threads:
+   for products of many rows (a prefill chunk, a saturated step), dequantized into a scratch buffer once per
+   product, then one GEMM. */
+void nf4_dequantize(const Linear *L, float *W) {
+    const int64_t K = L->K, blocks = K / L->block;
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < L->N; n++) {
+        const uint8_t *row = (const uint8_t *)L->W + n * (K / 2);
+        float *out = W + n * K;
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const float scale = L->scales[n * blocks + blk];
+            const int64_t start = blk * L->block;
+#if defined(__AVX512F__)
+            const __m512 t = _mm512_mul_ps(_mm512_loadu_ps(L->lut), _mm512_set1_ps(scale));
+            /* the high nibbles are the even weights, the low ones the odd: interleave them back */
+            const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+            const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+            for (int64_t c = start; c < start + L->block; c += 32) {
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + (c >> 1))));
+                const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
+                const __m512 odd = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)), t);
+                _mm512_storeu_ps(out + c, _mm512_permutex2var_ps(even, first, odd));
+                _mm512_storeu_ps(out + c + 16, _mm512_permutex2var_ps(even, second, odd));
+            }
+#else
+            for (int64_t c = start; c < start + L->block; c += 2) {
+                const uint8_t q = row[c >> 1];
+                out[c] = L->lut[q >> 4] * scale;
+                out[c + 1] = L->lut[q & 15] * scale;
+            }
+#endif
+        }
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -350,20 +392,26 @@ static int64_t lora_floats(const Decoder *dec, int64_t M) {
 
 /* hidden [M, hidden]: the embeddings of the step's M new tokens in, the final norm of the last layer's output
    out. cos, sin [M, head_dim]: the rotary embedding at each token's position; slots, positions [M]: where each
-   token's key and value go (a token attends to its slot's positions up to its own). */
-void decode_step(const Decoder *dec, int64_t M, float *hidden, const float *cos, const float *sin,
-                 const int64_t *slots, const int64_t *positions) {
+   token's key and value go (a token attends to its slot's positions up to its own). 0, or -1 (nothing done) when
+   out of memory. */
+int decode_step(const Decoder *dec, int64_t M, float *hidden, const float *cos, const float *sin,
+                const int64_t *slots, const int64_t *positions) {
     const int64_t H = dec->hidden, heads = dec->heads, kvh = dec->kv_heads, D = dec->head_dim, I = dec->inter;
     const int64_t group = heads / kvh, width = (heads + 2 * kvh) * D, r = lora_floats(dec, M);
     const int64_t widest = H > I ? (H > heads * D ? H : heads * D) : (I > heads * D ? I : heads * D);
+    const int threads = omp_get_max_threads();
     float *x = (float *)malloc(M * widest * sizeof(float)), *xs = (float *)malloc(M * widest * sizeof(float));
     float *qkv = (float *)malloc(M * width * sizeof(float)), *att = (float *)malloc(M * heads * D * sizeof(float));
     float *gu = (float *)malloc(M * 2 * I * sizeof(float)), *act = (float *)malloc(M * I * sizeof(float));
     float *hbuf = (float *)malloc(3 * r * sizeof(float)); /* the LoRA hidden rows of up to three layers */
+    float *all_scores = (float *)malloc(threads * dec->max_len * sizeof(float)); /* a row of scores per thread */
+    float *buffers[8] = {x, xs, qkv, att, gu, act, hbuf, all_scores};
+    int failed = 0;
+    for (int i = 0; i < 8; i++) failed |= buffers[i] == NULL;
     float *hs[3] = {hbuf, hbuf + r, hbuf + 2 * r};
-    #pragma omp parallel
-    {
-        float *scores = (float *)malloc(dec->max_len * sizeof(float));
+    #pragma omp parallel if (!failed)
+    if (!failed) {
+        float *scores = all_scores + omp_get_thread_num() * dec->max_len;
         for (int64_t l = 0; l < dec->layers; l++) {
             const Block *b = dec->blocks + l;
             const Linear *qkv_layers[3] = {&b->q, &b->k, &b->v}, *o[1] = {&b->o}, *gate_up[2] = {&b->gate, &b->up};
@@ -401,7 +449,7 @@ void decode_step(const Decoder *dec, int64_t M, float *hidden, const float *cos,
             #pragma omp single
             layer_inputs(gate_up, 2, hidden, b->post_norm, b->eps, M, H, x, xs, hs);
             linears(gate_up, 2, x, xs, hs, M, gu, gu_at, 2 * I, 0);
-            #pragma omp for schedule(static)
+            #pragma omp for collapse(2) schedule(static)
             for (int64_t m = 0; m < M; m++)
                 for (int64_t n = 0; n < I; n++) {
                     const float g = gu[m * 2 * I + n];
@@ -411,14 +459,9 @@ void decode_step(const Decoder *dec, int64_t M, float *hidden, const float *cos,
             layer_inputs(down, 1, act, NULL, 0.0f, M, I, act, xs, hs);
             linears(down, 1, act, xs, hs, M, hidden, &zero, H, 1); /* hidden += down(act) */
         }
-        free(scores);
     }
-    for (int64_t m = 0; m < M; m++) rms_norm(hidden + m * H, dec->final_norm, dec->final_eps, H, hidden + m * H);
-    free(hbuf);
-    free(act);
-    free(gu);
-    free(att);
-    free(qkv);
-    free(xs);
-    free(x);
+    if (!failed)
+        for (int64_t m = 0; m < M; m++) rms_norm(hidden + m * H, dec->final_norm, dec->final_eps, H, hidden + m * H);
+    for (int i = 0; i < 8; i++) free(buffers[i]);
+    return failed ? -1 : 0;
 }

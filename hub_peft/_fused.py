@@ -1,5 +1,5 @@
-"""Fused CPU products for the engine's decode steps (few rows, no gradient): NF4 and float32 linear layers, each
-with the one LoRA of every row (a single chat) added inside the same call.
+"""Fused CPU products for the engine's decode steps (few rows, no gradient): NF4, float32 and int8 linear layers,
+each row's LoRAs added inside the same call, and a whole decode step of a Llama-family decoder in one call.
 
 bitsandbytes' CPU path for a ``Linear4bit`` dequantizes the whole weight to float32 and then multiplies: per
 token it reads half a byte a weight, writes four and reads them again, so an NF4 model decodes slower than its
@@ -7,18 +7,22 @@ float32 original. The NF4 kernel reads each 4-bit code once: each block's 16-val
 bytes of codes become 32 weights with two table lookups in registers, and up to 8 input rows are served per pass
 over the weights. The float32 kernel is a plain matrix-vector product split by weight rows across threads.
 
-A decode step of one sequence makes ~200 such products, and a LoRA on a layer added two batched matmuls, a reshape
-and an addition to each: ~40 small operations per block, a quarter of the step. With ``lora=(A, Bt, w)`` the
-kernel computes ``h = w·x A`` once (``[rows, r]``, serial) and adds ``h Btᵀ`` to each output while the weight row
-is hot.
+A decode step of one sequence makes ~200 such products, and a LoRA on a layer added a gather, two batched
+matmuls and a scatter to each. With :class:`KernelLoras` the kernel computes each row's ``h = w·x A`` once
+(``[rows, r]``, serial) and adds ``h Btᵀ`` to each output while the weight row is hot; rows map to their own
+adapter slots, a mix to several.
+
+``decode_step`` runs every block of a Llama-family decoder (norms, rotation, attention on the engine's slot
+cache, the products) in one OpenMP parallel region: see :class:`hub_peft.serving.lean.NativeStep`, which
+describes the model to it (:class:`DecoderSpec`, :class:`BlockSpec`, :class:`LinearSpec`).
 
 The weight values are the layer's own (NF4: ``code[q] * absmax`` in float32, the double-quantized statistics
 dequantized once); the sums run in another order than MKL's, so outputs equal ``F.linear(x, W) + w·(x A) B``
 up to float32 rounding (tests: ``tests/test_fused.py``).
 
-NOTE(build): the C source below is compiled once per machine with the system C compiler (``cc -O3
--march=native -fopenmp``) into hub_peft's cache (``base_model.cache_dir()``); OpenMP shares torch's libgomp thread
-pool. Without a compiler, or on a layout a kernel does not take, layers keep their own path.
+NOTE(build): ``_fused.c`` is compiled once per machine with the system C compiler (``cc -O3 -march=native
+-fopenmp``) into hub_peft's cache (``base_model.cache_dir()``); OpenMP shares torch's libgomp thread pool.
+Without a compiler, or on a layout a kernel does not take, layers keep their own path.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -79,10 +84,12 @@ def library(march: str = "native") -> Any | None:
             logger.warning("Linear layers keep their own path: the fused kernels did not build (%s).", detail)
             return None
     lib = ctypes.CDLL(str(target))
-    lib.linear.restype = lib.decode_step.restype = None
+    lib.linear.restype = lib.decode_step.restype = ctypes.c_int  # 0, or -1: out of memory
     lib.linear.argtypes = [ctypes.POINTER(LinearSpec), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.decode_step.argtypes = [ctypes.POINTER(DecoderSpec), size, pointer, pointer, pointer, pointer, pointer]
+    lib.nf4_dequantize.restype = None
+    lib.nf4_dequantize.argtypes = [ctypes.POINTER(LinearSpec), pointer]
     return lib
 
 
@@ -162,6 +169,16 @@ class KernelLoras:
         return A.dtype == B.dtype == torch.float32
 
 
+def _no_grad_float32(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def check_status(status: int) -> None:
+    """A kernel's status: 0, or -1 when its scratch memory could not be allocated (nothing written)."""
+    if status != 0:
+        raise MemoryError("the fused kernel could not allocate its scratch memory; free memory or run fewer rows")
+
+
 def _address(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
@@ -202,13 +219,23 @@ class Fused:
     def __call__(self, x: torch.Tensor, loras: KernelLoras | None = None) -> torch.Tensor:
         x = x if x.is_contiguous() else x.contiguous()
         y = torch.empty(*x.shape[:-1], self.out_features)
-        self._lib.linear(ctypes.byref(self.with_lora(loras)), x.data_ptr(), x.numel() // self.in_features, y.data_ptr())
+        rows = x.numel() // self.in_features
+        check_status(self._lib.linear(ctypes.byref(self.with_lora(loras)), x.data_ptr(), rows, y.data_ptr()))
         return y
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether this call should run here: float32 rows, at most ``max_rows``, no gradient to keep."""
-        rows = x.numel() // self.in_features
-        return x.dtype == torch.float32 and rows <= self.max_rows and not (torch.is_grad_enabled() and x.requires_grad)
+        return _no_grad_float32(x) and x.numel() // self.in_features <= self.max_rows
+
+    def takes_many(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`many` takes ``x``: float32 rows, no gradient to keep (a layer of its own may)."""
+        return self.many_rows and _no_grad_float32(x)
+
+    many_rows = False  # whether :meth:`many` beats the layer's own product beyond ``max_rows``
+
+    def many(self, x: torch.Tensor) -> torch.Tensor:
+        """The product of more rows than ``max_rows`` (no LoRA inside), where :attr:`many_rows`."""
+        raise NotImplementedError
 
 
 class FusedNF4(Fused):
@@ -239,6 +266,28 @@ class FusedNF4(Fused):
             lut=self.code.data_ptr(),
             bias=_address(self.bias),
         )
+
+    many_rows = True
+
+    def many(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows (a prompt chunk, a saturated step): the weight dequantized once into a scratch buffer of this
+        thread, then one GEMM. bitsandbytes' CPU path dequantizes too, but ~4x slower than this kernel (which
+        writes each weight once, from registers), so an NF4 step of 64 rows took longer than a float32 one."""
+        weight = _scratch(self.out_features * self.in_features).view(self.out_features, self.in_features)
+        self._lib.nf4_dequantize(ctypes.byref(self.spec), weight.data_ptr())
+        return nn.functional.linear(x, weight, self.bias)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(floats: int) -> torch.Tensor:
+    """A float32 buffer of at least ``floats``, one per thread, kept (a fresh multi-megabyte tensor per product
+    would be fresh pages each time)."""
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < floats:
+        buffer = _SCRATCH.buffer = torch.empty(floats)
+    return buffer[:floats]
 
 
 class FusedF32(Fused):
@@ -324,7 +373,8 @@ class Int8Linear(nn.Module):
             return self.linear(x)
         x = x if x.is_contiguous() else x.contiguous()
         y = torch.empty(*x.shape[:-1], self.codes.shape[0])
-        self._lib.linear(ctypes.byref(self.spec), x.data_ptr(), x.numel() // self.codes.shape[1], y.data_ptr())
+        rows = x.numel() // self.codes.shape[1]
+        check_status(self._lib.linear(ctypes.byref(self.spec), x.data_ptr(), rows, y.data_ptr()))
         return y
 
 

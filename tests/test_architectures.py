@@ -541,8 +541,9 @@ def _table() -> str:
         "1e-4. *continuous*: the rows share one packed forward per step on the engine's slot cache; "
         "*per-sequence*: same scheduler, streaming and adapters, but each sequence runs its own forward on "
         "transformers' cache. *lean*: decode steps run hub_peft's lean step (`hub_peft/serving/lean.py`, the "
-        "same maths with fewer operations; its logits equal transformers' forward's within 1e-5 on that batch); "
-        "*transformers*: every step runs the model's own forward.",
+        "same maths with fewer operations; and, where the rows carry LoRAs or nothing, the whole step in one "
+        "call of the fused kernels, `hub_peft/_fused.c`; logits equal transformers' forward's within 1e-5 on that "
+        "batch and on a batch of LoRA rows); *transformers*: every step runs the model's own forward.",
         "",
         "| architecture | engine batching | decode step | LoRA round trip vs PEFT | engine fp32 | engine NF4 | "
         "decoder linears in 4-bit |",

@@ -48,6 +48,9 @@ def test_the_fused_product_equals_the_dequantized_weights(in_features, out_featu
             torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
         lora = random_lora(in_features, out_features)
         torch.testing.assert_close(fused(x, lora), with_lora(expected, x, lora), rtol=1e-5, atol=1e-5)
+    x = torch.randn(_fused.MAX_ROWS + 9, in_features)  # more rows: dequantized once by the kernel, then a GEMM
+    assert fused.takes_many(x) and not fused.takes(x)
+    assert torch.equal(fused.many(x), torch.nn.functional.linear(x, weight, layer.bias))  # the same weights
 
 
 @pytest.mark.parametrize(("in_features", "out_features", "bias"), [(64, 48, False), (70, 130, True), (576, 1536, True)])
@@ -114,6 +117,7 @@ def test_every_instruction_set_path_gives_the_same_product(march):
             torch.testing.assert_close(_fused.FusedNF4(layer, lib)(x), expected, rtol=1e-5, atol=1e-5)
             lora = random_lora(192, 130)
             torch.testing.assert_close(_fused.FusedNF4(layer, lib)(x, lora), with_lora(expected, x, lora))
+            assert torch.equal(_fused.FusedNF4(layer, lib).many(x), torch.nn.functional.linear(x, weight, layer.bias))
     linear = torch.nn.Linear(70, 130)  # a width that is no multiple of the vector length
     x = torch.randn(5, 70)
     with torch.no_grad():
@@ -230,3 +234,46 @@ def test_an_engine_with_an_8bit_head_uses_it_and_stays_within_its_rounding(adapt
     assert len(calls) >= 1
     gap = (logits[8] - logits[None]).abs().max() / logits[None].abs().max()
     assert 0 < gap < 2e-2  # rounded, not changed: a few parts per thousand of the logits' size
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "plain"])
+def test_the_whole_step_on_every_instruction_set_gives_the_layers_logits(adapters, monkeypatch, march):  # noqa: F811
+    """``decode_step`` built for AVX2 and for plain C (the native build runs in every other engine test), NF4 and
+    float32, rows on two LoRAs and a mix: the layers' own products' tokens and logits."""
+    import platform
+
+    from hub_peft.serving import lean
+
+    if platform.machine() != "x86_64" or (march == "x86-64-v3" and " avx2" not in _fused._cpu_flags()):
+        pytest.skip(f"this CPU cannot run -march={march} code")
+    lib = _fused.library(march)
+    monkeypatch.setattr(lean, "library", lambda: lib)  # the step's kernel (products called alone: native)
+    rows = ["lora", {"lora": 0.6, "rslora": 0.4}, None, "rslora"]
+    setups = {"step": {}, "reference": {"fused": False, "lean_decode": False}}
+    for nf4 in (True, False):
+        results = {}
+        for setup, options in setups.items():
+            engine = MultiAdapterModel((load_tiny(nf4), tiny_tokenizer()), packed_head=False, **options)
+            for name, folder in adapters.items():
+                engine.add(name, folder)
+            logits = record_logits(engine)
+            tokens = [c.tokens for c in engine.generate_tokens(PROMPTS[: len(rows)], rows, max_new_tokens=6)]
+            results[setup] = tokens, logits, engine.native_steps
+        assert results["step"][2] >= 5 and results["reference"][2] == 0
+        assert results["step"][0] == results["reference"][0]
+        for prompt, got in results["step"][1].items():
+            expected = torch.stack(results["reference"][1][prompt])
+            torch.testing.assert_close(torch.stack(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_out_of_memory_fails_cleanly_without_writing():
+    """Scratch memory a kernel cannot get: status -1 (``MemoryError`` from Python), the output untouched."""
+    lib = _fused.library()
+    y = torch.full((1, 4), 7.0)
+    huge = _fused.LinearSpec(kind=_fused.KIND_NF4, K=2**60, N=4)  # its permuted input would take 2^62 bytes
+    assert lib.linear(huge, torch.zeros(1).data_ptr(), 1, y.data_ptr()) == -1
+    decoder = _fused.DecoderSpec(layers=0, hidden=4, heads=1, kv_heads=1, head_dim=4, inter=4, max_len=2**60)
+    assert lib.decode_step(decoder, 1, y.data_ptr(), None, None, None, None) == -1
+    assert (y == 7.0).all()
+    with pytest.raises(MemoryError, match="free memory or run fewer rows"):
+        _fused.check_status(-1)

@@ -9,11 +9,14 @@ and the fused NF4 kernel apply as in any step) and replaces only the glue: ``rms
 embedding of queries and keys together in three (a sign-folded sine and ``roll`` instead of ``rotate_half``),
 the attention straight on the slot cache (:func:`.kv_cache.attend`) without transposes.
 
+Where every block linear has a fused kernel, :class:`NativeStep` goes further: the whole step (norms, rotation,
+attention, every product with the rows' LoRAs inside) is one call of ``decode_step`` in ``hub_peft/_fused.c``.
+
 It runs decode steps only (one new token per sequence): prompt chunks keep transformers' forward, which also
 carries the ReFT edits (they touch prompt positions only). The engine checks it against transformers' own forward
 once, before the first sequence (:meth:`.engine.Engine._check_slot_cache`), and keeps transformers' path, with the
 reason, where the two differ beyond float rounding; the sums run in another order (``addcmul``, ``rms_norm``), so
-logits agree to ~1e-6, not bit for bit (tests: ``tests/test_lean.py``).
+logits agree to ~1e-6, not bit for bit (tests: ``tests/test_architectures.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._fused import BlockSpec, DecoderSpec, Fused, LinearSpec, library
+from .._fused import BlockSpec, DecoderSpec, Fused, LinearSpec, check_status, library
 from ..modeling import text_config
 from . import kv_cache
 from .row_deltas import Plan, RowDeltas
@@ -221,7 +224,7 @@ class NativeStep:
             return False
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
         slots, positions = step.token_slots.contiguous(), step.token_positions.contiguous()
-        self._lib.decode_step(
+        status = self._lib.decode_step(
             ctypes.byref(self._spec),
             rows,
             hidden.data_ptr(),
@@ -230,5 +233,6 @@ class NativeStep:
             slots.data_ptr(),
             positions.data_ptr(),
         )
+        check_status(status)
         self.steps += 1
         return True

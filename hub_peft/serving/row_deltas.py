@@ -211,6 +211,8 @@ class RowDeltas(nn.Module):
             out = fused(x, inside)
             if inside is not None:
                 pack = None  # its delta is in out already
+        elif fused is not None and fused.takes_many(x):
+            out = fused.many(x)
         else:
             out = self.base_layer(x, *args, **kwargs)
         if not touched:  # no adapter of this step changes this layer
