@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8-head",
         action="store_true",
         help="Multiply the LM head through an 8-bit copy of its weight (a quarter of its bytes; logits moved by "
-        "the rounding, as llama.cpp's quantizations do). Experimental: see benchmarks/README.md.",
+        "the rounding, as llama.cpp's quantizations do). Faster single-stream decode, most on 4-bit bases.",
     )
     body_mb = ServerSettings.max_body_bytes / 2**20
     serve_api.add_argument("--max-body-mb", type=float, default=body_mb, help="Largest request body (MiB); then 413.")
