@@ -150,7 +150,9 @@ class NativeStep:
 
     def __init__(self, lean: LeanDecoder) -> None:
         body, config = lean.body, text_config(lean.core.config)
-        self._lib = library()
+        lib = library()
+        assert lib is not None  # native_blocker checked that it builds
+        self._lib = lib
         self.steps = 0
         self._modules = []
         blocks = (BlockSpec * len(body.layers))()
