@@ -277,3 +277,17 @@ def test_a_kernel_out_of_memory_fails_cleanly_without_writing():
     assert (y == 7.0).all()
     with pytest.raises(MemoryError, match="free memory or run fewer rows"):
         _fused.check_status(-1)
+
+
+def test_the_whole_step_runs_only_on_what_the_kernel_reads(tiny_base_repo):  # noqa: F811
+    """native_blocker: the engine's wrapped float32 model passes; a norm the kernel cannot read as a float array,
+    or a block linear the kernels do not take, keeps the lean step's Python, with the reason."""
+    from hub_peft.serving.lean import native_blocker
+
+    engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()), packed_head=False)
+    assert native_blocker(engine.core) is None and engine._lean.native_reason is None
+    layer = engine.core.model.layers[1]
+    layer.post_attention_layernorm.weight.data = layer.post_attention_layernorm.weight.data.bfloat16()
+    assert "norms' weights are not contiguous float32" in native_blocker(engine.core)
+    unfused = MultiAdapterModel((load_tiny(), tiny_tokenizer()), packed_head=False, fused=False)
+    assert "q_proj is not a linear layer the fused kernels take" in unfused._lean.native_reason

@@ -124,14 +124,20 @@ def native_blocker(core: nn.Module) -> str | None:
         return "the fused kernels did not build"
     body: Any = core.model
     if body.embed_tokens.weight.dtype != torch.float32 or body.norm.weight.dtype != torch.float32:
-        return "its embeddings and norms are not float32"
+        return "its embeddings and final norm are not float32"
     if getattr(text_config(core.config), "hidden_act", None) != "silu":
         return "its MLP is not SiLU-gated"
+    linears = [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    linears += [f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
     for layer in body.layers:
-        for name in (*_ATTENTION[:4], *(f"mlp.{n}" for n in _MLP[:3])):
-            module = layer.get_submodule(name if "." in name else f"self_attn.{name}")
+        for name in linears:
+            module = layer.get_submodule(name)
             if not isinstance(module, RowDeltas) or module.fused is None:
                 return f"{name} is not a linear layer the fused kernels take (float32 or NF4 weights)"
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        norms += [getattr(layer.self_attn, n) for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)]
+        if any(norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous() for norm in norms):
+            return "its norms' weights are not contiguous float32"  # the kernel reads them as float arrays
         if layer.input_layernorm.variance_epsilon != layer.post_attention_layernorm.variance_epsilon:
             return "its two norms of a block differ in epsilon"
     return None
