@@ -36,6 +36,8 @@ MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # their blocks:
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")
 _MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
+# a block's linear layers in the order of BlockSpec's (q, k, v, o, gate, up, down)
+_BLOCK_LINEARS = (*(f"self_attn.{n}" for n in _ATTENTION[:4]), *(f"mlp.{n}" for n in _MLP[:3]))
 
 
 def lean_blocker(core: nn.Module) -> str | None:
@@ -127,10 +129,8 @@ def native_blocker(core: nn.Module) -> str | None:
         return "its embeddings and final norm are not float32"
     if getattr(text_config(core.config), "hidden_act", None) != "silu":
         return "its MLP is not SiLU-gated"
-    linears = [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    linears += [f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
     for layer in body.layers:
-        for name in linears:
+        for name in _BLOCK_LINEARS:
             module = layer.get_submodule(name)
             if not isinstance(module, RowDeltas) or module.fused is None:
                 return f"{name} is not a linear layer the fused kernels take (float32 or NF4 weights)"
@@ -163,10 +163,8 @@ class NativeStep:
         self._modules = []
         blocks = (BlockSpec * len(body.layers))()
         for spec, layer, window in zip(blocks, body.layers, lean.windows, strict=True):
-            attention, mlp = layer.self_attn, layer.mlp
-            linears = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
-            linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            self._modules.append(linears)
+            attention = layer.self_attn
+            self._modules.append([layer.get_submodule(name) for name in _BLOCK_LINEARS])
             spec.input_norm = layer.input_layernorm.weight.data_ptr()
             spec.post_norm = layer.post_attention_layernorm.weight.data_ptr()
             spec.eps = layer.input_layernorm.variance_epsilon
