@@ -271,8 +271,8 @@ class FusedNF4(Fused):
 
     def many(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows (a prompt chunk, a saturated step): the weight dequantized once into a scratch buffer of this
-        thread, then one GEMM. bitsandbytes' CPU path dequantizes too, but ~4x slower than this kernel (which
-        writes each weight once, from registers), so an NF4 step of 64 rows took longer than a float32 one."""
+        thread, then one GEMM. bitsandbytes' CPU path dequantizes too, more slowly than this kernel (which writes
+        each weight once, from registers): figures in benchmarks/README.md, "Single-stream decode"."""
         weight = _scratch(self.out_features * self.in_features).view(self.out_features, self.in_features)
         self._lib.nf4_dequantize(ctypes.byref(self.spec), weight.data_ptr())
         return nn.functional.linear(x, weight, self.bias)
