@@ -346,12 +346,16 @@ def test_bad_requests_get_clear_errors_in_openais_shape(server):
         ("temperature", {"temperature": 7}),
         ("stream", {"stream": "yes"}),
         ("n", {"n": 0}),
-        ("tools", {"tools": []}),
+        ("logit_bias", {"logit_bias": {"5": 10}}),
         ("top_logprobs", {"top_logprobs": 3}),
+        ("tool_choice", {"tool_choice": "required"}),  # no tools to call
+        ("response_format", {"response_format": {"type": "json_schema"}}),  # no schema
+        ("response_format", {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}),
     ]:
         response = chat(server, "lora", "a", **extra)
         assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
-    assert "Unsupported field 'tools'" in chat(server, "lora", "a", tools=[]).json()["error"]["message"]
+    unsupported = chat(server, "lora", "a", logit_bias={"5": 10}).json()["error"]["message"]
+    assert "Unsupported field 'logit_bias'" in unsupported
     no_user = server.post(
         "/v1/chat/completions", json={"model": "lora", "messages": [{"role": "system", "content": "x"}]}
     )

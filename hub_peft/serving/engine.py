@@ -49,12 +49,15 @@ from .request import (
     Spec,
     check_messages,
     check_prompt_length,
+    has_tool_turns,
     last_user_turn,
     normalize_spec,
 )
 from .row_deltas import Group, LoraStacks, Plan, PlanSlot, RowDeltas, is_linear, returns_a_tensor
 from .sampling import Sampled, SamplingParams, sample_row
 from .static import StaticGeneration
+from .structured import Constraint, GrammarCompiler, advance
+from .tools import render as render_tools
 
 
 class Engine(StaticGeneration):
@@ -246,23 +249,61 @@ class Engine(StaticGeneration):
                 self.cache.get(name)
         return specs
 
-    def encode(self, prompts: Sequence[Prompt], specs: Sequence[Spec], raw: Sequence[bool]) -> list[list[int]]:
-        """Token ids per row: the adapter's recorded training template (single turn), else the chat template."""
+    def encode(
+        self,
+        prompts: Sequence[Prompt],
+        specs: Sequence[Spec],
+        raw: Sequence[bool],
+        tools: Sequence[list[dict] | None] | None = None,
+    ) -> list[list[int]]:
+        """Token ids per row: the adapter's recorded training template (single turn), else the chat template; a
+        conversation with ``tools`` (or tool calls and results in it) always takes the chat template (:mod:`.tools`)."""
         from ..chat import PLACEHOLDER, encode_prompt, prompt_template
 
         chat = prompt_template(self.tokenizer)
         encoded = []
-        for prompt, spec, is_raw in zip(prompts, specs, raw, strict=True):
+        tools = tools or [None] * len(prompts)
+        for prompt, spec, is_raw, row_tools in zip(prompts, specs, raw, tools, strict=True):
             recorded = {t for n, _ in spec if (t := self.cache.entries[n].template) is not None}
             template = PLACEHOLDER if is_raw else recorded.pop() if len(recorded) == 1 else chat
             if isinstance(prompt, str):
                 encoded.append(encode_prompt(self.tokenizer, prompt, template))
+                continue
+            if row_tools or has_tool_turns(prompt):  # tools need the conversation, in the model's own format
+                if chat == PLACEHOLDER:
+                    raise InvalidInputError("Tools need a chat template, and this base's tokenizer has none.")
+                text = render_tools(self.tokenizer, prompt, row_tools)
             elif template == chat and chat != PLACEHOLDER:  # a whole conversation in the tokenizer's chat format
                 text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-                encoded.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             else:  # an adapter trained on single prompts answers the last user turn in its own format
                 encoded.append(encode_prompt(self.tokenizer, last_user_turn(prompt), template))
+                continue
+            encoded.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return encoded
+
+    # --- structured output (see structured.py) -------------------------------------------------------
+
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """The compiler of this engine's constraints, made at the first constrained request (about a second)."""
+        width = self.core.get_output_embeddings().weight.shape[0]
+        return GrammarCompiler(self.tokenizer, max(width, len(self.tokenizer)))
+
+    def sample_rows(self, seqs: Sequence[Generation], logits: torch.Tensor) -> list[Sampled | GenerationError]:
+        """Draw each sequence's next token from its logits row (masks of the constrained ones computed in one call)
+        and append it; a sequence whose grammar fails gets its error instead (the others are unaffected)."""
+        constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        masks: dict[int, torch.Tensor] = {}
+        if constrained:
+            rows = self.grammars.masks([seqs[i].grammar for i in constrained])
+            masks = dict(zip(constrained, rows, strict=True))
+        out: list[Sampled | GenerationError] = []
+        for i, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
+            try:
+                out.append(self.sample(seq, row, masks.get(i)))
+            except GenerationError as e:
+                out.append(e)
+        return out
 
     # --- the ragged engine: sequences on the engine's own KV cache -----------------------------------
 
@@ -274,9 +315,12 @@ class Engine(StaticGeneration):
         *,
         raw: bool = False,
         max_prompt_tokens: int | None = None,
+        constraint: Constraint | None = None,
+        tools: list[dict] | None = None,
     ) -> Generation:
-        """A new, not yet admitted :class:`Generation` for one prompt (validated, tokenized, adapters loaded);
-        :class:`PromptTooLongError` for a prompt over ``max_prompt_tokens`` (checked before the context length)."""
+        """A new, not yet admitted :class:`Generation` for one prompt (validated, tokenized with the chat template's
+        ``tools``, adapters loaded, ``constraint`` compiled); :class:`PromptTooLongError` for a prompt over
+        ``max_prompt_tokens`` (checked before the context length)."""
         params = params or SamplingParams()
         if not isinstance(prompt, str):
             check_messages(prompt)
@@ -284,10 +328,15 @@ class Engine(StaticGeneration):
         solo = self.solo_names(spec)
         if solo:
             raise InvalidInputError(f"{self.cache.entries[solo[0]].solo_reason}; it runs through generate_tokens only.")
-        prompt_ids = self.encode([prompt], [spec], [raw])[0]
+        if constraint is not None and params.ignore_eos:
+            raise InvalidInputError(
+                "ignore_eos cannot be combined with structured output: the grammar ends the answer."
+            )
+        prompt_ids = self.encode([prompt], [spec], [raw], [tools])[0]
         check_prompt_length(len(prompt_ids), max_prompt_tokens)
+        grammar = self.grammars.matcher(constraint) if constraint is not None else None  # off the step loop
         parts = self.cache.hold(spec)  # the cache's own lock: never waits for a forward of the model
-        seq = Generation(prompt_ids, spec, params, parts=parts)
+        seq = Generation(prompt_ids, spec, params, parts=parts, grammar=grammar)
         if not any(isinstance(payload, ReftPayload) for payload, _ in parts):  # see prefix_cache's NOTE(reft)
             seq.prefix_key = tuple((self.cache.get(name).cached.key, weight) for name, weight in spec)
         if seq.capacity > self.max_model_len:
@@ -550,12 +599,23 @@ class Engine(StaticGeneration):
             self._decode_plan = (signature, plan)
         return plan
 
-    def sample(self, seq: Generation, logits: torch.Tensor) -> Sampled:
-        """Draw ``seq``'s next token from its logits row and append it."""
-        eos = self.tokenizer.eos_token_id
+    def sample(self, seq: Generation, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> Sampled:
+        """Draw ``seq``'s next token from its logits row and append it (its grammar's mask: ``allowed``, computed
+        here when not given), advancing its grammar."""
+        if seq.grammar is not None and allowed is None:
+            allowed = self.grammars.masks([seq.grammar])[0]
         sampled = sample_row(
-            logits, seq.params, len(seq.output), seq.prompt_ids, seq.output, eos=eos, suppress_eos=seq.params.ignore_eos
+            logits,
+            seq.params,
+            len(seq.output),
+            seq.prompt_ids,
+            seq.output,
+            eos=self.tokenizer.eos_token_id,
+            suppress_eos=seq.params.ignore_eos,
+            allowed=allowed,
         )
+        if seq.grammar is not None:
+            advance(seq.grammar, sampled.token)
         seq.output.append(sampled.token)
         seq.samples.append(sampled)
         return sampled

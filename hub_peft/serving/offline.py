@@ -17,6 +17,7 @@ from .request import AdapterSpec, Completion, Prompt, Request
 from .sampling import Sampled, SamplingParams
 from .scheduler import Scheduler
 from .static import _pick
+from .structured import Constraint
 
 
 class MultiAdapterModel(Engine):
@@ -34,6 +35,7 @@ class MultiAdapterModel(Engine):
         on_token: Callable[[int, int], None] | None = None,
         ignore_eos: bool = False,
         params: Sequence[SamplingParams] | None = None,
+        constraints: Sequence[Constraint | None] | None = None,
     ) -> list[Completion]:
         """Completions as token ids, one per prompt (in the prompts' order); greedy unless ``params``.
 
@@ -42,7 +44,8 @@ class MultiAdapterModel(Engine):
         batched with: greedy rows by construction, sampled ones because their noise is keyed by their own
         seed and position. ``max_new_tokens`` may differ per row; ``on_token(row, token_id)`` streams them;
         ``ignore_eos`` generates exactly ``max_new_tokens`` per row (for benchmarks). ``params`` (one
-        :class:`SamplingParams` per row) overrides ``max_new_tokens`` and ``ignore_eos``.
+        :class:`SamplingParams` per row) overrides ``max_new_tokens`` and ``ignore_eos``. ``constraints`` (one
+        :class:`~.structured.Constraint` or None per row) holds a row's answer to a JSON schema, regex or grammar.
         """
         if isinstance(prompts, str):
             raise InvalidInputError("prompts must be a list (of strings or chat message lists), not one string.")
@@ -55,6 +58,9 @@ class MultiAdapterModel(Engine):
             raise InvalidInputError(f"{len(prompts)} prompts but {len(params)} sampling parameters.")
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         raws = [raw] * len(prompts) if isinstance(raw, bool) else list(raw)
+        constraints = list(constraints) if constraints is not None else [None] * len(prompts)
+        if len(constraints) != len(prompts):
+            raise InvalidInputError(f"{len(prompts)} prompts but {len(constraints)} constraints.")
         self.normalize(adapters, len(prompts))  # clear errors before anything runs
         scheduler = Scheduler(self, max_waiting=len(prompts) + 1)
 
@@ -64,8 +70,9 @@ class MultiAdapterModel(Engine):
                     on_token(request.row, sampled.token)
 
         requests = []
-        for row, (prompt, adapter, p, is_raw) in enumerate(zip(prompts, adapters, params, raws, strict=True)):
-            request = Request(prompt, adapter, p, raw=is_raw, row=row, on_update=update)
+        rows = zip(prompts, adapters, params, raws, constraints, strict=True)
+        for row, (prompt, adapter, p, is_raw, constraint) in enumerate(rows):
+            request = Request(prompt, adapter, p, raw=is_raw, row=row, on_update=update, constraint=constraint)
             scheduler.submit(request)
             requests.append(request)
         scheduler.run_until_done()

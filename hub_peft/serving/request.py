@@ -12,10 +12,11 @@ from typing import Any
 
 from ..errors import GenerationError, InvalidInputError, PromptTooLongError
 from .sampling import Sampled, SamplingParams
+from .structured import Constraint
 
 AdapterSpec = str | dict[str, float] | None  # a name, a {name: weight} mix, or None (the bare base)
 Spec = tuple[tuple[str, float], ...]  # an AdapterSpec normalized: ((name, weight), ...) sorted; () the bare base
-Prompt = str | Sequence[dict[str, str]]  # a prompt, or chat messages [{"role": ..., "content": ...}]
+Prompt = str | Sequence[dict[str, Any]]  # a prompt, or chat messages [{"role": ..., "content": ...}]
 MAX_MIX_ADAPTERS = 8  # adapters in one weighted mix
 MAX_MIX_WEIGHT = 16.0  # |weight| of one adapter in a mix: beyond it a mix only produces garbage (or inf/NaN)
 
@@ -49,20 +50,40 @@ def normalize_spec(adapter: AdapterSpec | Spec) -> Spec:
 
 
 def check_messages(messages: Any) -> None:
-    roles = ("system", "user", "assistant")
-    ok = (
-        isinstance(messages, (list, tuple))
-        and messages
-        and all(isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str) for m in messages)
-    )
-    if not ok or not any(m["role"] == "user" for m in messages):
+    """A chat prompt: system/user/assistant/tool messages with text content, at least one from the user; an
+    assistant message may carry ``tool_calls`` (``{"function": {"name": str, "arguments": dict}}``) instead."""
+
+    def ok(m: Any) -> bool:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            return False
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if calls is not None:
+            good = isinstance(calls, list) and all(
+                isinstance(c, dict)
+                and isinstance(f := c.get("function"), dict)
+                and isinstance(f.get("name"), str)
+                and isinstance(f.get("arguments"), dict)
+                for c in calls
+            )
+            return good and (m.get("content") is None or isinstance(m["content"], str))
+        return isinstance(m.get("content"), str)
+
+    if (
+        not isinstance(messages, (list, tuple))
+        or not all(map(ok, messages))
+        or not any(m["role"] == "user" for m in messages)
+    ):
         raise InvalidInputError(
-            "A chat prompt is a non-empty list of {'role': 'system'|'user'|'assistant', 'content': str} messages "
-            "with at least one user message."
+            "A chat prompt is a non-empty list of {'role': 'system'|'user'|'assistant'|'tool', 'content': str} "
+            "messages with at least one user message (an assistant message may hold tool_calls instead of content)."
         )
 
 
-def last_user_turn(messages: Sequence[dict[str, str]]) -> str:
+def has_tool_turns(messages: Sequence[dict]) -> bool:
+    return any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+
+
+def last_user_turn(messages: Sequence[dict[str, Any]]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
@@ -93,6 +114,7 @@ class Generation:
     # prompt neither reuses nor stores blocks (a ReFT adapter, an engine check's probe)
     prefix_key: tuple | None = None
     cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    grammar: Any = None  # an llguidance matcher its tokens must satisfy (see .structured), advanced as it samples
 
     @property
     def tokens(self) -> list[int]:
@@ -119,6 +141,8 @@ class Request:
     params: SamplingParams
     spec: Spec = ()  # ``adapter`` normalized, once, when the request is submitted
     raw: bool = False
+    constraint: Constraint | None = None  # what the answer must match (structured output, forced tool calls)
+    tools: list[dict] | None = None  # functions the chat template shows the model (OpenAI's ``tools``)
     on_update: Callable[[Request, list[Sampled], str], None] | None = None
     on_finish: Callable[[Request], None] | None = None  # called from the scheduler's thread once it ended
     timeout: float | None = None  # seconds from submission

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InvalidInputError
+from ..errors import GenerationError, InvalidInputError
 
 MAX_TOP_LOGPROBS = 20
 
@@ -122,9 +122,11 @@ def sample_row(
     *,
     eos: int | None = None,
     suppress_eos: bool = False,
+    allowed: torch.Tensor | None = None,
 ) -> Sampled:
     """The next token of one row from its raw ``logits`` [vocab]; ``position`` counts the tokens already
-    generated for this completion (it keys the noise)."""
+    generated for this completion (it keys the noise). ``allowed`` (booleans [vocab], a grammar's mask, see
+    :mod:`.structured`) drops every other token before the draw; logprobs stay the model's own."""
     raw = logits.float()
     scores = raw.clone()
     if params.repetition_penalty != 1.0 and (prompt_ids or output_ids):
@@ -136,6 +138,10 @@ def sample_row(
         scores[ids] -= params.frequency_penalty * counts.float() + params.presence_penalty
     if suppress_eos and eos is not None:
         scores[eos] = float("-inf")
+    if allowed is not None:
+        scores.masked_fill_(~allowed[: scores.shape[0]], float("-inf"))
+        if not torch.isfinite(scores).any():
+            raise GenerationError("The answer's grammar allows no next token here.")
     token = int(scores.argmax()) if params.greedy else _gumbel_choice(scores / params.temperature, params, position)
     out = Sampled(token)
     if params.logprobs is not None:

@@ -63,6 +63,11 @@ class Scheduler:
             for request in requests:
                 spec = request.spec = engine.normalize([request.adapter], 1)[0]
                 request.solo = bool(engine.solo_names(spec))
+                if request.solo and (request.constraint is not None or request.tools):
+                    raise InvalidInputError(
+                        f"{engine.cache.entries[engine.solo_names(spec)[0]].solo_reason}, so structured output and "
+                        "tools are not available with it; use a LoRA, IA3 or ReFT adapter for them."
+                    )
                 if request.solo:
                     prompt_ids = engine.encode([request.prompt], [spec], [request.raw])[0]
                     check_prompt_length(len(prompt_ids), self.max_prompt_tokens)
@@ -72,7 +77,13 @@ class Scheduler:
                 else:
                     limit = self.max_prompt_tokens
                     request.generation = engine.generation(
-                        request.prompt, spec, request.params, raw=request.raw, max_prompt_tokens=limit
+                        request.prompt,
+                        spec,
+                        request.params,
+                        raw=request.raw,
+                        max_prompt_tokens=limit,
+                        constraint=request.constraint,  # NOTE: compiled here, on the submitting thread
+                        tools=request.tools,
                     )
             with self.lock:
                 if len(self.waiting) + len(requests) > self.max_waiting:
@@ -186,9 +197,17 @@ class Scheduler:
             return
         rows.sort(key=lambda row: row[0].gen.slot)
         logits = self.engine.forward_ragged([(r.gen, n) for r, n in rows])
-        for (r, _), row in zip(rows, logits, strict=True):
-            if not r.gen.prefilling:  # its whole prompt is in: its next token
-                self._sampled(r, self.engine.sample(r.gen, row))
+        ready = [b for b, (r, _) in enumerate(rows) if not r.gen.prefilling]  # whole prompt in: a next token
+        if not ready:
+            return
+        drawn = self.engine.sample_rows([rows[b][0].gen for b in ready], logits[ready])
+        for b, sampled in zip(ready, drawn, strict=True):
+            r = rows[b][0]
+            if isinstance(sampled, Exception):  # its grammar failed: this request alone ends
+                r.error = sampled
+                self._finish(r, "error")
+            else:
+                self._sampled(r, sampled)
 
     def _isolate(self, requests: list[Request], error: Exception) -> None:
         """After a failed shared forward, each of its requests runs alone from where it was. Keys/values a
@@ -243,7 +262,8 @@ class Scheduler:
                 text, finish = text[:at], "stop"
         if finish is None:
             last = gen.output[-1] if gen.output else None
-            if last == eos and not params.ignore_eos:
+            grammar_done = gen.grammar is not None and gen.grammar.is_stopped()  # nothing may follow
+            if (last == eos and not params.ignore_eos) or grammar_done:
                 finish = "stop"
             elif len(gen.output) >= params.max_tokens:
                 finish = "length"

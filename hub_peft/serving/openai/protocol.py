@@ -3,19 +3,24 @@
 not declared here, so it is refused with a 400 that names it, never silently ignored.
 
 Defaults follow OpenAI's API: ``temperature`` 1, ``top_p`` 1, ``n`` 1, ``max_tokens`` 16 for
-completions and up to the context for chat (here: ``default_max_tokens`` of the server). Extensions
-taken from vLLM: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``; and hub_peft's own:
-``model`` may be a ``{"adapter": weight}`` mix.
+completions and up to the context for chat (here: ``default_max_tokens`` of the server). Structured output:
+OpenAI's ``response_format`` (``json_object``, ``json_schema``) and vLLM's ``structured_outputs`` (``json``,
+``regex``, ``choice``, ``grammar``, ``json_object``); tools: ``tools``, ``tool_choice``, ``parallel_tool_calls``,
+assistant ``tool_calls`` and ``tool`` messages. Extensions taken from vLLM: ``top_k``, ``min_p``,
+``repetition_penalty``, ``ignore_eos``; and hub_peft's own: ``model`` may be a ``{"adapter": weight}`` mix.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from ..request import MAX_MIX_ADAPTERS, MAX_MIX_WEIGHT
 from ..sampling import MAX_TOP_LOGPROBS, SamplingParams
+from ..structured import MAX_CHOICES, Constraint
+from ..tools import forced_calls
 
 
 class _Strict(BaseModel):
@@ -27,13 +32,96 @@ class TextPart(_Strict):
     text: str
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+
+
+class CalledFunction(_Strict):
+    name: FunctionName
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: Annotated[str, Field(max_length=128)]
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=64)] | None = None  # an assistant's earlier calls
+    tool_call_id: Annotated[str, Field(max_length=128)] | None = None  # a tool message: the call it answers
+    refusal: str | None = None  # an assistant message sent back as the SDK received it: ignored
+    annotations: list[dict[str, Any]] | None = None  # likewise
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(_Strict):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: StrictBool | None = None  # calls are held to ``parameters`` when forced (tool_choice), not otherwise
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    name: FunctionName
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None  # the schema is enforced either way
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs``: exactly one of its fields."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] | None = None
+    grammar: str | None = None
+    json_object: StrictBool | None = None
+
+    def constraint(self) -> Constraint:
+        given = [
+            k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k) not in (None, False)
+        ]
+        if len(given) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, regex, choice, grammar, json_object")
+        if self.json_ is not None:
+            try:
+                schema = json.loads(self.json_) if isinstance(self.json_, str) else self.json_
+            except ValueError:
+                raise ValueError("structured_outputs.json is not valid JSON") from None
+            return Constraint.json_schema(schema)
+        if self.regex is not None:
+            return Constraint.regex(self.regex)
+        if self.choice is not None:
+            return Constraint.choice(self.choice)
+        if self.grammar is not None:
+            return Constraint.grammar(self.grammar)
+        return Constraint.json_schema()
 
 
 class StreamOptions(_Strict):
@@ -64,6 +152,24 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
     user: str | None = None  # OpenAI's end-user id: recorded by nothing, changes nothing
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    def constraint(self) -> Constraint | None:
+        """What the answer must match (``ValueError`` naming the problem when the fields contradict)."""
+        form = self.response_format
+        wanted = None if form is None or form.type == "text" else form
+        if wanted is not None and self.structured_outputs is not None:
+            raise ValueError("give response_format or structured_outputs, not both")
+        if self.structured_outputs is not None:
+            return self.structured_outputs.constraint()
+        if wanted is None:
+            return None
+        if wanted.type == "json_object":
+            return Constraint.json_schema()
+        if wanted.json_schema is None:
+            raise ValueError("response_format of type json_schema needs its json_schema")
+        return Constraint.json_schema(wanted.json_schema.schema_ or {})
 
     @field_validator("top_k")
     @classmethod
@@ -103,6 +209,29 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
+
+    def offered_tools(self) -> list[dict] | None:
+        """The tools shown to the model (none when ``tool_choice`` is ``"none"``), as plain dicts."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def constraint(self) -> Constraint | None:
+        """``tool_choice`` ``"required"`` or a named function: the answer is the calls' grammar; else the
+        response format's."""
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        if not forced:
+            return super().constraint()
+        if (self.response_format is not None and self.response_format.type != "text") or self.structured_outputs:
+            raise ValueError("a forced tool call (tool_choice) cannot also follow a response_format")
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        return forced_calls(self.offered_tools() or [], name, parallel=self.parallel_tool_calls)
 
     def wanted_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -113,6 +242,7 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    echo: StrictBool = False  # the prompt's text before the completion's
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

@@ -22,6 +22,7 @@ from ...errors import (
 from ..request import Request
 from ..sampling import Sampled
 from ..scheduler import Scheduler
+from ..tools import CallStream, parse_calls
 from .metrics import Metrics
 
 # NOTE: the one mapping from hub_peft's errors to HTTP statuses; the first class an error is an instance of wins
@@ -131,7 +132,8 @@ def http_status(job: Request) -> int:
 
 
 class Answer:
-    """The response of one request (``n`` choices), whole or as server-sent events."""
+    """The response of one request (``n`` choices), whole or as server-sent events; with ``tool_names`` (a chat
+    that offered tools) the calls in each answer become ``tool_calls``, and ``echo`` goes before a completion's text."""
 
     def __init__(
         self,
@@ -143,6 +145,9 @@ class Answer:
         tokenizer,
         metrics: Metrics,
         scheduler: Scheduler,
+        *,
+        tool_names: set[str] | frozenset[str] = frozenset(),
+        echo: str = "",
     ) -> None:
         self.ident, self.created, self.model, self.chat = ident, created, model, chat
         self.jobs, self.tokenizer, self.metrics, self.scheduler = jobs, tokenizer, metrics, scheduler
@@ -150,6 +155,12 @@ class Answer:
         self.offsets = [0] * len(jobs)  # characters of text already described by completion logprobs
         self.described = [0] * len(jobs)  # tokens already described by logprobs
         self.last_token = [0.0] * len(jobs)
+        self.tool_names = set(tool_names)  # functions offered (chat with tools): calls are read out of the answers
+        self.echo = echo  # completions with echo: the prompt's text, before each choice's
+        self.calls = [CallStream(self.tool_names) for _ in jobs]  # streaming: content and calls per choice
+
+    def _finish_reason(self, job: Request, calls: list[dict] | bool) -> str | None:
+        return "tool_calls" if calls and job.finish_reason == "stop" else job.finish_reason
 
     def _observe(self, job: Request, samples: list[Sampled]) -> None:
         now = time.monotonic()
@@ -239,15 +250,18 @@ class Answer:
             raise self._failure(failed[0])
         choices = []
         for job in self.jobs:
+            content, calls = parse_calls(job.text, self.tool_names) if self.tool_names else (job.text, [])
             choice: dict[str, Any] = {
                 "index": job.row,
-                "finish_reason": job.finish_reason,
+                "finish_reason": self._finish_reason(job, calls),
                 "logprobs": self.logprobs(job, job.gen.samples),
             }
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": job.text}
+                choice["message"] = {"role": "assistant", "content": content}
+                if calls:
+                    choice["message"]["tool_calls"] = calls
             else:
-                choice["text"] = job.text
+                choice["text"] = self.echo + job.text
             choices.append(choice)
         return {
             "id": self.ident,
@@ -270,6 +284,19 @@ class Answer:
             body["usage"] = usage
         return {"data": json.dumps(body)}
 
+    def _delta(self, job: Request, content: str, calls: list[dict], logprobs: dict | None) -> dict:
+        """A streamed choice: new text, and (chat) tool calls, each whole, numbered in the order they came."""
+        choice: dict[str, Any] = {"index": job.row, "finish_reason": None, "logprobs": logprobs}
+        if not self.chat:
+            choice["text"] = content
+            return choice
+        delta: dict[str, Any] = {"content": content} if content or not calls else {}
+        if calls:
+            first = self.calls[job.row].calls - len(calls)
+            delta["tool_calls"] = [{"index": first + k, **call} for k, call in enumerate(calls)]
+        choice["delta"] = delta
+        return choice
+
     async def stream(self, events: asyncio.Queue, include_usage: bool) -> AsyncIterator[dict]:
         pending = {id(j) for j in self.jobs}
         try:
@@ -285,6 +312,10 @@ class Answer:
                         for j in self.jobs
                     ]
                 )
+            elif self.echo:
+                yield self._chunk(
+                    [{"index": j.row, "text": self.echo, "logprobs": None, "finish_reason": None} for j in self.jobs]
+                )
             while pending:
                 job, samples, delta = await events.get()
                 if samples is None:
@@ -293,7 +324,16 @@ class Answer:
                         failure = self._failure(job)
                         yield {"data": json.dumps(error_body(failure.status, failure.message))}
                         continue
-                    end: dict[str, Any] = {"index": job.row, "finish_reason": job.finish_reason, "logprobs": None}
+                    if self.tool_names:  # what the call reader held back
+                        content, calls = self.calls[job.row].feed(delta or "", final=True)
+                        if content or calls:
+                            yield self._chunk([self._delta(job, content, calls, None)])
+                    stream = self.calls[job.row]
+                    end: dict[str, Any] = {
+                        "index": job.row,
+                        "finish_reason": self._finish_reason(job, bool(stream.calls)),
+                        "logprobs": None,
+                    }
                     if self.chat:
                         end["delta"] = {}
                     else:
@@ -302,11 +342,10 @@ class Answer:
                     continue
                 self._observe(job, samples)
                 logprobs = self.logprobs(job, samples)
-                if not delta and logprobs is None:
+                content, calls = self.calls[job.row].feed(delta) if self.tool_names else (delta, [])
+                if not content and not calls and logprobs is None:
                     continue
-                choice = {"index": job.row, "finish_reason": None, "logprobs": logprobs}
-                choice.update({"delta": {"content": delta}} if self.chat else {"text": delta})
-                yield self._chunk([choice])
+                yield self._chunk([self._delta(job, content, calls, logprobs)])
             if include_usage:
                 yield self._chunk([], self.usage())
             yield {"data": "[DONE]"}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import hmac
+import json
 import logging
 import os
 import time
@@ -47,7 +48,7 @@ from ..request import Request
 from ..sampling import Sampled
 from ..scheduler import Scheduler
 from .metrics import Metrics
-from .protocol import AdapterLoad, ChatCompletionRequest, CompletionRequest
+from .protocol import AdapterLoad, ChatCompletionRequest, ChatMessage, CompletionRequest
 from .responses import Answer, BodyLimit, api_error, error_body, http_status, public
 from .settings import ServerSettings
 
@@ -170,9 +171,7 @@ class OpenAIServer:
         """The engine's prompt (text, or chat messages) and ``max_tokens`` of a request, its length checked by
         characters before anything is tokenized."""
         if isinstance(body, ChatCompletionRequest):
-            prompt: Any = [
-                {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
-            ]
+            prompt: Any = [_engine_message(m, i) for i, m in enumerate(body.messages)]
             if not any(m["role"] == "user" for m in prompt):
                 raise ApiError(400, "messages: at least one message must have role 'user'.", "messages")
             max_tokens = body.max_completion_tokens or body.max_tokens or self.settings.default_max_tokens
@@ -180,7 +179,11 @@ class OpenAIServer:
             prompt, max_tokens = body.text(), body.max_tokens or 16
             if not prompt:
                 raise ApiError(400, "prompt must be a non-empty string.", "prompt")
-        chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
+        chars = (
+            sum(len(m["content"] or "") + len(str(m.get("tool_calls") or "")) for m in prompt) if chat else len(prompt)
+        )
+        if isinstance(body, ChatCompletionRequest) and body.tools:
+            chars += sum(len(t.model_dump_json()) for t in body.tools)
         if chars > self.max_prompt_chars or (chat and len(prompt) > self.settings.max_prompt_tokens):
             raise ApiError(
                 413,
@@ -197,6 +200,16 @@ class OpenAIServer:
         except ValueError as e:
             raise ApiError(400, str(e), "top_logprobs") from None
         prompt, max_tokens = self.prompt_of(body, chat)
+        try:
+            constraint = body.constraint()
+        except (ValueError, InvalidInputError) as e:
+            param = "tool_choice" if chat and body.tool_choice not in (None, "none", "auto") else "response_format"
+            raise ApiError(400, str(e), param) from None
+        tools = body.offered_tools() if isinstance(body, ChatCompletionRequest) else None
+        if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
+            raise ApiError(
+                400, "echo with logprobs (the prompt's logprobs) is not implemented; ask for one of them.", "echo"
+            )
         adapter, label = await self.resolve(body.model)
         try:
             params = body.sampling(max_tokens, logprobs)
@@ -219,6 +232,8 @@ class OpenAIServer:
                 adapter,
                 replace(params, seed=None if body.seed is None else body.seed + i),
                 raw=not chat,
+                constraint=constraint,
+                tools=tools,
                 label=label,
                 row=i,
                 timeout=self.settings.request_timeout,
@@ -237,11 +252,54 @@ class OpenAIServer:
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         base_name = self.settings.base_name
         name = body.model if isinstance(body.model, str) and body.model else base_name if not body.model else "mix"
-        answer = Answer(ident, int(time.time()), name, chat, jobs, self.tokenizer, self.metrics, self.scheduler)
+        answer = Answer(
+            ident,
+            int(time.time()),
+            name,
+            chat,
+            jobs,
+            self.tokenizer,
+            self.metrics,
+            self.scheduler,
+            tool_names={t["function"]["name"] for t in tools or []},
+            echo=prompt if isinstance(body, CompletionRequest) and body.echo else "",
+        )
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(answer.stream(events, include_usage), ping=15, sep="\n")
         return await answer.whole(events, http)
+
+
+def _engine_message(message: ChatMessage, index: int) -> dict:
+    """An API message as the engine takes it: text content, an assistant's calls with their arguments parsed."""
+    role = "system" if message.role == "developer" else message.role
+    if message.tool_calls and role != "assistant":
+        raise ApiError(400, f"messages[{index}]: only assistant messages carry tool_calls.", "messages")
+    out: dict[str, Any] = {"role": role, "content": message.text()}
+    if message.tool_calls:
+        calls = []
+        for call in message.tool_calls:
+            try:
+                arguments = json.loads(call.function.arguments or "{}")
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise ApiError(
+                    400,
+                    f"messages[{index}].tool_calls: the arguments of {call.id!r} are not a JSON object.",
+                    "messages",
+                )
+            calls.append(
+                {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+            )
+        out["tool_calls"], out["content"] = calls, message.text() or None
+    elif message.content is None:
+        raise ApiError(
+            400, f"messages[{index}]: content is required (only an assistant's tool call may omit it).", "messages"
+        )
+    if role == "tool":
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def _submission_error(error: HubPeftError, chat: bool) -> ApiError:
