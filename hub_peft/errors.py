@@ -153,6 +153,11 @@ class PromptTooLongError(InvalidInputError):
     """A prompt has more tokens than the server accepts; shorten it (the API answers 413)."""
 
 
+class ConstraintError(InvalidInputError):
+    """A structured-output schema, regex or grammar (or a forced tool call's) is malformed or over a limit; the
+    message says which part (the API answers 400 naming the field that gave it)."""
+
+
 class GenerationError(HubPeftError, RuntimeError):
     """A request failed inside the engine, a server-side failure of that request alone: send it again."""
 

@@ -350,7 +350,7 @@ def test_bad_requests_get_clear_errors_in_openais_shape(server):
         ("top_logprobs", {"top_logprobs": 3}),
         ("tool_choice", {"tool_choice": "required"}),  # no tools to call
         ("response_format", {"response_format": {"type": "json_schema"}}),  # no schema
-        ("response_format", {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}),
+        ("structured_outputs", {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}),
     ]:
         response = chat(server, "lora", "a", **extra)
         assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text

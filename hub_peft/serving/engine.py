@@ -599,6 +599,32 @@ class Engine(StaticGeneration):
             self._decode_plan = (signature, plan)
         return plan
 
+    @torch.inference_mode()
+    def embed(self, prompts: Sequence[str], adapter: AdapterSpec | Spec = None) -> tuple[torch.Tensor, int]:
+        """Embeddings of raw texts under ``adapter`` (a name, a mix, None for the base): the final hidden state
+        of each text's last token (after the final norm), L2-normalized, as vLLM pools a decoder by default;
+        ``[len(prompts), hidden]`` and the tokens read. Each text runs its own forward with its adapters (ReFT
+        edits included), so a text's embedding does not depend on the others. Call it from the thread that runs
+        the steps (:meth:`.scheduler.Scheduler.call`)."""
+        spec = self.normalize([adapter], 1)[0]
+        if solo := self.solo_names(spec):
+            raise InvalidInputError(f"{self.cache.entries[solo[0]].solo_reason}; embeddings need a LoRA, IA3 or ReFT.")
+        decoder = find_decoder(self.core)
+        rows, tokens = [], 0
+        for ids in self.encode(prompts, [spec] * len(prompts), [True] * len(prompts)):
+            if not ids:
+                raise InvalidInputError("An input to embed is empty.")
+            seq = Generation(ids, spec, SamplingParams(max_tokens=1), parts=self.cache.hold(spec))
+            with self._lock:
+                self.plans.current = self._ragged_plan([(seq, len(ids))], reuse=False)
+                try:
+                    hidden = decoder(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state
+                finally:
+                    self.plans.current = None
+            rows.append(hidden[0, -1].float())
+            tokens += len(ids)
+        return torch.nn.functional.normalize(torch.stack(rows), dim=-1), tokens
+
     def sample(self, seq: Generation, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> Sampled:
         """Draw ``seq``'s next token from its logits row and append it (its grammar's mask: ``allowed``, computed
         here when not given), advancing its grammar."""

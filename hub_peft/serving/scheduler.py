@@ -22,6 +22,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 from ..errors import InvalidInputError, QueueFullError
 from .engine import Engine
@@ -51,6 +53,7 @@ class Scheduler:
         self.lock = threading.Condition()
         self.steps = 0
         self._thread: threading.Thread | None = None
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()  # work for the step thread, between steps
         self.on_step: Callable[[Scheduler, float], None] | None = None  # metrics hook: (scheduler, seconds)
 
     # --- submission ------------------------------------------------------------------------------
@@ -108,8 +111,29 @@ class Scheduler:
         with self.lock:
             self.lock.notify()
 
+    def call(self, work: Callable[[], Any]) -> Future:
+        """Run ``work()`` on the thread that runs the steps, before the next step; its result (or error) comes back
+        in the future. For model work outside the completions (embeddings): torch's threads stay on one thread."""
+        future: Future = Future()
+        with self.lock:
+            if len(self._calls) >= self.max_waiting:
+                raise QueueFullError(f"{len(self._calls)} calls are waiting for the model; try again in a second.")
+            self._calls.append((work, future))
+            self.lock.notify()
+        return future
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            with self.lock:
+                work, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(work())
+                except Exception as e:  # the caller's error, not the loop's
+                    future.set_exception(e)
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._calls)
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -147,6 +171,7 @@ class Scheduler:
 
     def step(self) -> None:
         started = time.perf_counter()
+        self._run_calls()
         self._retire_aborted()
         self._admit()
         solo = [r for r in self.running if r.solo]

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import GenerationError, InvalidInputError
+from ..errors import ConstraintError, GenerationError, InvalidInputError
 
 MAX_SOURCE_CHARS = 64 * 1024  # a schema, regex or grammar longer than this is refused
 MAX_CHOICES = 256
@@ -81,7 +81,7 @@ class Constraint:
         import llguidance
 
         if len(self.source) > MAX_SOURCE_CHARS:
-            raise InvalidInputError(f"The {self.kind} constraint is over {MAX_SOURCE_CHARS} characters; shorten it.")
+            raise ConstraintError(f"The {self.kind} constraint is over {MAX_SOURCE_CHARS} characters; shorten it.")
         if self.kind == "json":
             return llguidance.LLMatcher.grammar_from_json_schema(self.source, defaults=JSON_OPTIONS)  # type: ignore[arg-type]
         if self.kind == "regex":
@@ -94,7 +94,7 @@ class Constraint:
         try:
             lark = any_to_lark(self.source)
         except Exception as e:  # the GBNF converter's own errors: the grammar is malformed
-            raise InvalidInputError(f"The grammar could not be read as Lark or GBNF: {e}") from None
+            raise ConstraintError(f"The grammar could not be read as Lark or GBNF: {e}") from None
         return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
@@ -124,12 +124,14 @@ class GrammarCompiler:
         self._compiled: OrderedDict[Constraint, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.compiles = 0  # constraints compiled (cache misses)
-        self.masks([self.matcher(Constraint.regex("warm"))])  # the executor's threads start here, not in a step
+        warm = llguidance.LLMatcher(self._tokenizer, llguidance.LLMatcher.grammar_from_regex("warm"), log_level=0)
+        self.masks([warm])  # the executor's threads start here, not in a step
 
     def matcher(self, constraint: Constraint) -> Any:
         """A fresh matcher for ``constraint`` (a copy of the cached compiled one); :class:`InvalidInputError`
         when the schema, regex or grammar is malformed or over a limit."""
         import llguidance
+        from llguidance.torch import fill_next_token_bitmask
 
         with self._lock:
             template = self._compiled.get(constraint)
@@ -139,18 +141,19 @@ class GrammarCompiler:
         try:
             grammar = constraint.llguidance_grammar()
         except ValueError as e:  # llguidance: the schema is not JSON
-            raise InvalidInputError(f"The {constraint.kind} constraint is malformed: {e}") from None
+            raise ConstraintError(f"The {constraint.kind} constraint is malformed: {e}") from None
         template = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=self._limits)
         # NOTE(step-cost): every step computes the masks of all constrained rows, so one costly grammar would slow
-        # every neighbour: its first mask is timed here, on the submitting thread, and one over MAX_MASK_MS refused
-        started = time.perf_counter()
+        # every neighbour: its first mask is computed here, on the submitting thread, and one that takes over
+        # MAX_MASK_MS of this thread's CPU time (not wall time: a busy server must not refuse a plain schema) refused
+        started = time.thread_time()
         if not template.is_error():
-            self.masks([template])
-        cost = (time.perf_counter() - started) * 1e3
+            fill_next_token_bitmask(template, torch.zeros((1, (self.vocab_size + 31) // 32), dtype=torch.int32))
+        cost = (time.thread_time() - started) * 1e3
         if template.is_error():
-            raise InvalidInputError(f"The {constraint.kind} constraint cannot be used: {template.get_error()}")
+            raise ConstraintError(f"The {constraint.kind} constraint cannot be used: {template.get_error()}")
         if cost > MAX_MASK_MS:
-            raise InvalidInputError(
+            raise ConstraintError(
                 f"The {constraint.kind} constraint costs {cost:.0f} ms per token here, over this server's limit of "
                 f"{MAX_MASK_MS} ms; simplify it (long fixed repetitions such as a{{10000}} cost the most)."
             )

@@ -52,8 +52,11 @@ class ChatMessage(_Strict):
     name: str | None = None
     tool_calls: Annotated[list[ToolCall], Field(max_length=64)] | None = None  # an assistant's earlier calls
     tool_call_id: Annotated[str, Field(max_length=128)] | None = None  # a tool message: the call it answers
-    refusal: str | None = None  # an assistant message sent back as the SDK received it: ignored
-    annotations: list[dict[str, Any]] | None = None  # likewise
+    # an assistant message sent back as the SDK received it carries these (null, or ignored)
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: None = None
+    function_call: None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -254,3 +257,33 @@ class AdapterLoad(_Strict):
     revision: str | None = None
     subfolder: str | None = None
     pin: StrictBool = False
+
+
+class EmbeddingRequest(_Strict):
+    """OpenAI's embeddings request: texts only (token-id inputs and ``dimensions`` are not implemented)."""
+
+    model: ModelName | Mix | None = None
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=64)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class LoadLoraAdapter(_Strict):
+    """vLLM's ``/v1/load_lora_adapter`` body (any adapter type here, not only LoRA)."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=200)]
+    lora_path: Annotated[str, Field(min_length=1)]  # a folder under --adapter-dir, or REPO[@REVISION][:SUBFOLDER]
+    load_inplace: StrictBool = False  # replace an adapter of that name (else: 400 when it exists)
+
+
+class UnloadLoraAdapter(_Strict):
+    """vLLM's ``/v1/unload_lora_adapter`` body."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=200)]
+    lora_int_id: StrictInt | None = None  # vLLM's numeric id: accepted, unused (names identify adapters here)

@@ -5,8 +5,10 @@ As vLLM lays out its server: :class:`OpenAIServer` holds the state and does the 
 load an adapter, submit a completion); the routes are thin functions that hand it the parsed request.
 
 ``/v1/chat/completions`` and ``/v1/completions`` (``stream`` as server-sent events, ``n``, ``logprobs``,
-``stop``, seeded batch-invariant sampling), ``/v1/models``, ``/metrics`` (Prometheus), ``/health``, and
-admin routes to load and unload adapters, closed unless an admin token is configured. Requests run on the
+``stop``, seeded batch-invariant sampling, structured output, tools), ``/v1/embeddings``, ``/v1/models``,
+``/metrics`` (Prometheus), ``/health``, and admin routes to load and unload adapters (hub_peft's
+``/admin/adapters`` and vLLM's ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``), closed unless an admin
+token is configured. Requests run on the
 continuous-batching :class:`Scheduler` in one worker thread. Errors have OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field (named in ``param``), 401/403
 for admin auth, 404 for an unknown model (the message lists the known ones), 413 for a prompt over
@@ -22,11 +24,13 @@ loaded them at start or they lie under one of ``adapter_dirs`` (admin route); no
 from __future__ import annotations
 
 import asyncio
+import base64
 import fnmatch
 import hmac
 import json
 import logging
 import os
+import struct
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -38,17 +42,33 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
 from ...adapters import parse_adapter_spec, parse_hub_spec
-from ...errors import ApiError, HubPeftError, InvalidInputError, NotFoundError, PromptTooLongError, QueueFullError
+from ...errors import (
+    ApiError,
+    ConstraintError,
+    HubPeftError,
+    InvalidInputError,
+    NotFoundError,
+    PromptTooLongError,
+    QueueFullError,
+)
 from ..offline import MultiAdapterModel
 from ..request import Request
 from ..sampling import Sampled
 from ..scheduler import Scheduler
 from .metrics import Metrics
-from .protocol import AdapterLoad, ChatCompletionRequest, ChatMessage, CompletionRequest
+from .protocol import (
+    AdapterLoad,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    EmbeddingRequest,
+    LoadLoraAdapter,
+    UnloadLoraAdapter,
+)
 from .responses import Answer, BodyLimit, api_error, error_body, http_status, public
 from .settings import ServerSettings
 
@@ -200,11 +220,13 @@ class OpenAIServer:
         except ValueError as e:
             raise ApiError(400, str(e), "top_logprobs") from None
         prompt, max_tokens = self.prompt_of(body, chat)
+        # the field a constraint's error names
+        forced = isinstance(body, ChatCompletionRequest) and body.tool_choice not in (None, "none", "auto")
+        field = "tool_choice" if forced else "structured_outputs" if body.structured_outputs else "response_format"
         try:
             constraint = body.constraint()
         except (ValueError, InvalidInputError) as e:
-            param = "tool_choice" if chat and body.tool_choice not in (None, "none", "auto") else "response_format"
-            raise ApiError(400, str(e), param) from None
+            raise ApiError(400, str(e), field) from None
         tools = body.offered_tools() if isinstance(body, ChatCompletionRequest) else None
         if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
             raise ApiError(
@@ -245,7 +267,7 @@ class OpenAIServer:
         try:
             await asyncio.to_thread(self.scheduler.submit, *jobs)
         except HubPeftError as e:
-            error = _submission_error(e, chat)
+            error = api_error(e, field) if isinstance(e, ConstraintError) else _submission_error(e, chat)
             if error.status in (413, 429):
                 self.metrics.requests.labels(label, str(error.status)).inc()
             raise error from None
@@ -268,6 +290,43 @@ class OpenAIServer:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(answer.stream(events, include_usage), ping=15, sep="\n")
         return await answer.whole(events, http)
+
+    async def embed(self, body: EmbeddingRequest) -> dict:
+        """``/v1/embeddings``: last-token, L2-normalized (see :meth:`.engine.Engine.embed`), run on the step thread."""
+        texts = body.texts()
+        if any(len(t) > self.max_prompt_chars for t in texts):
+            raise ApiError(413, "An input is longer than fits in max_prompt_tokens; shorten it.", "input")
+        adapter, _ = await self.resolve(body.model)
+        ids = await asyncio.to_thread(self.engine.encode, texts, [()] * len(texts), [True] * len(texts))
+        if (longest := max(map(len, ids))) > self.settings.max_prompt_tokens:
+            raise ApiError(
+                413,
+                f"An input is {longest} tokens; the limit is {self.settings.max_prompt_tokens}.",
+                "input",
+                "context_length_exceeded",
+            )
+        try:
+            future = self.scheduler.call(partial(self.engine.embed, texts, adapter))
+            vectors, tokens = await asyncio.wait_for(asyncio.wrap_future(future), self.settings.request_timeout)
+        except HubPeftError as e:
+            raise api_error(e, "model" if isinstance(e, NotFoundError) else "input") from None
+        data = [
+            {"object": "embedding", "index": i, "embedding": _embedding(v, body.encoding_format)}
+            for i, v in enumerate(vectors.tolist())
+        ]
+        model = body.model if isinstance(body.model, str) and body.model else self.settings.base_name
+        return {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+
+def _embedding(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()  # OpenAI's base64: float32 LE
 
 
 def _engine_message(message: ChatMessage, index: int) -> dict:
@@ -361,33 +420,64 @@ def _authorize(http: HttpRequest) -> OpenAIServer:
     return server
 
 
+def _admitted_source(server: OpenAIServer, spec: str, param: str) -> tuple[str, str | None, str | None, bool]:
+    """``(source, revision, subfolder, hub_only)`` of an adapter an admin asks to load: a folder under
+    ``adapter_dirs`` or a Hub repo that ``allow_hub_pattern`` lets in (403 otherwise)."""
+    try:
+        source, revision, subfolder = parse_adapter_spec(spec)
+    except InvalidInputError as e:
+        raise ApiError(400, str(e), param) from None
+    if server.operator_folder(source):
+        return source, revision, subfolder, False
+    if server.hub_allowed(spec):
+        return *parse_hub_spec(spec), True
+    raise ApiError(
+        403,
+        f"{spec!r} is neither under a folder the server was started with (--adapter-dir) nor a Hub "
+        f"repo matching --allow-hub-pattern ({server.settings.allow_hub_pattern or 'off'}).",
+        param,
+    )
+
+
 @router.post("/admin/adapters")
 async def admin_load(body: AdapterLoad, http: HttpRequest):
     server = _authorize(http)
-    try:
-        source, revision, subfolder = parse_adapter_spec(body.source)
-    except InvalidInputError as e:
-        raise ApiError(400, str(e), "source") from None
+    source, revision, subfolder, hub_only = _admitted_source(server, body.source, "source")
     for field, given, in_source in (("revision", body.revision, revision), ("subfolder", body.subfolder, subfolder)):
         if given is not None and in_source is not None and given != in_source:
             raise ApiError(
                 400, f"{field} is given twice ({in_source!r} in source, {given!r} as {field}); give it once.", field
             )
-    if server.operator_folder(source):
-        hub_only = False
-    elif server.hub_allowed(body.source):
-        hub_only = True
-        source, revision, subfolder = parse_hub_spec(body.source)
-    else:
-        raise ApiError(
-            403,
-            f"{body.source!r} is neither under a folder the server was started with (--adapter-dir) nor a Hub "
-            f"repo matching --allow-hub-pattern ({server.settings.allow_hub_pattern or 'off'}).",
-            "source",
-        )
     return await server.load(
         body.name, source, revision or body.revision, subfolder or body.subfolder, pin=body.pin, hub_only=hub_only
     )
+
+
+# NOTE(vllm-compat): vLLM's runtime adapter routes, same bodies and plain-text answers, so tools written for
+# vLLM (VLLM_ALLOW_RUNTIME_LORA_UPDATING) work unchanged; here they need the admin token, like /admin/adapters.
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoadLoraAdapter, http: HttpRequest):
+    server = _authorize(http)
+    if not body.load_inplace and body.lora_name in {e["name"] for e in server.engine.cache.loaded()}:
+        raise ApiError(400, f"The lora adapter '{body.lora_name}' has already been loaded.", "lora_name")
+    source, revision, subfolder, hub_only = _admitted_source(server, body.lora_path, "lora_path")
+    await server.load(body.lora_name, source, revision, subfolder, hub_only=hub_only, param="lora_path")
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(body: UnloadLoraAdapter, http: HttpRequest):
+    server = _authorize(http)
+    try:
+        await asyncio.to_thread(server.engine.remove, body.lora_name)
+    except NotFoundError:
+        raise ApiError(404, f"The lora adapter '{body.lora_name}' cannot be found.", "lora_name") from None
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, http: HttpRequest):
+    return await _server(http).embed(body)
 
 
 @router.delete("/admin/adapters/{name:path}")
