@@ -3,6 +3,9 @@ row what that row gets alone with only its adapter loaded the ordinary way; the 
 
 from __future__ import annotations
 
+import copy
+from functools import partial
+
 import pytest
 import torch
 from test_peft_methods import load_tiny, tiny_base_repo, tiny_llama_config, tiny_tokenizer  # noqa: F401 - shared session fixture
@@ -44,6 +47,15 @@ def adapters(tiny_base_repo, tmp_path_factory):  # noqa: F811
     folders["reft"] = save_adapter(reft, root / "reft")
     folders["ia3"] = save_adapter(make_ia3(5), root / "ia3")
     return folders
+
+
+def make_loha(seed: int):
+    """LoHa on q/v with non-initial weights: a type that cannot share a batch (its solo path)."""
+    from peft import LoHaConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False)
+    return get_peft_model(load_tiny(), config)
 
 
 def make_ia3(seed: int):
@@ -109,11 +121,65 @@ def test_a_mixed_batch_on_an_nf4_base(adapters):
     check_mixed_batch(adapters, ["reft", "lora", None, "rslora", "ia3"], load_in_4bit=True)
 
 
-def test_a_solo_adapter_on_an_nf4_base(adapters, tmp_path):
-    """DoRA on 4-bit layers: PEFT attaches it once, to a shadow of the base, with the norms of the dequantized
-    weights; its rows answer as PEFT alone does, the rows beside them as their own adapters do."""
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_dora_joins_the_mixed_batch(adapters, tmp_path, load_in_4bit):
+    """DoRA shares the batch (its norms from the dequantized weights, computed once at load): its rows answer as
+    PEFT alone does, the rows beside them as their own adapters do, in full precision and on NF4 layers."""
     dora = save_adapter(make_lora(4, 4, use_dora=True), tmp_path / "dora")
-    check_mixed_batch({**adapters, "dora": dora}, ["dora", "lora", None, "dora"], load_in_4bit=True)
+    engine, _ = check_mixed_batch(
+        {**adapters, "dora": dora}, ["dora", "lora", None, "dora", "ia3", "reft"], load_in_4bit=load_in_4bit
+    )
+    assert engine.cache.info("dora")["mixable"] is True
+    assert engine.generate_tokens(PROMPTS[:2], ["dora", "dora"], max_new_tokens=3)  # a decode step of DoRA alone
+
+
+def test_a_mix_of_dora_lora_and_ia3_on_one_layer_is_the_weighted_sum_of_their_peft_deltas(tmp_path):
+    """One biased linear layer under PEFT's DoRA, LoRA and IA3 (output scaling includes the bias, DoRA's rescaling
+    excludes it): the engine's layer with the mix {dora: 0.6, lora: -0.3, ia3: 0.5} adds exactly
+    0.6·Δdora − 0.3·Δlora + 0.5·Δia3, each Δ the PEFT layer's output minus the base's, on batch rows and packed."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    from hub_peft.serving.cache import _load_ia3, _load_lora
+    from hub_peft.serving.row_deltas import Group, Plan, PlanSlot, RowDeltas
+
+    class One(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 12)
+
+    torch.manual_seed(0)
+    base = One()
+    configs = {
+        "dora": LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], use_dora=True, init_lora_weights=False),
+        "lora": LoraConfig(r=2, lora_alpha=2, target_modules=["lin"], init_lora_weights=False),
+        "ia3": IA3Config(target_modules=["lin"], feedforward_modules=[], init_ia3_weights=False),
+    }
+    x = torch.randn(5, 16)
+    deltas, payloads = {}, {}
+    for name, config in configs.items():
+        model = get_peft_model(copy.deepcopy(base), config)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if "lora_magnitude" in key or "ia3_l" in key:
+                    p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+            deltas[name] = model.base_model.model.lin(x) - base.lin(x)
+        model.save_pretrained(tmp_path / name)
+        folder = tmp_path / name
+        loader = _load_ia3 if name == "ia3" else partial(_load_lora, base_weight=lambda _: base.lin.weight.detach())
+        payloads[name] = loader(folder, {"lin"})
+    weights = {"dora": 0.6, "lora": -0.3, "ia3": 0.5}
+    expected = base.lin(x) + sum(w * deltas[n] for n, w in weights.items())
+    slot = PlanSlot()
+    layer = RowDeltas(slot, "lin", base.lin)
+    for packed in (False, True):
+        group = Group(torch.arange(5), span=None)
+        group.loras = [(payloads["dora"], 0.6), (payloads["lora"], -0.3)]
+        group.ia3s = [(payloads["ia3"], 0.5)]
+        slot.current = Plan([group], packed=packed)
+        with torch.no_grad():
+            got = layer(x[None] if packed else x)
+        slot.current = None
+        torch.testing.assert_close(got.reshape(5, 12), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_weighted_lora_mix_is_the_exact_sum_of_deltas(engine, adapters):
@@ -298,13 +364,14 @@ def test_the_cache_is_keyed_by_the_resolved_commit_or_the_files(adapters, alice,
 
 
 def test_what_cannot_share_a_batch_runs_in_a_sub_batch_of_its_own(engine, adapters, tmp_path):
-    """DoRA, LoHa, prefix tuning...: attached the ordinary PEFT way for their own rows; the rest stays mixed."""
+    """LoHa, prefix tuning, a LoRA on the head...: attached the ordinary PEFT way for their own rows; the rest stays
+    mixed."""
     from peft import LoHaConfig, LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 
     from hub_peft.chat import encode_prompt, prompt_template
 
     folders = {
-        "dora": save_adapter(make_lora(4, 4, use_dora=True), tmp_path / "dora"),
+        "loha": save_adapter(get_peft_model(load_tiny(), LoHaConfig(target_modules=["k_proj"])), tmp_path / "loha"),
         "prefix": save_adapter(
             get_peft_model(load_tiny(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
             tmp_path / "prefix",
@@ -316,7 +383,7 @@ def test_what_cannot_share_a_batch_runs_in_a_sub_batch_of_its_own(engine, adapte
     }
     for name, folder in folders.items():
         assert engine.add(name, folder)["mixable"] is False
-    rows = ["dora", "lora", "prefix", None, "dora", "reft", "head"]  # two DoRA rows share their sub-batch
+    rows = ["loha", "lora", "prefix", None, "loha", "reft", "head"]  # two LoHa rows share their sub-batch
     prompts = [*PROMPTS, "c d"]
     streamed: dict[int, list[int]] = {}
 
@@ -340,10 +407,8 @@ def test_what_cannot_share_a_batch_runs_in_a_sub_batch_of_its_own(engine, adapte
         torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-4, msg=f"row {i} ({name})")
     after = engine.next_token_logits(PROMPTS[:2], ["lora", None])  # the base is back as it was
     torch.testing.assert_close(after[1], alone(None, PROMPTS[1])[1], rtol=1e-4, atol=1e-4)
-    with pytest.raises(InvalidInputError, match=r"uses DoRA.*cannot be part of a weighted mix"):
-        engine.generate(["a"], [{"dora": 0.5, "lora": 0.5}])
-    loha = save_adapter(get_peft_model(load_tiny(), LoHaConfig(target_modules=["k_proj"])), tmp_path / "loha")
-    assert engine.add("loha", loha)["mixable"] is False
+    with pytest.raises(InvalidInputError, match=r"LOHA.*cannot be part of a weighted mix"):
+        engine.generate(["a"], [{"loha": 0.5, "lora": 0.5}])
     with pytest.raises(InvalidInputError, match="2 prompts but 1 adapter"):
         engine.generate(["a", "b"], ["lora"])
     with pytest.raises(InvalidInputError, match="Mix weight"):

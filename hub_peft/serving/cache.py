@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,10 @@ DOWNLOAD_SLACK = 64 * 2**20  # a repo's files beyond the weights: card, tokenize
 
 @dataclass
 class LoraPayload:
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (Aᵀ [in, r], (scale·B)ᵀ [r, out])
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (Aᵀ [in, r], (g·scale·B)ᵀ [r, out])
+    # DoRA: module name -> g − 1, where g = magnitude / ‖W + scale·B A‖ per output (g is folded into B above);
+    # the layer adds (g − 1) ⊙ (W x) beside the LoRA product (see row_deltas.RowDeltas)
+    dora: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,8 +123,10 @@ class AdapterCache:
         module_names: Sequence[str] = (),
         max_adapter_bytes: int | None = None,
         attach: Callable[[Path, Any], Any] | None = None,
+        base_weight: Callable[[str], torch.Tensor] | None = None,
     ) -> None:
         self.memory_budget, self.targets, self.attach = memory_budget, targets, attach
+        self.base_weight = base_weight  # a target layer's W [out, in], float32: DoRA's norms are computed at load
         self.module_names = list(module_names)
         self.max_adapter_bytes = max(memory_budget, 64 * 2**20) if max_adapter_bytes is None else max_adapter_bytes
         self.prepare = prepare  # called with an adapter's config before it is added; raises to refuse it
@@ -311,7 +316,11 @@ class AdapterCache:
         elif cached.kind == "reft":
             payload = _load_reft(cached.folder)
         else:
-            payload = (_load_lora if cached.kind == "lora" else _load_ia3)(cached.folder, self.targets)
+            payload = (
+                _load_lora(cached.folder, self.targets, self.base_weight)
+                if cached.kind == "lora"
+                else _load_ia3(cached.folder, self.targets)
+            )
         with self._lock:
             if cached.payload is None:
                 cached.payload, cached.nbytes = payload, _payload_bytes(payload)
@@ -357,8 +366,6 @@ def _kind_of(config: dict, source: Any) -> tuple[str, str | None]:
     elif peft_type != "LORA":
         blockers.append(f"its type is {peft_type}")
     else:
-        if config.get("use_dora"):
-            blockers.append("it uses DoRA (the magnitude vector rescales the whole merged weight)")
         if config.get("rank_pattern") or config.get("alpha_pattern"):
             blockers.append("it has per-module rank/alpha patterns")
         if config.get("target_parameters"):
@@ -393,7 +400,11 @@ def _adapts_outside_blocks(targets: Any) -> bool:
     return any(str(t).rsplit(".", 1)[-1] in outside for t in targets or [])
 
 
-def _load_lora(folder: Path, targets: set[str]) -> LoraPayload:
+def _load_lora(
+    folder: Path, targets: set[str], base_weight: Callable[[str], torch.Tensor] | None = None
+) -> LoraPayload:
+    """A LoRA's per-layer ``(Aᵀ, (scale·B)ᵀ)``; for DoRA also ``g − 1`` per layer, ``g`` from the base's weight
+    (``base_weight(module)``: ``W`` [out, in] in float32, dequantized) as PEFT computes it."""
     from safetensors.torch import load_file
 
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -404,19 +415,29 @@ def _load_lora(folder: Path, targets: set[str]) -> LoraPayload:
     for key, tensor in tensors.items():
         stem, _, part = key.rpartition(".lora_")
         part = part.removesuffix(".weight")
-        if part not in ("A", "B"):
+        if part not in ("A", "B", "magnitude_vector"):
             raise IncompatibleAdapterError(f"{folder}: unexpected tensor {key} in a LoRA adapter.")
         module = stem.removeprefix("base_model.model.")
         pairs.setdefault(module, {})[part] = tensor.float()
-    weights = {}
+    dora = bool(config.get("use_dora"))
+    weights, scales = {}, {}
     for module, ab in pairs.items():
-        if module not in targets or set(ab) != {"A", "B"}:
+        if module not in targets or set(ab) != ({"A", "B", "magnitude_vector"} if dora else {"A", "B"}):
             raise IncompatibleAdapterError(
                 f"{folder}: {module} is not a linear layer of this base model's decoder blocks (per-row batches "
-                "apply LoRA there only)."
+                "apply LoRA there only)" + (", or lacks its DoRA magnitude vector." if dora else ".")
             )
-        weights[module] = (ab["A"].T.contiguous(), (ab["B"] * scale).T.contiguous())
-    return LoraPayload(weights)
+        A, B = ab["A"], ab["B"] * scale
+        if dora:
+            if base_weight is None:
+                raise IncompatibleAdapterError(f"{folder}: a DoRA adapter needs the base's weights to load.")
+            W = base_weight(module)
+            if W.shape != (B.shape[0], A.shape[1]) or ab["magnitude_vector"].shape != (B.shape[0],):
+                raise IncompatibleAdapterError(f"{folder}: the DoRA tensors of {module} do not match its shape.")
+            g = ab["magnitude_vector"] / torch.linalg.norm(W + B @ A, dim=1)
+            scales[module], B = g - 1, B * g[:, None]
+        weights[module] = (A.T.contiguous(), B.T.contiguous())
+    return LoraPayload(weights, scales)
 
 
 def _load_ia3(folder: Path, targets: set[str]) -> Ia3Payload:
@@ -459,7 +480,9 @@ def _payload_bytes(payload: Payload) -> int:
     if isinstance(payload, SoloPayload):
         return payload.nbytes
     if isinstance(payload, LoraPayload):
-        return sum(a.nbytes + b.nbytes for a, b in payload.weights.values())
+        return sum(a.nbytes + b.nbytes for a, b in payload.weights.values()) + sum(
+            g.nbytes for g in payload.dora.values()
+        )
     if isinstance(payload, Ia3Payload):
         return sum(s.nbytes for s, _ in payload.scales.values())
     return sum(p.nbytes for site in payload.sites.values() for _, m in site for p in m.parameters())

@@ -133,6 +133,7 @@ class Engine(StaticGeneration):
             prepare=self._prepare_adapter,
             module_names=module_names,
             attach=self._attach_solo,
+            base_weight=self._base_weight,
         )
         find_decoder(self.core).register_forward_pre_hook(self._count_forward)
 
@@ -175,6 +176,17 @@ class Engine(StaticGeneration):
         swap = {id(wrapper): wrapper.base_layer for _, _, wrapper in self._wrapped}
         model = solo.attach(self.model, folder, config, swap=swap, lock=self._lock)
         return model, solo.own_bytes(model, self.model)
+
+    def _base_weight(self, name: str) -> torch.Tensor:
+        """The weight ``W`` [out, in] of the wrapped layer ``name``, dequantized to float32 (DoRA's column norms)."""
+        from peft.utils.integrations import dequantize_module_weight
+        from transformers.pytorch_utils import Conv1D
+
+        layer = self.core.get_submodule(name)
+        layer = getattr(layer, "base_layer", layer)
+        with torch.no_grad():
+            weight = dequantize_module_weight(layer).float()
+        return weight.T if isinstance(layer, Conv1D) else weight
 
     def _prepare_adapter(self, config: dict) -> None:
         """Before an adapter is added: hook the components its ReFT interventions edit (once per component;

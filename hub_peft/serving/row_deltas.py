@@ -166,8 +166,16 @@ class Plan:
 
     @functools.cached_property
     def own_work(self) -> list[Group]:
-        """The groups a layer handles one by one (IA3, a prompt chunk's LoRA); the rest are in the LoRA packs."""
-        return [g for g in self.groups if g.ia3s or (g.span is not None and g.loras)]
+        """The groups a layer handles one by one (IA3, DoRA's rescaling, a prompt chunk's LoRA); the rest are in
+        the LoRA packs."""
+        return [
+            g for g in self.groups if g.ia3s or (g.span is not None and g.loras) or any(lo.dora for lo, _ in g.loras)
+        ]
+
+    @functools.cached_property
+    def dora_layers(self) -> frozenset[str]:
+        """The layers some DoRA of this plan rescales: their LoRA products run after the base's, never inside it."""
+        return frozenset(n for g in self.groups for lora, _ in g.loras for n in lora.dora)
 
     def lora_pack(self, name: str) -> LoraPack | None:
         if name not in self.packs:  # built at the first forward, reused by every later one with this plan
@@ -179,9 +187,11 @@ class RowDeltas(nn.Module):
     """A linear layer of the base plus the weight-space deltas of each row group of the current batch.
 
     For rows ``x`` of one group and its adapters ``i`` with weights ``wᵢ``: LoRA adds
-    ``Σ wᵢ·sᵢ·Bᵢ(Aᵢ x)``; IA3 adds ``(Σ wᵢ(lᵢ − 1)) ⊙ W x`` (output scaling) or
-    ``W(x ⊙ Σ wᵢ(lᵢ − 1))`` (feed-forward input scaling). Each term is the adapter's exact change of this
-    layer's output, so a mix is the weighted sum of the adapters' deltas.
+    ``Σ wᵢ·sᵢ·Bᵢ(Aᵢ x)``; IA3 adds ``(Σ wᵢ(lᵢ − 1)) ⊙ (W x + b)`` (output scaling) or
+    ``W(x ⊙ Σ wᵢ(lᵢ − 1))`` (feed-forward input scaling); DoRA adds ``wᵢ·((gᵢ − 1) ⊙ W x + gᵢ ⊙ sᵢ·Bᵢ(Aᵢ x))``
+    with ``gᵢ = mᵢ / ‖W + sᵢ·Bᵢ Aᵢ‖`` (its LoRA product, ``gᵢ`` folded into ``Bᵢ``, plus a rescaling of the base
+    output). Each term is the adapter's exact change of this layer's output, computed from the base output alone,
+    so a mix is the weighted sum of the adapters' deltas.
     """
 
     def __init__(self, plans: PlanSlot, name: str, base_layer: nn.Module, fused: Fused | None = None) -> None:
@@ -207,7 +217,8 @@ class RowDeltas(nn.Module):
         if fused is not None and fused.takes(x):
             tokens = x.numel() // x.shape[-1]
             rows = tokens if plan is not None and plan.packed else x.shape[0]
-            inside = _kernel_loras(pack, rows, tokens) if pack is not None else None
+            rescaled = plan is not None and self.name in plan.dora_layers  # DoRA needs the base output alone
+            inside = _kernel_loras(pack, rows, tokens) if pack is not None and not rescaled else None
             out = fused(x, inside)
             if inside is not None:
                 pack = None  # its delta is in out already
@@ -226,6 +237,7 @@ class RowDeltas(nn.Module):
         # rows of the plan's groups: packed tokens ([1, tokens, in] seen as [tokens, 1, in]) or batch rows
         shape = (-1, 1) if plan.packed else (x.shape[0], -1)
         xs, outs = x.reshape(*shape, x.shape[-1]), out.view(*shape, out.shape[-1])  # a view: writing outs writes out
+        rescaling = self._rescaling(plan, outs)  # from the base output, before any LoRA product is added to it
         if pack is not None:
             slots, fan_in = pack.A.shape[:2]
             # NOTE(perf): one slot over every row (a single chat, or all requests on one adapter) needs no gather
@@ -252,23 +264,31 @@ class RowDeltas(nn.Module):
                         A, B = lora.weights[self.name]
                         delta = (chunk @ A) @ B
                         outs[start:end, 0] += (delta if w == 1 else w * delta).to(out.dtype)
-            scales = [(ia3.scales[self.name], w) for ia3, w in group.ia3s if self.name in ia3.scales]
-            if not scales:
+            parts = _ia3_scales(group, self.name, feed_forward=True)
+            if parts:  # feed-forward IA3: the layer again on the rescaled input
+                rows, s = xs[group.rows], torch.stack(parts).sum(0)
+                bias = getattr(self.base_layer, "bias", None)
+                scaled = self.base_layer((rows * s.to(rows.dtype)).to(rows.dtype))
+                outs[group.rows] += (scaled if bias is None else scaled - bias).to(out.dtype)
+        for rows, delta in rescaling:
+            outs[rows] += delta.to(out.dtype)
+        return out
+
+    def _rescaling(self, plan: Plan, outs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each group's change of this layer that scales its base output: IA3's ``(Σ wᵢ(lᵢ − 1)) ⊙ (W x + b)``
+        and DoRA's ``(Σ wᵢ(gᵢ − 1)) ⊙ W x``, as ``(rows, delta)`` to add once the LoRA products are in."""
+        out = []
+        bias = getattr(self.base_layer, "bias", None)
+        for group in plan.own_work:
+            ia3 = _ia3_scales(group, self.name, feed_forward=False)
+            dora = [w * lora.dora[self.name] for lora, w in group.loras if self.name in lora.dora]
+            if not ia3 and not dora:
                 continue
-            rows = xs[group.rows]
-            delta = torch.zeros(outs[group.rows].shape, dtype=torch.float32)
-            for feed_forward in (False, True):
-                parts = [w * s for (s, ff), w in scales if ff == feed_forward]
-                if not parts:
-                    continue
-                s = torch.stack(parts).sum(0)
-                if feed_forward:
-                    bias = getattr(self.base_layer, "bias", None)
-                    scaled = self.base_layer((rows * s.to(rows.dtype)).to(rows.dtype))
-                    delta += (scaled if bias is None else scaled - bias).float()
-                else:
-                    delta += outs[group.rows].float() * s
-            outs[group.rows] += delta.to(out.dtype)
+            base = outs[group.rows].float()
+            delta = base * torch.stack(ia3).sum(0) if ia3 else torch.zeros_like(base)
+            if dora:
+                delta += (base if bias is None else base - bias.float()) * torch.stack(dora).sum(0)
+            out.append((group.rows, delta))
         return out
 
     def kernel_loras(self, rows: int) -> tuple[bool, KernelLoras | None]:
@@ -282,6 +302,11 @@ class RowDeltas(nn.Module):
         pack = plan.lora_pack(self.name)
         loras = None if plan.own_work or pack is None else _kernel_loras(pack, rows, rows)
         return loras is not None, loras
+
+
+def _ia3_scales(group: Group, name: str, *, feed_forward: bool) -> list[torch.Tensor]:
+    """``wᵢ(lᵢ − 1)`` of the group's IA3 adapters on layer ``name`` that scale its input (feed-forward) or output."""
+    return [w * ia3.scales[name][0] for ia3, w in group.ia3s if ia3.scales.get(name, (None, None))[1] is feed_forward]
 
 
 def _kernel_loras(pack: LoraPack, rows: int, tokens: int) -> KernelLoras | None:

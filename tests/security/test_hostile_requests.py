@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_engine import PROMPTS, adapters, make_lora  # noqa: F401 - module fixture
+from test_engine import PROMPTS, adapters, make_loha, make_lora  # noqa: F401 - module fixture
 from test_peft_methods import load_tiny, tiny_base_repo, tiny_tokenizer  # noqa: F401
 from test_server import BASE, chat, reference, serving
 
@@ -265,7 +265,7 @@ def test_a_request_body_that_is_not_utf8_or_has_nul_gets_a_400(engine):
 def test_a_solo_adapter_is_attached_once_off_the_step_loop_and_a_slow_attach_blocks_no_one(
     engine, alice, tmp_path, monkeypatch
 ):
-    """DoRA (a solo adapter) is attached by PEFT when it is loaded, on a load thread, and again after an
+    """LoHa (a solo adapter) is attached by PEFT when it is loaded, on a load thread, and again after an
     eviction on the thread that submits the request, never on the scheduler's; meanwhile the shared base is
     never touched, and a LoRA request beside a slow attach answers at once."""
     from peft import PeftModel
@@ -273,13 +273,13 @@ def test_a_solo_adapter_is_attached_once_off_the_step_loop_and_a_slow_attach_blo
     from hub_peft.chat import encode_prompt, prompt_template
     from hub_peft.serving import solo
 
-    folder = save_adapter(make_lora(5, 4, use_dora=True), tmp_path / "dora")
-    push_adapter(folder, "alice/served-dora", token=alice)
+    folder = save_adapter(make_loha(5), tmp_path / "loha")
+    push_adapter(folder, "alice/served-loha", token=alice)
     real_attach, threads, release = solo.attach, [], threading.Event()
 
     def slow_attach(*args, **kwargs):
         threads.append(threading.current_thread().name)
-        release.wait(30)  # DoRA's norms of a large base, say
+        release.wait(30)  # a large adapter's attach, say
         return real_attach(*args, **kwargs)
 
     monkeypatch.setattr(solo, "attach", slow_attach)
@@ -291,10 +291,10 @@ def test_a_solo_adapter_is_attached_once_off_the_step_loop_and_a_slow_attach_blo
         tokens = peft.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=2
         )[0, ids.shape[1] :]
-    dora_answer = tiny_tokenizer().decode(tokens, skip_special_tokens=True).strip()
-    assert dora_answer != expected(engine, "a", None)  # the adapter changes the answer
+    loha_answer = tiny_tokenizer().decode(tokens, skip_special_tokens=True).strip()
+    assert loha_answer != expected(engine, "a", None)  # the adapter changes the answer
     with serving(engine, allow_hub_pattern="alice/served-*") as client, ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(chat, client, "alice/served-dora", "a")
+        slow = pool.submit(chat, client, "alice/served-loha", "a")
         deadline = time.monotonic() + 30
         while not threads:
             assert time.monotonic() < deadline, "the adapter was never attached on its load"
@@ -304,33 +304,33 @@ def test_a_solo_adapter_is_attached_once_off_the_step_loop_and_a_slow_attach_blo
         assert time.monotonic() - start < 2.5 and client.get("/health").status_code == 200
         assert good.json()["choices"][0]["message"]["content"].strip() == want
         release.set()
-        assert slow.result().json()["choices"][0]["message"]["content"].strip() == dora_answer
-        info = engine.cache.info("alice/served-dora")
+        assert slow.result().json()["choices"][0]["message"]["content"].strip() == loha_answer
+        info = engine.cache.info("alice/served-loha")
         assert info["resident"] and info["bytes"] == sum(t.nbytes for t in load_file(folder / WEIGHTS_NAME).values())
         budget, engine.cache.memory_budget = engine.cache.memory_budget, 0  # evicted as soon as no request holds it
         try:
             engine.cache.evict()
-            assert not engine.cache.info("alice/served-dora")["resident"]
-            again = chat(client, "alice/served-dora", "a")  # re-attached by the request's submission
-            assert again.json()["choices"][0]["message"]["content"].strip() == dora_answer
-            assert not engine.cache.info("alice/served-dora")["resident"]  # released once it ended
+            assert not engine.cache.info("alice/served-loha")["resident"]
+            again = chat(client, "alice/served-loha", "a")  # re-attached by the request's submission
+            assert again.json()["choices"][0]["message"]["content"].strip() == loha_answer
+            assert not engine.cache.info("alice/served-loha")["resident"]  # released once it ended
         finally:
             engine.cache.memory_budget = budget
     assert len(threads) == 2 and "hub-peft-scheduler" not in threads, threads
     assert [(n, id(m)) for n, m in engine.model.named_modules()] == modules_before  # the base was never touched
-    engine.remove("alice/served-dora")
+    engine.remove("alice/served-loha")
 
 
 def test_a_reserved_adapter_stays_resident_until_its_request_ends(engine, tmp_path):
-    folder = save_adapter(make_lora(6, 4, use_dora=True), tmp_path / "dora")
-    engine.add("dora", folder)
+    folder = save_adapter(make_loha(6), tmp_path / "loha")
+    engine.add("loha", folder)
     budget, engine.cache.memory_budget = engine.cache.memory_budget, 0
     try:
-        reserved = engine.cache.reserve((("dora", 1.0),))
+        reserved = engine.cache.reserve((("loha", 1.0),))
         engine.cache.evict()
-        assert engine.cache.info("dora")["resident"]
+        assert engine.cache.info("loha")["resident"]
         engine.cache.unreserve(reserved)
-        assert not engine.cache.info("dora")["resident"] and engine.cache.info("lora")["resident"]  # pinned stays
+        assert not engine.cache.info("loha")["resident"] and engine.cache.info("lora")["resident"]  # pinned stays
     finally:
         engine.cache.memory_budget = budget
-        engine.remove("dora")
+        engine.remove("loha")
