@@ -16,8 +16,13 @@ converters (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``): the base be
 hub-peft serve runs. Nothing here downloads weights: the base is the embedded SmolLM2-135M-Instruct (converted once
 to safetensors), fp32, or NF4 with ``--4bit`` for hub_peft (vLLM cannot run bitsandbytes 4-bit on a CPU).
 
+Before the peers, hub-peft's own features (``--section features`` runs only these): TTFT with the prefix cache on
+and off, on requests that share an app's system prompt, and the throughput cost of structured output (JSON-schema
+answers against free ones, and the share of the wall time the token masks took).
+
 Run: .venv/bin/python benchmarks/online.py [--requests 64] [--rates 0.5,2,inf] [--adapters 16]
      [--vllm-python /path/to/vllm-venv/bin/python] [--llama-cpp DIR --convert-python PY] [--4bit]
+     [--section all|peers|features]
 """
 
 from __future__ import annotations
@@ -67,16 +72,18 @@ async def run_client(url: str, jobs: list[dict], extra=None) -> dict:
     async def one(client, job):
         await asyncio.sleep(max(0.0, job["at"] - (time.perf_counter() - start)))
         sent = time.perf_counter()
+        system = [{"role": "system", "content": job["system"]}] if job.get("system") else []
         body = {
             "model": job["model"],
-            "messages": [{"role": "user", "content": job["prompt"]}],
+            "messages": [*system, {"role": "user", "content": job["prompt"]}],
+            **job.get("body", {}),
             "max_tokens": job["max_tokens"],
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
             **(extra(job) if extra else {}),
         }
-        text, first, tokens, prompt_tokens = "", None, 0, 0
+        text, first, tokens, prompt_tokens, cached, finish = "", None, 0, 0, 0, None
         try:
             async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
@@ -87,7 +94,9 @@ async def run_client(url: str, jobs: list[dict], extra=None) -> dict:
                     chunk = json.loads(line[6:])
                     if chunk.get("usage"):
                         tokens, prompt_tokens = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
+                        cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                     for choice in chunk.get("choices", []):
+                        finish = choice.get("finish_reason") or finish
                         piece = choice.get("delta", {}).get("content") or ""
                         if piece and first is None:
                             first = time.perf_counter() - sent
@@ -101,6 +110,8 @@ async def run_client(url: str, jobs: list[dict], extra=None) -> dict:
             "latency": time.perf_counter() - sent,
             "tokens": tokens,
             "prompt_tokens": prompt_tokens,
+            "cached_tokens": cached,
+            "finish": finish,
         }
 
     start = time.perf_counter()
@@ -174,6 +185,12 @@ def main() -> None:
     parser.add_argument(
         "--4bit", dest="four_bit", action="store_true", help="hub_peft NF4, llama.cpp Q4_1 (vLLM fp32)."
     )
+    parser.add_argument(
+        "--section",
+        choices=["all", "peers", "features"],
+        default="all",
+        help="peers: the side-by-side run; features: hub-peft's prefix caching and structured output costs.",
+    )
     args = parser.parse_args()
 
     import torch
@@ -187,8 +204,13 @@ def main() -> None:
     base, _ = load_base_model(None)
     folders = make_adapters(base, root, args.adapters)
     del base
+    if args.section in ("all", "features"):
+        features(args, folders, root)
+    if args.section == "features":
+        shutil.rmtree(root, ignore_errors=True)
+        return
     print(
-        f"{args.requests} streaming chat requests over {args.adapters} rank-8 LoRAs (all linear layers), "
+        f"\n{args.requests} streaming chat requests over {args.adapters} rank-8 LoRAs (all linear layers), "
         f"max_tokens 8-64, greedy; base {BASE_NAME} fp32" + (" (hub_peft on NF4)" if args.four_bit else "")
     )
     rates = [float(r) for r in args.rates.split(",")]
@@ -249,6 +271,127 @@ def main() -> None:
     if "llama.cpp" in servers:
         llama_cpp_verdicts(results, rates, args.requests)
     shutil.rmtree(root, ignore_errors=True)
+
+
+# an app's instructions, the same at the start of every request (what prefix caching is for): ~420 tokens
+SYSTEM = "You are the support assistant of a bicycle shop. " + " ".join(
+    f"Rule {i}: answer in at most three sentences, be polite, never promise a delivery date, and mention the "
+    f"warranty when the question is about part number {1000 + i}."
+    for i in range(12)
+)
+SUMMARY = {
+    "type": "object",
+    "properties": {
+        "topic": {"type": "string", "maxLength": 40},
+        "summary": {"type": "string", "maxLength": 160},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 4},
+    },
+    "required": ["topic", "summary", "tags"],
+    "additionalProperties": False,
+}
+
+
+def features(args, folders: list[Path], root: Path) -> None:
+    """hub-peft serve only: TTFT with the prefix cache on and off (servers alternated, two rounds each), and the
+    throughput cost of structured output (free and JSON-schema runs alternated on one server)."""
+    import httpx
+    import jsonschema
+
+    from hub_peft.hub.process import free_port
+
+    n, rate = min(args.requests, 24), 0.5
+    rng = random.Random(1)
+    jobs = []
+    for i in range(n):  # a light Poisson load over 4 adapters: TTFT is the prefill's, not the queue's
+        jobs.append({"at": 0.0, "model": f"lora{i % 4:02d}", "system": SYSTEM, "prompt": PROMPTS[i % len(PROMPTS)]})
+        jobs[-1]["max_tokens"] = 8
+    at = 0.0
+    for job in jobs:
+        job["at"], at = at, at + rng.expovariate(rate)
+    print(
+        f"\nprefix caching: {n} streaming chat requests at {rate:g} req/s over 4 LoRAs, each with the same "
+        f"{len(SYSTEM)}-character system prompt; the default --prefix-cache-mb against 0, servers alternated, "
+        "2 rounds each"
+    )
+    ttft: dict[str, list[float]] = {"on": [], "off": []}
+    cached: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(2):
+        for name, flags in (("on", []), ("off", ["--prefix-cache-mb", "0"])):
+            command, env, _ = hub_peft_command(args, folders)
+            port = free_port()
+            process = serve([*command, *flags, "--port", str(port)], port, {**os.environ, **env}, root / "prefix.log")
+            try:
+                url = f"http://127.0.0.1:{port}"
+                asyncio.run(run_client(url, workload(4, 4, float("inf"))))  # warm-up (no shared prefix)
+                out = asyncio.run(run_client(url, jobs))
+            finally:
+                stop(process)
+            ok = [r for r in out["results"] if r["ok"]]
+            ttft[name] += [r["ttft"] for r in ok]
+            cached[name].append(sum(r["cached_tokens"] for r in ok) / max(1, sum(r["prompt_tokens"] for r in ok)))
+    for name in ("on", "off"):
+        print(
+            f"  prefix cache {name:<3}: TTFT p50 {statistics.median(ttft[name]) * 1e3:6.0f} ms, p90 "
+            f"{sorted(ttft[name])[int(0.9 * len(ttft[name]))] * 1e3:6.0f} ms; prompt tokens read from the cache "
+            f"{statistics.mean(cached[name]):.0%}"
+        )
+    print(
+        f"  TTFT p50 with the cache: {statistics.median(ttft['on']) / statistics.median(ttft['off']):.2f}x of without"
+    )
+
+    structured = {"response_format": {"type": "json_schema", "json_schema": {"name": "summary", "schema": SUMMARY}}}
+    topics = ["bicycles", "rain", "tea", "chess", "volcanoes", "jazz", "bridges", "owls"]
+    burst = [
+        {"at": 0.0, "model": f"lora{i % 4:02d}", "max_tokens": 64, "prompt": f"Summarize what you know about {t}."}
+        for i, t in enumerate(topics * 4)
+    ]
+    print(f"\nstructured output: {len(burst)} requests at once over 4 LoRAs, max_tokens 64; free and JSON-schema runs")
+    print("  alternated on one server, 2 rounds each")
+    command, env, _ = hub_peft_command(args, folders)
+    port = free_port()
+    process = serve([*command, "--port", str(port)], port, {**os.environ, **env}, root / "structured.log")
+    runs: dict[str, list[dict]] = {"free": [], "json": []}
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(run_client(url, [{**job, "body": structured} for job in burst[:4]]))  # warm-up, compiles it
+        for _ in range(2):
+            for name in ("free", "json"):
+                before = _metric(httpx.get(f"{url}/metrics").text, "hub_peft:structured_output_mask_seconds_total")
+                out = asyncio.run(
+                    run_client(url, [{**job, "body": structured} if name == "json" else job for job in burst])
+                )
+                after = _metric(httpx.get(f"{url}/metrics").text, "hub_peft:structured_output_mask_seconds_total")
+                runs[name].append({**out, "mask_seconds": after - before})
+    finally:
+        stop(process)
+    for name, outs in runs.items():
+        results = [r for out in outs for r in out["results"] if r["ok"]]
+        tokens = sum(r["tokens"] for r in results)
+        wall = sum(out["wall"] for out in outs)
+        line = f"  {name:<5}: {tokens / wall:6.1f} tok/s, {tokens / len(results):5.1f} tokens per answer"
+        if name == "json":
+            stopped = [r for r in results if r["finish"] == "stop"]
+            valid = 0
+            for r in stopped:
+                try:
+                    jsonschema.validate(json.loads(r["text"]), SUMMARY)
+                    valid += 1
+                except (ValueError, jsonschema.ValidationError):
+                    pass
+            share = sum(out["mask_seconds"] for out in outs) / wall
+            line += (
+                f"; {valid}/{len(stopped)} finished answers valid ({len(results) - len(stopped)} cut by max_tokens); "
+                f"masks {share:.1%} of the wall time"
+            )
+        print(line)
+    free, constrained = (
+        sum(sum(r["tokens"] for r in o["results"] if r["ok"]) / o["wall"] for o in runs[k]) for k in runs
+    )
+    print(f"  structured throughput: {constrained / free:.2f}x of free")
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def gemm_peak() -> float:

@@ -221,7 +221,7 @@ def test_langchain_with_structured_output_and_tools(server):
     jsonschema.validate(forced.tool_calls[0]["args"], WEATHER["function"]["parameters"])
 
 
-def test_completions_echo_the_prompt_whole_and_streamed(sdk):
+def test_completions_echo_the_prompt_and_take_structured_output(sdk):
     whole = sdk.completions.create(model="json-lora", prompt="Once upon", max_tokens=5, temperature=0, echo=True)
     plain = sdk.completions.create(model="json-lora", prompt="Once upon", max_tokens=5, temperature=0)
     assert whole.choices[0].text == "Once upon" + plain.choices[0].text
@@ -231,6 +231,15 @@ def test_completions_echo_the_prompt_whole_and_streamed(sdk):
     assert "".join(c.choices[0].text for c in stream if c.choices) == whole.choices[0].text
     with pytest.raises(openai.BadRequestError, match="echo"):
         sdk.completions.create(model="json-lora", prompt="x", max_tokens=2, echo=True, logprobs=1)
+    held = sdk.completions.create(
+        model="json-lora",
+        prompt="Is it?",
+        max_tokens=5,
+        temperature=1.0,
+        seed=3,
+        extra_body={"structured_outputs": {"regex": "(yes|no), [0-9]"}},
+    )
+    assert held.choices[0].text in {f"{a}, {d}" for a in ("yes", "no") for d in range(10)}
 
 
 def reference_embedding(text: str, smol_base, adapter=None) -> torch.Tensor:  # noqa: F811

@@ -4,7 +4,9 @@ cache), its scheduler, and an OpenAI-compatible server.
 - :mod:`.request`: the value types (requests, specs, generations, completions);
 - :mod:`.engine`: the model step (:mod:`.row_deltas`: the per-row adapter maths; :mod:`.static` and :mod:`.solo`:
   adapters that cannot share a forward); :mod:`.kv_cache`: slots and ragged attention; :mod:`.cache`: adapters;
-- :mod:`.sampling`: sampling parameters and the batch-invariant sampler; :mod:`.scheduler`: admission, steps,
+- :mod:`.sampling`: sampling parameters and the batch-invariant sampler; :mod:`.structured`: answers held to a
+  JSON schema, regex or grammar; :mod:`.tools`: tools in the chat template, calls out of the answer;
+  :mod:`.scheduler`: admission, steps,
   stop strings, cancellation; :mod:`.offline`: ``MultiAdapterModel``, the engine with offline helpers over the
   scheduler; :mod:`.openai`: the OpenAI-compatible server.
 """
@@ -19,11 +21,13 @@ _LAZY = {
     "MultiAdapterModel": "offline",
     **dict.fromkeys(["AdapterSpec", "Completion", "Prompt"], "request"),
     "SamplingParams": "sampling",
+    "Constraint": "structured",
     **dict.fromkeys(["ServerSettings", "create_app"], "openai"),
 }
 __all__ = [
     "AdapterSpec",
     "Completion",
+    "Constraint",
     "MultiAdapterModel",
     "Prompt",
     "SamplingParams",
@@ -37,3 +41,4 @@ if TYPE_CHECKING:
     from .openai import ServerSettings, create_app
     from .request import AdapterSpec, Completion, Prompt
     from .sampling import SamplingParams
+    from .structured import Constraint

@@ -93,7 +93,7 @@ class Engine(StaticGeneration):
         packed_head: bool | None = None,
         fused: bool = True,
         lean_decode: bool = True,
-        prefix_cache_bytes: int = 64 * 2**20,
+        prefix_cache_bytes: int = 256 * 2**20,
         head_bits: int | None = None,
     ) -> None:
         from ..base_model import load_base_model

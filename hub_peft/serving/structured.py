@@ -7,9 +7,9 @@ and the sampler drops the tokens a row's mask forbids before it draws (:func:`~.
 and free rows, any adapter, share one forward, and a row's mask depends on its own tokens only, so seeded sampling
 stays batch-invariant.
 
-NOTE(grammar-engine): llguidance, not xgrammar: on this workload it compiles a schema about 10x faster and
-installs in 7 MB against xgrammar's 1 GB (it requires triton); xgrammar's masks are faster per token, but either
-costs well under 1% of a decode step (``benchmarks/grammar.py``, figures in ``benchmarks/README.md``).
+NOTE(grammar-engine): llguidance, not xgrammar: it compiles a new schema several times faster and installs without
+triton; xgrammar's masks are faster per token, but a mask is a small share of a decode step either way
+(``benchmarks/grammar.py`` and ``benchmarks/online.py``; figures in ``benchmarks/README.md``).
 
 NOTE(security): schemas and grammars come from strangers. Compiling runs on the submitting thread, never in the
 step loop, bounded by llguidance's parser limits (lexer states, grammar size, fuel per step), by
@@ -35,7 +35,7 @@ from ..errors import ConstraintError, GenerationError, InvalidInputError
 MAX_SOURCE_CHARS = 64 * 1024  # a schema, regex or grammar longer than this is refused
 MAX_CHOICES = 256
 CACHE_SIZE = 128  # compiled grammars kept for later requests
-MAX_MASK_MS = 10.0  # a constraint whose first token mask takes longer is refused (a JSON schema's takes ~0.1 ms)
+MAX_MASK_MS = 10.0  # a constraint whose first token mask takes longer is refused (JSON schemas take far less)
 # NOTE(json-format): compact JSON as json.dumps writes it (", " and ": "), no free whitespace: a small model
 # cannot pad an answer with newlines until max_tokens, and answers compare equal across engines.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -124,6 +124,7 @@ class GrammarCompiler:
         self._compiled: OrderedDict[Constraint, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.compiles = 0  # constraints compiled (cache misses)
+        self.mask_seconds = 0.0  # time the steps spent computing masks (the structured-output cost per step)
         warm = llguidance.LLMatcher(self._tokenizer, llguidance.LLMatcher.grammar_from_regex("warm"), log_level=0)
         self.masks([warm])  # the executor's threads start here, not in a step
 
@@ -168,11 +169,14 @@ class GrammarCompiler:
         """The allowed next tokens of each matcher, ``[len(matchers), vocab_size]`` booleans (one parallel call)."""
         from llguidance.torch import fill_next_token_bitmask_par
 
+        started = time.perf_counter()
         words = (self.vocab_size + 31) // 32
         bits = torch.zeros((len(matchers), words), dtype=torch.int32)
         fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], bits)
         unpacked = (bits.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-        return unpacked.view(len(matchers), -1)[:, : self.vocab_size].bool()
+        allowed = unpacked.view(len(matchers), -1)[:, : self.vocab_size].bool()
+        self.mask_seconds += time.perf_counter() - started
+        return allowed
 
 
 def advance(matcher: Any, token: int) -> None:

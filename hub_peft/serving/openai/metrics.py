@@ -101,6 +101,17 @@ class _EngineCollector:
             "Bytes of resident adapter weights.",
             value=self.engine.cache.resident_bytes(),
         )
+        grammars = self.engine.__dict__.get("grammars")  # made at the first constrained request (never here)
+        yield CounterMetricFamily(
+            "hub_peft:structured_output_mask_seconds",
+            "Time the steps spent computing structured output's token masks.",
+            value=grammars.mask_seconds if grammars is not None else 0.0,
+        )
+        yield CounterMetricFamily(
+            "hub_peft:structured_output_compiles",
+            "Schemas and grammars compiled (the rest came from the cache).",
+            value=grammars.compiles if grammars is not None else 0,
+        )
         for name in ("hits", "misses", "evictions", "loads"):
             yield CounterMetricFamily(
                 f"hub_peft:adapter_cache_{name}", f"Adapter cache {name}.", value=self.engine.cache.stats[name]

@@ -8,10 +8,9 @@ load an adapter, submit a completion); the routes are thin functions that hand i
 ``stop``, seeded batch-invariant sampling, structured output, tools), ``/v1/embeddings``, ``/v1/models``,
 ``/metrics`` (Prometheus), ``/health``, and admin routes to load and unload adapters (hub_peft's
 ``/admin/adapters`` and vLLM's ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``), closed unless an admin
-token is configured. Requests run on the
-continuous-batching :class:`Scheduler` in one worker thread. Errors have OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field (named in ``param``), 401/403
-for admin auth, 404 for an unknown model (the message lists the known ones), 413 for a prompt over
+token is configured. Requests run on the continuous-batching :class:`Scheduler` in one worker thread.
+Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field (named in
+``param``), 401/403 for admin auth, 404 for an unknown model (the message lists the known ones), 413 for a prompt over
 ``max_prompt_tokens`` (``code: "context_length_exceeded"``) or a body over ``max_body_bytes``, 422 for an
 adapter that cannot load, 429 with ``Retry-After`` when the queue is full, 504 when a request runs past
 ``request_timeout`` or an adapter's download and checks past ``adapter_load_timeout``.
@@ -59,6 +58,7 @@ from ..offline import MultiAdapterModel
 from ..request import Request
 from ..sampling import Sampled
 from ..scheduler import Scheduler
+from ..structured import Constraint
 from .metrics import Metrics
 from .protocol import (
     AdapterLoad,
@@ -214,24 +214,31 @@ class OpenAIServer:
             )
         return prompt, max_tokens
 
-    async def complete(self, body: ChatCompletionRequest | CompletionRequest, http: HttpRequest, chat: bool):
-        try:
-            logprobs = body.wanted_logprobs() if isinstance(body, ChatCompletionRequest) else body.logprobs
-        except ValueError as e:
-            raise ApiError(400, str(e), "top_logprobs") from None
-        prompt, max_tokens = self.prompt_of(body, chat)
-        # the field a constraint's error names
+    @staticmethod
+    def structure_of(
+        body: ChatCompletionRequest | CompletionRequest,
+    ) -> tuple[Constraint | None, list[dict] | None, str]:
+        """What a request's answer must match, the tools shown to the model, and the field a constraint's error
+        names (a schema or grammar is compiled later, at submission, off the event loop)."""
         forced = isinstance(body, ChatCompletionRequest) and body.tool_choice not in (None, "none", "auto")
         field = "tool_choice" if forced else "structured_outputs" if body.structured_outputs else "response_format"
         try:
             constraint = body.constraint()
         except (ValueError, InvalidInputError) as e:
             raise ApiError(400, str(e), field) from None
-        tools = body.offered_tools() if isinstance(body, ChatCompletionRequest) else None
         if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
             raise ApiError(
                 400, "echo with logprobs (the prompt's logprobs) is not implemented; ask for one of them.", "echo"
             )
+        return constraint, body.offered_tools() if isinstance(body, ChatCompletionRequest) else None, field
+
+    async def complete(self, body: ChatCompletionRequest | CompletionRequest, http: HttpRequest, chat: bool):
+        try:
+            logprobs = body.wanted_logprobs() if isinstance(body, ChatCompletionRequest) else body.logprobs
+        except ValueError as e:
+            raise ApiError(400, str(e), "top_logprobs") from None
+        prompt, max_tokens = self.prompt_of(body, chat)
+        constraint, tools, field = self.structure_of(body)
         adapter, label = await self.resolve(body.model)
         try:
             params = body.sampling(max_tokens, logprobs)
