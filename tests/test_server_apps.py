@@ -20,7 +20,15 @@ import openai
 import pytest
 import torch
 from test_server import serving
-from test_structured import PERSON, TIME, WEATHER, load_smol_tiny, smol_adapters, smol_base  # noqa: F401
+from test_structured import (  # noqa: F401
+    LLAMA_LIKE,
+    PERSON,
+    TIME,
+    WEATHER,
+    load_smol_tiny,
+    smol_adapters,
+    smol_base,
+)
 
 from hub_peft.serving import MultiAdapterModel
 
@@ -171,6 +179,34 @@ def test_a_tool_conversation_continues_with_the_calls_and_results_in_its_history
     )
     with pytest.raises(openai.BadRequestError, match="not a JSON object"):
         sdk.chat.completions.create(model="tool-lora", messages=[messages[0], bad], max_tokens=2)
+
+
+def test_a_template_that_asks_for_json_calls_gets_them_parsed_and_forced(smol_base, smol_adapters):  # noqa: F811
+    model, tokenizer = load_smol_tiny(smol_base)
+    tokenizer.chat_template = LLAMA_LIKE  # Llama 3.1's way: a bare JSON object per call
+    engine = MultiAdapterModel((model, tokenizer))
+    engine.add("tool-lora", smol_adapters["tool-lora"])
+    with serving(engine) as client:
+        sdk = openai.OpenAI(base_url=str(client.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0)
+        for stream in (False, True):
+            response = sdk.chat.completions.create(
+                model="tool-lora",
+                messages=[{"role": "user", "content": "Time?"}],
+                tools=[WEATHER, TIME],
+                tool_choice="required",
+                temperature=0,
+                max_tokens=60,
+                stream=stream,
+            )
+            if stream:
+                content, calls, finish = streamed_calls(response)
+            else:
+                message = response.choices[0].message
+                content, finish = message.content, response.choices[0].finish_reason
+                calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls]
+            assert finish == "tool_calls" and not content and len(calls) == 1
+            schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+            jsonschema.validate(json.loads(calls[0]["arguments"]), schemas[calls[0]["name"]])
 
 
 def test_structured_output_errors_are_400s_that_name_the_field(server):

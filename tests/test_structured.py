@@ -17,7 +17,7 @@ import torch
 from hub_peft.errors import InvalidInputError
 from hub_peft.serving import MultiAdapterModel, SamplingParams
 from hub_peft.serving.structured import MAX_SOURCE_CHARS, Constraint
-from hub_peft.serving.tools import CallStream, forced_calls, hermes_messages, parse_calls, render
+from hub_peft.serving.tools import CallStream, call_format, forced_calls, hermes_messages, parse_calls, render
 
 PERSON = {
     "type": "object",
@@ -265,6 +265,48 @@ NATIVE = (
 )
 
 
+# a Llama-3.1-style template: it renders tools and asks for a bare JSON object per call
+LLAMA_LIKE = (
+    '{% if tools %}<|im_start|>system\nAnswer a call as {"name": ..., "parameters": ...}. Tools: '
+    "{% for t in tools %}{{ t | tojson }}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}'
+    "{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+)
+
+
+def test_the_call_format_follows_the_chat_template():
+    tokenizer = smol_tokenizer()
+    assert call_format(tokenizer) == "hermes"  # no tools in the template: Qwen2.5's Hermes rendering
+    tokenizer.chat_template = NATIVE
+    assert call_format(tokenizer) == "hermes"
+    tokenizer.chat_template = LLAMA_LIKE
+    assert call_format(tokenizer) == "json"
+    text = render(tokenizer, CONVERSATION, [WEATHER])
+    assert '{"name": "get_weather", "parameters": {"city": "Paris"}}' in text and "Tools: {" in text
+
+
+def test_json_calls_parse_whole_and_streamed():
+    names = {"get_weather", "get_time"}
+    answer = '{"name": "get_time", "parameters": {"zone": "UTC"}}'
+    content, calls = parse_calls(answer, names, "json")
+    assert content is None and [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("get_time", '{"zone": "UTC"}')
+    ]
+    assert parse_calls('{"answer": 42}', names, "json") == ('{"answer": 42}', [])
+    assert parse_calls("It is noon.", names, "json") == ("It is noon.", [])
+    for text, is_call in ((answer, True), ("It is noon in Paris.", False), ('{"answer": 42}', False)):
+        for size in (1, 3, 100):
+            stream, shown, got = CallStream(names, "json"), "", []
+            pieces = [text[i : i + size] for i in range(0, len(text), size)]
+            for k, piece in enumerate(pieces):
+                delta, new = stream.feed(piece, final=k == len(pieces) - 1)
+                if k == 0 and not text.startswith("{"):
+                    assert delta == piece  # plain text streams as it comes
+                shown, got = shown + delta, got + new
+            assert (len(got) == 1) is is_call and shown == ("" if is_call else text)
+
+
 def test_tools_and_calls_render_in_qwen_format_when_the_template_has_no_tools():
     tokenizer = smol_tokenizer()
     text = render(tokenizer, CONVERSATION, [WEATHER, TIME])
@@ -338,3 +380,11 @@ def test_forced_calls_are_valid_calls_of_the_named_function(engine):
             assert len(calls) == 1
     with pytest.raises(InvalidInputError, match="not among the tools"):
         forced_calls(tools, "nope")
+    json_form = engine.generate_tokens(
+        [[{"role": "user", "content": "call"}]],
+        params=[SamplingParams(max_tokens=60, temperature=1.0, seed=8)],
+        constraints=[forced_calls(tools, form="json")],
+    )[0]
+    content, calls = parse_calls(text_of(engine, json_form), set(schemas), "json")
+    assert json_form.finish_reason == "stop" and content is None and len(calls) == 1
+    jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), schemas[calls[0]["function"]["name"]])

@@ -1,21 +1,22 @@
 """Function calling: tools shown to the model through its chat template, calls read back out of its answer.
 
-Calls use the Hermes format that Qwen2.5/Qwen3, Hermes and many fine-tunes are trained on::
+Two call formats (:func:`call_format` picks the template's):
 
-    <tool_call>
-    {"name": "get_weather", "arguments": {"city": "Paris"}}
-    </tool_call>
+- ``"hermes"``, which Qwen2.5/Qwen3, Hermes and many fine-tunes are trained on, one block per call::
+
+      <tool_call>
+      {"name": "get_weather", "arguments": {"city": "Paris"}}
+      </tool_call>
+
+- ``"json"``, Llama 3.1/3.2's: the whole answer is one JSON object ``{"name": ..., "parameters": {...}}``.
 
 A chat template that takes ``tools`` renders them itself (``apply_chat_template(tools=...)``); one that does not
-(SmolLM2's) gets them the way Qwen2.5's template writes them: a ``<tools>`` block at the end of the system prompt,
-earlier calls as ``<tool_call>`` blocks in the assistant's turn, tool results as ``<tool_response>`` blocks in a
-user turn. :func:`forced_calls` is the grammar that makes the answer one call (or several) of the given functions,
-each ``arguments`` valid under that function's ``parameters`` schema (``tool_choice`` ``"required"`` or a named
-function); :func:`parse_calls` and :class:`CallStream` read calls out of a whole answer or a stream of text.
-
-NOTE(formats): only the Hermes format is parsed. A template that tells the model to answer with a bare JSON object
-(Llama 3.1's) still renders the tools, but its free ("auto") calls come back as text; forced calls are Hermes
-blocks whatever the template, so they always parse.
+(SmolLM2's) gets them the way Qwen2.5's template writes them, in the Hermes format: a ``<tools>`` block at the end
+of the system prompt, earlier calls as ``<tool_call>`` blocks in the assistant's turn, tool results as
+``<tool_response>`` blocks in a user turn. :func:`forced_calls` is the grammar that makes the answer calls of the
+given functions in the template's format, each's arguments valid under that function's ``parameters`` schema
+(``tool_choice`` ``"required"`` or a named function); :func:`parse_calls` and :class:`CallStream` read calls out
+of a whole answer or a stream of text.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import json
 import re
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import InvalidInputError
 from .structured import JSON_OPTIONS, Constraint
 
+Format = Literal["hermes", "json"]
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|\Z)", re.S)
 
@@ -56,6 +58,16 @@ def template_takes_tools(tokenizer: Any) -> bool:
     if isinstance(template, dict):
         template = template.get("tool_use") or template.get("default")
     return isinstance(template, str) and "tools" in template
+
+
+def call_format(tokenizer: Any) -> Format:
+    """The call format the tokenizer's chat template teaches: ``"json"`` for a template that renders tools without
+    Hermes blocks (Llama 3.1's asks for a bare JSON object), else ``"hermes"`` (also for templates without tools,
+    which get Qwen2.5's Hermes rendering)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("tool_use") or template.get("default")
+    return "json" if template_takes_tools(tokenizer) and OPEN not in str(template) else "hermes"
 
 
 def render(tokenizer: Any, messages: Sequence[dict], tools: list[dict] | None) -> str:
@@ -97,25 +109,28 @@ def hermes_messages(messages: Sequence[dict], tools: list[dict] | None) -> list[
     return [{"role": m["role"], "content": m["content"]} for m in out]
 
 
-def forced_calls(tools: list[dict], name: str | None = None, parallel: bool = True) -> Constraint:
-    """The grammar of an answer that is only tool calls: of the function ``name`` (else any of ``tools``), one call
-    (``parallel`` False) or one or more, each ``arguments`` valid under the function's ``parameters``."""
+def forced_calls(
+    tools: list[dict], name: str | None = None, parallel: bool = True, form: Format = "hermes"
+) -> Constraint:
+    """The grammar of an answer that is only tool calls in the format ``form``: of the function ``name`` (else any
+    of ``tools``), each call's arguments valid under the function's ``parameters``; Hermes: one block
+    (``parallel`` False) or more, JSON: one object."""
     functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     if not functions:
         raise InvalidInputError(f"tool_choice names {name!r}, which is not among the tools.")
+    key = "arguments" if form == "hermes" else "parameters"
     options = [
         {
             "type": "object",
-            "properties": {
-                "name": {"const": f["name"]},
-                "arguments": f.get("parameters") or {"type": "object"},
-            },
-            "required": ["name", "arguments"],
+            "properties": {"name": {"const": f["name"]}, key: f.get("parameters") or {"type": "object"}},
+            "required": ["name", key],
             "additionalProperties": False,
         }
         for f in functions
     ]
     schema = {"x-guidance": JSON_OPTIONS, **(options[0] if len(options) == 1 else {"anyOf": options})}
+    if form == "json":
+        return Constraint.grammar(f"start: body\nbody: %json {json.dumps(schema)}\n")
     repeat = ' ("\\n" call)*' if parallel else ""
     lark = (
         f"start: call{repeat}\n"
@@ -125,9 +140,13 @@ def forced_calls(tools: list[dict], name: str | None = None, parallel: bool = Tr
     return Constraint.grammar(lark)
 
 
-def parse_calls(text: str, names: set[str]) -> tuple[str | None, list[dict]]:
-    """The content and the calls of an answer: each ``<tool_call>`` block that holds ``{"name", "arguments"}``
-    of a known function becomes an OpenAI tool call; an answer with a block that does not parse stays all text."""
+def parse_calls(text: str, names: set[str], form: Format = "hermes") -> tuple[str | None, list[dict]]:
+    """The content and the calls of an answer: each ``<tool_call>`` block (``form`` ``"json"``: the whole answer)
+    that holds ``{"name", "arguments" or "parameters"}`` of a known function becomes an OpenAI tool call; an answer
+    with a block that does not parse stays all text."""
+    if form == "json":
+        call = _call(text.strip(), names) if text.lstrip().startswith("{") else None
+        return (text, []) if call is None else (None, [call])
     calls = []
     for body in _CALL.findall(text):
         call = _call(body, names)
@@ -156,15 +175,18 @@ def _call(body: str, names: set[str]) -> dict | None:
 
 
 class CallStream:
-    """Streams an answer's text as content and completed tool calls: text is passed on until a ``<tool_call>``
-    starts (a tail that may still become one is held back), a call is handed over once its block closes."""
+    """Streams an answer's text as content and completed tool calls. Hermes: text is passed on until a
+    ``<tool_call>`` starts (a tail that may still become one is held back), a call is handed over once its block
+    closes. JSON: an answer that starts with ``{`` is held to its end, then is a call or, if not one, its text."""
 
-    def __init__(self, names: set[str]) -> None:
-        self.names, self.text, self.done, self.in_call, self.calls = names, "", 0, False, 0
+    def __init__(self, names: set[str], form: Format = "hermes") -> None:
+        self.names, self.form, self.text, self.done, self.in_call, self.calls = names, form, "", 0, False, 0
 
     def feed(self, delta: str, final: bool = False) -> tuple[str, list[dict]]:
         """The content to emit and the calls completed, after ``delta`` (``final``: the answer ended)."""
         self.text += delta
+        if self.form == "json":
+            return self._feed_json(final)
         content, calls = "", []
         while True:
             if self.in_call:
@@ -192,6 +214,18 @@ class CallStream:
         if self.calls and not content.strip():
             content = ""  # the newlines between calls
         return content, calls
+
+    def _feed_json(self, final: bool) -> tuple[str, list[dict]]:
+        if self.done == 0 and self.text.lstrip().startswith("{"):  # maybe a call: nothing is shown before the end
+            if not final:
+                return "", []
+            content, calls = parse_calls(self.text, self.names, "json")
+            self.done, self.calls = len(self.text), len(calls)
+            return content or "", calls
+        if self.done == 0 and not self.text.strip() and not final:
+            return "", []  # leading whitespace: the answer may still open a call
+        content, self.done = self.text[self.done :], len(self.text)
+        return content, []
 
 
 def _safe_end(text: str, start: int) -> int:

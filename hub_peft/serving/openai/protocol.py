@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 from ..request import MAX_MIX_ADAPTERS, MAX_MIX_WEIGHT
 from ..sampling import MAX_TOP_LOGPROBS, SamplingParams
 from ..structured import MAX_CHOICES, Constraint
-from ..tools import forced_calls
+from ..tools import Format, forced_calls
 
 
 class _Strict(BaseModel):
@@ -222,9 +222,9 @@ class ChatCompletionRequest(_Sampling):
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
 
-    def constraint(self) -> Constraint | None:
-        """``tool_choice`` ``"required"`` or a named function: the answer is the calls' grammar; else the
-        response format's."""
+    def constraint(self, call_format: Format = "hermes") -> Constraint | None:
+        """``tool_choice`` ``"required"`` or a named function: the answer is the grammar of calls in the chat
+        template's ``call_format``; else the response format's."""
         choice = self.tool_choice
         if choice is not None and choice != "none" and not self.tools:
             raise ValueError("tool_choice needs tools")
@@ -234,7 +234,7 @@ class ChatCompletionRequest(_Sampling):
         if (self.response_format is not None and self.response_format.type != "text") or self.structured_outputs:
             raise ValueError("a forced tool call (tool_choice) cannot also follow a response_format")
         name = choice.function.name if isinstance(choice, NamedToolChoice) else None
-        return forced_calls(self.offered_tools() or [], name, parallel=self.parallel_tool_calls)
+        return forced_calls(self.offered_tools() or [], name, parallel=self.parallel_tool_calls, form=call_format)
 
     def wanted_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

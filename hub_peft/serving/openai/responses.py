@@ -22,7 +22,7 @@ from ...errors import (
 from ..request import Request
 from ..sampling import Sampled
 from ..scheduler import Scheduler
-from ..tools import CallStream, parse_calls
+from ..tools import CallStream, Format, parse_calls
 from .metrics import Metrics
 
 # NOTE: the one mapping from hub_peft's errors to HTTP statuses; the first class an error is an instance of wins
@@ -147,6 +147,7 @@ class Answer:
         scheduler: Scheduler,
         *,
         tool_names: set[str] | frozenset[str] = frozenset(),
+        call_format: Format = "hermes",
         echo: str = "",
     ) -> None:
         self.ident, self.created, self.model, self.chat = ident, created, model, chat
@@ -157,7 +158,8 @@ class Answer:
         self.last_token = [0.0] * len(jobs)
         self.tool_names = set(tool_names)  # functions offered (chat with tools): calls are read out of the answers
         self.echo = echo  # completions with echo: the prompt's text, before each choice's
-        self.calls = [CallStream(self.tool_names) for _ in jobs]  # streaming: content and calls per choice
+        self.call_format = call_format
+        self.calls = [CallStream(self.tool_names, call_format) for _ in jobs]  # streaming: content and calls per choice
 
     def _finish_reason(self, job: Request, calls: list[dict] | bool) -> str | None:
         return "tool_calls" if calls and job.finish_reason == "stop" else job.finish_reason
@@ -250,7 +252,9 @@ class Answer:
             raise self._failure(failed[0])
         choices = []
         for job in self.jobs:
-            content, calls = parse_calls(job.text, self.tool_names) if self.tool_names else (job.text, [])
+            content, calls = (
+                parse_calls(job.text, self.tool_names, self.call_format) if self.tool_names else (job.text, [])
+            )
             choice: dict[str, Any] = {
                 "index": job.row,
                 "finish_reason": self._finish_reason(job, calls),

@@ -59,6 +59,7 @@ from ..request import Request
 from ..sampling import Sampled
 from ..scheduler import Scheduler
 from ..structured import Constraint
+from ..tools import call_format
 from .metrics import Metrics
 from .protocol import (
     AdapterLoad,
@@ -88,6 +89,7 @@ class OpenAIServer:
         self.metrics = Metrics(engine, self.scheduler)
         self.scheduler.on_step = self.metrics.step
         tokenizer = self.tokenizer = engine.tokenizer
+        self.call_format = call_format(tokenizer)  # how the chat template asks for tool calls (see ..tools)
         # NOTE(security): a token's text is at most this many characters (byte-level BPE: one per byte), so a
         # prompt of more than max_prompt_tokens × this many characters is over the limit without tokenizing it
         max_token_chars = max(map(len, tokenizer.get_vocab()), default=1) if hasattr(tokenizer, "get_vocab") else 64
@@ -214,16 +216,17 @@ class OpenAIServer:
             )
         return prompt, max_tokens
 
-    @staticmethod
     def structure_of(
-        body: ChatCompletionRequest | CompletionRequest,
+        self, body: ChatCompletionRequest | CompletionRequest
     ) -> tuple[Constraint | None, list[dict] | None, str]:
         """What a request's answer must match, the tools shown to the model, and the field a constraint's error
         names (a schema or grammar is compiled later, at submission, off the event loop)."""
         forced = isinstance(body, ChatCompletionRequest) and body.tool_choice not in (None, "none", "auto")
         field = "tool_choice" if forced else "structured_outputs" if body.structured_outputs else "response_format"
         try:
-            constraint = body.constraint()
+            constraint = (
+                body.constraint(self.call_format) if isinstance(body, ChatCompletionRequest) else body.constraint()
+            )
         except (ValueError, InvalidInputError) as e:
             raise ApiError(400, str(e), field) from None
         if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
@@ -291,6 +294,7 @@ class OpenAIServer:
             self.metrics,
             self.scheduler,
             tool_names={t["function"]["name"] for t in tools or []},
+            call_format=self.call_format,
             echo=prompt if isinstance(body, CompletionRequest) and body.echo else "",
         )
         if body.stream:
