@@ -265,8 +265,6 @@ def test_completions_echo_the_prompt_and_take_structured_output(sdk):
         model="json-lora", prompt="Once upon", max_tokens=5, temperature=0, echo=True, stream=True
     )
     assert "".join(c.choices[0].text for c in stream if c.choices) == whole.choices[0].text
-    with pytest.raises(openai.BadRequestError, match="echo"):
-        sdk.completions.create(model="json-lora", prompt="x", max_tokens=2, echo=True, logprobs=1)
     held = sdk.completions.create(
         model="json-lora",
         prompt="Is it?",
@@ -276,6 +274,37 @@ def test_completions_echo_the_prompt_and_take_structured_output(sdk):
         extra_body={"structured_outputs": {"regex": "(yes|no), [0-9]"}},
     )
     assert held.choices[0].text in {f"{a}, {d}" for a in ("yes", "no") for d in range(10)}
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_peft_does(sdk, smol_base, smol_adapters):  # noqa: F811
+    from peft import PeftModel
+
+    prompt = "The weather in Paris is"
+    scored = sdk.completions.create(
+        model="json-lora", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2
+    ).choices[0]
+    model, tokenizer = load_smol_tiny(smol_base)
+    model = PeftModel.from_pretrained(model, smol_adapters["json-lora"]).eval()
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    lp = scored.logprobs
+    n = len(ids)
+    assert len(lp.tokens) == n + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for position in range(1, n):
+        assert lp.token_logprobs[position] == pytest.approx(float(expected[position - 1, ids[position]]), abs=1e-4)
+        assert len(lp.top_logprobs[position]) == 2
+    assert "".join(lp.tokens) == scored.text and scored.text.startswith(prompt)
+    assert lp.text_offset == [sum(map(len, lp.tokens[:k])) for k in range(len(lp.tokens))]
+    plain = sdk.completions.create(model="json-lora", prompt=prompt, max_tokens=3, temperature=0, logprobs=2)
+    assert lp.token_logprobs[n:] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-5)
+    stream = sdk.completions.create(
+        model="json-lora", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2, stream=True
+    )
+    streamed = [
+        t for chunk in stream if chunk.choices and chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.tokens
+    ]
+    assert streamed == lp.tokens
 
 
 def reference_embedding(text: str, smol_base, adapter=None) -> torch.Tensor:  # noqa: F811

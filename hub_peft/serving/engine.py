@@ -618,24 +618,53 @@ class Engine(StaticGeneration):
         ``[len(prompts), hidden]`` and the tokens read. Each text runs its own forward with its adapters (ReFT
         edits included), so a text's embedding does not depend on the others. Call it from the thread that runs
         the steps (:meth:`.scheduler.Scheduler.call`)."""
-        spec = self.normalize([adapter], 1)[0]
-        if solo := self.solo_names(spec):
-            raise InvalidInputError(f"{self.cache.entries[solo[0]].solo_reason}; embeddings need a LoRA, IA3 or ReFT.")
+        spec = self._whole_forward_spec(adapter, "embeddings")
         decoder = find_decoder(self.core)
         rows, tokens = [], 0
         for ids in self.encode(prompts, [spec] * len(prompts), [True] * len(prompts)):
             if not ids:
                 raise InvalidInputError("An input to embed is empty.")
-            seq = Generation(ids, spec, SamplingParams(max_tokens=1), parts=self.cache.hold(spec))
-            with self._lock:
-                self.plans.current = self._ragged_plan([(seq, len(ids))], reuse=False)
-                try:
-                    hidden = decoder(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state
-                finally:
-                    self.plans.current = None
+            hidden = self._whole_forward(decoder, ids, spec).last_hidden_state
             rows.append(hidden[0, -1].float())
             tokens += len(ids)
         return torch.nn.functional.normalize(torch.stack(rows), dim=-1), tokens
+
+    @torch.inference_mode()
+    def prompt_logprobs(
+        self, prompt: str, adapter: AdapterSpec | Spec = None, top: int = 0, max_prompt_tokens: int | None = None
+    ) -> list[Sampled]:
+        """The logprob of each token of a raw ``prompt`` after the ones before it, with the ``top`` most likely
+        (``Sampled(token)`` without a logprob for the first token, which follows nothing), under ``adapter``: what
+        completions' ``echo`` with ``logprobs`` reports (scoring a text). One forward of the whole prompt, on the
+        thread that runs the steps (:meth:`.scheduler.Scheduler.call`), with the steps' LM head."""
+        spec = self._whole_forward_spec(adapter, "prompt logprobs")
+        ids = self.encode([prompt], [spec], [True])[0]
+        check_prompt_length(len(ids), max_prompt_tokens)
+        with self._packed_head_in():
+            logits = self._whole_forward(self.core, ids, spec).logits[0]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        out = [Sampled(ids[0])]
+        for position, token in enumerate(ids[1:]):
+            row = logprobs[position]
+            values, best = row.topk(top) if top else (row[:0], row[:0].long())
+            out.append(Sampled(token, float(row[token]), list(zip(best.tolist(), values.tolist(), strict=True))))
+        return out
+
+    def _whole_forward_spec(self, adapter: AdapterSpec | Spec, what: str) -> Spec:
+        spec = self.normalize([adapter], 1)[0]
+        if solo := self.solo_names(spec):
+            raise InvalidInputError(f"{self.cache.entries[solo[0]].solo_reason}; {what} need a LoRA, IA3 or ReFT.")
+        return spec
+
+    def _whole_forward(self, module: nn.Module, ids: list[int], spec: Spec) -> Any:
+        """``module`` (the model or its decoder) over one whole sequence with ``spec``'s adapters, no cache."""
+        seq = Generation(ids, spec, SamplingParams(max_tokens=1), parts=self.cache.hold(spec))
+        with self._lock:
+            self.plans.current = self._ragged_plan([(seq, len(ids))], reuse=False)
+            try:
+                return module(input_ids=torch.tensor([ids]), use_cache=False)
+            finally:
+                self.plans.current = None
 
     def sample(self, seq: Generation, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> Sampled:
         """Draw ``seq``'s next token from its logits row and append it (its grammar's mask: ``allowed``, computed

@@ -52,22 +52,25 @@ For each function call, return a json object with function name and arguments wi
 </tool_call>"""
 
 
-def template_takes_tools(tokenizer: Any) -> bool:
-    """Whether the tokenizer's chat template renders a ``tools`` argument."""
+def _tool_template(tokenizer: Any) -> str:
+    """The chat template ``apply_chat_template(tools=...)`` uses ("" when there is none)."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("tool_use") or template.get("default")
-    return isinstance(template, str) and "tools" in template
+    return template if isinstance(template, str) else ""
+
+
+def template_takes_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders a ``tools`` argument."""
+    return "tools" in _tool_template(tokenizer)
 
 
 def call_format(tokenizer: Any) -> Format:
     """The call format the tokenizer's chat template teaches: ``"json"`` for a template that renders tools without
     Hermes blocks (Llama 3.1's asks for a bare JSON object), else ``"hermes"`` (also for templates without tools,
     which get Qwen2.5's Hermes rendering)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("tool_use") or template.get("default")
-    return "json" if template_takes_tools(tokenizer) and OPEN not in str(template) else "hermes"
+    template = _tool_template(tokenizer)
+    return "json" if "tools" in template and OPEN not in template else "hermes"
 
 
 def render(tokenizer: Any, messages: Sequence[dict], tools: list[dict] | None) -> str:

@@ -149,6 +149,7 @@ class Answer:
         tool_names: set[str] | frozenset[str] = frozenset(),
         call_format: Format = "hermes",
         echo: str = "",
+        echo_logprobs: list[Sampled] | None = None,
     ) -> None:
         self.ident, self.created, self.model, self.chat = ident, created, model, chat
         self.jobs, self.tokenizer, self.metrics, self.scheduler = jobs, tokenizer, metrics, scheduler
@@ -158,6 +159,7 @@ class Answer:
         self.last_token = [0.0] * len(jobs)
         self.tool_names = set(tool_names)  # functions offered (chat with tools): calls are read out of the answers
         self.echo = echo  # completions with echo: the prompt's text, before each choice's
+        self.echo_logprobs = echo_logprobs  # and, asked with logprobs, its tokens' (see Engine.prompt_logprobs)
         self.call_format = call_format
         self.calls = [CallStream(self.tool_names, call_format) for _ in jobs]  # streaming: content and calls per choice
 
@@ -213,16 +215,31 @@ class Answer:
                     for t, lp, top in entries
                 ]
             }
+        return self._text_logprobs(job.row, entries)
+
+    def _text_logprobs(self, row: int, entries: list[tuple[str, float | None, list]]) -> dict:
+        """Completions' logprobs shape; ``text_offset`` counts from the start of the choice's text."""
         offsets = []
         for t, _, _ in entries:
-            offsets.append(self.offsets[job.row])
-            self.offsets[job.row] += len(t)
+            offsets.append(self.offsets[row])
+            self.offsets[row] += len(t)
         return {
             "tokens": [t for t, _, _ in entries],
             "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [dict(top) for _, _, top in entries],
+            "top_logprobs": [dict(top) if lp is not None else None for _, lp, top in entries],
             "text_offset": offsets,
         }
+
+    def _echoed(self, job: Request) -> dict | None:
+        """The logprobs of the echoed prompt's tokens (the first has none: it follows nothing)."""
+        if self.echo_logprobs is None:
+            return None
+        ids = [s.token for s in self.echo_logprobs]
+        entries = [
+            (self._piece(ids[:k], s.token), s.logprob, [(self._piece(ids[:k], t), lp) for t, lp in s.top])
+            for k, s in enumerate(self.echo_logprobs)
+        ]
+        return self._text_logprobs(job.row, entries)
 
     def _failure(self, job: Request) -> ApiError:
         if job.finish_reason == "timeout":
@@ -255,10 +272,14 @@ class Answer:
             content, calls = (
                 parse_calls(job.text, self.tool_names, self.call_format) if self.tool_names else (job.text, [])
             )
+            echoed = self._echoed(job)
+            logprobs = self.logprobs(job, job.gen.samples)
+            if echoed is not None and logprobs is not None:
+                logprobs = {key: echoed[key] + logprobs[key] for key in logprobs}
             choice: dict[str, Any] = {
                 "index": job.row,
                 "finish_reason": self._finish_reason(job, calls),
-                "logprobs": self.logprobs(job, job.gen.samples),
+                "logprobs": logprobs,
             }
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": content}
@@ -318,7 +339,10 @@ class Answer:
                 )
             elif self.echo:
                 yield self._chunk(
-                    [{"index": j.row, "text": self.echo, "logprobs": None, "finish_reason": None} for j in self.jobs]
+                    [
+                        {"index": j.row, "text": self.echo, "logprobs": self._echoed(j), "finish_reason": None}
+                        for j in self.jobs
+                    ]
                 )
             while pending:
                 job, samples, delta = await events.get()

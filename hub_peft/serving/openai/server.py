@@ -229,10 +229,6 @@ class OpenAIServer:
             )
         except (ValueError, InvalidInputError) as e:
             raise ApiError(400, str(e), field) from None
-        if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
-            raise ApiError(
-                400, "echo with logprobs (the prompt's logprobs) is not implemented; ask for one of them.", "echo"
-            )
         return constraint, body.offered_tools() if isinstance(body, ChatCompletionRequest) else None, field
 
     async def complete(self, body: ChatCompletionRequest | CompletionRequest, http: HttpRequest, chat: bool):
@@ -243,6 +239,14 @@ class OpenAIServer:
         prompt, max_tokens = self.prompt_of(body, chat)
         constraint, tools, field = self.structure_of(body)
         adapter, label = await self.resolve(body.model)
+        echoed = None
+        if isinstance(body, CompletionRequest) and body.echo and logprobs is not None:  # the prompt's logprobs
+            limit = self.settings.max_prompt_tokens
+            try:
+                work = partial(self.engine.prompt_logprobs, prompt, adapter, logprobs, max_prompt_tokens=limit)
+                echoed = await asyncio.wrap_future(self.scheduler.call(work))
+            except HubPeftError as e:
+                raise _submission_error(e, chat) from None
         try:
             params = body.sampling(max_tokens, logprobs)
         except InvalidInputError as e:
@@ -296,6 +300,7 @@ class OpenAIServer:
             tool_names={t["function"]["name"] for t in tools or []},
             call_format=self.call_format,
             echo=prompt if isinstance(body, CompletionRequest) and body.echo else "",
+            echo_logprobs=echoed,
         )
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
