@@ -352,9 +352,9 @@ def record_logits(engine) -> dict[tuple[int, ...], list[torch.Tensor]]:
     logits: dict[tuple[int, ...], list[torch.Tensor]] = {}
     sample = engine.sample
 
-    def recording(seq, row):
+    def recording(seq, row, allowed=None):
         logits.setdefault(tuple(seq.prompt_ids), []).append(row.clone())
-        return sample(seq, row)
+        return sample(seq, row, allowed)
 
     engine.sample = recording
     return logits

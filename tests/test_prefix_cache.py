@@ -27,10 +27,10 @@ def _run(engine, prompts, rows):
     firsts, completions = [], []
     sample = engine.sample
 
-    def recording(seq, row):
+    def recording(seq, row, allowed=None):
         if not seq.output:
             firsts.append(row.clone())
-        return sample(seq, row)
+        return sample(seq, row, allowed)
 
     engine.sample = recording
     for prompt, row in zip(prompts, rows, strict=True):
