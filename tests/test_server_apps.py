@@ -333,6 +333,9 @@ def test_embeddings_match_transformers_and_peft_and_do_not_depend_on_their_batch
     assert not torch.allclose(torch.tensor(lora), torch.tensor(base.data[1].embedding), atol=1e-3)
     alone = sdk.embeddings.create(model="tiny-base", input=texts[1]).data[0].embedding
     assert alone == base.data[1].embedding
+    with pytest.raises(openai.APIStatusError, match="limit is 600") as too_long:  # the server's max_prompt_tokens
+        sdk.embeddings.create(model="tiny-base", input=[texts[0], " ".join(["the"] * 700)])
+    assert too_long.value.status_code == 413 and too_long.value.body["code"] == "context_length_exceeded"
     raw = sdk.embeddings.with_raw_response.create(model="tiny-base", input=texts[1], encoding_format="base64")
     packed = base64.b64decode(json.loads(raw.text)["data"][0]["embedding"])
     assert list(struct.unpack(f"<{len(packed) // 4}f", packed)) == pytest.approx(alone, abs=1e-6)

@@ -612,18 +612,24 @@ class Engine(StaticGeneration):
         return plan
 
     @torch.inference_mode()
-    def embed(self, prompts: Sequence[str], adapter: AdapterSpec | Spec = None) -> tuple[torch.Tensor, int]:
+    def embed(
+        self, prompts: Sequence[str], adapter: AdapterSpec | Spec = None, max_prompt_tokens: int | None = None
+    ) -> tuple[torch.Tensor, int]:
         """Embeddings of raw texts under ``adapter`` (a name, a mix, None for the base): the final hidden state
         of each text's last token (after the final norm), L2-normalized, as vLLM pools a decoder by default;
         ``[len(prompts), hidden]`` and the tokens read. Each text runs its own forward with its adapters (ReFT
-        edits included), so a text's embedding does not depend on the others. Call it from the thread that runs
-        the steps (:meth:`.scheduler.Scheduler.call`)."""
+        edits included), so a text's embedding does not depend on the others. Every text is checked against
+        ``max_prompt_tokens`` before any forward. Call it from the thread that runs the steps
+        (:meth:`.scheduler.Scheduler.call`)."""
         spec = self._whole_forward_spec(adapter, "embeddings")
         decoder = find_decoder(self.core)
-        rows, tokens = [], 0
-        for ids in self.encode(prompts, [spec] * len(prompts), [True] * len(prompts)):
+        encoded = self.encode(prompts, [spec] * len(prompts), [True] * len(prompts))
+        for ids in encoded:
             if not ids:
                 raise InvalidInputError("An input to embed is empty.")
+            check_prompt_length(len(ids), max_prompt_tokens)
+        rows, tokens = [], 0
+        for ids in encoded:
             hidden = self._whole_forward(decoder, ids, spec).last_hidden_state
             rows.append(hidden[0, -1].float())
             tokens += len(ids)

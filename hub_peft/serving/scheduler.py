@@ -65,11 +65,12 @@ class Scheduler:
         try:
             for request in requests:
                 spec = request.spec = engine.normalize([request.adapter], 1)[0]
-                request.solo = bool(engine.solo_names(spec))
-                if request.solo and (request.constraint is not None or request.tools):
+                solo = engine.solo_names(spec)
+                request.solo = bool(solo)
+                if solo and (request.constraint is not None or request.tools):
                     raise InvalidInputError(
-                        f"{engine.cache.entries[engine.solo_names(spec)[0]].solo_reason}, so structured output and "
-                        "tools are not available with it; use a LoRA, IA3 or ReFT adapter for them."
+                        f"{engine.cache.entries[solo[0]].solo_reason}, so structured output and tools are not "
+                        "available with it; use a LoRA, IA3 or ReFT adapter for them."
                     )
                 if request.solo:
                     prompt_ids = engine.encode([request.prompt], [spec], [request.raw])[0]

@@ -4,6 +4,7 @@ response of one request whole or streamed (:class:`Answer`), and the body-size g
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -230,16 +231,21 @@ class Answer:
             "text_offset": offsets,
         }
 
+    @functools.cached_property
+    def _echo_entries(self) -> list[tuple[str, float | None, list]]:
+        """The echoed prompt's tokens as text pieces with their logprobs, decoded once for all the choices."""
+        samples = self.echo_logprobs or []
+        ids = [s.token for s in samples]
+        return [
+            (self._piece(ids[:k], s.token), s.logprob, [(self._piece(ids[:k], t), lp) for t, lp in s.top])
+            for k, s in enumerate(samples)
+        ]
+
     def _echoed(self, job: Request) -> dict | None:
         """The logprobs of the echoed prompt's tokens (the first has none: it follows nothing)."""
         if self.echo_logprobs is None:
             return None
-        ids = [s.token for s in self.echo_logprobs]
-        entries = [
-            (self._piece(ids[:k], s.token), s.logprob, [(self._piece(ids[:k], t), lp) for t, lp in s.top])
-            for k, s in enumerate(self.echo_logprobs)
-        ]
-        return self._text_logprobs(job.row, entries)
+        return self._text_logprobs(job.row, self._echo_entries)
 
     def _failure(self, job: Request) -> ApiError:
         if job.finish_reason == "timeout":

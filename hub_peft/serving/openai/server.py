@@ -313,17 +313,12 @@ class OpenAIServer:
         if any(len(t) > self.max_prompt_chars for t in texts):
             raise ApiError(413, "An input is longer than fits in max_prompt_tokens; shorten it.", "input")
         adapter, _ = await self.resolve(body.model)
-        ids = await asyncio.to_thread(self.engine.encode, texts, [()] * len(texts), [True] * len(texts))
-        if (longest := max(map(len, ids))) > self.settings.max_prompt_tokens:
-            raise ApiError(
-                413,
-                f"An input is {longest} tokens; the limit is {self.settings.max_prompt_tokens}.",
-                "input",
-                "context_length_exceeded",
-            )
-        try:
-            future = self.scheduler.call(partial(self.engine.embed, texts, adapter))
+        work = partial(self.engine.embed, texts, adapter, max_prompt_tokens=self.settings.max_prompt_tokens)
+        try:  # tokenized once, on the step thread, each input's length checked before any forward
+            future = self.scheduler.call(work)
             vectors, tokens = await asyncio.wait_for(asyncio.wrap_future(future), self.settings.request_timeout)
+        except PromptTooLongError as e:
+            raise api_error(e, "input", "context_length_exceeded") from None
         except HubPeftError as e:
             raise api_error(e, "model" if isinstance(e, NotFoundError) else "input") from None
         data = [
