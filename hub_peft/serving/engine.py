@@ -297,7 +297,7 @@ class Engine(StaticGeneration):
 
     @functools.cached_property
     def grammars(self) -> GrammarCompiler:
-        """The compiler of this engine's constraints, made at the first constrained request (about a second)."""
+        """The compiler of this engine's constraints, made at the first constrained request (see there)."""
         width = self.core.get_output_embeddings().weight.shape[0]
         return GrammarCompiler(self.tokenizer, max(width, len(self.tokenizer)))
 

@@ -102,8 +102,8 @@ class GrammarCompiler:
     """Compiles :class:`Constraint` s for one tokenizer (cached) and computes the masks of many matchers at once.
 
     ``vocab_size`` is the width of the model's logits (it may exceed the tokenizer's vocabulary: those ids are
-    never allowed). Built lazily by the engine, on the first constrained request: reading the tokenizer takes
-    about a second."""
+    never allowed). Built lazily by the engine, on the first constrained request: it reads the whole tokenizer
+    and starts llguidance's threads."""
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         import llguidance
