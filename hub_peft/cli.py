@@ -11,7 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import HubPeftError
+from .bridges import LORA_METHODS
+from .errors import HubPeftError, InvalidInputError
 
 
 def _say_quantization(model) -> None:
@@ -286,26 +287,11 @@ def _cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
-def _base_config(name: str):
-    """Only the config of a base model (Hub id or local folder): ``config.json``, no weights."""
-    from transformers import AutoConfig
-
-    from .base_model import resolve_base
-    from .errors import NotFoundError
-
-    try:
-        return AutoConfig.from_pretrained(resolve_base(name)[1])
-    except (OSError, ValueError) as e:
-        raise NotFoundError(
-            f"Could not read the config of base model {name!r} ({e}). Give a Hub id or a folder "
-            "with a transformers config.json."
-        ) from e
-
-
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from .base_model import load_base_config
     from .validate import check_targets_in_base, validate_adapter
 
-    base_config = _base_config(args.base) if args.base else None
+    base_config = load_base_config(args.base) if args.base else None
     folder = _local_or_pulled(args.target)
     try:
         report = validate_adapter(
@@ -350,6 +336,27 @@ def _cmd_convert_bin(args: argparse.Namespace) -> int:
 
     print(convert_bin(args.dir))
     return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .bridges import MergeSpec, merge_adapters
+
+    weights = _floats(args.weights, "--weights") if args.weights else [1.0 / len(args.adapters)] * len(args.adapters)
+    spec = MergeSpec(args.method, args.density, args.svd_rank, args.majority_sign_method, args.seed)
+    out = merge_adapters(args.adapters, weights, args.out, spec, overwrite=args.overwrite)
+    print(f"Merged {len(args.adapters)} adapters ({args.method}) into {out}")
+    if args.push:
+        from .adapters import push_adapter
+
+        print(push_adapter(out, args.push, private=args.private))
+    return 0
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise InvalidInputError(f"{option} takes comma-separated numbers, such as 0.6,0.4; got {text!r}.") from None
 
 
 def _cmd_import_pyreft(args: argparse.Namespace) -> int:
@@ -459,6 +466,28 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="Train a small LoRA or ReFT adapter from a CSV/JSONL/JSON file of examples.")
     add_train_arguments(train)
     train.set_defaults(func=_cmd_train)
+
+    merge = sub.add_parser(
+        "merge", help="Merge adapters of one base into a new adapter (PEFT's add_weighted_adapter methods)."
+    )
+    merge.add_argument("adapters", nargs="+", metavar="DIR_OR_REPO[@REVISION][:SUBFOLDER]")
+    merge.add_argument("--weights", default=None, help="One per adapter, comma-separated (default: equal).")
+    merge.add_argument(
+        "--method",
+        default="cat",
+        choices=LORA_METHODS,
+        help="PEFT's combination_type (default cat: exact, rank = the sum of the ranks; IA3: linear, ties, "
+        "dare_linear, dare_ties, magnitude_prune).",
+    )
+    merge.add_argument("--density", type=float, default=None, help="ties/dare/magnitude_prune: share kept (0-1].")
+    merge.add_argument("--svd-rank", type=int, default=None, help="The _svd methods' rank (default: the largest).")
+    merge.add_argument("--majority-sign-method", choices=["total", "frequency"], default="total")
+    merge.add_argument("--seed", type=int, default=0, help="DARE's random drops (default 0: reproducible).")
+    merge.add_argument("--out", required=True, metavar="DIR")
+    merge.add_argument("--overwrite", action="store_true")
+    merge.add_argument("--push", default=None, metavar="REPO_ID", help="Also push the merged adapter there.")
+    merge.add_argument("--private", action="store_true")
+    merge.set_defaults(func=_cmd_merge)
 
     imp = sub.add_parser("import-pyreft", help="Convert a pyreft ReftModel.save directory to hub_peft's format.")
     imp.add_argument("src", metavar="SRC_DIR")

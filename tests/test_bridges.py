@@ -1,0 +1,141 @@
+"""Bridges: merges equal PEFT's own add_weighted_adapter (and the engine's weighted mix for the exact method),
+conversions to LoRA report their error, GGUF exports read back in llama.cpp's layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_engine import make_ia3, make_lora
+from test_peft_methods import load_tiny, tiny_base_repo, tiny_tokenizer  # noqa: F401 - shared session fixture
+
+from hub_peft import save_adapter
+from hub_peft.bridges import LORA_METHODS, MergeSpec, merge_adapters
+from hub_peft.errors import IncompatibleAdapterError, InvalidInputError
+
+WEIGHTS = [0.7, -0.4]
+
+
+@pytest.fixture(scope="module")
+def parents(tiny_base_repo, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("merge_parents")
+    return {
+        "a": save_adapter(make_lora(11, 4), root / "a"),
+        "b": save_adapter(make_lora(12, 4, use_rslora=True), root / "b"),
+        "c": save_adapter(make_lora(13, 8), root / "c"),
+        "ia3": save_adapter(make_ia3(14), root / "ia3"),
+        "ia3b": save_adapter(make_ia3(15), root / "ia3b"),
+    }
+
+
+def peft_merge(folders, weights, method, **kwargs):
+    """PEFT's own add_weighted_adapter on the real base: the reference."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    model = PeftModel.from_pretrained(load_tiny(), str(folders[0]), adapter_name="p0")
+    for i, folder in enumerate(folders[1:], 1):
+        model.load_adapter(str(folder), adapter_name=f"p{i}")
+    names = [f"p{i}" for i in range(len(folders))]
+    torch.manual_seed(kwargs.pop("seed", 0))
+    if method is None:  # IA3 has no combination_type
+        model.add_weighted_adapter(names, weights, "merged")
+    else:
+        model.add_weighted_adapter(names, weights, "merged", combination_type=method, **kwargs)
+    return get_peft_model_state_dict(model, adapter_name="merged")
+
+
+@pytest.mark.parametrize("method", LORA_METHODS)
+def test_lora_merges_equal_peft(parents, tmp_path, method):
+    density = {"density": 0.5} if method.startswith(("ties", "dare", "magnitude")) else {}
+    spec = MergeSpec(method, seed=3, **density)
+    folders = [parents["a"], parents["b"]]
+    out = merge_adapters(folders, WEIGHTS, tmp_path / "merged", spec)
+    got = load_file(str(out / "adapter_model.safetensors"))
+    expected = peft_merge(folders, WEIGHTS, method, seed=3, **density)
+    assert set(got) == set(expected)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(got[key], tensor, rtol=0, atol=0, msg=key)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_rslora"] is False and config["r"] == config["lora_alpha"]
+
+
+def test_exact_merge_equals_the_engines_weighted_mix(parents, tmp_path):
+    """cat is exact: the merged adapter (ranks 4 + 8, an rsLoRA parent) computes Σ wᵢ·ΔWᵢ, which the engine's
+    per-row weighted mix computes without merging."""
+    from hub_peft import load_adapter
+    from hub_peft.serving import MultiAdapterModel
+
+    out = merge_adapters([parents["b"], parents["c"]], WEIGHTS, tmp_path / "cat", MergeSpec("cat"))
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 12
+    ids = torch.tensor([tiny_tokenizer()("a b c d e").input_ids])
+    with torch.no_grad():
+        merged = load_adapter(load_tiny(), out)(input_ids=ids).logits[0, -1]
+    engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()))
+    engine.add("b", parents["b"])
+    engine.add("c", parents["c"])
+    mixed = engine.next_token_logits(["a b c d e"], [{"b": WEIGHTS[0], "c": WEIGHTS[1]}])[0]
+    torch.testing.assert_close(merged, mixed, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_card_records_lineage(parents, tmp_path):
+    out = merge_adapters([parents["a"], parents["b"]], WEIGHTS, tmp_path / "m", MergeSpec("ties", density=0.5))
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "alice/tiny-llama" and meta["base_model_relation"] == "adapter"
+    assert "merge" in meta["tags"]
+    lineage = json.loads((out / "hub_peft_card.json").read_text())["lineage"]
+    assert lineage["method"] == "ties" and lineage["density"] == 0.5
+    assert [p["weight"] for p in lineage["parents"]] == WEIGHTS
+    assert [p["folder"] for p in lineage["parents"]] == ["a", "b"] and len(lineage["parents"][0]["sha256"]) == 64
+    assert "## Lineage" in card and "`ties`" in card and "density 0.5" in card
+    assert str(parents["a"].parent) not in card  # a local parent: its folder's name and digest, never its path
+
+
+def test_ia3_merge_equals_peft_where_peft_is_right(parents, tmp_path):
+    """Same targets, weights summing to 1: PEFT's Σ wᵢ·lᵢ equals hub_peft's 1 + Σ wᵢ·(lᵢ − 1)."""
+    folders = [parents["ia3"], parents["ia3b"]]
+    out = merge_adapters(folders, [0.25, 0.75], tmp_path / "ia3", MergeSpec("linear"))
+    got = load_file(str(out / "adapter_model.safetensors"))
+    expected = peft_merge(folders, [0.25, 0.75], None)
+    assert set(got) == set(expected)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(got[key], tensor, rtol=1e-6, atol=1e-6)
+
+
+def test_ia3_merge_of_a_module_one_parent_targets(tiny_base_repo, parents, tmp_path):  # noqa: F811
+    """A module only one parent targets gets 1 + w·(l − 1), not PEFT's w·l (which shrinks the layer's output)."""
+    from peft import IA3Config, get_peft_model
+
+    other = get_peft_model(load_tiny(), IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if "ia3_l" in name:
+                p.fill_(2.0)
+    q_only = save_adapter(other, tmp_path / "q_only")
+    out = merge_adapters([parents["ia3"], q_only], [0.5, 0.5], tmp_path / "m", MergeSpec("linear"))
+    got = load_file(str(out / "adapter_model.safetensors"))
+    first = load_file(str(parents["ia3"] / "adapter_model.safetensors"))
+    q = next(k for k in got if "q_proj" in k)
+    torch.testing.assert_close(got[q], torch.full_like(got[q], 1.5))  # 1 + 0.5 · (2 − 1)
+    k = next(k for k in got if "k_proj" in k)
+    torch.testing.assert_close(got[k], 1 + 0.5 * (first[k] - 1))
+
+
+def test_merge_refusals(parents, tmp_path, tiny_base_repo):  # noqa: F811
+    with pytest.raises(IncompatibleAdapterError, match=r"different types.*weighted mix"):
+        merge_adapters([parents["a"], parents["ia3"]], [0.5, 0.5], tmp_path / "x")
+    with pytest.raises(IncompatibleAdapterError, match=r"same r.*cat"):
+        merge_adapters([parents["a"], parents["c"]], [0.5, 0.5], tmp_path / "x", MergeSpec("ties", density=0.5))
+    with pytest.raises(IncompatibleAdapterError, match="low-rank factors"):
+        merge_adapters([parents["ia3"], parents["ia3b"]], [0.5, 0.5], tmp_path / "x", MergeSpec("svd"))
+    dora = save_adapter(make_lora(16, 4, use_dora=True), tmp_path / "dora")
+    with pytest.raises(IncompatibleAdapterError, match=r"DoRA.*convert"):
+        merge_adapters([parents["a"], dora], [0.5, 0.5], tmp_path / "x")
+    with pytest.raises(InvalidInputError, match="density"):
+        MergeSpec("dare_ties")
+    with pytest.raises(InvalidInputError, match="one weight per adapter"):
+        merge_adapters([parents["a"], parents["b"]], [1.0], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
