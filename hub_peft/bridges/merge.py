@@ -188,15 +188,16 @@ def _merge_lora(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     import torch
     from peft import PeftModel, get_peft_model_state_dict
-    from safetensors import safe_open
 
     from ..tasks import task_of
 
-    stored = set()  # base tensors PEFT saved with a parent (embedding layers): real, loaded from the files
-    for folder in folders:
-        with safe_open(str(Path(folder) / "adapter_model.safetensors"), "pt") as f:
-            stored |= {k.removeprefix("base_model.model.").replace(".base_layer", "") for k in f if ".base_layer." in k}
-    all_store = bool(stored) and all(_stores_base_layers(Path(f)) for f in folders)
+    stored = {  # base tensors PEFT saved with a parent (embedding layers): real, loaded from the files
+        k.removeprefix("base_model.model.").replace(".base_layer", "")
+        for folder in folders
+        for k in _tensor_names(Path(folder))
+        if ".base_layer." in k
+    }
+    all_store = bool(stored) and all(any(".base_layer." in k for k in _tensor_names(Path(f))) for f in folders)
     model = skeleton(base_config, task_of(configs[0]).auto_class, materialize=stored)
     names = [f"p{i}" for i in range(len(folders))]
     peft_model = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=names[0])
@@ -227,11 +228,11 @@ def _merge_lora(
     return out, {k: v.detach().clone().contiguous() for k, v in tensors.items()}
 
 
-def _stores_base_layers(folder: Path) -> bool:
+def _tensor_names(folder: Path) -> list[str]:
     from safetensors import safe_open
 
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-        return any(".base_layer." in k for k in f)
+        return list(f.keys())  # noqa: SIM118 - safe_open is not iterable
 
 
 def skeleton(base_config: Any, auto_class: str = "AutoModelForCausalLM", materialize: set[str] = frozenset()) -> Any:
