@@ -232,7 +232,7 @@ def _tensor_names(folder: Path) -> list[str]:
     from safetensors import safe_open
 
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-        return list(f.keys())  # noqa: SIM118 - safe_open is not iterable
+        return list(f.keys())  # safe_open is not iterable
 
 
 def skeleton(base_config: Any, auto_class: str = "AutoModelForCausalLM", materialize: set[str] = frozenset()) -> Any:
