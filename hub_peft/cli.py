@@ -359,6 +359,26 @@ def _floats(text: str, option: str) -> list[float]:
         raise InvalidInputError(f"{option} takes comma-separated numbers, such as 0.6,0.4; got {text!r}.") from None
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .bridges.gguf import export_gguf
+
+    base_config = None
+    if args.base:
+        from .base_model import load_base_config
+
+        base_config = load_base_config(args.base)
+    out = export_gguf(
+        args.adapter,
+        args.out,
+        base_config=base_config,
+        dtype=args.dtype,
+        ollama_from=args.ollama,
+        overwrite=args.overwrite,
+    )
+    print(f"Wrote {out}" + (f" and {out.parent / 'Modelfile'}" if args.ollama else ""))
+    return 0
+
+
 def _cmd_import_pyreft(args: argparse.Namespace) -> int:
     from .reft.pyreft_import import import_pyreft
 
@@ -445,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     card.set_defaults(func=_cmd_card)
     validate = sub.add_parser("validate", help="Check an adapter folder or repo (exit code 0 when valid).")
     validate.add_argument("target", metavar="DIR_OR_REPO[@REVISION][:SUBFOLDER]")
-    validate.add_argument("--for", dest="engine", choices=["vllm"], default=None)
+    validate.add_argument("--for", dest="engine", choices=["vllm", "llama.cpp"], default=None)
     validate.add_argument(
         "--base",
         default=None,
@@ -488,6 +508,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--push", default=None, metavar="REPO_ID", help="Also push the merged adapter there.")
     merge.add_argument("--private", action="store_true")
     merge.set_defaults(func=_cmd_merge)
+
+    export = sub.add_parser("export", help="Export a LoRA adapter as a GGUF LoRA for llama.cpp and Ollama.")
+    export.add_argument("adapter", metavar="DIR_OR_REPO[@REVISION][:SUBFOLDER]")
+    export.add_argument("--to", choices=["gguf"], default="gguf")
+    export.add_argument("--out", default=None, metavar="FILE", help="Default: ADAPTER_NAME.gguf here.")
+    export.add_argument("--dtype", choices=["f32", "f16"], default="f32")
+    export.add_argument("--base", default=None, help="The base model (Hub id or folder; its config only).")
+    export.add_argument(
+        "--ollama",
+        default=None,
+        metavar="FROM",
+        help="Also write an Ollama Modelfile beside the file: FROM this (the base's GGUF or Ollama model) + ADAPTER.",
+    )
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(func=_cmd_export)
 
     imp = sub.add_parser("import-pyreft", help="Convert a pyreft ReftModel.save directory to hub_peft's format.")
     imp.add_argument("src", metavar="SRC_DIR")

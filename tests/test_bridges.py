@@ -139,3 +139,96 @@ def test_merge_refusals(parents, tmp_path, tiny_base_repo):  # noqa: F811
     with pytest.raises(InvalidInputError, match="one weight per adapter"):
         merge_adapters([parents["a"], parents["b"]], [1.0], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+# --- GGUF export -------------------------------------------------------------------------------------------------
+
+
+def gguf_deltas(path, config):
+    """Each adapted base tensor's ΔW as llama.cpp computes it from the file: scale·B·A, scale = alpha/rank (1
+    when alpha is 0), q/k rows permuted back; the embeddings' [vocab, hidden] ΔW from their transposed lora_a."""
+    from hub_peft.bridges.gguf import read_gguf_lora
+
+    data = read_gguf_lora(path)
+    alpha = float(data["metadata"]["adapter.lora.alpha"])
+    out = {}
+    for name in {n.rsplit(".", 1)[0] for n in data["tensors"]}:
+        a = torch.from_numpy(data["tensors"][f"{name}.lora_a"].copy()).float()
+        b = torch.from_numpy(data["tensors"][f"{name}.lora_b"].copy()).float()
+        scale = alpha / b.shape[1] if alpha else 1.0
+        out[name] = scale * (a @ b.T if name == "token_embd.weight" else b @ a)
+    return data["metadata"], out
+
+
+def unpermute(w, n_head):
+    """The inverse of llama.cpp's q/k permutation."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"r": 4},
+        {"r": 8, "use_rslora": True},
+        {"r": 4, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"down_proj": 3}},
+    ],
+    ids=["lora", "rslora", "patterns"],
+)
+def test_gguf_export_reads_back_as_peft_deltas(tiny_base_repo, tmp_path, kwargs):  # noqa: F811
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from hub_peft.bridges.gguf import export_gguf
+
+    torch.manual_seed(7)
+    targets = ["q_proj", "k_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"]
+    config = LoraConfig(target_modules=targets, init_lora_weights=False, lora_alpha=16, **kwargs)
+    folder = save_adapter(get_peft_model(load_tiny(), config), tmp_path / "adapter")
+    path = export_gguf(folder, tmp_path / "adapter.gguf")
+    metadata, deltas = gguf_deltas(path, json.loads((folder / "adapter_config.json").read_text()))
+    assert metadata["general.type"] == "adapter" and metadata["adapter.type"] == "lora"
+    assert metadata["general.architecture"] == "llama"
+    assert (metadata["adapter.lora.alpha"] == 0) == ("rank_pattern" in kwargs)  # one alpha cannot fit mixed scales
+    model = PeftModel.from_pretrained(load_tiny(), str(folder))
+    base = model.base_model.model.config
+    expected = {}
+    for layer in range(base.num_hidden_layers):
+        attn, mlp = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.mlp"
+        for module, gguf_name in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")):
+            expected[f"blk.{layer}.{gguf_name}.weight"] = (
+                model.get_submodule(f"base_model.model.{attn}.{module}"),
+                module,
+            )
+        expected[f"blk.{layer}.ffn_down.weight"] = (model.get_submodule(f"base_model.model.{mlp}.down_proj"), "down")
+    expected["token_embd.weight"] = (model.get_submodule("base_model.model.model.embed_tokens"), "embed")
+    expected["output.weight"] = (model.get_submodule("base_model.model.lm_head"), "head")
+    assert set(deltas) == set(expected)
+    for name, (layer, kind) in expected.items():
+        delta = deltas[name]
+        if kind == "q_proj":
+            delta = unpermute(delta, base.num_attention_heads)
+        elif kind == "k_proj":
+            delta = unpermute(delta, base.num_key_value_heads)
+        torch.testing.assert_close(delta, layer.get_delta_weight("default"), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gguf_export_refusals_name_the_fix(tiny_base_repo, parents, tmp_path):  # noqa: F811
+    from hub_peft.bridges.gguf import export_gguf
+
+    dora = save_adapter(make_lora(16, 4, use_dora=True), tmp_path / "dora")
+    with pytest.raises(IncompatibleAdapterError, match=r"DoRA.*hub-peft convert"):
+        export_gguf(dora, tmp_path / "x.gguf")
+    with pytest.raises(IncompatibleAdapterError, match=r"IA3.*convert it to LoRA"):
+        export_gguf(parents["ia3"], tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_validate_for_llamacpp_and_ollama_modelfile(tiny_base_repo, parents, tmp_path, capsys):  # noqa: F811
+    from hub_peft.cli import main
+
+    assert main(["validate", str(parents["a"]), "--for", "llama.cpp"]) == 0
+    assert "llama.cpp-compatible" in capsys.readouterr().out
+    assert main(["validate", str(parents["ia3"]), "--for", "llama.cpp"]) == 1
+    assert "convert it to LoRA" in capsys.readouterr().out
+    out = tmp_path / "a.gguf"
+    assert main(["export", str(parents["a"]), "--to", "gguf", "--out", str(out), "--ollama", "./base-f32.gguf"]) == 0
+    assert (tmp_path / "Modelfile").read_text().splitlines()[1:] == ["FROM ./base-f32.gguf", "ADAPTER ./a.gguf"]

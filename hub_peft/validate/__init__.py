@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, NotFoundError
 from ..limits import MAX_SANE_BYTES
 from .base import (
     check_reft,
@@ -22,9 +22,11 @@ from .base import (
 )
 from .config import LORA_TENSOR, check_lora_ranks, check_peft_config, check_stray_tensors, read_config
 from .header import DTYPE_BITS, FLOAT_DTYPES, parse_json, read_safetensors_header
+from .llamacpp import check_llamacpp
 from .report import Problem, Report
 from .vllm import VLLM_INITS, VLLM_MAX_RANK, VLLM_TARGETS, VLLM_TENSOR, check_vllm, lora_ranks
 
+ENGINES = ("vllm", "llama.cpp")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -36,9 +38,10 @@ def validate_adapter(
     base_name: str = "the given base model",
     max_bytes: int = MAX_SANE_BYTES,
 ) -> Report:
-    """Validate an adapter folder; ``for_engine="vllm"`` also checks vLLM's LoRA contract. The folder is
-    untrusted data: however malformed its files, each problem is a Problem of the report (with its fix), never
-    an exception. ``max_bytes``: the largest adapter_model.safetensors taken."""
+    """Validate an adapter folder; ``for_engine="vllm"`` (``"llama.cpp"``) also checks vLLM's (llama.cpp's) LoRA
+    contract; llama.cpp's needs the base's config (``base_config``, else read from ``base_model_name_or_path``).
+    The folder is untrusted data: however malformed its files, each problem is a Problem of the report (with its
+    fix), never an exception. ``max_bytes``: the largest adapter_model.safetensors taken."""
     folder = Path(folder)
     report = Report(folder)
     config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
@@ -67,9 +70,22 @@ def validate_adapter(
         check_reft(report, reft_config, base_config, base_name)
     if for_engine == "vllm":
         check_vllm(report)
-    elif for_engine not in (None, "vllm"):
-        report.add(f"unknown engine {for_engine!r}", "use --for vllm")
+    elif for_engine == "llama.cpp":
+        check_llamacpp(report, base_config if base_config is not None else _base_config_of(report.config))
+    elif for_engine is not None:
+        report.add(f"unknown engine {for_engine!r}", f"use --for {' or --for '.join(ENGINES)}")
     return report
+
+
+def _base_config_of(config: dict) -> Any:
+    """The config of the base an adapter names, or None when it cannot be read (the check then says so)."""
+    from ..base_model import load_base_config
+
+    name = config.get("base_model_name_or_path")
+    try:
+        return load_base_config(name) if isinstance(name, str) and name else None
+    except (InvalidInputError, NotFoundError):
+        return None
 
 
 def _check_pickles(report: Report, weights: Path) -> None:
@@ -152,6 +168,7 @@ def card_facts(folder: str | Path) -> dict[str, Any]:
 
 __all__ = [
     "DTYPE_BITS",
+    "ENGINES",
     "FLOAT_DTYPES",
     "LORA_TENSOR",
     "MAX_SANE_BYTES",
