@@ -232,3 +232,52 @@ def test_validate_for_llamacpp_and_ollama_modelfile(tiny_base_repo, parents, tmp
     out = tmp_path / "a.gguf"
     assert main(["export", str(parents["a"]), "--to", "gguf", "--out", str(out), "--ollama", "./base-f32.gguf"]) == 0
     assert (tmp_path / "Modelfile").read_text().splitlines()[1:] == ["FROM ./base-f32.gguf", "ADAPTER ./a.gguf"]
+
+
+# --- per-request merges in the server ----------------------------------------------------------------------------
+
+
+def test_per_request_merges_equal_the_offline_merge(parents, tmp_path):
+    """{"model": {"a": 0.7, "b": -0.4}, "merge": {...}} answers exactly as the adapter `hub-peft merge` wrote
+    (same tokens, same logprobs), for TIES and seeded DARE; cat equals the plain weighted mix."""
+    from test_server import serving
+
+    from hub_peft.serving import MultiAdapterModel
+
+    engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()))
+    engine.add("a", parents["a"])
+    engine.add("b", parents["b"])
+    merges = {
+        "ties": {"method": "ties", "density": 0.5},
+        "dare": {"method": "dare_linear", "density": 0.7, "seed": 5},
+        "svd": {"method": "svd", "svd_rank": 3},
+    }
+    for name, options in merges.items():
+        spec = MergeSpec(**options)
+        engine.add(f"offline-{name}", merge_adapters([parents["a"], parents["b"]], WEIGHTS, tmp_path / name, spec))
+    mix = {"a": WEIGHTS[0], "b": WEIGHTS[1]}
+    body = {"prompt": "a b c d", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+
+    def complete(client, **fields):
+        response = client.post("/v1/completions", json={**body, **fields})
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        return choice["text"], choice["logprobs"]["token_logprobs"]
+
+    with serving(engine) as client:
+        for name, options in merges.items():
+            text, logprobs = complete(client, model=mix, merge=options)
+            expected_text, expected_logprobs = complete(client, model=f"offline-{name}")
+            assert text == expected_text, name
+            assert logprobs == pytest.approx(expected_logprobs, abs=1e-5), name
+        assert complete(client, model=mix, merge={"method": "cat"})[0] == complete(client, model=mix)[0]
+        merged = [m["id"] for m in client.get("/v1/models").json()["data"] if m["id"].startswith("merge-")]
+        assert len(merged) == 4  # one adapter per distinct merge, reused by later requests
+        complete(client, model=mix, merge=merges["ties"])
+        assert len([m for m in client.get("/v1/models").json()["data"] if m["id"].startswith("merge-")]) == 4
+        bad = client.post("/v1/completions", json={**body, "model": "a", "merge": {"method": "ties"}})
+        assert bad.status_code == 400 and "mix" in bad.json()["error"]["message"]
+        bad = client.post("/v1/completions", json={**body, "model": mix, "merge": {"method": "ties"}})
+        assert bad.status_code == 400 and "density" in bad.json()["error"]["message"]
+        bad = client.post("/v1/completions", json={**body, "model": mix, "merge": {"method": "median"}})
+        assert bad.status_code == 400

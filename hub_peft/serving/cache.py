@@ -10,9 +10,11 @@ download cache on next use. The weights are kept in the form the engine's per-ro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence, Set
@@ -28,6 +30,7 @@ from ..reft.interventions import Intervention
 from ..targets import expand_target_modules
 from ..tasks import require_causal_adapter
 
+MAX_MERGES = 16  # adapters merged per request kept loaded (and on disk); the oldest beyond it are removed
 DOWNLOAD_SLACK = 64 * 2**20  # a repo's files beyond the weights: card, tokenizer (SmolLM2's tokenizer.json: 2 MB)
 
 
@@ -135,6 +138,7 @@ class AdapterCache:
         self.copies: dict[str, CachedCopy] = {}  # cache key -> the one copy all names of those files share
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
         self._lock = threading.RLock()
+        self.merges: dict[str, Path] = {}  # per-request merges by name, oldest first (see merge)
 
     def add(
         self,
@@ -210,6 +214,37 @@ class AdapterCache:
             self.forget_unused()
             self._evict(keep=set())
         return self.info(name)
+
+    def merge_name(self, mix: dict[str, float], spec: Any) -> str:
+        """The name of the merge of ``mix`` with ``spec``: a digest of its parents' resolved copies (a Hub commit, a
+        folder's sha256), weights and settings, so the same merge is one adapter and a new revision a new one."""
+        parents = [(self.get(name).cached.key, float(w)) for name, w in mix.items()]
+        record = json.dumps({"parents": parents, "spec": spec.record()}, sort_keys=True)
+        return "merge-" + hashlib.sha256(record.encode()).hexdigest()[:16]
+
+    def merge(self, mix: dict[str, float], spec: Any, root: Path) -> tuple[str, list[str]]:
+        """Merge ``mix``'s adapters with ``spec`` as ``hub-peft merge`` does (same function, same tensors), write
+        it under ``root`` and load it: its name, and the older merges to remove beyond :data:`MAX_MERGES`."""
+        from ..bridges.folders import write_adapter_folder
+        from ..bridges.merge import merge_weights
+        from ..cards import CardInfo
+
+        name = self.merge_name(mix, spec)
+        if name in self.entries:
+            return name, []
+        folders = [self.get(parent).folder for parent in mix]
+        config, tensors = merge_weights(folders, list(mix.values()), spec, base_config=self.base_config)
+        lineage = {"operation": "merge", **spec.record(), "parents": [{"name": n, "weight": w} for n, w in mix.items()]}
+        folder = write_adapter_folder(
+            root / name, config, tensors, CardInfo(lineage=lineage), overwrite=True, card=False
+        )
+        self.add(name, folder)
+        with self._lock:
+            self.merges[name] = folder
+            dropped = list(self.merges)[:-MAX_MERGES] if len(self.merges) > MAX_MERGES else []
+            for old in dropped:
+                shutil.rmtree(self.merges.pop(old), ignore_errors=True)
+        return name, dropped
 
     def _check_size(self, folder: Path, source: Any) -> None:
         """Refuse an adapter whose weights (as float32, the form the engine keeps) exceed ``max_adapter_bytes``,

@@ -242,6 +242,15 @@ class Engine(StaticGeneration):
         ``options`` (``subfolder``, ``pin``, ``hub_only``)."""
         return self.cache.add(name, source, revision, **options)
 
+    def merge(self, mix: dict[str, float], spec: Any, root: Path) -> str:
+        """The name of the adapter merged from ``mix``'s loaded adapters with ``spec`` (a
+        :class:`hub_peft.bridges.MergeSpec`), merging and loading it first if it is new (:meth:`.cache.AdapterCache.
+        merge`, which keeps at most ``MAX_MERGES``; the oldest go)."""
+        name, dropped = self.cache.merge(mix, spec, root)
+        for old in dropped:
+            self.remove(old)
+        return name
+
     def remove(self, name: str) -> None:
         self.cache.remove(name)
         with self._lock:  # stacks and a kept decode plan hold payloads: let a removed adapter's memory go

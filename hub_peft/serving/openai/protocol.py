@@ -138,8 +138,32 @@ Weight = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_MIX_WEIGHT, le=MAX_
 Mix = Annotated[dict[ModelName, Weight], Field(min_length=1, max_length=MAX_MIX_ADAPTERS)]
 
 
+class MergeOptions(_Strict):
+    """hub_peft's per-request merge of a ``model`` mix (``hub-peft merge``'s options): PEFT's combination method,
+    its density (TIES/DARE/magnitude pruning), SVD rank, majority sign method and DARE's seed."""
+
+    method: Literal[
+        "cat",
+        "linear",
+        "svd",
+        "ties",
+        "ties_svd",
+        "dare_linear",
+        "dare_ties",
+        "dare_linear_svd",
+        "dare_ties_svd",
+        "magnitude_prune",
+        "magnitude_prune_svd",
+    ] = "cat"
+    density: Annotated[float, Field(gt=0, le=1)] | None = None
+    svd_rank: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] = 0
+
+
 class _Sampling(_Strict):
     model: ModelName | Mix | None = None
+    merge: MergeOptions | None = None  # hub_peft: merge the `model` mix into one adapter (see MergeOptions)
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import struct
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,7 @@ from .protocol import (
     CompletionRequest,
     EmbeddingRequest,
     LoadLoraAdapter,
+    MergeOptions,
     UnloadLoraAdapter,
 )
 from .responses import Answer, BodyLimit, api_error, error_body, http_status, public
@@ -100,6 +102,7 @@ class OpenAIServer:
         # `loading` until its thread ends, so asking for the name again waits for it instead of starting another.
         self.load_pool = ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="hub_peft-load")
         self.loading: dict[str, asyncio.Future] = {}  # adapters being loaded, by name
+        self.merge_root: Path | None = None  # where per-request merges are written (a private temporary folder)
 
     # --- model names -----------------------------------------------------------------------------
 
@@ -124,6 +127,24 @@ class OpenAIServer:
             "model_not_found",
         )
 
+    async def merged(self, mix: Any, options: MergeOptions) -> str:
+        """The name of ``mix`` merged with ``options`` (merged and loaded first when new, on a load thread with the
+        adapter-load deadline, as ``hub-peft merge`` merges: the same tensors)."""
+        from ...bridges.merge import MergeSpec
+
+        if not isinstance(mix, dict):
+            raise ApiError(400, 'merge needs model to be a mix of adapters, such as {"a": 0.6, "b": 0.4}.', "merge")
+        try:
+            spec = MergeSpec(**options.model_dump())
+            name = self.engine.cache.merge_name(mix, spec)
+        except HubPeftError as e:
+            raise ApiError(400, public(str(e)), "merge") from None
+        if name not in {e["name"] for e in self.engine.cache.loaded()}:
+            if self.merge_root is None:
+                self.merge_root = Path(tempfile.mkdtemp(prefix="hub_peft_merges_"))  # private to this process
+            await self.load(name, "", None, param="merge", work=partial(self.engine.merge, mix, spec, self.merge_root))
+        return name
+
     def hub_allowed(self, spec: str) -> bool:
         """Whether ``spec`` (``REPO[@REVISION][:SUBFOLDER]``) names a repo that ``allow_hub_pattern`` lets in."""
         try:
@@ -147,12 +168,14 @@ class OpenAIServer:
         pin: bool = False,
         hub_only: bool = False,
         param: str = "source",
-    ) -> dict:
+        work: Any = None,
+    ) -> Any:
         # NOTE(security): adapters are untrusted data: download, checks and decoding run on a worker thread,
         # never on the step loop, with a deadline; whatever fails is the adapter's fault (a 4xx that names the
         # problem), and the message never shows a path of this machine.
+        call = work or partial(self.engine.add, name, source, revision, subfolder=subfolder, pin=pin, hub_only=hub_only)
         work = self.loading.get(name)
-        if work is not None and param != "model":
+        if work is not None and param not in ("model", "merge"):
             raise ApiError(409, f"{name!r} is being loaded; try again when that load ends.", "name")
         if work is None:  # one load per name at a time (requests for it share it); other names load beside it
             if len(self.loading) >= MAX_PENDING_LOADS:
@@ -162,7 +185,6 @@ class OpenAIServer:
                     param,
                     headers={"Retry-After": "30"},
                 )
-            call = partial(self.engine.add, name, source, revision, subfolder=subfolder, pin=pin, hub_only=hub_only)
             work = self.loading[name] = asyncio.get_running_loop().run_in_executor(self.load_pool, call)
             work.add_done_callback(lambda done: (self.loading.pop(name, None), done.cancelled() or done.exception()))
         try:
@@ -239,6 +261,8 @@ class OpenAIServer:
         prompt, max_tokens = self.prompt_of(body, chat)
         constraint, tools, field = self.structure_of(body)
         adapter, label = await self.resolve(body.model)
+        if body.merge is not None:
+            adapter, label = await self.merged(adapter, body.merge), "merge"
         echoed = None
         if isinstance(body, CompletionRequest) and body.echo and logprobs is not None:  # the prompt's logprobs
             limit = self.settings.max_prompt_tokens
