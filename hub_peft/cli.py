@@ -379,6 +379,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .bridges.convert import convert_to_lora
+
+    out, error = convert_to_lora(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite)
+    print(
+        f"Wrote {out}: a rank-{args.rank} LoRA. Reconstruction error of the weight updates, "
+        f"||BA - dW|| / ||dW|| over {error['layers']} layers: mean {error['mean']:.3g}, "
+        f"worst {error['max']:.3g} ({error['worst_layer']}); recorded on its card."
+    )
+    return 0
+
+
 def _cmd_import_pyreft(args: argparse.Namespace) -> int:
     from .reft.pyreft_import import import_pyreft
 
@@ -523,6 +535,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=_cmd_export)
+
+    to_lora = sub.add_parser(
+        "convert", help="Convert a weight-changing adapter (DoRA, LoHa, LoKr, IA3...) to a plain LoRA by SVD."
+    )
+    to_lora.add_argument("adapter", metavar="DIR_OR_REPO[@REVISION][:SUBFOLDER]")
+    to_lora.add_argument("--to", choices=["lora"], default="lora")
+    to_lora.add_argument("--rank", type=int, default=16, help="The LoRA's rank (default 16); higher: smaller error.")
+    to_lora.add_argument("--out", required=True, metavar="DIR")
+    to_lora.add_argument("--overwrite", action="store_true")
+    to_lora.set_defaults(func=_cmd_convert)
 
     imp = sub.add_parser("import-pyreft", help="Convert a pyreft ReftModel.save directory to hub_peft's format.")
     imp.add_argument("src", metavar="SRC_DIR")

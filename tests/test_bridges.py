@@ -281,3 +281,77 @@ def test_per_request_merges_equal_the_offline_merge(parents, tmp_path):
         assert bad.status_code == 400 and "density" in bad.json()["error"]["message"]
         bad = client.post("/v1/completions", json={**body, "model": mix, "merge": {"method": "median"}})
         assert bad.status_code == 400
+
+
+# --- conversion to LoRA ------------------------------------------------------------------------------------------
+
+
+def merged_delta(folder, module):
+    """A layer's true update, by PEFT's own merge_and_unload: W_merged − W."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(load_tiny(), str(folder)).merge_and_unload()
+    return merged.get_submodule(module).weight.detach() - load_tiny().get_submodule(module).weight.detach()
+
+
+def test_convert_loha_equals_peft_and_reports_its_error(tiny_base_repo, tmp_path, capsys):  # noqa: F811
+    from peft import PeftModel
+    from peft.tuners.lora.conversion import convert_to_lora as peft_convert
+    from test_engine import make_loha
+
+    from hub_peft.cli import main
+
+    folder = save_adapter(make_loha(21), tmp_path / "loha")
+    assert main(["convert", str(folder), "--to", "lora", "--rank", "4", "--out", str(tmp_path / "lora")]) == 0
+    printed = capsys.readouterr().out
+    got = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    _, expected = peft_convert(PeftModel.from_pretrained(load_tiny(), str(folder)), 4)
+    module = "model.layers.0.self_attn.q_proj"
+    ours = got[f"base_model.model.{module}.lora_B.weight"] @ got[f"base_model.model.{module}.lora_A.weight"]
+    peft_ba = (
+        expected[f"base_model.model.{module}.lora_B.weight"] @ expected[f"base_model.model.{module}.lora_A.weight"]
+    )
+    torch.testing.assert_close(ours, peft_ba, rtol=1e-4, atol=1e-5)
+    truth = merged_delta(folder, module)
+    error = float(torch.linalg.norm(ours - truth) / torch.linalg.norm(truth))
+    lineage = json.loads((tmp_path / "lora" / "hub_peft_card.json").read_text())["lineage"]
+    assert lineage["source_type"] == "LOHA" and lineage["rank"] == 4 and lineage["error"]["layers"] == 4
+    assert lineage["error"]["mean"] <= lineage["error"]["max"] and error <= lineage["error"]["max"] + 1e-6
+    assert 0.01 < error < 1  # rank 4 of a rank-16 LoHa update: a real, reported approximation
+    assert f"{lineage['error']['max']:.3g}" in printed
+    assert "Reconstruction error" in (tmp_path / "lora" / "README.md").read_text()
+
+
+def test_convert_dora_at_full_rank_is_exact_where_peft_drops_the_magnitude(tiny_base_repo, tmp_path):  # noqa: F811
+    from peft import PeftModel
+    from peft.tuners.lora.conversion import convert_to_lora as peft_convert
+
+    from hub_peft import load_adapter
+    from hub_peft.bridges.convert import convert_to_lora
+
+    dora = make_lora(22, 4, use_dora=True)
+    with torch.no_grad():
+        for name, p in dora.named_parameters():
+            if "magnitude" in name:
+                p.mul_(1.5)  # a trained magnitude: away from the norm it starts at
+    folder = save_adapter(dora, tmp_path / "dora")
+    out, error = convert_to_lora(folder, tmp_path / "lora", rank=64)
+    assert error["max"] < 1e-5
+    ids = torch.tensor([tiny_tokenizer()("a b c d e").input_ids])
+    with torch.no_grad():
+        expected = load_adapter(load_tiny(), folder)(input_ids=ids).logits
+        got = load_adapter(load_tiny(), out)(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    _, tensors = peft_convert(PeftModel.from_pretrained(load_tiny(), str(folder)), 1.0)  # every singular value
+    module = "model.layers.0.self_attn.q_proj"
+    peft_ba = tensors[f"base_model.model.{module}.lora_B.weight"] @ tensors[f"base_model.model.{module}.lora_A.weight"]
+    truth = merged_delta(folder, module)
+    assert torch.linalg.norm(peft_ba - truth) / torch.linalg.norm(truth) > 0.1  # PEFT's misses the rescaling
+
+
+def test_convert_refusals(parents, tmp_path):
+    from hub_peft.bridges.convert import convert_to_lora
+
+    with pytest.raises(IncompatibleAdapterError, match="plain LoRA already"):
+        convert_to_lora(parents["a"], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
