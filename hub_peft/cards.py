@@ -136,6 +136,7 @@ class CardFacts(TypedDict, total=False):
 
     name: str | None
     vllm_ok: bool | None
+    verdicts: dict[str, list[str] | None] | None
     tensors: dict[str, tuple[str, list[int]]] | None
 
 
@@ -150,6 +151,9 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, **facts: Unpa
     from huggingface_hub import constants
 
     name, vllm_ok, tensors = facts.get("name"), facts.get("vllm_ok"), facts.get("tensors")
+    verdicts = dict(facts.get("verdicts") or {})
+    if vllm_ok is not None and "vllm" not in verdicts:
+        verdicts["vllm"] = [] if vllm_ok else ["see `hub-peft validate --for vllm`"]
 
     folder = Path(folder)
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -199,7 +203,7 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, **facts: Unpa
             "args": info.training_args,
         },
         "evaluation": _evaluation(info),
-        "serving": _serving(task, vllm_ok),
+        "serving": _serving(task, verdicts, repo_id or name or str(folder), base_id),
         "lineage": info.lineage,
         "limitations": info.limitations or _LIMITATIONS,
         "citation": _citation(variants, family),
@@ -274,21 +278,46 @@ def _metadata(
     return meta
 
 
-def _serving(task: Any, vllm_ok: bool | None) -> str:
-    """What serves the adapter, as the card says it; ``vllm_ok``: the verdict of ``validate --for vllm``."""
+def _serving(task: Any, verdicts: dict[str, list[str] | None], repo: str, base: str) -> str:
+    """Where the adapter can be served, as the card says it: one row per engine, from the validators' verdicts
+    (engine -> its problems, ``[]`` when it serves the adapter; absent or None: not checked)."""
     if task.task_type != "CAUSAL_LM":  # chat and the engine generate with causal LMs
         return (
             f"Loads with PEFT and `hub_peft.load_adapter` on `{task.auto_class}`. `hub-peft chat` and "
             f"`hub-peft serve` run causal LM adapters only, so they refuse this {task.task_type} adapter."
         )
-    if vllm_ok is None:
-        return "Loads with PEFT and `hub-peft serve`; `hub-peft validate --for vllm` says whether vLLM serves it too."
-    if vllm_ok:
-        return (
-            "vLLM-compatible LoRA (checked with `hub-peft validate --for vllm`); also loads with PEFT and "
-            "`hub-peft serve`."
-        )
-    return "Loads with PEFT and `hub-peft serve`. Not vLLM-compatible (`hub-peft validate --for vllm` lists why)."
+    rows = [
+        "| Engine | Serves it | How, or why not |",
+        "|---|---|---|",
+        "| PEFT, `hub-peft serve` | yes | `PeftModel.from_pretrained` (above); "
+        f"`hub-peft serve --base {base} --adapter NAME={repo}` batches it with other adapters on one (4-bit) base |",
+    ]
+    engines = (
+        (
+            "vllm",
+            "vLLM",
+            f"vLLM-compatible LoRA: `vllm serve {base} --enable-lora --lora-modules NAME={repo}`",
+            "`hub-peft validate --for vllm`",
+        ),
+        (
+            "llama.cpp",
+            "llama.cpp, Ollama",
+            f"`hub-peft export {repo} --to gguf --ollama BASE.gguf` writes its GGUF LoRA "
+            "and a Modelfile (`llama-server --lora`, Ollama's `ADAPTER`)",
+            "`hub-peft validate --for llama.cpp`",
+        ),
+    )
+    for key, label, how, check in engines:
+        problems = verdicts.get(key)
+        if problems is None:
+            rows.append(f"| {label} | not checked | {check} says |")
+        elif not problems:
+            rows.append(f"| {label} | yes | {how} (checked with {check}) |")
+        else:
+            why = "; ".join(problems[:2]).replace("|", "\\|").replace("\n", " ")[:300]
+            prefix = "Not vLLM-compatible: " if key == "vllm" else ""
+            rows.append(f"| {label} | no | {prefix}{why} ({check} lists the fixes) |")
+    return "\n".join(rows)
 
 
 def _head_kwargs(task: Any, info: CardInfo, tensors: dict[str, tuple[str, list[int]]]) -> str:

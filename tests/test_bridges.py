@@ -91,6 +91,8 @@ def test_merge_card_records_lineage(parents, tmp_path):
     assert [p["weight"] for p in lineage["parents"]] == WEIGHTS
     assert [p["folder"] for p in lineage["parents"]] == ["a", "b"] and len(lineage["parents"][0]["sha256"]) == 64
     assert "## Lineage" in card and "`ties`" in card and "density 0.5" in card
+    assert "| vLLM | yes | vLLM-compatible LoRA: `vllm serve alice/tiny-llama --enable-lora" in card
+    assert f"| llama.cpp, Ollama | yes | `hub-peft export {out} --to gguf" in card
     assert str(parents["a"].parent) not in card  # a local parent: its folder's name and digest, never its path
 
 
@@ -217,6 +219,9 @@ def test_gguf_export_refusals_name_the_fix(tiny_base_repo, parents, tmp_path):  
     dora = save_adapter(make_lora(16, 4, use_dora=True), tmp_path / "dora")
     with pytest.raises(IncompatibleAdapterError, match=r"DoRA.*hub-peft convert"):
         export_gguf(dora, tmp_path / "x.gguf")
+    serving = (dora / "README.md").read_text().split("## Serving")[1]
+    assert "| vLLM | no | Not vLLM-compatible: vLLM does not support DoRA" in serving
+    assert "| llama.cpp, Ollama | no | DoRA rescales every output row" in serving
     with pytest.raises(IncompatibleAdapterError, match=r"IA3.*convert it to LoRA"):
         export_gguf(parents["ia3"], tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()

@@ -110,7 +110,8 @@ def save_adapter(
         if tokenizer is not None and _stores_vocabulary_rows(tmp, innermost_model(model).config):
             tokenizer.save_pretrained(tmp)
         info.save(tmp)
-        write_card(tmp, name=str(out_dir), **card_facts(tmp))  # validated here: the card only renders the facts
+        facts = card_facts(tmp, getattr(innermost_model(model), "config", None))
+        write_card(tmp, name=str(out_dir), **facts)  # validated here: the card only renders the facts
     return out_dir
 
 

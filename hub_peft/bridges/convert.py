@@ -124,4 +124,5 @@ def convert_to_lora(
         example_prompt=first.example_prompt,
         lineage=lineage,
     )
-    return write_adapter_folder(out_dir, lora, tensors, info, overwrite=overwrite), error
+    folder = write_adapter_folder(out_dir, lora, tensors, info, overwrite=overwrite, base_config=base.config)
+    return folder, error

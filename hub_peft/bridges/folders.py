@@ -20,9 +20,11 @@ def write_adapter_folder(
     *,
     overwrite: bool = False,
     card: bool = True,
+    base_config: Any = None,
 ) -> Path:
     """``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``hub_peft_card.json`` and the ``README.md``
-    card) in ``out_dir``, all or nothing. ``info.params`` is filled with the adapter's parameter count."""
+    card) in ``out_dir``, all or nothing. ``info.params`` is filled with the adapter's parameter count;
+    ``base_config`` (the base's transformers config) lets the card give llama.cpp's verdict."""
     from safetensors.torch import save_file
 
     from ..validate import card_facts
@@ -35,5 +37,5 @@ def write_adapter_folder(
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         info.save(tmp)
         if card:
-            write_card(tmp, name=str(out_dir), **card_facts(tmp))
+            write_card(tmp, name=str(out_dir), **card_facts(tmp, base_config))
     return out_dir

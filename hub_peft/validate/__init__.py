@@ -22,7 +22,7 @@ from .base import (
 )
 from .config import LORA_TENSOR, check_lora_ranks, check_peft_config, check_stray_tensors, read_config
 from .header import DTYPE_BITS, FLOAT_DTYPES, parse_json, read_safetensors_header
-from .llamacpp import check_llamacpp
+from .llamacpp import check_llamacpp, llamacpp_layout
 from .report import Problem, Report
 from .vllm import VLLM_INITS, VLLM_MAX_RANK, VLLM_TARGETS, VLLM_TENSOR, check_vllm, lora_ranks
 
@@ -152,10 +152,13 @@ def _read_weights(report: Report, weights: Path, max_bytes: int) -> bool:
     return True
 
 
-def card_facts(folder: str | Path) -> dict[str, Any]:
+def card_facts(folder: str | Path, base_config: Any = None) -> dict[str, Any]:
     """What a model card states that takes validating the adapter, as :func:`hub_peft.cards.write_card`'s keyword
-    arguments: ``vllm_ok`` (whether vLLM's LoRA contract holds) and ``tensors`` (the weights' header, ``{}`` when
-    it cannot be read). The card renders these facts; it never validates."""
+    arguments: ``vllm_ok`` (whether vLLM's LoRA contract holds), ``verdicts`` (engine -> the problems that keep it
+    from serving the adapter, ``[]`` when it does, None when it could not be checked) and ``tensors`` (the
+    weights' header, ``{}`` when it cannot be read). llama.cpp's verdict needs the base's config: ``base_config``,
+    else one found without the network (a local folder, the embedded base, the Hub cache). The card renders
+    these facts; it never validates."""
     report = validate_adapter(folder, for_engine="vllm")
     tensors = report.tensors
     if not tensors:  # the checks stopped before the header (an over-large file, say): the card reads it anyway
@@ -163,7 +166,30 @@ def card_facts(folder: str | Path) -> dict[str, Any]:
             tensors = read_safetensors_header(Path(folder) / "adapter_model.safetensors")
         except (OSError, ValueError, KeyError):
             tensors = {}
-    return {"vllm_ok": report.ok, "tensors": tensors}
+    verdicts: dict[str, list[str] | None] = {"vllm": [p.point for p in report.problems]}
+    base_config = base_config if base_config is not None else _cached_base_config(report.config)
+    layout = llamacpp_layout(report.config, list(tensors), base_config) if report.config and tensors else None
+    verdicts["llama.cpp"] = None if layout is None else [point for point, _ in layout.problems]
+    if base_config is None and verdicts["llama.cpp"] and verdicts["llama.cpp"][-1].startswith("the base model's"):
+        verdicts["llama.cpp"] = None  # not decided: only the base's layout was missing
+    return {"vllm_ok": report.ok, "verdicts": verdicts, "tensors": tensors}
+
+
+def _cached_base_config(config: dict) -> Any:
+    """The base's config from what is on this machine (never the network), or None."""
+    from ..base_model import EMBEDDED_BASE, embedded_installed, load_base_config
+
+    name = config.get("base_model_name_or_path")
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        if Path(name).is_dir() or (name == EMBEDDED_BASE and embedded_installed()):
+            return load_base_config(name)
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except Exception:  # not cached, or not a config transformers reads: the verdict stays unknown
+        return None
 
 
 __all__ = [
