@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from ._atomic import atomic_dir
-from ._bnb import four_bit_layers, keep_4bit_trainable, quantize_linear_subclasses
 from .errors import InvalidInputError, NotFoundError
 
 EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -255,6 +254,7 @@ def _quantize_blocks(model: Any, config: Any, name: str) -> tuple[str | None, st
     quantization to record ("nf4", or None when no layer is 4-bit) and "k/n" 4-bit decoder linears."""
     import warnings
 
+    from ._bnb import four_bit_layers, keep_4bit_trainable, quantize_linear_subclasses  # torch: on use
     from .modeling import find_decoder_layers
 
     layers = find_decoder_layers(model)

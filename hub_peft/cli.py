@@ -360,13 +360,9 @@ def _floats(text: str, option: str) -> list[float]:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .bridges.gguf import export_gguf
+    from .bridges.gguf import export_gguf, read_base_config
 
-    base_config = None
-    if args.base:
-        from .base_model import load_base_config
-
-        base_config = load_base_config(args.base)
+    base_config = read_base_config(args.base) if args.base else None
     out = export_gguf(
         args.adapter,
         args.out,

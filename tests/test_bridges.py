@@ -360,3 +360,23 @@ def test_convert_refusals(parents, tmp_path):
     with pytest.raises(IncompatibleAdapterError, match="plain LoRA already"):
         convert_to_lora(parents["a"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_gguf_export_of_a_bfloat16_adapter(tiny_base_repo, tmp_path):  # noqa: F811
+    """numpy cannot read bfloat16: those weights go through torch, to the same file as their float32 values."""
+    from hub_peft.bridges.gguf import export_gguf, read_gguf_lora
+
+    model = make_lora(31, 4)
+    folder = save_adapter(model, tmp_path / "f32")
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(torch.bfloat16)
+    bf16 = save_adapter(model, tmp_path / "bf16")
+    assert {str(t.dtype) for t in load_file(str(bf16 / "adapter_model.safetensors")).values()} == {"torch.bfloat16"}
+    ours = read_gguf_lora(export_gguf(bf16, tmp_path / "bf16.gguf"))["tensors"]
+    reference = read_gguf_lora(export_gguf(folder, tmp_path / "f32.gguf"))["tensors"]
+    assert set(ours) == set(reference)
+    for name, array in reference.items():
+        torch.testing.assert_close(
+            torch.from_numpy(ours[name].copy()), torch.from_numpy(array.copy()), rtol=1e-2, atol=1e-2
+        )

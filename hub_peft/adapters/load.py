@@ -43,7 +43,12 @@ def fetch_adapter(
 
 
 def check_adapter_folder(
-    folder: Path, *, base_config: Any = None, base_name: str = "the given base model", max_bytes: int = MAX_SANE_BYTES
+    folder: Path,
+    *,
+    base_config: Any = None,
+    base_name: str = "the given base model",
+    max_bytes: int = MAX_SANE_BYTES,
+    parse_with_peft: bool = True,
 ) -> dict:
     """Raise a clear error unless ``folder`` holds a loadable, safetensors-only adapter (fitting ``base_config``, its
     weights file at most ``max_bytes``): every problem :func:`validate_adapter` finds in the untrusted files is an
@@ -54,7 +59,9 @@ def check_adapter_folder(
             f"{folder} only has pickled weights ({', '.join(pickles)}), which hub_peft never unpickles. If they "
             "are your own trusted files, convert them locally with `hub-peft convert-bin DIR`."
         )
-    report = validate_adapter(folder, base_config=base_config, base_name=base_name, max_bytes=max_bytes)
+    report = validate_adapter(
+        folder, base_config=base_config, base_name=base_name, max_bytes=max_bytes, parse_with_peft=parse_with_peft
+    )
     if not report.ok:
         first = report.problems[0]
         if first.incompatible_base:

@@ -37,20 +37,18 @@ def export_gguf(
     transformers config (default: read from ``base_model_name_or_path``). ``ollama_from``: also write an Ollama
     ``Modelfile`` beside it, ``FROM ollama_from`` + ``ADAPTER``. Raises :class:`IncompatibleAdapterError` listing
     every reason an adapter cannot go, each with its fix."""
-    from safetensors.torch import load_file
-
     from ..adapters import check_adapter_folder, resolve_adapter
     from ..validate.llamacpp import llamacpp_layout
 
     if dtype not in GGUF_DTYPES:
         raise InvalidInputError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}.")
     folder = resolve_adapter(str(source)).folder
-    config = check_adapter_folder(folder)
+    # NOTE(bridges): the export reads only the fields it uses, with numpy: no torch, transformers or PEFT import
+    # (seconds of a command's time; see benchmarks/README.md#bridges)
+    config = check_adapter_folder(folder, parse_with_peft=False)
     if base_config is None:
-        from ..base_model import load_base_config
-
-        base_config = load_base_config(config["base_model_name_or_path"])
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
+        base_config = read_base_config(config["base_model_name_or_path"])
+    tensors = _load_float32(folder / "adapter_model.safetensors")
     layout = llamacpp_layout(config, list(tensors), base_config)
     if layout.problems:
         raise IncompatibleAdapterError(
@@ -74,12 +72,62 @@ def export_gguf(
     return out
 
 
+def read_base_config(name: str) -> Any:
+    """What llama.cpp's layout needs of a base's ``config.json`` (a Hub id, a folder, the embedded base), read as
+    JSON: no transformers (which imports torch). ``tie_word_embeddings``, when the file omits it, takes the
+    default of the architecture's transformers config class."""
+    import json
+    from types import SimpleNamespace
+
+    from ..base_model import resolve_base
+    from ..errors import NotFoundError
+
+    path = Path(resolve_base(name)[1])
+    try:
+        if path.is_dir():
+            data = json.loads((path / "config.json").read_text())
+        else:
+            from huggingface_hub import hf_hub_download
+
+            data = json.loads(Path(hf_hub_download(str(path), "config.json")).read_text())
+    except (OSError, ValueError) as e:
+        raise NotFoundError(f"Could not read the config.json of base model {name!r} ({e}); pass --base.") from e
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"The config.json of base model {name!r} is not a JSON object.")
+    data.setdefault("tie_word_embeddings", str(data.get("model_type", "")).startswith("gemma"))
+    return SimpleNamespace(**data)
+
+
+def _load_float32(path: Path) -> dict[str, Any]:
+    """An adapter's tensors as float32 numpy arrays (bfloat16 ones through torch, which numpy cannot read)."""
+    import numpy as np
+
+    from ..validate import read_safetensors_header
+
+    if any(dtype == "BF16" for dtype, _ in read_safetensors_header(path).values()):
+        from safetensors.torch import load_file as load_torch
+
+        return {k: v.float().numpy() for k, v in load_torch(str(path)).items()}
+    from safetensors.numpy import load_file
+
+    return {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
+
+
 def _pairs(config: dict, tensors: dict, layout: Any) -> tuple[list[tuple[str, Any, Any]], float]:
-    """``(gguf base tensor name, lora_a, lora_b)`` per module, as float32 torch tensors, and the file's alpha."""
+    """``(gguf base tensor name, lora_a, lora_b)`` per module, as float32 numpy arrays, and the file's alpha."""
+    import numpy as np
+
+    from ..target_regex import pattern_lookup
+
     prefix = "base_model.model."
+    alphas = config.get("alpha_pattern") or {}
+    alpha_of = pattern_lookup(list(alphas), "alpha_pattern")
     scales, ranks = {}, {}
     for t in layout.tensors:
-        r, alpha = _rank_alpha(config, t.module)
+        key = f"{prefix}{t.module}.lora_embedding_A" if t.embedding else f"{prefix}{t.module}.lora_A.weight"
+        r = int(tensors[key].shape[0])  # the rank is the tensor's (rank_pattern decided it at save)
+        found = alpha_of(t.module)
+        alpha = float(alphas[found] if found is not None else config.get("lora_alpha", config["r"]))
         scales[t.module] = alpha / r**0.5 if config.get("use_rslora") else alpha / r
         ranks[t.module] = r
     uniform = len(set(scales.values())) == 1 and len(set(ranks.values())) == 1
@@ -87,37 +135,23 @@ def _pairs(config: dict, tensors: dict, layout: Any) -> tuple[list[tuple[str, An
     for t in layout.tensors:
         if t.embedding:
             A, B = tensors[f"{prefix}{t.module}.lora_embedding_A"], tensors[f"{prefix}{t.module}.lora_embedding_B"]
-            A = A.float().T  # llama.cpp takes token rows of lora_a: [vocab, r] (convert_lora_to_gguf.py does this)
+            A = A.T  # llama.cpp takes token rows of lora_a: [vocab, r] (convert_lora_to_gguf.py does this)
         else:
             A, B = tensors[f"{prefix}{t.module}.lora_A.weight"], tensors[f"{prefix}{t.module}.lora_B.weight"]
-        B = B.float() if uniform else B.float() * scales[t.module]
+        B = B if uniform else B * scales[t.module]
         if t.permute is not None:
             B = permute_rows(B, *t.permute)
-        pairs.append((t.gguf_name, A.float().contiguous(), B.contiguous()))
+        pairs.append((t.gguf_name, np.ascontiguousarray(A), np.ascontiguousarray(B)))
     first = layout.tensors[0].module
     alpha = scales[first] * ranks[first] if uniform else 0.0
     return pairs, float(alpha)
-
-
-def _rank_alpha(config: dict, module: str) -> tuple[int, float]:
-    """PEFT's rank and alpha of one module: ``r``/``lora_alpha`` unless ``rank_pattern``/``alpha_pattern`` name it."""
-    from peft.utils.other import get_pattern_key
-
-    r, alpha = config["r"], config.get("lora_alpha", config["r"])
-    for field, default in (("rank_pattern", r), ("alpha_pattern", alpha)):
-        pattern = config.get(field) or {}
-        if pattern:
-            key = get_pattern_key(list(pattern), module)
-            value = pattern.get(key, default)
-            r, alpha = (value, alpha) if field == "rank_pattern" else (r, value)
-    return int(r), float(alpha)
 
 
 def permute_rows(weights: Any, n_head: int, n_head_kv: int) -> Any:
     """llama.cpp's ``LlamaModel.permute`` of q/k rows (from HF's rotate-half RoPE to its interleaved one)."""
     if n_head_kv != n_head:
         n_head = n_head_kv
-    shape = weights.shape
+    shape = weights.shape  # numpy arrays and torch tensors alike
     return weights.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
@@ -140,8 +174,8 @@ def _write(out: Path, architecture: str, alpha: float, pairs: list, config: dict
         writer.add_string("general.base_model.0.repo_url", str(config.get("base_model_name_or_path", "")))
         np_dtype = np.float16 if dtype == "f16" else np.float32
         for name, A, B in pairs:
-            writer.add_tensor(f"{name}.lora_a", A.numpy().astype(np_dtype))
-            writer.add_tensor(f"{name}.lora_b", B.numpy().astype(np_dtype))
+            writer.add_tensor(f"{name}.lora_a", A.astype(np_dtype))
+            writer.add_tensor(f"{name}.lora_b", B.astype(np_dtype))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -167,4 +201,4 @@ def read_gguf_lora(path: str | Path) -> dict[str, Any]:
     return {"metadata": metadata, "tensors": tensors}
 
 
-__all__ = ["GGUF_DTYPES", "export_gguf", "permute_rows", "read_gguf_lora"]
+__all__ = ["GGUF_DTYPES", "export_gguf", "permute_rows", "read_base_config", "read_gguf_lora"]

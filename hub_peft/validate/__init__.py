@@ -37,11 +37,13 @@ def validate_adapter(
     base_config: Any = None,
     base_name: str = "the given base model",
     max_bytes: int = MAX_SANE_BYTES,
+    parse_with_peft: bool = True,
 ) -> Report:
     """Validate an adapter folder; ``for_engine="vllm"`` (``"llama.cpp"``) also checks vLLM's (llama.cpp's) LoRA
     contract; llama.cpp's needs the base's config (``base_config``, else read from ``base_model_name_or_path``).
     The folder is untrusted data: however malformed its files, each problem is a Problem of the report (with its
-    fix), never an exception. ``max_bytes``: the largest adapter_model.safetensors taken."""
+    fix), never an exception. ``max_bytes``: the largest adapter_model.safetensors taken. ``parse_with_peft=False``
+    skips PEFT's own parse of the config (and its import, seconds), for tools that read the fields they use."""
     folder = Path(folder)
     report = Report(folder)
     config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
@@ -54,7 +56,7 @@ def validate_adapter(
     peft_type = str(report.config.get("peft_type", ""))
     reft_config = _reft_config(report) if peft_type == "REFT" else None
     if peft_type != "REFT":
-        _check_peft_config_parses(report, peft_type)
+        _check_peft_config_parses(report, peft_type, parse_with_peft)
     if not _read_weights(report, weights, max_bytes):
         return report
     bad = sorted({dt for dt, _ in report.tensors.values() if dt not in FLOAT_DTYPES})
@@ -114,9 +116,11 @@ def _reft_config(report: Report) -> Any:
         return None
 
 
-def _check_peft_config_parses(report: Report, peft_type: str) -> None:
+def _check_peft_config_parses(report: Report, peft_type: str, parse_with_peft: bool = True) -> None:
     """The fields' types and bounds (see config.py), then PEFT's own parse of the config."""
     check_peft_config(report, peft_type)
+    if not parse_with_peft:
+        return
     try:
         from peft.config import PeftConfig
 
