@@ -380,3 +380,62 @@ def test_gguf_export_of_a_bfloat16_adapter(tiny_base_repo, tmp_path):  # noqa: F
         torch.testing.assert_close(
             torch.from_numpy(ours[name].copy()), torch.from_numpy(array.copy()), rtol=1e-2, atol=1e-2
         )
+
+
+# --- ReFT merges -------------------------------------------------------------------------------------------------
+
+
+def make_reft(seed: int, **kwargs):
+    from hub_peft.reft import ReftConfig, get_reft_model
+
+    torch.manual_seed(seed)
+    config = ReftConfig(positions="f1+l1", prompt_template="w1 {prompt} w2", **kwargs)
+    model = get_reft_model(load_tiny(), config)
+    with torch.no_grad():
+        for module in model.interventions.values():  # away from the identity edit (R stays orthonormal)
+            for name, p in module.named_parameters():
+                if "parametrizations" not in name:
+                    p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def test_reft_cat_merge_is_the_weighted_sum_of_edits(tiny_base_repo, tmp_path):  # noqa: F811
+    """Stacked interventions (LoReFT with a projection bias... ConsReFT, NoDiReFT, on different layers) edit as the
+    engine's weighted mix of the parents does, the merged adapter loaded the ordinary way."""
+    from hub_peft import load_adapter
+    from hub_peft.chat import encode_prompt
+    from hub_peft.serving import MultiAdapterModel
+
+    parents = {
+        "lo": save_adapter(make_reft(41, layers=[0, 1], rank=2), tmp_path / "lo"),
+        "no": save_adapter(make_reft(42, layers=[1], rank=3, intervention="noreft", proj_bias=True), tmp_path / "no"),
+        "cons": save_adapter(make_reft(43, layers=[0], rank=2, intervention="consreft"), tmp_path / "cons"),
+        "dir": save_adapter(make_reft(44, layers=[1], rank=2, intervention="nodireft"), tmp_path / "dir"),
+    }
+    weights = {"lo": 0.7, "no": -0.4, "cons": 0.5, "dir": 1.3}
+    out = merge_adapters(list(parents.values()), list(weights.values()), tmp_path / "merged")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["intervention"] == "noreft" and config["rank"] == 9 and config["layers"] == [0, 1]
+    engine = MultiAdapterModel((load_tiny(), tiny_tokenizer()))
+    for name, folder in parents.items():
+        engine.add(name, folder)
+    prompt = "a b c d e"
+    mixed = engine.next_token_logits([prompt], [weights])[0]
+    model = load_adapter(load_tiny(), out)
+    ids = torch.tensor([encode_prompt(tiny_tokenizer(), prompt, "w1 {prompt} w2")])
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits[0, -1]
+        base = load_tiny()(input_ids=ids).logits[0, -1]
+    torch.testing.assert_close(merged, mixed, rtol=1e-4, atol=1e-4)
+    assert (merged - base).abs().max() > 0.1  # the edits are there
+    per_request = engine.merge(weights, MergeSpec("cat"), tmp_path / "merges")  # what the server's merge runs
+    torch.testing.assert_close(engine.next_token_logits([prompt], [per_request])[0], mixed, rtol=1e-4, atol=1e-4)
+
+
+def test_reft_merge_refusals(tiny_base_repo, tmp_path):  # noqa: F811
+    a = save_adapter(make_reft(45, layers=[0], rank=2, activation="relu"), tmp_path / "a")
+    b = save_adapter(make_reft(46, layers=[1], rank=2), tmp_path / "b")
+    with pytest.raises(IncompatibleAdapterError, match="non-linear activation"):
+        merge_adapters([a, b], [0.5, 0.5], tmp_path / "x")
+    with pytest.raises(IncompatibleAdapterError, match="cat only"):
+        merge_adapters([b, b], [0.5, 0.5], tmp_path / "x", MergeSpec("ties", density=0.5))

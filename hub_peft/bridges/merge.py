@@ -112,6 +112,8 @@ def merge_weights(
     peft_type = configs[0].get("peft_type")
     if peft_type == "IA3":
         return _merge_ia3(folders, configs, weights, spec)
+    if peft_type == "REFT":
+        return _merge_reft(folders, configs, weights, spec)
     if base_config is None:
         from ..base_model import load_base_config
 
@@ -134,16 +136,11 @@ def _check_parents(configs: list[dict], weights: Sequence[float]) -> None:
             "convert the others to LoRA first (`hub-peft convert ADAPTER --to lora`)."
         )
     peft_type = types.pop()
-    if peft_type not in ("LORA", "IA3"):
-        why = (
-            "a weighted sum of ReFT interventions is not one intervention of the same form in general"
-            if peft_type == "REFT"
-            else "PEFT merges LoRA and IA3 adapters only"
-        )
+    if peft_type not in ("LORA", "IA3", "REFT"):
         raise IncompatibleAdapterError(
-            f"Cannot merge {peft_type} adapters: {why}. Serve them as a weighted mix per request instead"
-            + ("" if peft_type == "REFT" else ", or convert them to LoRA first (`hub-peft convert ADAPTER --to lora`)")
-            + "."
+            f"Cannot merge {peft_type} adapters: PEFT merges LoRA and IA3 adapters only (hub_peft also ReFT). "
+            "Serve them as a weighted mix per request instead, or convert them to LoRA first "
+            "(`hub-peft convert ADAPTER --to lora`)."
         )
     bases = {c.get("base_model_name_or_path") for c in configs}
     if len(bases) > 1:
@@ -308,6 +305,108 @@ def _merge_ia3(
             raise IncompatibleAdapterError(f"The adapters give {field} in different forms (names and a regex).")
     config["inference_mode"] = True
     return config, merged
+
+
+# --- ReFT: concatenated interventions ----------------------------------------------------------------------------
+
+
+def _merge_reft(
+    folders: Sequence[Path], configs: list[dict], weights: Sequence[float], spec: MergeSpec
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``cat`` for ReFT: at every site, one intervention whose edit is Σ wᵢ·editᵢ exactly.
+
+    NOTE(design): with ``t(h) = W h + b`` (linear activation), each parent's weighted edit takes NoReFT's form
+    ``Rᵢᵀ(W'ᵢh + b'ᵢ − Rᵢh)``: LoReFT/NoReFT ``W' = wW + (1−w)R, b' = w(b − c)`` (``c`` NoReFT's projection
+    bias), DiReFT/NoDiReFT ``W' = wW + R, b' = wb``, ConsReFT ``W' = (1−w)R, b' = wb``, LoBiReFT ``W' = R, b' =
+    wb``; stacking the rows (``R = [R₁; R₂]``...) sums the edits, since ``Rᵀv = Σ Rᵢᵀvᵢ``. A parent without an
+    intervention at a site adds zero rows there. With a non-linear activation only DiReFT/NoDiReFT parents of that
+    activation merge (``w`` scales their ``R`` rows: ``(wR)ᵀ act(Wh + b)``). The merged intervention is NoReFT (or
+    NoDiReFT): its stacked R is no longer orthonormal, and its rank is the sum of the ranks."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ..reft.config import ReftConfig
+    from ..reft.interventions import KINDS
+
+    if spec.method != "cat":
+        raise IncompatibleAdapterError(
+            f"ReFT adapters merge with cat only (exact: the interventions are stacked); {spec.method} needs weight "
+            "tensors of one shape in one basis, which interventions of different R do not share."
+        )
+    parsed = [ReftConfig.from_dict(c) for c in configs]
+    for field in ("positions", "share_weights", "prompt_template", "hidden_size", "dtype"):
+        values = {json.dumps(getattr(c, field)) for c in parsed}
+        if len(values) > 1:
+            raise IncompatibleAdapterError(
+                f"The ReFT adapters differ in {field} ({', '.join(sorted(values))}); a merged intervention edits one "
+                "set of positions under one prompt format. Serve them as a weighted mix instead."
+            )
+    linear = all(c.activation in (None, "linear") for c in parsed)
+    direct = all(not KINDS[c.intervention].subtract_projection and KINDS[c.intervention].learned_source for c in parsed)
+    if not linear and not (direct and len({c.activation for c in parsed}) == 1):
+        raise IncompatibleAdapterError(
+            "These ReFT adapters have no exact merge: a non-linear activation merges only across DiReFT/NoDiReFT "
+            "adapters of that same activation. Serve them as a weighted mix instead."
+        )
+    first = parsed[0]
+    layers = sorted({n for c in parsed for n in c.layers})
+    components = [comp for comp in dict.fromkeys(x for c in parsed for x in c.components)]
+    template = ReftConfig(
+        layers=layers, components=components, positions=first.positions, share_weights=first.share_weights
+    )
+    rank = sum(c.rank for c in parsed)
+    if rank > (first.hidden_size or 0):
+        raise IncompatibleAdapterError(f"The merged rank {rank} would exceed the hidden size {first.hidden_size}.")
+    parents = [load_file(str(Path(f) / "adapter_model.safetensors")) for f in folders]
+    merged: dict[str, torch.Tensor] = {}
+    d = first.hidden_size or 0
+    for layer, component, group in template.sites():
+        key = ReftConfig.key_name(layer, component, group)
+        blocks = []
+        for c, tensors, w in zip(parsed, parents, weights, strict=True):
+            if layer not in c.layers or component not in c.components:
+                blocks.append((torch.zeros(c.rank, d), torch.zeros(c.rank, d), torch.zeros(c.rank)))
+                continue
+            blocks.append(
+                _weighted_block(
+                    c.intervention,
+                    {n.rsplit(".", 1)[1]: t.float() for n, t in tensors.items() if n.startswith(f"reft.{key}.")},
+                    float(w),
+                    linear,
+                )
+            )
+        dtype = getattr(torch, first.dtype)
+        merged[f"reft.{key}.R"] = torch.cat([R for R, _, _ in blocks]).to(dtype).contiguous()
+        merged[f"reft.{key}.W"] = torch.cat([W for _, W, _ in blocks]).to(dtype).contiguous()
+        merged[f"reft.{key}.b"] = torch.cat([b for _, _, b in blocks]).to(dtype).contiguous()
+    config = first.to_dict() | {
+        "layers": layers,
+        "components": components,
+        "rank": rank,
+        "intervention": "noreft" if linear else "nodireft",
+        "activation": None if linear else first.activation,
+        "proj_bias": False,
+        "dropout": 0.0,
+    }
+    ReftConfig.from_dict(config)  # the merged config is valid as any other
+    return config, merged
+
+
+def _weighted_block(kind: str, t: dict[str, torch.Tensor], w: float, linear: bool) -> tuple:
+    """One parent's ``(R, W', b')`` rows at a site, its edit weighted by ``w`` (see :func:`_merge_reft`)."""
+    import torch
+
+    R, b = t["R"], t["b"] - t.get("R_bias", torch.zeros_like(t["b"]))
+    W = t.get("W")
+    if not linear:  # DiReFT/NoDiReFT under one non-linear activation: w scales R's rows
+        return w * R, W, t["b"]
+    if kind in ("loreft", "noreft"):
+        return R, w * W + (1 - w) * R, w * b
+    if kind in ("direft", "nodireft"):
+        return R, w * W + R, w * b
+    if kind == "consreft":
+        return R, (1 - w) * R, w * b
+    return R, R.clone(), w * b  # lobireft
 
 
 def merge_adapters(
