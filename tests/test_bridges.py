@@ -439,3 +439,35 @@ def test_reft_merge_refusals(tiny_base_repo, tmp_path):  # noqa: F811
         merge_adapters([a, b], [0.5, 0.5], tmp_path / "x")
     with pytest.raises(IncompatibleAdapterError, match="cat only"):
         merge_adapters([b, b], [0.5, 0.5], tmp_path / "x", MergeSpec("ties", density=0.5))
+
+
+def test_merge_cli_from_hub_repos_and_push(parents, alice, repo_name, tmp_path, monkeypatch, capsys):
+    """Parents named by Hub repo: the card names each as repo@commit; --push commits the merge, whose card the
+    Hub's validator accepts and which plain PEFT loads from the Hub."""
+    from huggingface_hub import HfApi, ModelCard
+    from peft import PeftModel
+
+    from hub_peft import push_adapter
+    from hub_peft.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", alice)
+    repos = [f"alice/{repo_name}-{p}" for p in ("a", "b")]
+    for repo, name in zip(repos, ("a", "b"), strict=True):
+        push_adapter(parents[name], repo)
+    commits = [HfApi(token=alice).model_info(r).sha for r in repos]
+    merged = f"alice/{repo_name}-merged"
+    argv = ["merge", *repos, "--weights", "0.7,-0.4", "--method", "dare_ties", "--density", "0.6", "--seed", "2"]
+    assert main([*argv, "--out", str(tmp_path / "m"), "--push", merged]) == 0
+    assert "Merged 2 adapters (dare_ties)" in capsys.readouterr().out
+    card = ModelCard.load(merged, token=alice)
+    card.validate()
+    meta = card.data.to_dict()
+    assert meta["base_model"] == "alice/tiny-llama" and meta["base_model_relation"] == "adapter"
+    for repo, commit in zip(repos, commits, strict=True):
+        assert f"[`{repo}`]" in card.text and f"@ `{commit}`" in card.text
+    assert "density 0.6, seed 2 (DARE's random drops)" in card.text
+    model = PeftModel.from_pretrained(load_tiny(), merged)
+    reference = load_file(str(tmp_path / "m" / "adapter_model.safetensors"))
+    got = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    for key, tensor in reference.items():
+        torch.testing.assert_close(got[key], tensor)
