@@ -94,6 +94,13 @@ def section_merge(folders: dict[str, Path], root: Path, repeats: int) -> None:
     from safetensors.torch import load_file
 
     print("\n## 1. Merge two rank-16 LoRAs (weights 0.6, 0.4): hub-peft merge vs PEFT on the loaded base")
+    from hub_peft.base_model import resolve_base
+
+    checkpoint = sum(p.stat().st_size for p in Path(resolve_base(None)[1]).glob("*.safetensors"))
+    print(
+        f"base weights read: hub-peft merge none (a skeleton from config.json); PEFT route the whole checkpoint, "
+        f"{checkpoint / 2**20:.0f} MiB (mmapped: its pages count in RSS only as far as they are touched)"
+    )
     print("| method | hub-peft merge | PEFT route | ratio | peak RSS hub_peft | peak RSS PEFT | same tensors |")
     print("|---|---|---|---|---|---|---|")
     for method, kwargs in METHODS.items():

@@ -7,6 +7,17 @@ the package loads neither torch nor gguf (the CLI's parser reads the method name
 
 from __future__ import annotations
 
+from .convert import convert_to_lora
+from .gguf import export_gguf, read_gguf_lora
 from .merge import IA3_METHODS, LORA_METHODS, MergeSpec, merge_adapters, merge_weights
 
-__all__ = ["IA3_METHODS", "LORA_METHODS", "MergeSpec", "merge_adapters", "merge_weights"]
+__all__ = [
+    "IA3_METHODS",
+    "LORA_METHODS",
+    "MergeSpec",
+    "convert_to_lora",
+    "export_gguf",
+    "merge_adapters",
+    "merge_weights",
+    "read_gguf_lora",
+]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,7 +232,7 @@ def _tensor_names(folder: Path) -> list[str]:
         return list(f.keys())  # safe_open is not iterable
 
 
-def skeleton(base_config: Any, auto_class: str = "AutoModelForCausalLM", materialize: set[str] = frozenset()) -> Any:
+def skeleton(base_config: Any, auto_class: str = "AutoModelForCausalLM", materialize: Set[str] = frozenset()) -> Any:
     """A model of ``base_config``'s architecture whose parameters take no memory: each is a zero-stride view of
     a single zero (the names in ``materialize`` are real zero tensors, for weights loaded later). For PEFT
     operations that never read a base weight (merging LoRA factors)."""
@@ -298,7 +298,7 @@ def _merge_ia3(
     for field in ("target_modules", "feedforward_modules"):
         values = [c.get(field) for c in configs]
         if all(isinstance(v, list) for v in values):
-            config[field] = sorted(set().union(*values))
+            config[field] = sorted({name for v in values for name in v or []})
         elif all(isinstance(v, str) for v in values):
             config[field] = "|".join(f"({v})" for v in values)
         else:
@@ -397,7 +397,7 @@ def _weighted_block(kind: str, t: dict[str, torch.Tensor], w: float, linear: boo
     import torch
 
     R, b = t["R"], t["b"] - t.get("R_bias", torch.zeros_like(t["b"]))
-    W = t.get("W")
+    W = t.get("W", torch.zeros_like(R))  # ConsReFT and LoBiReFT have none (their W' below does not use it)
     if not linear:  # DiReFT/NoDiReFT under one non-linear activation: w scales R's rows
         return w * R, W, t["b"]
     if kind in ("loreft", "noreft"):
