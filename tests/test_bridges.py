@@ -286,6 +286,9 @@ def test_per_request_merges_equal_the_offline_merge(parents, tmp_path):
         assert bad.status_code == 400 and "density" in bad.json()["error"]["message"]
         bad = client.post("/v1/completions", json={**body, "model": mix, "merge": {"method": "median"}})
         assert bad.status_code == 400
+        merge_root = client.app.state.server.merge_root
+        assert len(list(merge_root.iterdir())) == 4
+    assert not merge_root.exists()  # removed at shutdown
 
 
 # --- conversion to LoRA ------------------------------------------------------------------------------------------

@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fnmatch
 import hmac
 import json
 import logging
 import os
+import shutil
 import struct
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
@@ -144,6 +147,11 @@ class OpenAIServer:
                 self.merge_root = Path(tempfile.mkdtemp(prefix="hub_peft_merges_"))  # private to this process
             await self.load(name, "", None, param="merge", work=partial(self.engine.merge, mix, spec, self.merge_root))
         return name
+
+    def close(self) -> None:
+        """At shutdown: remove the per-request merges' folder (the adapters in it live in memory until then)."""
+        if self.merge_root is not None:
+            shutil.rmtree(self.merge_root, ignore_errors=True)
 
     def hub_allowed(self, spec: str) -> bool:
         """Whether ``spec`` (``REPO[@REVISION][:SUBFOLDER]``) names a repo that ``allow_hub_pattern`` lets in."""
@@ -587,7 +595,13 @@ def create_app(
     server = OpenAIServer(engine, settings)
     if start_scheduler:
         server.scheduler.run_forever()
-    app = FastAPI(title="hub_peft", description=__doc__.split("\n\n")[0], version="1")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        server.close()
+
+    app = FastAPI(title="hub_peft", description=__doc__.split("\n\n")[0], version="1", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(Exception, _unexpected)
