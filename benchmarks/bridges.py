@@ -21,6 +21,7 @@ Run: .venv/bin/python benchmarks/bridges.py [--llama-cpp DIR --convert-python PY
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import subprocess
@@ -124,6 +125,62 @@ def section_merge(folders: dict[str, Path], root: Path, repeats: int) -> None:
         )
 
 
+def section_large_base(root: Path) -> None:
+    """hub-peft merge on a base of Llama-3.1-8B's shape whose weights are not on this machine at all."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    base = root / "llama-8b-config-only"
+    base.mkdir()
+    LlamaConfig(  # Llama-3.1-8B's shape; only config.json is written
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+    ).save_pretrained(base)
+    shapes = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096)}
+    parents = []
+    for seed in range(2):
+        folder = root / f"8b-lora-{seed}"
+        folder.mkdir()
+        torch.manual_seed(seed)
+        tensors = {}
+        for layer in range(32):
+            for module, (out, inp) in shapes.items():
+                key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(16, inp) * 0.01
+                tensors[f"{key}.lora_B.weight"] = torch.randn(out, 16) * 0.01
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = {
+            "peft_type": "LORA",
+            "r": 16,
+            "lora_alpha": 32,
+            "target_modules": list(shapes),
+            "base_model_name_or_path": str(base),
+            "task_type": "CAUSAL_LM",
+        }
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        parents.append(folder)
+    print("\n## 1b. The same merge on a base of Llama-3.1-8B's shape (only its config.json on disk)")
+    print(
+        "PEFT's route would load the 8B checkpoint first (16 GB in bfloat16, 32 GB in float32; this machine has 24 GB):"
+    )
+    print("not run. hub-peft merge builds the skeleton from config.json:")
+    for method, kwargs in (("cat", {}), ("ties", {"density": 0.5})):
+        density = str(kwargs.get("density", "-"))
+        out = root / f"8b-{method}"
+        seconds, printed = timed(
+            [sys.executable, "-c", HUB_PEFT_ROUTE, str(parents[0]), str(parents[1]), method, density, str(out)]
+        )
+        rss = int(printed.strip().splitlines()[-1]) / 1024
+        size = (out / "adapter_model.safetensors").stat().st_size / 2**20
+        print(f"- {method}: {seconds:.1f} s, peak RSS {rss:.0f} MiB, merged adapter {size:.0f} MiB")
+
+
 def section_engine(folders: dict[str, Path], repeats: int) -> None:
     from hub_peft import load_base_model
     from hub_peft.bridges import MergeSpec
@@ -220,6 +277,7 @@ def main() -> None:
         root = Path(tmp)
         folders = make_adapters(root / "adapters")
         section_merge(folders, root, args.repeats)
+        section_large_base(root)
         section_engine(folders, args.repeats)
         if args.llama_cpp:
             section_gguf(folders, root, args.llama_cpp, args.convert_python or sys.executable, args.repeats)
