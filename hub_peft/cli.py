@@ -370,6 +370,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         ollama_from=args.ollama,
         overwrite=args.overwrite,
+        base_weights=args.base_weights,
     )
     print(f"Wrote {out}" + (f" and {out.parent / 'Modelfile'}" if args.ollama else ""))
     return 0
@@ -528,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FROM",
         help="Also write an Ollama Modelfile beside the file: FROM this (the base's GGUF or Ollama model) + ADAPTER.",
+    )
+    export.add_argument(
+        "--base-weights", default=None, metavar="DIR", help="The base's safetensors folder: checks a DoRA is exact."
     )
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=_cmd_export)

@@ -474,3 +474,39 @@ def test_merge_cli_from_hub_repos_and_push(parents, alice, repo_name, tmp_path, 
     got = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
     for key, tensor in reference.items():
         torch.testing.assert_close(got[key], tensor)
+
+
+def test_gguf_export_of_a_dora_that_is_exactly_its_lora(tiny_base_repo, tmp_path):  # noqa: F811
+    """A DoRA whose every magnitude equals its row's norm ‖W + s·BA‖ is its LoRA: exported, given the base's
+    weights; 1% off, it is refused with what was measured."""
+    from huggingface_hub import snapshot_download
+    from peft import PeftModel
+
+    from hub_peft.bridges.gguf import export_gguf
+
+    model = make_lora(51, 4, use_dora=True)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "lora_magnitude_vector") and "default" in module.lora_magnitude_vector:
+                W = module.get_base_layer().weight
+                delta = module.lora_B["default"].weight @ module.lora_A["default"].weight * module.scaling["default"]
+                module.lora_magnitude_vector["default"].weight.copy_(torch.linalg.norm(W + delta, dim=1))
+    exact = save_adapter(model, tmp_path / "exact")
+    weights = snapshot_download(tiny_base_repo)
+    with pytest.raises(IncompatibleAdapterError, match="--base-weights"):
+        export_gguf(exact, tmp_path / "x.gguf")  # the base is a Hub id here: its weights are not looked for
+    path = export_gguf(exact, tmp_path / "exact.gguf", base_weights=weights)
+    _, deltas = gguf_deltas(path, {})
+    peft = PeftModel.from_pretrained(load_tiny(), str(exact))
+    merged = peft.merge_and_unload()  # DoRA's true update, by PEFT
+    base = load_tiny()
+    module = "model.layers.1.self_attn.v_proj"
+    truth = merged.get_submodule(module).weight - base.get_submodule(module).weight
+    torch.testing.assert_close(deltas["blk.1.attn_v.weight"], truth, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "magnitude" in name:
+                p.mul_(1.01)
+    off = save_adapter(model, tmp_path / "off")
+    with pytest.raises(IncompatibleAdapterError, match=r"here max \|m/‖W \+ s·BA‖ − 1\| = 1\.0"):
+        export_gguf(off, tmp_path / "off.gguf", base_weights=weights)

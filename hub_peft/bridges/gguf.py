@@ -31,12 +31,15 @@ def export_gguf(
     dtype: str = "f32",
     ollama_from: str | None = None,
     overwrite: bool = False,
+    base_weights: str | Path | None = None,
 ) -> Path:
     """Write ``source``'s LoRA (a folder or ``REPO[@REVISION][:SUBFOLDER]``) as a GGUF LoRA to ``out`` (default:
     ``adapter.gguf`` in the adapter's folder name, in the current folder), atomically. ``base_config``: the base's
     transformers config (default: read from ``base_model_name_or_path``). ``ollama_from``: also write an Ollama
     ``Modelfile`` beside it, ``FROM ollama_from`` + ``ADAPTER``. Raises :class:`IncompatibleAdapterError` listing
-    every reason an adapter cannot go, each with its fix."""
+    every reason an adapter cannot go, each with its fix. A DoRA goes only where it is exactly a LoRA (every
+    magnitude equal to its row's norm ``‖W + s·BA‖``), which takes the base's weights: ``base_weights``, a folder of
+    the base's safetensors (default: the base's own folder when it is one on this machine)."""
     from ..adapters import check_adapter_folder, resolve_adapter
     from ..validate.llamacpp import llamacpp_layout
 
@@ -50,10 +53,13 @@ def export_gguf(
         base_config = read_base_config(config["base_model_name_or_path"])
     tensors = _load_float32(folder / "adapter_model.safetensors")
     layout = llamacpp_layout(config, list(tensors), base_config)
-    if layout.problems:
+    problems = layout.problems
+    if config.get("use_dora"):
+        problems = _dora_as_lora(config, tensors, layout, base_weights)
+    if problems:
         raise IncompatibleAdapterError(
             f"{source} cannot be exported for llama.cpp: "
-            + "; ".join(f"{point} (fix: {fix})" for point, fix in layout.problems)
+            + "; ".join(f"{point} (fix: {fix})" for point, fix in problems)
         )
     pairs, alpha = _pairs(config, tensors, layout)
     out = Path(out) if out is not None else Path(f"{Path(str(source)).name.replace(':', '_')}.gguf")
@@ -113,23 +119,90 @@ def _load_float32(path: Path) -> dict[str, Any]:
     return {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
 
 
-def _pairs(config: dict, tensors: dict, layout: Any) -> tuple[list[tuple[str, Any, Any]], float]:
-    """``(gguf base tensor name, lora_a, lora_b)`` per module, as float32 numpy arrays, and the file's alpha."""
+DORA_EXACT = 1e-5  # the largest |m/‖W + s·BA‖ − 1| of a DoRA exported as the LoRA it then is
+
+
+def _dora_as_lora(config: dict, tensors: dict, layout: Any, base_weights: str | Path | None) -> list:
+    """The problems left of a DoRA's export: none when every magnitude equals its row's norm ``‖W + s·BA‖`` (then
+    DoRA's rescaling is 1 and the adapter is its LoRA), else DoRA's problem with what was measured."""
     import numpy as np
 
+    from ..validate.llamacpp import DORA_POINT
+
+    others = [p for p in layout.problems if p[0] != DORA_POINT]
+    folder = Path(base_weights) if base_weights is not None else _local_base_folder(config)
+    fix = next(fix for point, fix in layout.problems if point == DORA_POINT)
+    if any(t.embedding for t in layout.tensors):  # DoRA's norm runs along another axis there: not checked
+        return [*others, (DORA_POINT, fix)]
+    if folder is None or not any(folder.glob("*.safetensors")):
+        return [*others, (DORA_POINT, f"pass the base's weights (--base-weights DIR) to check it, or {fix}")]
+    scales = _scales(config, tensors, layout)
+    weights = _base_tensors(folder, [f"{t.module}.weight" for t in layout.tensors])
+    worst = 0.0
+    for t in layout.tensors:
+        stem = f"base_model.model.{t.module}"
+        A, B, m = (tensors[f"{stem}.{k}"] for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"))
+        W = weights[f"{t.module}.weight"]
+        norm = np.linalg.norm(W + scales[t.module][0] * (B @ A), axis=1)
+        worst = max(worst, float(np.abs(m / norm - 1).max()))
+    if worst <= DORA_EXACT:
+        return others
+    return [*others, (f"{DORA_POINT}; here max |m/‖W + s·BA‖ − 1| = {worst:.2e}", fix)]
+
+
+def _local_base_folder(config: dict) -> Path | None:
+    from ..base_model import resolve_base
+
+    try:
+        path = Path(resolve_base(config.get("base_model_name_or_path"))[1])
+    except Exception:  # a Hub id that is not reachable: no local weights
+        return None
+    return path if path.is_dir() else None
+
+
+def _base_tensors(folder: Path, names: list[str]) -> dict[str, Any]:
+    """The named weights of a base checkpoint (one or more safetensors files) as float32 numpy arrays."""
+    from safetensors import safe_open
+
+    from ..errors import NotFoundError
+
+    found: dict[str, Any] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in set(names) & set(f.keys()):
+                found[name] = f.get_tensor(name).float().numpy()
+    missing = sorted(set(names) - set(found))
+    if missing:
+        raise NotFoundError(f"The base weights in {folder} lack {missing[:3]}: give the folder of the right base.")
+    return found
+
+
+def _scales(config: dict, tensors: dict, layout: Any) -> dict[str, tuple[float, int]]:
+    """PEFT's ``(scale, rank)`` of each module: the rank is the tensor's (``rank_pattern`` decided it at save), the
+    alpha ``alpha_pattern``'s (matched with a bound) or ``lora_alpha``."""
     from ..target_regex import pattern_lookup
 
     prefix = "base_model.model."
     alphas = config.get("alpha_pattern") or {}
     alpha_of = pattern_lookup(list(alphas), "alpha_pattern")
-    scales, ranks = {}, {}
+    out = {}
     for t in layout.tensors:
         key = f"{prefix}{t.module}.lora_embedding_A" if t.embedding else f"{prefix}{t.module}.lora_A.weight"
-        r = int(tensors[key].shape[0])  # the rank is the tensor's (rank_pattern decided it at save)
+        r = int(tensors[key].shape[0])
         found = alpha_of(t.module)
         alpha = float(alphas[found] if found is not None else config.get("lora_alpha", config["r"]))
-        scales[t.module] = alpha / r**0.5 if config.get("use_rslora") else alpha / r
-        ranks[t.module] = r
+        out[t.module] = (alpha / r**0.5 if config.get("use_rslora") else alpha / r, r)
+    return out
+
+
+def _pairs(config: dict, tensors: dict, layout: Any) -> tuple[list[tuple[str, Any, Any]], float]:
+    """``(gguf base tensor name, lora_a, lora_b)`` per module, as float32 numpy arrays, and the file's alpha."""
+    import numpy as np
+
+    prefix = "base_model.model."
+    both = _scales(config, tensors, layout)
+    scales = {module: scale for module, (scale, _) in both.items()}
+    ranks = {module: rank for module, (_, rank) in both.items()}
     uniform = len(set(scales.values())) == 1 and len(set(ranks.values())) == 1
     pairs = []
     for t in layout.tensors:

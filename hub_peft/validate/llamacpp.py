@@ -28,6 +28,12 @@ ARCHITECTURES = {
 }
 
 
+DORA_POINT = (
+    "DoRA rescales every output row of W + s·BA by m/‖W + s·BA‖, a full-rank change a LoRA file cannot hold "
+    "(exact only where every m equals that norm; `hub-peft export` checks it given the base's weights)"
+)
+
+
 @dataclass
 class LoraTensor:
     """One adapted module in llama.cpp's terms."""
@@ -56,13 +62,7 @@ def llamacpp_layout(config: dict, tensor_names: list[str], base_config: Any) -> 
         problems.append((f"peft_type is {peft_type}; llama.cpp loads only LoRA adapters", fix))
         return layout
     if config.get("use_dora"):
-        problems.append(
-            (
-                "DoRA rescales every output row of W + s·BA by m/‖W + s·BA‖, a full-rank change a LoRA file "
-                "cannot hold (exact only where every m equals the norm, an untrained DoRA)",
-                convert,
-            )
-        )
+        problems.append((DORA_POINT, convert))
     for key, what in (("lora_bias", "LoRA biases"), ("use_qalora", "QALoRA"), ("use_bdlora", "block-diagonal LoRA")):
         if config.get(key):
             problems.append((f"llama.cpp has no {what} ({key})", "retrain as a plain LoRA, or serve with hub-peft"))

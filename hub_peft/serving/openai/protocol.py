@@ -142,19 +142,7 @@ class MergeOptions(_Strict):
     """hub_peft's per-request merge of a ``model`` mix (``hub-peft merge``'s options): PEFT's combination method,
     its density (TIES/DARE/magnitude pruning), SVD rank, majority sign method and DARE's seed."""
 
-    method: Literal[
-        "cat",
-        "linear",
-        "svd",
-        "ties",
-        "ties_svd",
-        "dare_linear",
-        "dare_ties",
-        "dare_linear_svd",
-        "dare_ties_svd",
-        "magnitude_prune",
-        "magnitude_prune_svd",
-    ] = "cat"
+    method: Annotated[str, Field(max_length=32)] = "cat"  # one of hub_peft.bridges.LORA_METHODS (MergeSpec checks)
     density: Annotated[float, Field(gt=0, le=1)] | None = None
     svd_rank: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
     majority_sign_method: Literal["total", "frequency"] = "total"
