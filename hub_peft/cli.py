@@ -594,6 +594,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Let requests name Hub repos matching this pattern, e.g. 'me/*' (default: off).",
     )
     serve_api.add_argument(
+        "--merge-methods",
+        type=lambda text: tuple(m for m in text.split(",") if m),
+        default=ServerSettings.merge_methods,
+        metavar="M1,M2",
+        help=f"Methods a request's merge may use (default: {','.join(ServerSettings.merge_methods)}; the svd ones "
+        "cost an SVD of every adapted layer; '' turns per-request merges off).",
+    )
+    serve_api.add_argument(
         "--adapter-dir",
         action="append",
         metavar="FOLDER",

@@ -269,7 +269,9 @@ def test_per_request_merges_equal_the_offline_merge(parents, tmp_path):
         choice = response.json()["choices"][0]
         return choice["text"], choice["logprobs"]["token_logprobs"]
 
-    with serving(engine) as client:
+    from hub_peft.serving.openai.settings import MERGE_METHODS
+
+    with serving(engine, merge_methods=(*MERGE_METHODS, "svd")) as client:  # the operator allows svd
         for name, options in merges.items():
             text, logprobs = complete(client, model=mix, merge=options)
             expected_text, expected_logprobs = complete(client, model=f"offline-{name}")
@@ -286,6 +288,8 @@ def test_per_request_merges_equal_the_offline_merge(parents, tmp_path):
         assert bad.status_code == 400 and "density" in bad.json()["error"]["message"]
         bad = client.post("/v1/completions", json={**body, "model": mix, "merge": {"method": "median"}})
         assert bad.status_code == 400
+        bad = client.post("/v1/completions", json={**body, "model": mix, "merge": {"method": "ties_svd", "density": 1}})
+        assert bad.status_code == 400 and "--merge-methods" in bad.json()["error"]["message"]  # not allowed here
         merge_root = client.app.state.server.merge_root
         assert len(list(merge_root.iterdir())) == 4
     assert not merge_root.exists()  # removed at shutdown

@@ -142,6 +142,14 @@ class OpenAIServer:
             name = self.engine.cache.merge_name(mix, spec)
         except HubPeftError as e:
             raise ApiError(400, public(str(e)), "merge") from None
+        if spec.method not in self.settings.merge_methods:
+            allowed = ", ".join(self.settings.merge_methods) or "none"
+            raise ApiError(
+                400,
+                f"This server merges per request with {allowed}, not {spec.method}: merge offline with `hub-peft "
+                "merge` and load the result, or ask the operator to allow it (--merge-methods).",
+                "merge",
+            )
         if name not in {e["name"] for e in self.engine.cache.loaded()}:
             if self.merge_root is None:
                 self.merge_root = Path(tempfile.mkdtemp(prefix="hub_peft_merges_"))  # private to this process

@@ -7,6 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# NOTE(security): a per-request merge runs on a load thread beside the step loop; these cost about what loading the
+# adapters costs (1.8 s for TIES over SmolLM2's 210 layers, benchmarks/README.md#bridges), the SVD methods an SVD of
+# every adapted layer's full update, so they are the operator's to allow.
+MERGE_METHODS = ("cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -20,6 +25,9 @@ class ServerSettings:
     - ``admin_token``: opens the admin routes (load/unload); None keeps them closed.
     - ``max_running``: sequences decoding at once (the engine's cache slots; None keeps the engine's);
       ``max_waiting``: the queue behind them, beyond which a request gets 429.
+    - ``merge_methods``: the methods a request's ``merge`` may use; by default the task-arithmetic ones, not the
+      SVD ones, whose cost grows with the layers' size (seconds on a 135M base, minutes on 8B): an operator adds
+      them (``--merge-methods``); an empty tuple turns per-request merges off.
     - ``max_prompt_tokens`` (413 beyond), ``default_max_tokens`` (a request that gives none),
       ``max_body_bytes`` (413 beyond), ``request_timeout`` and ``adapter_load_timeout`` in seconds (504 beyond).
     """
@@ -35,3 +43,4 @@ class ServerSettings:
     max_body_bytes: int = 4 * 2**20
     request_timeout: float = 600.0
     adapter_load_timeout: float = 120.0
+    merge_methods: Sequence[str] = MERGE_METHODS
