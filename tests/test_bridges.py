@@ -332,6 +332,15 @@ def test_convert_loha_equals_peft_and_reports_its_error(tiny_base_repo, tmp_path
     assert 0.01 < error < 1  # rank 4 of a rank-16 LoHa update: a real, reported approximation
     assert f"{lineage['error']['max']:.3g}" in printed
     assert "Reconstruction error" in (tmp_path / "lora" / "README.md").read_text()
+    # the converted LoHa is a plain LoRA: vLLM's contract holds and it exports for llama.cpp
+    from hub_peft.bridges.gguf import export_gguf
+    from hub_peft.validate import validate_adapter
+
+    assert validate_adapter(tmp_path / "lora", for_engine="vllm").ok
+    assert validate_adapter(tmp_path / "lora", for_engine="llama.cpp").ok
+    assert export_gguf(tmp_path / "lora", tmp_path / "lora.gguf").is_file()
+    serving = (tmp_path / "lora" / "README.md").read_text().split("## Serving")[1]
+    assert "| vLLM | yes |" in serving and "| llama.cpp, Ollama | yes |" in serving
 
 
 def test_convert_dora_at_full_rank_is_exact_where_peft_drops_the_magnitude(tiny_base_repo, tmp_path):  # noqa: F811
