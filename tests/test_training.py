@@ -165,7 +165,7 @@ def test_the_space_holds_out_validation_rows_and_shows_both_curves_and_the_befor
     assert len(table) == 2 and set(table["prompt"]) <= set(rows["prompt"])
     assert list(table["reference"]) == [rows.set_index("prompt").loc[p, "response"] for p in table["prompt"]]
     assert "### Before / after" in card and "Validation loss" in card
-    assert "vLLM-compatible LoRA (checked with `hub-peft validate --for vllm`)" in card  # the preview validates
+    assert "| vLLM | yes | vLLM-compatible LoRA:" in card  # the preview validates
 
     held = tmp_path / "held.jsonl"
     held.write_text("".join(json.dumps(r) + "\n" for r in rows.to_dict("records")[:5]))
