@@ -523,3 +523,22 @@ def test_gguf_export_of_a_dora_that_is_exactly_its_lora(tiny_base_repo, tmp_path
     off = save_adapter(model, tmp_path / "off")
     with pytest.raises(IncompatibleAdapterError, match=r"here max \|m/‖W \+ s·BA‖ − 1\| = 1\.0"):
         export_gguf(off, tmp_path / "off.gguf", base_weights=weights)
+
+
+def test_a_parents_regex_is_never_run_unbounded(parents, tmp_path):
+    """A stranger's target_modules regex goes through hub_peft's bounded matcher, never PEFT's re.fullmatch: a
+    catastrophic one is refused at once instead of holding the merge (and, per request, a server thread)."""
+    import shutil
+    import time
+
+    from hub_peft.errors import HubPeftError
+
+    hostile = tmp_path / "hostile"
+    shutil.copytree(parents["a"], hostile)
+    config = json.loads((hostile / "adapter_config.json").read_text())
+    config["target_modules"] = "(.|.)*" + "x" * 40 + "!"
+    (hostile / "adapter_config.json").write_text(json.dumps(config))
+    start = time.monotonic()
+    with pytest.raises(HubPeftError):
+        merge_adapters([parents["b"], hostile], [0.5, 0.5], tmp_path / "x")
+    assert time.monotonic() - start < 10

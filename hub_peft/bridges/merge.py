@@ -184,8 +184,9 @@ def _merge_lora(
     folders: Sequence[Path], configs: list[dict], weights: Sequence[float], spec: MergeSpec, base_config: Any
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     import torch
-    from peft import PeftModel, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
 
+    from ..adapters import load_adapter
     from ..tasks import task_of
 
     stored = {  # base tensors PEFT saved with a parent (embedding layers): real, loaded from the files
@@ -197,9 +198,11 @@ def _merge_lora(
     all_store = bool(stored) and all(any(".base_layer." in k for k in _tensor_names(Path(f))) for f in folders)
     model = skeleton(base_config, task_of(configs[0]).auto_class, materialize=stored)
     names = [f"p{i}" for i in range(len(folders))]
-    peft_model = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=names[0])
-    for name, folder in zip(names[1:], folders[1:], strict=True):
-        peft_model.load_adapter(str(folder), adapter_name=name)
+    # NOTE(security): hub_peft's loader, not PEFT's: shapes checked against the base, and a regex target_modules
+    # resolved with a bounded matcher before PEFT sees it (the parents are a stranger's files, per request too)
+    peft_model = model
+    for name, folder in zip(names, folders, strict=True):
+        peft_model = load_adapter(peft_model, Path(folder), adapter_name=name)
     kwargs: dict[str, Any] = {"combination_type": spec.method}
     if spec.method in DENSITY_METHODS:
         kwargs.update(density=spec.density, majority_sign_method=spec.majority_sign_method)
