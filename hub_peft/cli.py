@@ -360,7 +360,8 @@ def _floats(text: str, option: str) -> list[float]:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .bridges.gguf import export_gguf, read_base_config
+    from .bridges.gguf import export_gguf
+    from .validate.llamacpp import read_base_config
 
     base_config = read_base_config(args.base) if args.base else None
     out = export_gguf(

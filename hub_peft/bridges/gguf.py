@@ -41,7 +41,7 @@ def export_gguf(
     magnitude equal to its row's norm ``‖W + s·BA‖``), which takes the base's weights: ``base_weights``, a folder of
     the base's safetensors (default: the base's own folder when it is one on this machine)."""
     from ..adapters import check_adapter_folder, resolve_adapter
-    from ..validate.llamacpp import llamacpp_layout
+    from ..validate.llamacpp import llamacpp_layout, read_base_config
 
     if dtype not in GGUF_DTYPES:
         raise InvalidInputError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}.")
@@ -76,32 +76,6 @@ def export_gguf(
             f"FROM {ollama_from}\nADAPTER ./{out.name}\n",
         )
     return out
-
-
-def read_base_config(name: str) -> Any:
-    """What llama.cpp's layout needs of a base's ``config.json`` (a Hub id, a folder, the embedded base), read as
-    JSON: no transformers (which imports torch). ``tie_word_embeddings``, when the file omits it, takes the
-    default of the architecture's transformers config class."""
-    import json
-    from types import SimpleNamespace
-
-    from ..base_model import resolve_base
-    from ..errors import NotFoundError
-
-    path = Path(resolve_base(name)[1])
-    try:
-        if path.is_dir():
-            data = json.loads((path / "config.json").read_text())
-        else:
-            from huggingface_hub import hf_hub_download
-
-            data = json.loads(Path(hf_hub_download(str(path), "config.json")).read_text())
-    except (OSError, ValueError) as e:
-        raise NotFoundError(f"Could not read the config.json of base model {name!r} ({e}); pass --base.") from e
-    if not isinstance(data, dict):
-        raise InvalidInputError(f"The config.json of base model {name!r} is not a JSON object.")
-    data.setdefault("tie_word_embeddings", str(data.get("model_type", "")).startswith("gemma"))
-    return SimpleNamespace(**data)
 
 
 def _load_float32(path: Path) -> dict[str, Any]:
@@ -274,4 +248,4 @@ def read_gguf_lora(path: str | Path) -> dict[str, Any]:
     return {"metadata": metadata, "tensors": tensors}
 
 
-__all__ = ["GGUF_DTYPES", "export_gguf", "permute_rows", "read_base_config", "read_gguf_lora"]
+__all__ = ["GGUF_DTYPES", "export_gguf", "permute_rows", "read_gguf_lora"]

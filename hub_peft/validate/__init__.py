@@ -22,7 +22,7 @@ from .base import (
 )
 from .config import LORA_TENSOR, check_lora_ranks, check_peft_config, check_stray_tensors, read_config
 from .header import DTYPE_BITS, FLOAT_DTYPES, parse_json, read_safetensors_header
-from .llamacpp import check_llamacpp, llamacpp_layout
+from .llamacpp import NEEDS_BASE, check_llamacpp, llamacpp_layout, read_base_config
 from .report import Problem, Report
 from .vllm import VLLM_INITS, VLLM_MAX_RANK, VLLM_TARGETS, VLLM_TENSOR, check_vllm, lora_ranks
 
@@ -73,21 +73,10 @@ def validate_adapter(
     if for_engine == "vllm":
         check_vllm(report)
     elif for_engine == "llama.cpp":
-        check_llamacpp(report, base_config if base_config is not None else _base_config_of(report.config))
+        check_llamacpp(report, base_config if base_config is not None else _named_base_config(report.config))
     elif for_engine is not None:
         report.add(f"unknown engine {for_engine!r}", f"use --for {' or --for '.join(ENGINES)}")
     return report
-
-
-def _base_config_of(config: dict) -> Any:
-    """The config of the base an adapter names, or None when it cannot be read (the check then says so)."""
-    from ..base_model import load_base_config
-
-    name = config.get("base_model_name_or_path")
-    try:
-        return load_base_config(name) if isinstance(name, str) and name else None
-    except (InvalidInputError, NotFoundError):
-        return None
 
 
 def _check_pickles(report: Report, weights: Path) -> None:
@@ -171,28 +160,21 @@ def card_facts(folder: str | Path, base_config: Any = None) -> dict[str, Any]:
         except (OSError, ValueError, KeyError):
             tensors = {}
     verdicts: dict[str, list[str] | None] = {"vllm": [p.point for p in report.problems]}
-    base_config = base_config if base_config is not None else _cached_base_config(report.config)
+    if base_config is None:
+        base_config = _named_base_config(report.config, local_only=True)
     layout = llamacpp_layout(report.config, list(tensors), base_config) if report.config and tensors else None
-    verdicts["llama.cpp"] = None if layout is None else [point for point, _ in layout.problems]
-    if base_config is None and verdicts["llama.cpp"] and verdicts["llama.cpp"][-1].startswith("the base model's"):
-        verdicts["llama.cpp"] = None  # not decided: only the base's layout was missing
+    problems = None if layout is None else [point for point, _ in layout.problems]
+    verdicts["llama.cpp"] = None if problems and problems[-1] == NEEDS_BASE else problems  # None: not decided
     return {"vllm_ok": report.ok, "verdicts": verdicts, "tensors": tensors}
 
 
-def _cached_base_config(config: dict) -> Any:
-    """The base's config from what is on this machine (never the network), or None."""
-    from ..base_model import EMBEDDED_BASE, embedded_installed, load_base_config
-
+def _named_base_config(config: dict, *, local_only: bool = False) -> Any:
+    """The config of the base an adapter names (as llama.cpp's check reads it), or None when it cannot be read:
+    the check then says it needs one."""
     name = config.get("base_model_name_or_path")
-    if not isinstance(name, str) or not name:
-        return None
     try:
-        if Path(name).is_dir() or (name == EMBEDDED_BASE and embedded_installed()):
-            return load_base_config(name)
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(name, local_files_only=True)
-    except Exception:  # not cached, or not a config transformers reads: the verdict stays unknown
+        return read_base_config(name, local_only=local_only) if isinstance(name, str) and name else None
+    except (InvalidInputError, NotFoundError):
         return None
 
 

@@ -9,6 +9,7 @@ lists what cannot go (each problem with its fix); ``hub_peft.bridges.gguf`` writ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .report import Report
@@ -32,6 +33,9 @@ DORA_POINT = (
     "DoRA rescales every output row of W + s·BA by m/‖W + s·BA‖, a full-rank change a LoRA file cannot hold "
     "(exact only where every m equals that norm; `hub-peft export` checks it given the base's weights)"
 )
+
+
+NEEDS_BASE = "the base model's config is needed to name llama.cpp's tensors"
 
 
 @dataclass
@@ -79,7 +83,7 @@ def llamacpp_layout(config: dict, tensor_names: list[str], base_config: Any) -> 
             )
         )
     if base_config is None:
-        problems.append(("the base model's config is needed to name llama.cpp's tensors", "pass --base"))
+        problems.append((NEEDS_BASE, "pass --base"))
         return layout
     model_type = getattr(base_config, "model_type", None)
     if model_type not in ARCHITECTURES:
@@ -123,6 +127,40 @@ def llamacpp_layout(config: dict, tensor_names: list[str], base_config: Any) -> 
             rows = (n_head, n_kv)
         layout.tensors.append(LoraTensor(module, gguf_name, rows, embedding=gguf_name == "token_embd.weight"))
     return layout
+
+
+def read_base_config(name: str, *, local_only: bool = False) -> Any:
+    """What llama.cpp's layout needs of a base's ``config.json`` (a Hub id, a folder, the embedded base), read as
+    JSON: no transformers (which imports torch), so the verdict and the export read the same fields the same way.
+    ``tie_word_embeddings``, when the file omits it, takes the default of the architecture's transformers config
+    class (true for Gemma, false for the other architectures of :data:`ARCHITECTURES`). ``local_only``: from this
+    machine only (a folder, the embedded base, the Hub cache), never the network. Raises NotFoundError when the
+    file cannot be read."""
+    import json
+    from types import SimpleNamespace
+
+    from ..base_model import EMBEDDED_BASE, embedded_installed, resolve_base
+    from ..errors import InvalidInputError, NotFoundError
+
+    try:
+        if local_only and not (Path(name).is_dir() or (name == EMBEDDED_BASE and embedded_installed())):
+            from huggingface_hub import hf_hub_download
+
+            data = json.loads(Path(hf_hub_download(name, "config.json", local_files_only=True)).read_text())
+        else:
+            path = Path(resolve_base(name)[1])
+            if path.is_dir():
+                data = json.loads((path / "config.json").read_text())
+            else:
+                from huggingface_hub import hf_hub_download
+
+                data = json.loads(Path(hf_hub_download(str(path), "config.json")).read_text())
+    except (OSError, ValueError) as e:  # huggingface_hub's errors are OSErrors or ValueErrors too
+        raise NotFoundError(f"Could not read the config.json of base model {name!r} ({e}); pass --base.") from e
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"The config.json of base model {name!r} is not a JSON object.")
+    data.setdefault("tie_word_embeddings", str(data.get("model_type", "")).startswith("gemma"))
+    return SimpleNamespace(**data)
 
 
 def _module_of(tensor_name: str) -> str | None:
