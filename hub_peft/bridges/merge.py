@@ -432,14 +432,7 @@ def merge_adapters(
     resolved = [resolve_adapter(str(s)) for s in sources]
     for r in resolved:
         check_adapter_folder(r.folder)
-    configs = [json.loads((r.folder / "adapter_config.json").read_text()) for r in resolved]
-    base_config = None
-    if configs and configs[0].get("peft_type") == "LORA" and isinstance(configs[0].get("base_model_name_or_path"), str):
-        from ..base_model import load_base_config
-
-        _check_parents(configs, weights)  # before the base's config is fetched
-        base_config = load_base_config(configs[0]["base_model_name_or_path"])
-    config, tensors = merge_weights([r.folder for r in resolved], weights, spec, base_config=base_config)
+    config, tensors = merge_weights([r.folder for r in resolved], weights, spec)
     first = CardInfo.load(resolved[0].folder)
     lineage = {
         "operation": "merge",
@@ -454,7 +447,8 @@ def merge_adapters(
         example_prompt=first.example_prompt,
         lineage=lineage,
     )
-    return write_adapter_folder(out_dir, config, tensors, info, overwrite=overwrite, base_config=base_config)
+    # the card's llama.cpp verdict finds the base's config on this machine (merge_weights fetched it, for a LoRA)
+    return write_adapter_folder(out_dir, config, tensors, info, overwrite=overwrite)
 
 
 def _parent_record(resolved: Any) -> dict[str, Any]:
