@@ -131,11 +131,10 @@ def _size(folder: Path) -> str:
 
 
 class CardFacts(TypedDict, total=False):
-    """What a card states beyond its folder: ``name`` (the path a staged folder will have), ``vllm_ok`` and
+    """What a card states beyond its folder: ``name`` (the path a staged folder will have), ``verdicts`` and
     ``tensors`` (from :func:`hub_peft.validate.card_facts`); see :func:`render_card`."""
 
     name: str | None
-    vllm_ok: bool | None
     verdicts: dict[str, list[str] | None] | None
     tensors: dict[str, tuple[str, list[int]]] | None
 
@@ -144,16 +143,13 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, **facts: Unpa
     """The full ``README.md`` text for the adapter in ``folder``. Its usage snippets load ``repo_id``, else
     ``name`` (the path a folder not pushed yet will have, when ``folder`` is a staging copy), else ``folder``.
 
-    The card states what it is given and checks nothing: ``vllm_ok`` (whether the adapter passes
-    ``validate_adapter(folder, for_engine="vllm")``; None: not known, the card says how to check) and ``tensors``
-    (the weights' safetensors header, for a classifier head's size when no labels were recorded).
+    The card states what it is given and checks nothing: ``verdicts`` (engine -> the problems its validator found,
+    ``[]`` when it serves the adapter; an engine absent or None: not known, the card says how to check) and
+    ``tensors`` (the weights' safetensors header, for a classifier head's size when no labels were recorded).
     :func:`hub_peft.validate.card_facts` gives both."""
     from huggingface_hub import constants
 
-    name, vllm_ok, tensors = facts.get("name"), facts.get("vllm_ok"), facts.get("tensors")
-    verdicts = dict(facts.get("verdicts") or {})
-    if vllm_ok is not None and "vllm" not in verdicts:
-        verdicts["vllm"] = [] if vllm_ok else ["see `hub-peft validate --for vllm`"]
+    name, tensors, verdicts = facts.get("name"), facts.get("tensors"), facts.get("verdicts") or {}
 
     folder = Path(folder)
     config = json.loads((folder / "adapter_config.json").read_text())

@@ -174,10 +174,8 @@ def _pairs(config: dict, tensors: dict, layout: Any) -> tuple[list[tuple[str, An
     import numpy as np
 
     prefix = "base_model.model."
-    both = _scales(config, tensors, layout)
-    scales = {module: scale for module, (scale, _) in both.items()}
-    ranks = {module: rank for module, (_, rank) in both.items()}
-    uniform = len(set(scales.values())) == 1 and len(set(ranks.values())) == 1
+    scales = _scales(config, tensors, layout)
+    uniform = len(set(scales.values())) == 1  # one (scale, rank) for every module: one alpha fits the file
     pairs = []
     for t in layout.tensors:
         if t.embedding:
@@ -185,13 +183,12 @@ def _pairs(config: dict, tensors: dict, layout: Any) -> tuple[list[tuple[str, An
             A = A.T  # llama.cpp takes token rows of lora_a: [vocab, r] (convert_lora_to_gguf.py does this)
         else:
             A, B = tensors[f"{prefix}{t.module}.lora_A.weight"], tensors[f"{prefix}{t.module}.lora_B.weight"]
-        B = B if uniform else B * scales[t.module]
+        B = B if uniform else B * scales[t.module][0]
         if t.permute is not None:
             B = permute_rows(B, *t.permute)
         pairs.append((t.gguf_name, np.ascontiguousarray(A), np.ascontiguousarray(B)))
-    first = layout.tensors[0].module
-    alpha = scales[first] * ranks[first] if uniform else 0.0
-    return pairs, float(alpha)
+    scale, rank = scales[layout.tensors[0].module]
+    return pairs, scale * rank if uniform else 0.0
 
 
 def permute_rows(weights: Any, n_head: int, n_head_kv: int) -> Any:

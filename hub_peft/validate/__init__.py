@@ -147,7 +147,7 @@ def _read_weights(report: Report, weights: Path, max_bytes: int) -> bool:
 
 def card_facts(folder: str | Path, base_config: Any = None) -> dict[str, Any]:
     """What a model card states that takes validating the adapter, as :func:`hub_peft.cards.write_card`'s keyword
-    arguments: ``vllm_ok`` (whether vLLM's LoRA contract holds), ``verdicts`` (engine -> the problems that keep it
+    arguments: ``verdicts`` (engine -> the problems that keep it
     from serving the adapter, ``[]`` when it does, None when it could not be checked) and ``tensors`` (the
     weights' header, ``{}`` when it cannot be read). llama.cpp's verdict needs the base's config: ``base_config``,
     else one found without the network (a local folder, the embedded base, the Hub cache). The card renders
@@ -165,7 +165,7 @@ def card_facts(folder: str | Path, base_config: Any = None) -> dict[str, Any]:
     layout = llamacpp_layout(report.config, list(tensors), base_config) if report.config and tensors else None
     problems = None if layout is None else [point for point, _ in layout.problems]
     verdicts["llama.cpp"] = None if problems and problems[-1] == NEEDS_BASE else problems  # None: not decided
-    return {"vllm_ok": report.ok, "verdicts": verdicts, "tensors": tensors}
+    return {"verdicts": verdicts, "tensors": tensors}
 
 
 def _named_base_config(config: dict, *, local_only: bool = False) -> Any:

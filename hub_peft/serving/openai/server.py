@@ -150,7 +150,7 @@ class OpenAIServer:
                 "merge` and load the result, or ask the operator to allow it (--merge-methods).",
                 "merge",
             )
-        if name not in {e["name"] for e in self.engine.cache.loaded()}:
+        if name not in self.engine.cache.entries:
             if self.merge_root is None:
                 self.merge_root = Path(tempfile.mkdtemp(prefix="hub_peft_merges_"))  # private to this process
             await self.load(name, "", None, param="merge", work=partial(self.engine.merge, mix, spec, self.merge_root))
