@@ -155,7 +155,7 @@ def _check_parents(configs: list[dict], weights: Sequence[float]) -> None:
 
 def _unmergeable(config: dict) -> str | None:
     """Why one parent has no weighted form, or None."""
-    from ..validate import VLLM_INITS
+    from ..validate.vllm import base_changing_init
 
     if config.get("modules_to_save") or config.get("trainable_token_indices"):
         return "it trains whole modules or token rows (modules_to_save / trainable_token_indices), which do not add"
@@ -171,8 +171,7 @@ def _unmergeable(config: dict) -> str | None:
     for key in ("lora_bias", "use_qalora", "alora_invocation_tokens", "use_bdlora", "layer_replication"):
         if config.get(key):
             return f"{key} changes what the adapter computes beyond B·A, which a merge cannot carry"
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() not in VLLM_INITS:
+    if init := base_changing_init(config):
         return f"init_lora_weights={init!r} changes the base weights when it loads, so its B·A is not its update"
     return None
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .report import Report
-from .vllm import VLLM_INITS
+from .vllm import base_changing_init
 
 # HF model_type -> (gguf architecture, whether llama.cpp's converter permutes q/k rows for its RoPE layout).
 # NOTE(bridges): each row mirrors the class convert_hf_to_gguf.py registers for the architecture (LlamaModel:
@@ -70,8 +70,7 @@ def llamacpp_layout(config: dict, tensor_names: list[str], base_config: Any) -> 
     for key, what in (("lora_bias", "LoRA biases"), ("use_qalora", "QALoRA"), ("use_bdlora", "block-diagonal LoRA")):
         if config.get(key):
             problems.append((f"llama.cpp has no {what} ({key})", "retrain as a plain LoRA, or serve with hub-peft"))
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() not in VLLM_INITS:
+    if init := base_changing_init(config):
         problems.append((f"init_lora_weights={init!r} changes the base weights, which llama.cpp keeps", convert))
     if config.get("modules_to_save") or config.get("trainable_token_indices"):
         problems.append(

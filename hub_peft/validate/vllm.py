@@ -28,6 +28,13 @@ VLLM_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # inits that 
 VLLM_TENSOR = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(?:(?:lora_A|lora_B)\.weight|lora_embedding_[AB])$")
 
 
+def base_changing_init(config: dict) -> str | None:
+    """A LoRA config's ``init_lora_weights`` when it is one that changes the base's weights as PEFT loads the
+    adapter (PiSSA, OLoRA, CorDA, LoftQ...), so that its B·A alone is not its update; None otherwise."""
+    init = config.get("init_lora_weights", True)
+    return init if isinstance(init, str) and init.lower() not in VLLM_INITS else None
+
+
 def lora_ranks(config: dict) -> list:
     """A LoRA config's ranks: ``r`` and every ``rank_pattern`` override."""
     patterns = config.get("rank_pattern")
@@ -58,8 +65,7 @@ def check_vllm(report: Report) -> None:
     for key, what in unsupported_features.items():
         if c.get(key):
             report.add(f"vLLM does not support {what}", retrain)
-    init = c.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() not in VLLM_INITS:
+    if init := base_changing_init(c):
         report.add(
             f"init_lora_weights is {init!r}: PEFT changes the base weights when it loads this adapter, vLLM does not",
             "convert it to a plain LoRA with PEFT's "
