@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .._atomic import atomic_dir
 from ..cards import CardInfo, write_card
+
+if TYPE_CHECKING:
+    import torch
 
 
 def write_adapter_folder(
